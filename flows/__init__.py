@@ -1,0 +1,1 @@
+"""Thin Prefect flows (orchestration only) and the `spaceclip` command line."""

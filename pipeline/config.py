@@ -1,0 +1,251 @@
+"""Typed run configuration. Defaults reproduce the paper; a YAML file only states what differs.
+
+`load_config("demo")` or `load_config("path/to/file.yaml", overrides=["train.epochs=3"])`. An unknown key or a
+wrong type fails with a `ConfigError` naming the key and the file (or the `--set` override) it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+ALL_LAYERS = (0, 1, 2, 3, 6, 9, 12)  # every layer any Table-2 variant reads: semantic 12,9,6,3 + structural 2,1,0
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and where it came from."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(_Model):
+    """Procedural dataset rendered in the real on-disk layout when `data.image_root` is empty."""
+
+    train: int = 48
+    test: int = 16
+    seed: int = 0
+
+
+class DataConfig(_Model):
+    layout: Literal["kitti", "nyu"] = "kitti"
+    image_root: str = "data/kitti/raw"
+    depth_root: str = "data/kitti/gt"
+    train_split: str = "data/kitti/splits/eigen_train_files_with_gt.txt"
+    test_split: str = "data/kitti/splits/eigen_test_files_with_gt.txt"
+    # Validation is carved from train by drive (KITTI) / scene (NYU): deterministic, never the test split.
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_seed: int = 42
+    on_error: Literal["raise", "skip"] = "raise"
+    # Set for the embedded default: the dataset is generated into the roots above if they are missing.
+    synth: SynthConfig | None = None
+    min_depth: float = 1e-3
+    max_depth: float | None = None  # None: 80 for kitti, 10 for nyu
+
+    @property
+    def depth_range(self) -> tuple[float, float]:
+        return self.min_depth, self.max_depth or (80.0 if self.layout == "kitti" else 10.0)
+
+
+class EncoderConfig(_Model):
+    name: str = "openai/clip-vit-base-patch16"  # Hub id, local folder, or preset (tiny-clip, clip-vit-b16-random)
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
+    batch_size: int = Field(8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ViewConfig(_Model):
+    """What part of each training frame the encoder sees. Random crops cannot be done in feature space later,
+    so K seeded crops per frame are taken at extraction time. Test splits always store the full frame."""
+
+    kb_crop: bool = True  # KITTI benchmark crop first: bottom 352 rows, centred 1216 columns
+    mode: Literal["full", "center", "random"] = "random"
+    crop_size: tuple[int, int] | None = (352, 704)  # (H, W) for center/random
+    views_per_image: int = Field(1, ge=1)
+    seed: int = 42
+
+
+class CacheConfig(_Model):
+    root: str = "cache"
+    layers: tuple[int, ...] = ALL_LAYERS
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    chunk_size: int = Field(32, ge=1)  # samples per chunk = per shard task; writers own whole chunks
+    compressor: Literal["none", "zstd", "blosc-zstd"] = "zstd"
+    compression_level: int = Field(1, ge=0, le=22)
+    # Training targets: depth stored at this (H, W); None keeps the view's native resolution.
+    target_size: tuple[int, int] | None = None
+
+
+class TrainConfig(_Model):
+    variants: list[str] = ["baseline", "film", "structural", "full"]
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    schedule: Literal["step", "cosine_warmup"] = "step"
+    step_every: int = 2  # step schedule: lr x step_gamma every `step_every` epochs
+    step_gamma: float = 0.5
+    warmup_fraction: float = 0.05
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    ema: float | None = None  # e.g. 0.996
+    seed: int = 42
+    flip_p: float = Field(0.5, ge=0.0, le=1.0)
+    silog_weight: float = 0.5
+    ssim_weight: float = 0.5
+    aux_weights: tuple[float, float, float] = (0.10, 0.05, 0.0)
+    feature_source: Literal["cache", "images"] = "cache"
+    cache_device: Literal["auto", "cpu", "cuda", "stream"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    shuffle_window: int = Field(4, ge=1)  # chunks mixed together when shuffling
+    out_dir: str = "runs"
+    num_threads: int | None = None
+
+
+class EvalConfig(_Model):
+    crop: Literal["garg", "eigen", "none", "nyu"] | None = None  # None: garg for kitti, nyu for nyu
+    median_scaling: bool = False
+    flip_tta: bool = False
+    checkpoint: Literal["best", "last"] = "best"
+    out_dir: str = "results"
+    batch_size: int = Field(8, ge=1)
+    qualitative: int = Field(4, ge=0)  # images in the Figure-3-style grid
+
+
+class DaskConfig(_Model):
+    address: str | None = None  # an existing scheduler (tcp://host:8786); None starts a LocalCluster
+    n_workers: int = Field(1, ge=1)
+    threads_per_worker: int | None = None
+
+
+class Config(_Model):
+    name: str = "default"
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    views: ViewConfig = ViewConfig()
+    cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    dask: DaskConfig = DaskConfig()
+    sweep: str = "default"  # runs/<sweep>/<variant>, results/<sweep>/
+
+    @property
+    def eval_crop(self) -> str:
+        return self.eval.crop or ("garg" if self.data.layout == "kitti" else "nyu")
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config named {name_or_path!r}: not a file, and not one of {names} in {CONFIG_DIR}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is parsed as YAML (numbers, lists, null, true)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError, source: str, overrides: list[str] | None) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        origin = next((o for o in overrides or [] if o.split("=", 1)[0].strip() == key), None)
+        where = f"--set {origin}" if origin else source
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r} in {where}")
+        else:
+            lines.append(f"{key!r} in {where}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Config:
+    data = apply_overrides(data or {}, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source, overrides)) from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    name_or_path: str | Path = "demo", overrides: list[str] | None = None, sweep: str | Path | None = None
+) -> Config:
+    """A config by name (`demo`, `kitti`, `nyu`) or path, then a sweep overlay (`configs/sweeps/<name>.yaml`, a
+    partial config such as the variant list), then `--set`-style overrides on top."""
+    path = resolve_config_path(name_or_path)
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    sources = [str(path)]
+    if sweep:
+        sweep_path = Path(sweep) if Path(sweep).exists() else CONFIG_DIR / "sweeps" / f"{sweep}.yaml"
+        if not sweep_path.exists():
+            names = sorted(q.stem for q in (CONFIG_DIR / "sweeps").glob("*.yaml"))
+            raise ConfigError(f"no sweep named {sweep!r}: not a file, and not one of {names}")
+        data = _merge(data, _read_yaml(sweep_path))
+        sources.append(str(sweep_path))
+    return config_from_dict(data, source=" + ".join(sources), overrides=overrides)
+
+
+def dump_config(cfg: Config) -> dict:
+    return cfg.model_dump(mode="json")

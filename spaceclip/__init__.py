@@ -1,0 +1,10 @@
+"""SPACE-CLIP as a library: frozen encoder wrapper, dual-pathway decoder, losses, metrics.
+
+Pure torch/numpy: no file I/O beyond `from_pretrained`/`save_pretrained`, no Prefect, no Zarr.
+"""
+
+__version__ = "0.1.0"
+
+from spaceclip.encoder import FrozenEncoder, features_from_hidden_states, preprocess  # noqa: E402
+
+__all__ = ["FrozenEncoder", "features_from_hidden_states", "preprocess", "__version__"]

@@ -1,0 +1,250 @@
+"""The frozen vision encoder and the one preprocessing function the project uses.
+
+SPACE-CLIP reads several hidden states of a frozen ViT: patch tokens reshaped to a grid for the decoder's two
+pathways, and the pooled global vector for FiLM. `FrozenEncoder` returns exactly that, as a feature dict
+
+    {"tokens": {layer: (B, g, g, C)}, "global": (B, C)}
+
+which is also what the Zarr cache hands back, so the decoder cannot tell the two sources apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+DEFAULT_ENCODER = "openai/clip-vit-base-patch16"
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class EncoderLoadError(RuntimeError):
+    """The encoder could not be built or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How one family of HF vision models exposes what the decoder needs."""
+
+    model_class: str  # attribute of `transformers`
+    prefix_tokens: int  # tokens before the patch tokens (CLS, registers)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+# model_type (from the HF config) -> how to read it. New backbones plug in here.
+BACKBONES: dict[str, Backbone] = {
+    "clip": Backbone("CLIPVisionModel", 1, CLIP_MEAN, CLIP_STD),
+    "clip_vision_model": Backbone("CLIPVisionModel", 1, CLIP_MEAN, CLIP_STD),
+    "siglip": Backbone("SiglipVisionModel", 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "siglip_vision_model": Backbone("SiglipVisionModel", 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "dinov2": Backbone("Dinov2Model", 1, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+# Offline presets: CLIP architecture, random weights from a fixed seed. `tiny-clip` is the embedded default
+# (fast on 2 CPU cores); `clip-vit-b16-random` has the true ViT-B/16 sizes, for benchmarks.
+PRESETS: dict[str, dict] = {
+    "tiny-clip": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=4,
+        patch_size=16, image_size=224, projection_dim=64,
+    ),
+    "clip-vit-b16-random": dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        patch_size=16, image_size=224, projection_dim=512,
+    ),
+}
+PRESET_SEED = 0
+
+
+def preprocess(
+    images: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray],
+    image_size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """RGB image(s) -> normalised (B, 3, S, S) float32.
+
+    The image is squashed to S x S with bicubic resampling (aspect ratio *not* kept, as in the reference code;
+    KITTI's 3.3:1 frames are squeezed), scaled to [0, 1] and normalised with the backbone's mean and std.
+    """
+    if isinstance(images, (Image.Image, np.ndarray)):
+        images = [images]
+    batch = np.empty((len(images), image_size, image_size, 3), dtype=np.float32)
+    for i, img in enumerate(images):
+        if isinstance(img, np.ndarray):
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {img.dtype} {img.shape}")
+            img = Image.fromarray(img)
+        elif img.mode != "RGB":
+            img = img.convert("RGB")
+        resized = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        batch[i] = np.asarray(resized, dtype=np.float32) / 255.0
+    batch = (batch - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S)
+
+
+def features_from_hidden_states(
+    hidden_states: Sequence[torch.Tensor],
+    pooler_output: torch.Tensor,
+    layers: Iterable[int],
+    prefix_tokens: int = 1,
+) -> dict:
+    """A HF vision model's `hidden_states` tuple + `pooler_output` -> the decoder's feature dict.
+
+    State 0 is the embedding output (after CLIP's pre-layernorm), state k the output of block k, with no
+    post-norm. Prefix tokens (CLS) are dropped and the patch tokens reshaped row-major to a square grid.
+    This is also the entry point for a larger model that already ran its own encoder pass.
+    """
+    tokens = {}
+    for k in sorted(set(int(k) for k in layers)):
+        if not 0 <= k < len(hidden_states):
+            raise ValueError(f"layer {k} requested but the encoder has hidden states 0..{len(hidden_states) - 1}")
+        patches = hidden_states[k][:, prefix_tokens:]  # (B, N, C)
+        b, n, c = patches.shape
+        g = int(round(n**0.5))
+        if g * g != n:
+            raise ValueError(f"layer {k}: {n} patch tokens do not form a square grid")
+        tokens[k] = patches.reshape(b, g, g, c)  # (B, g, g, C), row-major like the patch order
+    return {"tokens": tokens, "global": pooler_output}
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen HF vision backbone that returns token grids for chosen layers and the pooled global vector."""
+
+    def __init__(self, model: nn.Module, name: str, backbone: Backbone, revision: str | None = None):
+        super().__init__()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.name = name
+        self.revision = revision
+        self.backbone = backbone
+        cfg = model.config
+        self.width: int = cfg.hidden_size
+        self.num_layers: int = cfg.num_hidden_layers
+        self.image_size: int = cfg.image_size
+        self.grid: int = cfg.image_size // cfg.patch_size
+        self._weights_sha256: str | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str = DEFAULT_ENCODER, revision: str | None = None) -> "FrozenEncoder":
+        """A preset name (`tiny-clip`, `clip-vit-b16-random`), a Hub id, or a local folder."""
+        if name in PRESETS:
+            return cls.from_preset(name)
+        return cls.from_pretrained(name, revision=revision)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "FrozenEncoder":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        if name not in PRESETS:
+            raise EncoderLoadError(f"unknown encoder preset {name!r}; presets: {sorted(PRESETS)}")
+        config = CLIPVisionConfig(**PRESETS[name])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PRESET_SEED)
+            model = CLIPVisionModel(config)
+        return cls(model, name, BACKBONES["clip_vision_model"], revision=f"preset-seed{PRESET_SEED}")
+
+    @classmethod
+    def from_pretrained(cls, name: str, revision: str | None = None) -> "FrozenEncoder":
+        import transformers
+        from transformers import AutoConfig
+
+        local = Path(name).expanduser()
+        is_local = local.exists()
+        if is_local:
+            name = str(local)
+        # Try the local cache first; go online only when the Hub is reachable. Without this an offline
+        # machine sits in huggingface_hub's retry loop for ~25 s and then prints a generic message.
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        kwargs = dict(revision=revision) if revision else {}
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+            local_only = True
+        except OSError:
+            if is_local or offline or not _hub_reachable():
+                raise EncoderLoadError(
+                    f"cannot load encoder {name!r}: it is not in the local Hugging Face cache"
+                    + ("" if is_local else " and the Hub is not reachable")
+                    + ". Download it on a connected machine (`hf download "
+                    f"{name}`), copy the cache over and set HF_HUB_OFFLINE=1, or set encoder.name to a local "
+                    "folder holding config.json + model.safetensors, or use a preset (tiny-clip, "
+                    "clip-vit-b16-random)."
+                ) from None
+            config = AutoConfig.from_pretrained(name, **kwargs)
+            local_only = False
+        backbone = BACKBONES.get(config.model_type)
+        if backbone is None:
+            raise EncoderLoadError(
+                f"encoder {name!r} has model_type {config.model_type!r}; supported: {sorted(BACKBONES)}"
+            )
+        model_cls = getattr(transformers, backbone.model_class)
+        model = model_cls.from_pretrained(name, local_files_only=local_only, **kwargs)
+        commit = getattr(model.config, "_commit_hash", None) or revision
+        return cls(model, name, backbone, revision=commit)
+
+    # ---- identity (for the cache fingerprint) --------------------------------------------------------------
+    def weights_sha256(self) -> str:
+        """Hash of every parameter and buffer: what actually changes the cached bytes."""
+        if self._weights_sha256 is None:
+            h = hashlib.sha256()
+            for key, t in sorted(self.model.state_dict().items()):
+                h.update(key.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._weights_sha256 = h.hexdigest()
+        return self._weights_sha256
+
+    def identity(self) -> dict:
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "model_type": self.model.config.model_type,
+            "width": self.width,
+            "num_layers": self.num_layers,
+            "image_size": self.image_size,
+            "grid": self.grid,
+            "weights_sha256": self.weights_sha256(),
+        }
+
+    # ---- inference ------------------------------------------------------------------------------------------
+    def preprocess(self, images) -> torch.Tensor:
+        return preprocess(images, self.image_size, self.backbone.mean, self.backbone.std)
+
+    @torch.inference_mode()
+    def forward(
+        self, pixel_values: torch.Tensor, layers: Iterable[int] | None = None, autocast_dtype: torch.dtype | None = None
+    ) -> dict:
+        """(B, 3, S, S) -> {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in float32."""
+        layers = range(self.num_layers + 1) if layers is None else layers
+        device = next(self.model.parameters()).device
+        pixel_values = pixel_values.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        feats = features_from_hidden_states(
+            out.hidden_states, out.pooler_output, layers, prefix_tokens=self.backbone.prefix_tokens
+        )
+        feats["tokens"] = {k: v.float() for k, v in feats["tokens"].items()}
+        feats["global"] = feats["global"].float()
+        return feats
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
