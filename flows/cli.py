@@ -7,6 +7,7 @@ Imports of heavy modules happen inside the subcommands so `spaceclip --help` sta
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -43,6 +44,32 @@ def cmd_version(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    from flows.extract import extract_features
+
+    stores = extract_features(config=args.config, overrides=args.overrides, sweep=args.sweep,
+                              splits=args.splits.split(","), dask_address=args.dask_address, progress=True)
+    for split, url in stores.items():
+        print(f"{split}\t{url}")
+    return 0
+
+
+def cmd_cache_verify(args) -> int:
+    from pipeline.store import FeatureStore
+
+    failed = 0
+    for path in args.paths:
+        report = FeatureStore.open(path).verify()
+        status = "ok" if report["ok"] else "FAILED"
+        print(f"{status}  {path}: {report['done']}/{report['n']} samples done, {report['skipped']} skipped, "
+              f"{report['done_chunks']}/{report['chunks']} chunks, complete={report['complete']}, "
+              f"fingerprint {report['fingerprint']}")
+        for problem in report["problems"]:
+            print(f"  - {problem}")
+        failed += not report["ok"]
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spaceclip",
@@ -56,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_version)
 
     # --- subcommands registered by their modules (one line each) ---
+    p = sub.add_parser("extract", help="run the frozen encoder once over train/val/test into Zarr feature stores")
+    add_config_args(p)
+    p.add_argument("--splits", default="train,val,test", help="comma-separated splits [train,val,test]")
+    p.add_argument("--dask-address", default=None, help="an existing Dask scheduler (tcp://host:8786)")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("cache", help="feature-store tools")
+    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    q = cache_sub.add_parser("verify", help="check every done chunk is present and readable, and counts match")
+    q.add_argument("paths", nargs="+", metavar="PATH")
+    q.set_defaults(func=cmd_cache_verify)
     return parser
 
 
@@ -65,11 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    # Prefect: a project-local home (its SQLite database), no analytics, and our loggers in flow-run logs.
+    os.environ.setdefault("PREFECT_HOME", os.path.abspath(".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
     from pipeline.config import ConfigError
+    from pipeline.datasets import DatasetError
+    from pipeline.store import StoreError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, StoreError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

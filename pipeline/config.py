@@ -122,8 +122,10 @@ class EvalConfig(_Model):
 
 class DaskConfig(_Model):
     address: str | None = None  # an existing scheduler (tcp://host:8786); None starts a LocalCluster
-    n_workers: int = Field(1, ge=1)
-    threads_per_worker: int | None = None
+    n_workers: int = Field(1, ge=1)  # LocalCluster workers; each runs one chunk at a time
+    processes: bool = True  # LocalCluster workers as processes (False: threads in the flow's process)
+    # torch intra-op threads per worker (Dask sets OMP_NUM_THREADS=1 in workers); None: cores / n_workers
+    torch_threads: int | None = None
 
 
 class Config(_Model):

@@ -216,6 +216,8 @@ class FrozenEncoder(nn.Module):
             "num_layers": self.num_layers,
             "image_size": self.image_size,
             "grid": self.grid,
+            "mean": list(self.backbone.mean),
+            "std": list(self.backbone.std),
             "weights_sha256": self.weights_sha256(),
         }
 

@@ -1,0 +1,75 @@
+"""`extract-features`: run the frozen encoder once over every split into fingerprinted Zarr stores.
+
+    plan + create stores (or reuse by fingerprint) ──► extract-shards: one task per pending chunk on Dask ──► verify
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow, get_run_logger, task
+from prefect.futures import as_completed
+from prefect_dask import DaskTaskRunner
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, dump_config, load_config
+from pipeline.datasets import ensure_dataset
+from pipeline.extract import SPLITS, encoder_for, extract_chunk, finalize_store, prepare_store
+
+
+@task(retries=1, retry_delay_seconds=2, task_run_name="extract {split} chunk {chunk}")
+def extract_chunk_task(config: dict, url: str, split: str, chunk: int, torch_threads: int) -> dict:
+    result = extract_chunk(Config.model_validate(config), url, chunk, torch_threads)
+    get_run_logger().info("%s chunk %d: %d samples (%d skipped) -> %s", split, chunk, result["samples"],
+                          result["skipped"], url)
+    return result
+
+
+@flow(name="extract-shards")
+def extract_shards(config: dict, jobs: list[tuple[str, str, int]], torch_threads: int, progress: bool = False):
+    futures = [extract_chunk_task.submit(config, url, split, chunk, torch_threads) for split, url, chunk in jobs]
+    with tqdm(total=len(futures), desc="extract", unit="chunk", disable=not progress) as bar:
+        for future in as_completed(futures):
+            future.result()  # raises the chunk's error, naming the file
+            bar.update(1)
+
+
+def dask_runner(cfg: Config) -> DaskTaskRunner:
+    if cfg.dask.address:
+        return DaskTaskRunner(address=cfg.dask.address)
+    return DaskTaskRunner(cluster_kwargs=dict(n_workers=cfg.dask.n_workers, threads_per_worker=1,
+                                              processes=cfg.dask.processes, dashboard_address=None))
+
+
+@flow(name="extract-features")
+def extract_features(
+    config: str = "demo",
+    overrides: list[str] | None = None,
+    sweep: str | None = None,
+    splits: list[str] = list(SPLITS),
+    dask_address: str | None = None,
+    cache_root: str | None = None,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Returns {split: store url}. Existing stores with the same fingerprint are reused; unfinished ones resume."""
+    extra = [f"dask.address={dask_address}"] * bool(dask_address) + [f"cache.root={cache_root}"] * bool(cache_root)
+    cfg = load_config(config, (overrides or []) + extra, sweep=sweep)
+    logger = get_run_logger()
+    ensure_dataset(cfg.data)
+    encoder = encoder_for(cfg)
+    stores, jobs = {}, []
+    for split in splits:
+        store, reused = prepare_store(cfg, split, encoder)
+        pending = store.pending_chunks()
+        logger.info("%s: %s %s (%d samples, %d of %d chunks to extract)", split,
+                    "reusing" if reused else "created", store.url, store.n, len(pending), store.n_chunks)
+        stores[split] = store.url
+        jobs += [(split, store.url, c) for c in pending]
+    if jobs:
+        threads = cfg.dask.torch_threads or max(1, (os.cpu_count() or 1) // cfg.dask.n_workers)
+        extract_shards.with_options(task_runner=dask_runner(cfg))(dump_config(cfg), jobs, threads, progress)
+    for split, url in stores.items():
+        report = finalize_store(url)
+        logger.info("%s: verified %s: %d samples, %d skipped, fingerprint %s", split, url, report["n"],
+                    report["skipped"], report["fingerprint"])
+    return stores

@@ -1,0 +1,63 @@
+"""The cache fingerprint: a hash of everything that changes a feature store's bytes.
+
+A different config never reads a stale cache; the same config never recomputes one. The inputs are kept in the
+store's attrs so that a refusal can say *what* differs, not just that the hashes do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pipeline.config import Config
+
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fingerprint_inputs(cfg: Config, split: str, encoder_identity: dict) -> dict:
+    """What determines the bytes of `<split>` for this config and this encoder (see `FrozenEncoder.identity`)."""
+    data = cfg.data
+    split_file = data.test_split if split == "test" else data.train_split
+    trains = split != "test"
+    inputs = {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "layout": data.layout,
+        "split_file_sha256": file_sha256(split_file),
+        "encoder": {k: encoder_identity[k] for k in ("name", "revision", "weights_sha256", "width", "grid")},
+        "preprocess": {"resize": "bicubic-squash", "image_size": encoder_identity["image_size"],
+                       "mean": encoder_identity.get("mean"), "std": encoder_identity.get("std")},
+        "autocast_dtype": cfg.encoder.dtype,
+        "layers": sorted(cfg.cache.layers),
+        "dtype": cfg.cache.dtype,
+        "chunk_size": cfg.cache.chunk_size,
+        "compressor": [cfg.cache.compressor, cfg.cache.compression_level],
+        # train and val are carved from the same file; the carve decides which frames land where.
+        "val_carve": [data.val_fraction, data.val_seed] if trains else None,
+        # test stores always hold the full frame; training views and targets are part of the bytes.
+        "views": cfg.views.model_dump(mode="json") if trains else "full-frame",
+        "target": {"size": cfg.cache.target_size, "depth_range": list(data.depth_range)} if trains else None,
+    }
+    return inputs
+
+
+def fingerprint(inputs: dict) -> str:
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def diff_inputs(expected: dict, found: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two fingerprint-input dicts, e.g. `layers: [0, 12] != [0, 1, 12]`."""
+    out = []
+    for key in sorted(set(expected) | set(found)):
+        a, b = expected.get(key, "<absent>"), found.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_inputs(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: config has {a!r}, store has {b!r}")
+    return out

@@ -1,0 +1,284 @@
+"""The Zarr v3 feature store: one store per (dataset, split, fingerprint).
+
+Layout (N samples, g x g token grid, C channels):
+
+    tokens/L{k}   (N, g, g, C)  float16, or bfloat16 kept as its uint16 bits (attr `bfloat16_bits`)
+    cls           (N, C)        pooled global vector (the encoder's pooler_output), same dtype
+    depth         (N, H, W)     uint16 training target, metres x attr `scale`, 0 = invalid (training splits only)
+    skipped       (N,)          uint8, 1 where the sample could not be read (`on_error: skip`)
+    skip_reason   (N,)          str
+    done          (N,)          uint8, written *after* the chunk's data: a chunk is finished iff all its flags are 1
+    index/*       per-sample id, paths, focal, original size, view (k, top, left, h, w), group, line
+
+Every data array is chunked along N only, with the same chunk length, so one writer owns whole chunks (zarr does
+no locking: two writers touching one chunk corrupt it). A chunk is also the unit of work of extraction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.core.sync import sync
+
+INDEX_FIELDS = ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group", "line")
+
+
+class StoreError(RuntimeError):
+    """A feature store is missing, incomplete or does not match what the caller expects."""
+
+
+def layer_key(k: int) -> str:
+    return f"tokens/L{k}"
+
+
+def _compressors(name: str, level: int):
+    if name == "none":
+        return None
+    if name == "zstd":
+        return [ZstdCodec(level=level)]
+    if name == "blosc-zstd":  # byte shuffle groups the fp16 exponent bytes together
+        return [BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.shuffle, typesize=2)]
+    raise StoreError(f"unknown compressor {name!r}; choose none, zstd or blosc-zstd")
+
+
+@dataclass
+class StoreSpec:
+    n: int
+    layers: tuple[int, ...]
+    grid: int
+    width: int
+    dtype: str = "float16"  # or "bfloat16"
+    chunk_size: int = 32
+    compressor: str = "zstd"
+    level: int = 1
+    target_hw: tuple[int, int] | None = None  # None: no depth targets (test splits)
+    depth_scale: float = 256.0
+    attrs: dict = field(default_factory=dict)
+
+
+class FeatureStore:
+    def __init__(self, group: zarr.Group, url: str):
+        self.group = group
+        self.url = url
+        self.attrs = dict(group.attrs)
+        self.n: int = int(self.attrs["n"])
+        self.layers: tuple[int, ...] = tuple(self.attrs["layers"])
+        self.chunk_size: int = int(self.attrs["chunk_size"])
+        self.dtype: str = self.attrs["dtype"]
+        self.fingerprint: str | None = self.attrs.get("fingerprint")
+        self.has_depth: bool = "depth" in group
+
+    # ---- creation and opening ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, url: str, spec: StoreSpec, index: dict[str, np.ndarray]) -> "FeatureStore":
+        missing = [f for f in INDEX_FIELDS if f not in index]
+        if missing:
+            raise StoreError(f"index for {url} lacks fields {missing}")
+        for name, values in index.items():
+            if len(values) != spec.n:
+                raise StoreError(f"index field {name!r} has {len(values)} rows, expected {spec.n}")
+        group = zarr.open_group(url, mode="w")
+        n, g, c, cs = spec.n, spec.grid, spec.width, spec.chunk_size
+        store_dtype = "uint16" if spec.dtype == "bfloat16" else spec.dtype
+        common = dict(compressors=_compressors(spec.compressor, spec.level))
+        # n == 0 (every sample skipped) still makes a valid, empty store.
+        for k in spec.layers:
+            arr = group.create_array(layer_key(k), shape=(n, g, g, c), chunks=(cs, g, g, c), dtype=store_dtype,
+                                     fill_value=0, **common)
+            arr.attrs["bfloat16_bits"] = spec.dtype == "bfloat16"
+        group.create_array("cls", shape=(n, c), chunks=(cs, c), dtype=store_dtype, fill_value=0, **common)
+        if spec.target_hw is not None:
+            h, w = spec.target_hw
+            depth = group.create_array("depth", shape=(n, h, w), chunks=(cs, h, w), dtype="uint16", fill_value=0,
+                                       **common)
+            depth.attrs["scale"] = spec.depth_scale
+        flags = dict(chunks=(cs,))
+        group.create_array("skipped", shape=(n,), dtype="uint8", fill_value=0, **flags)
+        group.create_array("skip_reason", shape=(n,), dtype=str, **flags)
+        group.create_array("done", shape=(n,), dtype="uint8", fill_value=0, **flags)
+        for name in INDEX_FIELDS:
+            values = np.asarray(index[name])
+            dtype = str if values.dtype.kind in "UOT" else values.dtype
+            arr = group.create_array(f"index/{name}", shape=values.shape, dtype=dtype,
+                                     chunks=(max(n, 1),) + values.shape[1:])
+            if n:
+                with zarr.config.set({"array.write_empty_chunks": True}):
+                    arr[...] = values
+        group.attrs.update({
+            **spec.attrs,
+            "n": n, "layers": list(spec.layers), "chunk_size": cs, "dtype": spec.dtype, "grid": g, "width": c,
+            "complete": False,
+        })
+        return cls(group, url)
+
+    @classmethod
+    def open(cls, url: str, mode: str = "r") -> "FeatureStore":
+        try:
+            group = zarr.open_group(url, mode=mode)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+            raise StoreError(f"no feature store at {url}") from err
+        if "n" not in group.attrs:
+            raise StoreError(f"{url} is a Zarr group but not a feature store (no 'n' attribute)")
+        return cls(group, url)
+
+    # ---- chunks -------------------------------------------------------------------------------------------
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n // self.chunk_size)
+
+    def chunk_range(self, c: int) -> tuple[int, int]:
+        if not 0 <= c < self.n_chunks:
+            raise StoreError(f"chunk {c} out of range 0..{self.n_chunks - 1} in {self.url}")
+        return c * self.chunk_size, min((c + 1) * self.chunk_size, self.n)
+
+    def done_flags(self) -> np.ndarray:
+        return self.group["done"][:] if self.n else np.zeros(0, np.uint8)
+
+    def pending_chunks(self) -> list[int]:
+        done = self.done_flags()
+        return [c for c in range(self.n_chunks) if not done[slice(*self.chunk_range(c))].all()]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs.get("complete", False))
+
+    def write_chunk(
+        self,
+        c: int,
+        tokens: dict[int, torch.Tensor],
+        cls: torch.Tensor,
+        depth: np.ndarray | None = None,
+        skipped: np.ndarray | None = None,
+        reasons: list[str] | None = None,
+    ) -> None:
+        """Write one whole chunk (its data first, then its `done` flags)."""
+        # Zarr skips writing chunks equal to the fill value unless told otherwise (the setting is not stored
+        # with the array); `verify` relies on every done chunk existing, so write them all.
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self._write_chunk(c, tokens, cls, depth, skipped, reasons)
+
+    def _write_chunk(self, c, tokens, cls, depth, skipped, reasons) -> None:
+        a, b = self.chunk_range(c)
+        for k in self.layers:
+            t = tokens[k]
+            if t.shape[0] != b - a:
+                raise StoreError(f"chunk {c}: layer {k} has {t.shape[0]} rows, expected {b - a}")
+            self.group[layer_key(k)][a:b] = self._encode(t)
+        self.group["cls"][a:b] = self._encode(cls)
+        if self.has_depth:
+            if depth is None:
+                raise StoreError(f"chunk {c}: {self.url} stores training targets but none were given")
+            scale = self.group["depth"].attrs["scale"]
+            self.group["depth"][a:b] = np.clip(np.round(depth * scale), 0, 65535).astype(np.uint16)
+        self.group["skipped"][a:b] = np.zeros(b - a, np.uint8) if skipped is None else skipped.astype(np.uint8)
+        self.group["skip_reason"][a:b] = np.array(reasons if reasons is not None else [""] * (b - a), dtype=str)
+        self.group["done"][a:b] = np.ones(b - a, np.uint8)
+
+    def mark_complete(self) -> None:
+        pending = self.pending_chunks()
+        if pending:
+            raise StoreError(f"{self.url}: chunks {pending[:10]} are not done; cannot mark complete")
+        self.group.attrs["complete"] = True
+        self.attrs["complete"] = True
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def _encode(self, t: torch.Tensor) -> np.ndarray:
+        t = t.detach().cpu()
+        if self.dtype == "bfloat16":
+            return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return t.to(torch.float16).numpy()
+
+    def _decode(self, arr: np.ndarray) -> torch.Tensor:
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def _select(self, name: str, sel):
+        arr = self.group[name]
+        return arr[sel] if isinstance(sel, slice) else arr.oindex[np.asarray(sel)]
+
+    def read(self, sel: slice | np.ndarray | Iterable[int], layers: Iterable[int] | None = None,
+             depth: bool = True) -> dict:
+        """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, plus
+        "depth" (B, H, W) float32 metres (0 = invalid) when the store has targets, and "index" (B,) positions.
+
+        `sel` is a slice (fastest: whole chunks) or sorted sample positions."""
+        layers = self.layers if layers is None else tuple(layers)
+        unknown = sorted(set(layers) - set(self.layers))
+        if unknown:
+            raise StoreError(f"layers {unknown} are not in {self.url} (it holds {list(self.layers)})")
+        if not isinstance(sel, slice):
+            sel = np.asarray(list(sel) if not isinstance(sel, np.ndarray) else sel, dtype=np.int64)
+        batch = {
+            "tokens": {k: self._decode(self._select(layer_key(k), sel)) for k in layers},
+            "global": self._decode(self._select("cls", sel)),
+            "index": np.arange(self.n)[sel],
+        }
+        if depth and self.has_depth:
+            scale = self.group["depth"].attrs["scale"]
+            batch["depth"] = torch.from_numpy(self._select("depth", sel).astype(np.float32) / scale)
+        return batch
+
+    def read_chunk(self, c: int, layers: Iterable[int] | None = None, depth: bool = True) -> dict:
+        return self.read(slice(*self.chunk_range(c)), layers, depth)
+
+    def index(self):
+        """The per-sample index as a pandas DataFrame (one row per stored sample)."""
+        import pandas as pd
+
+        cols = {}
+        for name in INDEX_FIELDS:
+            values = self.group[f"index/{name}"][:] if self.n else np.zeros((0,))
+            if name == "orig_hw":
+                cols["orig_h"], cols["orig_w"] = values[:, 0], values[:, 1]
+            elif name == "view":
+                for j, part in enumerate(("view_k", "view_top", "view_left", "view_h", "view_w")):
+                    cols[part] = values[:, j]
+            else:
+                cols[name] = values
+        df = pd.DataFrame(cols)
+        df["skipped"] = self.group["skipped"][:].astype(bool) if self.n else []
+        df["skip_reason"] = self.group["skip_reason"][:] if self.n else []
+        return df
+
+    # ---- verification ---------------------------------------------------------------------------------------
+    def data_arrays(self) -> list[str]:
+        names = [layer_key(k) for k in self.layers] + ["cls", "skipped", "skip_reason"]
+        return names + (["depth"] if self.has_depth else [])
+
+    def verify(self) -> dict:
+        """Check that every done chunk of every data array exists and decodes, and that the counts match.
+
+        Zarr returns the fill value for a chunk whose file is gone, so existence is checked explicitly."""
+        problems: list[str] = []
+        done = self.done_flags()
+        done_chunks = [c for c in range(self.n_chunks) if done[slice(*self.chunk_range(c))].all()]
+        for name in self.data_arrays() + ["done"]:
+            arr = self.group[name]
+            encoding = arr.metadata.chunk_key_encoding
+            for c in done_chunks:
+                key = f"{arr.path}/{encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
+                if not sync(self.group.store.exists(key)):
+                    problems.append(f"{name}: chunk {c} (samples {self.chunk_range(c)}) is missing ({key})")
+                    continue
+                try:
+                    arr[slice(*self.chunk_range(c))]
+                except Exception as err:  # a truncated or corrupt chunk file
+                    problems.append(f"{name}: chunk {c} does not decode: {type(err).__name__}: {err}")
+        n_done = int(done.sum())
+        n_skipped = int(self.group["skipped"][:].sum()) if self.n else 0
+        if self.complete and n_done != self.n:
+            problems.append(f"store is marked complete but only {n_done} of {self.n} samples are done")
+        for name in INDEX_FIELDS:
+            if self.group[f"index/{name}"].shape[0] != self.n:
+                problems.append(f"index/{name} has {self.group[f'index/{name}'].shape[0]} rows, expected {self.n}")
+        return {
+            "url": self.url, "n": self.n, "done": n_done, "skipped": n_skipped, "chunks": self.n_chunks,
+            "done_chunks": len(done_chunks), "complete": self.complete, "fingerprint": self.fingerprint,
+            "problems": problems, "ok": not problems and n_done == self.n,
+        }
