@@ -1,0 +1,172 @@
+"""Training loss of the reference release: 0.5 SILog + 0.5 SSIM on the main depth, plus weighted SILog on aux maps.
+
+Targets may be sparse (KITTI LiDAR: 0 = no measurement); only pixels with min_depth < gt < max_depth count.
+
+No valid pixel in the whole batch: every term returns `pred.sum() * 0`, a zero that stays attached to the graph
+(so `backward()` works and the step is a no-op for the gradients, as in the reference release). `depth_loss`
+also reports `valid_pixels` so a trainer can skip such a batch outright instead of letting AdamW's weight
+decay and momentum move the weights on a zero-gradient step.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOG_EPS = 1e-7  # predictions come out of a ReLU and may be exactly 0; ln(0) = -inf
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (K * data_range)^2 with data_range 1: depth is min-max normalised first
+
+
+def _as_b1hw(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"{name} must be (B, 1, H, W) or (B, H, W), got {tuple(x.shape)}")
+    return x
+
+
+def _check_pair(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pred, gt = _as_b1hw(pred, "pred"), _as_b1hw(gt, "gt")
+    if pred.shape != gt.shape:
+        raise ValueError(
+            f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} differ; resize the prediction to the target "
+            "first (SpaceClipDecoder.forward(features, out_size=gt.shape[-2:]))"
+        )
+    # Losses in float32 even under autocast: the log-variance and the SSIM moments lose too much in half.
+    return pred.float(), gt.float()
+
+
+def valid_mask(gt: torch.Tensor, min_depth: float, max_depth: float) -> torch.Tensor:
+    """Pixels with a usable target: min_depth < gt < max_depth (0 = no LiDAR return is thus excluded)."""
+    return (gt > min_depth) & (gt < max_depth)
+
+
+def silog_loss(
+    pred: torch.Tensor, gt: torch.Tensor, min_depth: float, max_depth: float, variance_focus: float = 0.85
+) -> torch.Tensor:
+    """10 * sqrt(mean(g^2) - λ mean(g)^2), g = ln pred - ln gt over valid pixels pooled across the batch.
+
+    (Eigen et al. 2014 with λ = 0.85, as in BTS/AdaBins and the reference release.) The radicand is clamped at
+    1e-7 so sqrt never sees 0 and its gradient stays finite when prediction and target agree exactly.
+    """
+    pred, gt = _check_pair(pred, gt)
+    valid = valid_mask(gt, min_depth, max_depth)
+    if not valid.any():
+        return pred.sum() * 0.0
+    g = torch.log(pred[valid].clamp(min=LOG_EPS)) - torch.log(gt[valid])  # (N,)
+    d = (g**2).mean() - variance_focus * g.mean() ** 2
+    return 10.0 * torch.sqrt(d.clamp(min=LOG_EPS))
+
+
+def _gaussian_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.arange(SSIM_WINDOW, device=device, dtype=dtype) - SSIM_WINDOW // 2
+    g = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    return torch.outer(g, g)[None, None]  # (1, 1, 11, 11)
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM of two (B, 1, H, W) maps in [0, 1]: 11x11 Gaussian window σ 1.5, zero padding."""
+    # Autocast off: it would run these convolutions in half precision, and var = E[x^2] - mu^2 cancels badly there.
+    with torch.autocast(a.device.type, enabled=False):
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        a, b = a.to(dtype), b.to(dtype)
+        w = _gaussian_window(a.device, a.dtype)
+        blur = lambda x: F.conv2d(x, w, padding=SSIM_WINDOW // 2)
+        mu_a, mu_b = blur(a), blur(b)
+        var_a = blur(a * a) - mu_a**2
+        var_b = blur(b * b) - mu_b**2
+        cov = blur(a * b) - mu_a * mu_b
+        num = (2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)
+        den = (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
+        return num / den  # (B, 1, H, W)
+
+
+def ssim_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """1 - mean SSIM over the valid pixels (pooled across the batch); identical maps -> 0.
+
+    Both maps are min-max normalised per sample with the *target's* valid min and max and clamped to [0, 1],
+    so SSIM's constants (made for data range 1) apply and scale is left to SILog. We return 1 - SSIM, not the
+    (1 - SSIM) / 2 of Monodepth's photometric loss, because that is what the reference release trains with at
+    weight 0.5: halving it would silently halve the SSIM term relative to the paper.
+    """
+    pred, gt = _check_pair(pred, gt)
+    valid = _as_b1hw(valid, "valid").to(torch.bool)
+    if valid.shape != gt.shape:
+        raise ValueError(f"valid mask {tuple(valid.shape)} does not match gt {tuple(gt.shape)}")
+    if not valid.any():
+        return pred.sum() * 0.0
+    inf = torch.tensor(float("inf"), device=gt.device)
+    lo = torch.where(valid, gt, inf).amin(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    hi = torch.where(valid, gt, -inf).amax(dim=(1, 2, 3), keepdim=True)
+    has_valid = valid.any(dim=(1, 2, 3), keepdim=True)
+    lo, hi = torch.where(has_valid, lo, 0.0), torch.where(has_valid, hi, 1.0)  # samples without valid pixels
+    scale = (hi - lo).clamp(min=1e-6)
+    norm_pred = ((pred - lo) / scale).clamp(0, 1)
+    norm_gt = ((gt - lo) / scale).clamp(0, 1)
+    return 1.0 - ssim_map(norm_pred, norm_gt)[valid].mean()
+
+
+def depth_loss(
+    outputs: dict,
+    gt: torch.Tensor,
+    *,
+    min_depth: float,
+    max_depth: float,
+    silog_weight: float = 0.5,
+    ssim_weight: float = 0.5,
+    aux_weights: Sequence[float] = (0.10, 0.05, 0.0),
+) -> tuple[torch.Tensor, dict]:
+    """Decoder outputs {"depth", "aux"} and the target (B,1,H,W) -> (total, parts).
+
+    total = silog_weight * SILog(depth) + ssim_weight * SSIM(depth) + Σ aux_weights[i] * SILog(aux[i]).
+    parts holds detached scalars "silog", "ssim", "aux", "total" and "valid_pixels" (call float() to log them).
+    """
+    depth, gt = _check_pair(outputs["depth"], gt)
+    aux = list(outputs.get("aux") or [])
+    if len(aux) > len(aux_weights):
+        raise ValueError(
+            f"{len(aux)} auxiliary predictions but only {len(aux_weights)} aux_weights {tuple(aux_weights)}"
+        )
+    valid = valid_mask(gt, min_depth, max_depth)
+
+    silog = silog_loss(depth, gt, min_depth, max_depth)
+    ssim = ssim_loss(depth, gt, valid)
+    aux_total = depth.sum() * 0.0
+    for w, pred in zip(aux_weights, aux):
+        if w > 0:  # a zero weight (stage 2 in the release) costs nothing and adds nothing
+            aux_total = aux_total + w * silog_loss(pred, gt, min_depth, max_depth)
+    total = silog_weight * silog + ssim_weight * ssim + aux_total
+    parts = {
+        "silog": silog.detach(), "ssim": ssim.detach(), "aux": aux_total.detach(), "total": total.detach(),
+        "valid_pixels": valid.sum().detach(),
+    }
+    return total, parts
+
+
+class DepthLoss(nn.Module):
+    """`depth_loss` with its settings bound, for code that wants a criterion object."""
+
+    def __init__(
+        self,
+        *,
+        min_depth: float,
+        max_depth: float,
+        silog_weight: float = 0.5,
+        ssim_weight: float = 0.5,
+        aux_weights: Sequence[float] = (0.10, 0.05, 0.0),
+    ):
+        super().__init__()
+        self.min_depth, self.max_depth = float(min_depth), float(max_depth)
+        self.silog_weight, self.ssim_weight = float(silog_weight), float(ssim_weight)
+        self.aux_weights = tuple(float(w) for w in aux_weights)
+
+    def forward(self, outputs: dict, gt: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return depth_loss(
+            outputs, gt, min_depth=self.min_depth, max_depth=self.max_depth, silog_weight=self.silog_weight,
+            ssim_weight=self.ssim_weight, aux_weights=self.aux_weights,
+        )
