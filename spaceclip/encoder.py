@@ -174,11 +174,12 @@ class FrozenEncoder(nn.Module):
         try:
             config = AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
             local_only = True
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a local folder without a usable config.json
             if is_local or offline or not _hub_reachable():
                 raise EncoderLoadError(
-                    f"cannot load encoder {name!r}: it is not in the local Hugging Face cache"
-                    + ("" if is_local else " and the Hub is not reachable")
+                    f"cannot load encoder {name!r}: "
+                    + ("the folder has no usable config.json" if is_local
+                       else "it is not in the local Hugging Face cache and the Hub is not reachable")
                     + ". Download it on a connected machine (`hf download "
                     f"{name}`), copy the cache over and set HF_HUB_OFFLINE=1, or set encoder.name to a local "
                     "folder holding config.json + model.safetensors, or use a preset (tiny-clip, "

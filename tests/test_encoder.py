@@ -71,12 +71,6 @@ def test_missing_model_fails_fast_with_actionable_message(name):
     assert time.monotonic() - start < 5.0
 
 
-@pytest.mark.xfail(
-    raises=ValueError, strict=False,
-    reason="known gap in FrozenEncoder.from_pretrained: a local folder without config.json reaches AutoConfig, "
-    "which raises transformers' ValueError ('Unrecognized model ...') instead of OSError, so it escapes as a "
-    "ValueError rather than EncoderLoadError",
-)
 def test_empty_local_folder_fails_fast(tmp_path):
     start = time.monotonic()
     with pytest.raises(EncoderLoadError, match="HF_HUB_OFFLINE"):
