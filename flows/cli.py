@@ -70,6 +70,27 @@ def cmd_cache_verify(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_data_synth(args) -> int:
+    import time
+    from pathlib import Path
+
+    from pipeline.datasets import parse_split_file
+    from pipeline.synth import synthesize
+
+    start = time.perf_counter()
+    out = Path(args.out or f"data/demo/{args.layout}")
+    paths = synthesize(args.layout, out, train=args.train, test=args.test, seed=args.seed)
+    print(f"synthetic {args.layout} dataset (seed {args.seed}) written to {out} in {time.perf_counter() - start:.1f} s")
+    for split in ("train", "test"):
+        samples = parse_split_file(paths[f"{split}_split"], paths["image_root"], paths["depth_root"], args.layout)
+        no_gt = sum(s.depth_path is None for s in samples)
+        unit = "drives" if args.layout == "kitti" else "scenes"
+        print(f"  {split:5s} {len(samples):4d} frames in {len({s.group for s in samples})} {unit}"
+              f"{f', {no_gt} with GT None' if no_gt else ''}: {paths[f'{split}_split']}")
+    print(f"  images: {paths['image_root']}\n  depth:  {paths['depth_root']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spaceclip",
@@ -83,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_version)
 
     # --- subcommands registered by their modules (one line each) ---
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = data_sub.add_parser("synth", help="write a procedural dataset in the real KITTI / NYU on-disk layout")
+    q.add_argument("--layout", choices=["kitti", "nyu"], default="kitti")
+    q.add_argument("--out", default=None, help="output folder [data/demo/<layout>]")
+    q.add_argument("--train", type=int, default=48, help="train frames [48]")
+    q.add_argument("--test", type=int, default=16, help="test frames [16]")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_data_synth)
+
     p = sub.add_parser("extract", help="run the frozen encoder once over train/val/test into Zarr feature stores")
     add_config_args(p)
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits [train,val,test]")

@@ -1,0 +1,277 @@
+"""Dataset readers for the real on-disk layouts: KITTI Eigen split (BTS form) and NYU Depth V2 (BTS form).
+
+Split files list one frame per line, `<image> <depth|None> <focal>`, paths relative to `data.image_root` and
+`data.depth_root`:
+
+    2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000005.png 2011_09_26_drive_0002_sync/proj_depth/groundtruth/image_02/0000000005.png 721.5377
+    /kitchen_0028b/rgb_00045.jpg /kitchen_0028b/sync_depth_00045.png 518.8579
+
+Depth PNGs are uint16: metres × 256 (KITTI) or × 1000 (NYU), 0 = no measurement. Validation is carved from the
+train split file by drive / scene, so no drive or room is in both (checkpoints are never selected on test).
+Training views (KB crop, centre or seeded random crops) are described here as `View`s and cut by `apply_view`.
+Every error names the file and its line in the split file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.config import DataConfig, ViewConfig
+
+log = logging.getLogger(__name__)
+
+DEPTH_SCALE = {"kitti": 256.0, "nyu": 1000.0}
+KB_CROP = (352, 1216)  # KITTI benchmark crop (H, W): bottom rows, centred columns
+
+
+class DatasetError(RuntimeError):
+    """A split file, image or depth map is missing or malformed; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str  # stable and unique: "2011_09_26_drive_0002_sync/0000000005", "bathroom/00045"
+    image_path: Path
+    depth_path: Path | None  # None: the split file says None (no ground truth for this frame)
+    focal: float
+    line: int  # 1-based line in split_file
+    split_file: Path
+    group: str  # drive (KITTI) / scene (NYU): the unit validation is carved by
+
+    @property
+    def where(self) -> str:
+        return f"line {self.line} of {self.split_file}"
+
+
+# ---- split files -------------------------------------------------------------------------------------------------
+def _kitti_identity(image_rel: str) -> tuple[str, str]:
+    """(id, group) from `<date>/<drive>_sync/image_0X/data/<frame>.png`. The right camera (image_03), when a
+    split lists it, keeps its own id."""
+    parts = image_rel.split("/")
+    stem = Path(parts[-1]).stem
+    drive = next((p for p in reversed(parts[:-1]) if p.endswith("_sync")), None)
+    if drive is None:  # not the KITTI raw layout: fall back to the folder
+        folder = "/".join(parts[:-1]) or "."
+        return f"{folder}/{stem}", folder
+    camera = next((p for p in parts if re.fullmatch(r"image_0\d", p)), "image_02")
+    return (f"{drive}/{stem}" if camera == "image_02" else f"{drive}/{camera}/{stem}"), drive
+
+
+def _nyu_identity(image_rel: str) -> tuple[str, str]:
+    """(id, group) from `<scene>/rgb_00045.jpg`. Recordings of one room (`kitchen_0028a`, `kitchen_0028b`) share
+    a group so validation never holds a room that training also sees."""
+    parts = image_rel.split("/")
+    scene = parts[-2] if len(parts) >= 2 else "."
+    stem = Path(parts[-1]).stem
+    number = re.search(r"(\d+)$", stem)
+    frame = number.group(1) if number else stem
+    return f"{scene}/{frame}", re.sub(r"^(.*_\d+)[a-z]$", r"\1", scene)
+
+
+def parse_split_file(split_file: Path, image_root: Path, depth_root: Path, layout: str) -> list[Sample]:
+    """Every line of a split file as a `Sample` (blank lines and `#` comments skipped). A leading `/` on a path
+    (the BTS NYU train file has one) is relative to the root, not absolute."""
+    split_file = Path(split_file)
+    identity = _kitti_identity if layout == "kitti" else _nyu_identity
+    try:
+        text = split_file.read_text()
+    except OSError as err:
+        raise DatasetError(f"cannot read split file {split_file}: {err}") from None
+    samples: list[Sample] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        where = f"line {number} of {split_file}"
+        if len(fields) != 3:
+            raise DatasetError(f"malformed split line, expected '<image> <depth|None> <focal>': {raw!r} ({where})")
+        image_rel, depth_rel, focal_text = fields
+        try:
+            focal = float(focal_text)
+        except ValueError:
+            raise DatasetError(f"focal length {focal_text!r} is not a number ({where})") from None
+        if not focal > 0:
+            raise DatasetError(f"focal length must be positive, got {focal_text} ({where})")
+        image_rel = image_rel.lstrip("/")
+        sample_id, group = identity(image_rel)
+        if sample_id in seen:
+            raise DatasetError(f"duplicate frame {sample_id!r} on line {seen[sample_id]} and {where}")
+        seen[sample_id] = number
+        depth_path = None if depth_rel == "None" else Path(depth_root) / depth_rel.lstrip("/")
+        samples.append(Sample(sample_id, Path(image_root) / image_rel, depth_path, focal, number, split_file, group))
+    return samples
+
+
+def _group_rank(group: str, seed: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{group}".encode()).digest()
+
+
+def validation_groups(groups: list[str], fraction: float, seed: int) -> set[str]:
+    """The groups held out for validation: round(fraction · n) of them (at least one when fraction > 0 and there
+    are >= 2 groups, never all), chosen by a seeded hash rank, so the choice does not depend on line order."""
+    unique = sorted(set(groups))
+    if fraction <= 0 or len(unique) < 2:
+        return set()
+    n_val = min(len(unique) - 1, max(1, round(fraction * len(unique))))
+    return set(sorted(unique, key=lambda g: _group_rank(g, seed))[:n_val])
+
+
+def read_split(cfg: DataConfig, split: Literal["train", "val", "test"]) -> list[Sample]:
+    """Samples of a split in file order. "train" is the train split file minus the validation groups, "val" those
+    groups (carved by drive / scene with `cfg.val_fraction`, `cfg.val_seed`), "test" the test split file."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}: expected 'train', 'val' or 'test'")
+    key = "test_split" if split == "test" else "train_split"
+    split_file = Path(getattr(cfg, key))
+    if not split_file.is_file():
+        raise DatasetError(
+            f"split file missing: {split_file} (set data.{key}, or data.synth to generate a synthetic dataset)"
+        )
+    samples = parse_split_file(split_file, Path(cfg.image_root), Path(cfg.depth_root), cfg.layout)
+    if split == "test":
+        return samples
+    val = validation_groups([s.group for s in samples], cfg.val_fraction, cfg.val_seed)
+    return [s for s in samples if (s.group in val) == (split == "val")]
+
+
+# ---- images and depth ----------------------------------------------------------------------------------------
+def _open(path: Path, kind: str, sample: Sample) -> Image.Image:
+    if not path.is_file():
+        raise DatasetError(f"{kind} file missing: {path} ({sample.where})")
+    try:
+        img = Image.open(path)
+        img.load()  # decode now: a truncated or corrupt file fails here, with its name
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise DatasetError(f"{kind} file unreadable: {path} ({sample.where}): {err}") from None
+    return img
+
+
+def load_image(sample: Sample) -> np.ndarray:
+    """(H, W, 3) uint8 RGB."""
+    img = _open(sample.image_path, "image", sample)
+    return np.array(img.convert("RGB"))
+
+
+def load_depth(sample: Sample, layout: str) -> np.ndarray | None:
+    """(H, W) float32 metres, 0 = invalid; None when the split line has no ground truth."""
+    if sample.depth_path is None:
+        return None
+    if layout not in DEPTH_SCALE:
+        raise ValueError(f"unknown layout {layout!r}: expected one of {sorted(DEPTH_SCALE)}")
+    img = _open(sample.depth_path, "depth", sample)
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I"):
+        raise DatasetError(
+            f"depth file is not a 16-bit PNG (mode {img.mode}): {sample.depth_path} ({sample.where})"
+        )
+    raw = np.array(img)
+    if raw.ndim != 2:
+        raise DatasetError(
+            f"depth file is not single-channel (shape {raw.shape}): {sample.depth_path} ({sample.where})"
+        )
+    return raw.astype(np.float32) / np.float32(DEPTH_SCALE[layout])
+
+
+# ---- training views ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class View:
+    k: int  # index among the frame's views
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def _stable_seed(*parts) -> int:
+    """A seed from values, identical across processes and runs (unlike Python's salted hash())."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+def kb_region(image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the KITTI benchmark crop: bottom 352 rows, centred 1216 columns (clamped
+    to the frame)."""
+    H, W = image_hw
+    h, w = min(KB_CROP[0], H), min(KB_CROP[1], W)
+    return H - h, (W - w) // 2, h, w
+
+
+def make_views(
+    sample_id: str, image_hw: tuple[int, int], views: ViewConfig, layout: str, train: bool
+) -> list[View]:
+    """The crops of one frame the encoder sees. Evaluation (train=False) always sees the full frame. Training: the
+    KB crop first (KITTI, `views.kb_crop`), then the whole region ("full"), its centre ("center") or
+    `views.views_per_image` random crops seeded by (views.seed, sample_id, k) ("random"). Random crops cannot
+    be made later in feature space, hence K of them now."""
+    H, W = image_hw
+    if not train:
+        return [View(0, 0, 0, H, W)]
+    top, left, rh, rw = kb_region(image_hw) if views.kb_crop and layout == "kitti" else (0, 0, H, W)
+    if views.mode == "full":
+        return [View(0, top, left, rh, rw)]
+    ch, cw = views.crop_size or (rh, rw)
+    ch, cw = min(ch, rh), min(cw, rw)
+    if views.mode == "center":
+        return [View(0, top + (rh - ch) // 2, left + (rw - cw) // 2, ch, cw)]
+    out = []
+    for k in range(views.views_per_image):
+        rng = np.random.default_rng(_stable_seed(views.seed, sample_id, k))
+        dy = int(rng.integers(0, rh - ch + 1))
+        dx = int(rng.integers(0, rw - cw + 1))
+        out.append(View(k, top + dy, left + dx, ch, cw))
+    return out
+
+
+def apply_view(array: np.ndarray, view: View) -> np.ndarray:
+    """Crop an (H, W, ...) image or depth map to the view (a view of the array, not a copy)."""
+    H, W = array.shape[:2]
+    if view.top < 0 or view.left < 0 or view.top + view.height > H or view.left + view.width > W:
+        raise ValueError(f"{view} does not fit an array of size {H}x{W}")
+    return array[view.top : view.top + view.height, view.left : view.left + view.width]
+
+
+# ---- the embedded default ------------------------------------------------------------------------------------
+def ensure_dataset(cfg: DataConfig) -> None:
+    """Make sure the configured dataset exists. With `data.synth` set, a synthetic dataset is rendered into the
+    configured roots when the split files are missing (or were rendered with other synth settings); without it,
+    a missing split file or root is an error naming the config key to set."""
+    from pipeline import synth  # rendering code is only needed for the embedded default
+
+    splits = {"data.train_split": Path(cfg.train_split), "data.test_split": Path(cfg.test_split)}
+    if cfg.synth is None:
+        for key, path in {**splits, "data.image_root": Path(cfg.image_root),
+                          "data.depth_root": Path(cfg.depth_root)}.items():
+            if not path.exists():
+                raise DatasetError(
+                    f"dataset not found: {path} does not exist (set {key}, or data.synth to generate a synthetic "
+                    f"dataset)"
+                )
+        return
+    wanted = {"layout": cfg.layout, "train": cfg.synth.train, "test": cfg.synth.test, "seed": cfg.synth.seed,
+              "version": synth.SYNTH_VERSION}
+    stamp = Path(cfg.train_split).parent / synth.STAMP_NAME
+    if all(p.is_file() for p in splits.values()):
+        try:
+            found = json.loads(stamp.read_text()) if stamp.is_file() else None
+        except (OSError, ValueError):
+            found = None
+        if found is None or found == wanted:
+            return  # complete: ours and current, or a real dataset we must not touch
+    log.info(
+        "generating a synthetic %s dataset (%d train + %d test frames, seed %d) into %s and %s",
+        cfg.layout, cfg.synth.train, cfg.synth.test, cfg.synth.seed, cfg.image_root, cfg.depth_root,
+    )
+    synth.synthesize_to(
+        cfg.layout, image_root=Path(cfg.image_root), depth_root=Path(cfg.depth_root),
+        train_split=Path(cfg.train_split), test_split=Path(cfg.test_split),
+        train=cfg.synth.train, test=cfg.synth.test, seed=cfg.synth.seed,
+    )
