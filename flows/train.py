@@ -1,0 +1,57 @@
+"""`train-decoders`: train decoder ablations from one feature cache.
+
+    fingerprint guard (train + val stores match the config) ──► train <variant>: one task per variant, in turn
+                                                                 └──► runs/<sweep>/<variant>/{last,best,history.csv}
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline.train import check_cache, train_variant
+from spaceclip.decoder import VARIANTS
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train {variant}")
+def train_variant_task(config: dict, variant: str, resume: bool, progress: bool) -> str:
+    logger = get_run_logger()
+
+    def log_epoch(row: dict) -> None:
+        logger.info("%s epoch %d: train loss %.4f, val AbsRel %.4f, RMSE %.3f, d1 %.3f, lr %.2e, %.1f s, "
+                    "%.1f img/s, %d skipped", variant, row["epoch"], row["train_loss"], row["val_abs_rel"],
+                    row["val_rmse"], row["val_d1"], row["lr"], row["seconds"], row["images_per_s"],
+                    row["skipped_batches"])
+
+    result = train_variant(Config.model_validate(config), variant, resume=resume, progress=progress,
+                           on_epoch=log_epoch)
+    state = "already trained, skipped" if result.already_done else "trained"
+    logger.info("%s: %s; best val AbsRel %.4f at epoch %d -> %s", variant, state, result.best_abs_rel,
+                result.best_epoch, result.run_dir)
+    return str(result.run_dir)
+
+
+@flow(name="train-decoders")
+def train_decoders(
+    config: str = "demo",
+    overrides: list[str] | None = None,
+    sweep: str | None = None,
+    variants: list[str] | None = None,
+    resume: bool = True,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Returns {variant: run folder}. Default variants: the config's `train.variants` (the Table-2 ablations)."""
+    cfg = load_config(config, overrides, sweep=sweep)
+    logger = get_run_logger()
+    variants = list(variants or cfg.train.variants)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown decoder variants {unknown}; valid variants: {list(VARIANTS)}")
+    if cfg.train.feature_source == "cache":
+        stores = check_cache(cfg)  # refuses a cache whose fingerprint does not match, saying what differs
+        logger.info("training from cache: train %s, val %s", stores["train"], stores["val"])
+    runs = {}
+    for variant in variants:
+        runs[variant] = train_variant_task(dump_config(cfg), variant, resume, progress)
+    return runs

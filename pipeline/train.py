@@ -1,0 +1,406 @@
+"""Stage 2: train one decoder variant from the feature cache (or, as the reference, from images).
+
+    train_variant(cfg, "full")  ->  <train.out_dir>/<sweep>/full/
+        last/  best/        model.safetensors + config.json (variant, decoder kwargs, encoder identity,
+                            cache fingerprint, epoch, validation metrics): `SpaceClipDecoder.from_pretrained(dir)`
+        history.csv         one row per epoch: train loss, validation metrics, lr, time, images/s, skipped batches
+        train_state.pt      raw weights, optimizer, EMA and RNG state for resuming (tensors and plain values only,
+                            loaded with `torch.load(weights_only=True)`: nothing is unpickled)
+
+Loss, optimiser and schedules are DESIGN.md's: 0.5 SILog + 0.5 SSIM (+ aux SILog), AdamW, `step` (x0.5 every 2
+epochs) or `cosine_warmup` (linear warm-up, cosine to min_lr, per step), grad-norm clip, non-finite or empty
+batches skipped and counted, optional EMA. `best/` is chosen on validation AbsRel (a split carved from train by
+drive), never on test. A run whose `epochs` are reached is skipped; a killed run resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, TrainConfig, dump_config
+from pipeline.extract import encoder_for, open_for, plan_split, resolve_device, split_fingerprint
+from pipeline.loader import CachedBatches, ImageBatches
+from spaceclip.decoder import VARIANTS, SpaceClipDecoder
+from spaceclip.losses import depth_loss
+from spaceclip.metrics import METRIC_KEYS, compute_metrics, mean_metrics
+
+log = logging.getLogger(__name__)
+
+HISTORY_NAME = "history.csv"
+STATE_NAME = "train_state.pt"
+# history.csv columns, in order: the headline metrics first, then the rest of the one metrics function's keys.
+VAL_KEYS = ("abs_rel", "rmse", "d1") + tuple(k for k in METRIC_KEYS if k not in ("abs_rel", "rmse", "d1"))
+HISTORY_COLUMNS = (("epoch", "train_loss") + tuple(f"val_{k}" for k in VAL_KEYS)
+                   + ("lr", "seconds", "val_seconds", "images_per_s", "skipped_batches"))
+
+
+class RunError(RuntimeError):
+    """An existing run folder does not belong to this config (different cache, variant or source)."""
+
+
+@dataclass
+class TrainResult:
+    variant: str
+    run_dir: Path
+    epochs_done: int
+    best_epoch: int
+    best_abs_rel: float
+    already_done: bool = False  # the run had reached its epochs before this call; nothing was trained
+    history: list[dict] = field(default_factory=list)
+
+
+def run_dir(cfg: Config, variant: str) -> Path:
+    return Path(cfg.train.out_dir) / cfg.sweep / variant
+
+
+# ---- schedule and EMA ---------------------------------------------------------------------------------------
+def lr_at(step: int, steps_per_epoch: int, tc: TrainConfig) -> float:
+    """Learning rate of optimiser step `step` (0-based, counted over the whole run)."""
+    if tc.schedule == "step":  # paper: x gamma every `step_every` epochs
+        return tc.lr * tc.step_gamma ** ((step // max(steps_per_epoch, 1)) // tc.step_every)
+    total = max(tc.epochs * steps_per_epoch, 1)
+    warmup = max(1, round(tc.warmup_fraction * total))
+    if step < warmup:
+        return tc.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the weights (BatchNorm statistics are copied, not averaged)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+@contextlib.contextmanager
+def determinism(device: torch.device, threads: int | None):
+    """Deterministic kernels on the CPU (for a fixed seed and thread count a run is repeatable bit for bit);
+    the global torch settings are restored afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.set_num_threads(before[1])
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+@dataclass
+class Sources:
+    train: CachedBatches | ImageBatches
+    val: CachedBatches | ImageBatches
+    target_hw: tuple[int, int]
+    fingerprints: dict  # {"train": fp, "val": fp}
+    width: int
+
+
+def check_cache(cfg: Config, encoder=None) -> dict:
+    """The fingerprint guard: the complete train and val stores this config expects, or a `StoreError` saying
+    what differs. Returns {"train": url, "val": url}."""
+    encoder = encoder or encoder_for(cfg)
+    return {split: open_for(cfg, split, encoder).url for split in ("train", "val")}
+
+
+def build_sources(cfg: Config, layers, device: torch.device, encoder=None) -> Sources:
+    tc = cfg.train
+    encoder = encoder or encoder_for(cfg)
+    common = dict(seed=tc.seed, shuffle_window=tc.shuffle_window, device=device)
+    if tc.feature_source == "cache":
+        stores = {split: open_for(cfg, split, encoder) for split in ("train", "val")}
+        train = CachedBatches(stores["train"], layers, tc.batch_size, train=True, flip_p=tc.flip_p,
+                              cache_device=tc.cache_device, **common)
+        val = CachedBatches(stores["val"], layers, cfg.eval.batch_size, train=False, cache_device=tc.cache_device,
+                            **common)
+        return Sources(train, val, train.target_hw, {s: st.fingerprint for s, st in stores.items()},
+                       int(stores["train"].attrs["width"]))
+    # The reference path: the frozen encoder runs on every step, on the same samples and views as the cache.
+    encoder.to(device)
+    autocast = None if cfg.encoder.dtype == "float32" else getattr(torch, cfg.encoder.dtype)
+    loaders, fps = {}, {}
+    for split, train in (("train", True), ("val", False)):
+        plan = plan_split(cfg, split, encoder)
+        fps[split] = plan.fingerprint
+        loaders[split] = ImageBatches(
+            plan.index, encoder, layers, tc.batch_size if train else cfg.eval.batch_size,
+            split_file=cfg.data.train_split, layout=cfg.data.layout, target_hw=plan.target_hw,
+            chunk_size=cfg.cache.chunk_size, train=train, flip_p=tc.flip_p, autocast_dtype=autocast, **common)
+    return Sources(loaders["train"], loaders["val"], tuple(loaders["train"].target_hw), fps, encoder.width)
+
+
+# ---- validation -----------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def validate(model: torch.nn.Module, loader, depth_range: tuple[float, float], autocast: bool = False) -> dict:
+    """Mean per-image metrics over the loader's samples: prediction at the target size, valid pixels only, no
+    crop, no median scaling (the one metrics function, as everywhere)."""
+    model.eval()
+    lo, hi = depth_range
+    rows = []
+    for batch in loader.epoch(0):
+        gt = batch["depth"]  # (B, H, W)
+        with torch.autocast(gt.device.type, dtype=torch.bfloat16, enabled=autocast):
+            pred = model(batch, out_size=tuple(gt.shape[-2:]))["depth"][:, 0]  # (B, H, W)
+        pred, gt = pred.float().cpu().numpy(), gt.cpu().numpy()
+        for p, g in zip(pred, gt):
+            try:
+                rows.append(compute_metrics(p, g, crop="none", min_depth=lo, max_depth=hi))
+            except ValueError:  # no valid pixel in this target: nothing to measure
+                continue
+    if not rows:
+        return {k: float("nan") for k in METRIC_KEYS}
+    return mean_metrics(rows)
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{k: (int(v) if k in ("epoch", "skipped_batches") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def write_history(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in rows)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: SpaceClipDecoder, directory: Path, extra: dict) -> None:
+    """`save_pretrained` into a sibling folder, then swap it in: a kill never leaves half a checkpoint."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, extra=extra)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    # weights_only: tensors, numbers, strings and containers only; an arbitrary pickled object fails to load.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch: dict, loss_kwargs: dict,
+               grad_clip: float, ema: EMA | None = None) -> float | None:
+    """One optimiser step on one batch; returns the loss, or None when the batch was skipped (a non-finite loss or
+    gradient, or no valid target pixel). bf16 autocast on CUDA; the loss itself is computed in float32."""
+    gt = batch["depth"][:, None]  # (B, 1, H, W)
+    with torch.autocast(gt.device.type, dtype=torch.bfloat16, enabled=gt.device.type == "cuda"):
+        outputs = model(batch, out_size=tuple(gt.shape[-2:]))
+    loss, parts = depth_loss(outputs, gt, **loss_kwargs)
+    value, valid = torch.stack([loss.detach().float(), parts["valid_pixels"].float()]).tolist()  # one sync
+    if not math.isfinite(value) or valid == 0:
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    if ema is not None:
+        ema.update(model)
+    return value
+
+
+def loss_kwargs_for(cfg: Config) -> dict:
+    lo, hi = cfg.data.depth_range
+    tc = cfg.train
+    return dict(min_depth=lo, max_depth=hi, silog_weight=tc.silog_weight, ssim_weight=tc.ssim_weight,
+                aux_weights=tc.aux_weights)
+
+
+def train_variant(
+    cfg: Config,
+    variant: str,
+    *,
+    resume: bool = True,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train (or resume, or skip when finished) one decoder variant. `on_epoch(row)` is called after each epoch's
+    files are written, with the history row (the flow logs it; tests use it to simulate a kill)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown decoder variant {variant!r}; valid variants: {list(VARIANTS)}")
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    out = run_dir(cfg, variant)
+    state_path = out / STATE_NAME
+    encoder = encoder_for(cfg)
+    fp_train = split_fingerprint(cfg, "train", encoder)[0]
+    meta = {"variant": variant, "cache_fingerprint": fp_train, "feature_source": tc.feature_source}
+
+    state = None
+    if resume and state_path.is_file():
+        state = load_state(state_path)
+        found = json.loads(state["meta"])
+        differs = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
+        if differs:
+            raise RunError(
+                f"{out} holds a run that differs from this config: "
+                + "; ".join(f"{k}: run has {a!r}, config has {b!r}" for k, (a, b) in differs.items())
+                + ". Use --no-resume (resume=False) to overwrite it, or another --sweep."
+            )
+        done = int(state["epoch"])
+        if done >= tc.epochs:
+            log.info("%s: already trained (%d of %d epochs, best val AbsRel %.4f at epoch %d) in %s; skipping",
+                     variant, done, tc.epochs, state["best_abs_rel"], state["best_epoch"], out)
+            return TrainResult(variant, out, done, int(state["best_epoch"]), float(state["best_abs_rel"]),
+                               already_done=True, history=read_history(out / HISTORY_NAME))
+    elif not resume:
+        for name in ("last", "best", HISTORY_NAME, STATE_NAME):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    with determinism(device, tc.num_threads):
+        return _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch)
+
+
+def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) -> TrainResult:
+    tc = cfg.train
+    cuda = device.type == "cuda"
+    depth_range = cfg.data.depth_range
+    torch.manual_seed(tc.seed)
+    model = SpaceClipDecoder(variant, width=encoder.width)
+    if cuda:
+        model = model.to(device, memory_format=torch.channels_last)
+    sources = build_sources(cfg, model.layers, device, encoder)
+    if sources.width != model.width:
+        raise RunError(f"the cache holds {sources.width}-channel features but the encoder has width {model.width}")
+    steps = len(sources.train)
+    if steps == 0:
+        raise RunError(f"{variant}: the train split has no usable samples")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    ema = EMA(model, tc.ema) if tc.ema else None
+
+    start, best_abs_rel, best_epoch = 0, float("inf"), 0
+    history: list[dict] = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            if "ema" not in state:
+                raise RunError(f"{out / STATE_NAME} has no EMA weights but train.ema is set; resume=False to restart")
+            ema.model.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
+        if cuda and "cuda_rng" in state:
+            torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
+        start, best_abs_rel, best_epoch = int(state["epoch"]), float(state["best_abs_rel"]), int(state["best_epoch"])
+        history = [r for r in read_history(out / HISTORY_NAME) if r["epoch"] <= start]
+        log.info("%s: resuming after epoch %d of %d from %s", variant, start, tc.epochs, out)
+
+    encoder_identity = encoder.identity()
+    ckpt_extra = {
+        "variant": variant, "encoder": encoder_identity, "cache_fingerprint": sources.fingerprints["train"],
+        "val_fingerprint": sources.fingerprints["val"], "feature_source": tc.feature_source,
+        "target_size": list(sources.target_hw), "depth_range": list(depth_range), "config": dump_config(cfg),
+    }
+    if sources.val.n_usable == 0:
+        log.warning("%s: the validation split is empty (data.val_fraction = %s); best/ will follow last/", variant,
+                    cfg.data.val_fraction)
+    log.info("%s: %d parameters, layers %s, %d steps/epoch of %d on %s, source %s (%s)", variant,
+             model.count_parameters(), list(model.layers), steps, tc.batch_size, device, tc.feature_source,
+             sources.train.mode)
+    loss_kwargs = loss_kwargs_for(cfg)
+
+    for epoch in range(start, tc.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, images, skipped, lr = 0.0, 0, 0, tc.lr
+        bar = tqdm(total=steps, desc=f"{variant} epoch {epoch + 1}/{tc.epochs}", unit="step", disable=not progress,
+                   leave=False)
+        for i, batch in enumerate(sources.train.epoch(epoch)):
+            lr = lr_at(epoch * steps + i, steps, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            value = train_step(model, optimizer, batch, loss_kwargs, tc.grad_clip, ema)
+            bar.update(1)
+            if value is None:
+                skipped += 1
+                continue
+            n = batch["depth"].shape[0]
+            loss_sum, images = loss_sum + value * n, images + n
+            bar.set_postfix(loss=f"{value:.3f}")
+        bar.close()
+        train_s = time.perf_counter() - t0
+
+        eval_model = ema.model if ema is not None else model
+        t1 = time.perf_counter()
+        metrics = validate(eval_model, sources.val, depth_range, autocast=cuda)
+        val_s = time.perf_counter() - t1
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / images if images else float("nan"),
+               **{f"val_{k}": metrics[k] for k in VAL_KEYS}, "lr": lr, "seconds": train_s + val_s,
+               "val_seconds": val_s, "images_per_s": images / train_s if train_s > 0 else 0.0,
+               "skipped_batches": skipped}
+        history.append(row)
+
+        # Files, in an order that a kill at any point resumes from: checkpoints, history, then the state.
+        extra = {**ckpt_extra, "epoch": epoch + 1, "val_metric": {"name": "abs_rel", "value": metrics["abs_rel"]},
+                 "val_metrics": metrics}
+        save_checkpoint(eval_model, out / "last", extra)
+        abs_rel = metrics["abs_rel"]
+        if not math.isfinite(abs_rel) or abs_rel < best_abs_rel:  # no validation pixels: best follows last
+            best_abs_rel, best_epoch = (abs_rel if math.isfinite(abs_rel) else best_abs_rel), epoch + 1
+            save_checkpoint(eval_model, out / "best", extra)
+        write_history(out / HISTORY_NAME, history)
+        state = {
+            "meta": json.dumps(meta), "epoch": epoch + 1, "best_abs_rel": best_abs_rel, "best_epoch": best_epoch,
+            "model": _cpu_state(model), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+        }
+        if ema is not None:
+            state["ema"] = _cpu_state(ema.model)
+        if cuda:
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        save_state(out / STATE_NAME, state)
+        log.info("%s epoch %d/%d: train loss %.4f, val AbsRel %.4f RMSE %.3f d1 %.3f, lr %.2e, %.1f s, %.1f img/s, "
+                 "%d skipped%s", variant, epoch + 1, tc.epochs, row["train_loss"], metrics["abs_rel"],
+                 metrics["rmse"], metrics["d1"], lr, row["seconds"], row["images_per_s"], skipped,
+                 " (best)" if best_epoch == epoch + 1 else "")
+        if on_epoch is not None:
+            on_epoch(row)
+
+    return TrainResult(variant, out, tc.epochs, best_epoch, best_abs_rel, history=history)

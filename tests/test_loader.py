@@ -1,0 +1,148 @@
+"""The cached-batch loader: chunk-aligned shuffling, feature-space flips, cache residency, prefetch."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.loader import CachedBatches, _prefetched, epoch_plan, resolve_cache_device, store_bytes
+from pipeline.store import FeatureStore, StoreError, StoreSpec
+
+N, CS, G, C, HW = 23, 4, 14, 8, (6, 10)
+LAYERS = (0, 2, 3, 12)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A small store written through the store API: random tokens, distinct targets, sample 5 skipped."""
+    url = str(tmp_path_factory.mktemp("loader") / "train.zarr")
+    index = {
+        "id": np.array([f"s{i}" for i in range(N)]), "image_path": np.array([""] * N), "depth_path": np.array([""] * N),
+        "focal": np.ones(N), "orig_hw": np.ones((N, 2), np.int32), "view": np.zeros((N, 5), np.int32),
+        "group": np.array(["g"] * N), "line": np.arange(N, dtype=np.int32),
+    }
+    spec = StoreSpec(n=N, layers=LAYERS, grid=G, width=C, chunk_size=CS, target_hw=HW, depth_scale=256.0)
+    st = FeatureStore.create(url, spec, index)
+    gen = torch.Generator().manual_seed(0)
+    for c in range(st.n_chunks):
+        a, b = st.chunk_range(c)
+        tokens = {k: torch.randn(b - a, G, G, C, generator=gen) for k in LAYERS}
+        depth = np.random.default_rng(c).uniform(1, 80, (b - a, *HW)).astype(np.float32)
+        skipped = np.array([a + i == 5 for i in range(b - a)])
+        st.write_chunk(c, tokens, torch.randn(b - a, C, generator=gen), depth, skipped, [""] * (b - a))
+    st.mark_complete()
+    return FeatureStore.open(url)
+
+
+def collect(loader, epoch=0):
+    return list(loader.epoch(epoch))
+
+
+def test_epoch_plan_is_chunk_aligned_seeded_and_complete():
+    usable = np.ones(N, bool)
+    usable[5] = False
+    plan = epoch_plan(N, CS, 3, seed=7, shuffle=True, shuffle_window=2, flip_p=0.5, usable=usable)
+    assert sorted(plan.order.tolist()) == [i for i in range(N) if i != 5]  # every usable sample exactly once
+    # Each window's samples come from exactly its chunks, and windows are visited in order.
+    start = 0
+    for win in plan.windows:
+        members = {p for c in win for p in range(c * CS, min((c + 1) * CS, N)) if p != 5}
+        assert set(plan.order[start:start + len(members)].tolist()) == members
+        start += len(members)
+    again = epoch_plan(N, CS, 3, seed=7, shuffle=True, shuffle_window=2, flip_p=0.5, usable=usable)
+    assert np.array_equal(plan.order, again.order) and np.array_equal(plan.flips, again.flips)
+    other = epoch_plan(N, CS, 4, seed=7, shuffle=True, shuffle_window=2, flip_p=0.5, usable=usable)
+    assert not np.array_equal(plan.order, other.order)
+    assert 0 < plan.flips.sum() < len(plan.flips)
+
+
+@pytest.mark.parametrize("mode", ["stream", "cpu"])
+def test_flipped_batch_equals_hand_flipped_stored_arrays(store, mode):
+    loader = CachedBatches(store, (2, 12), batch_size=5, flip_p=0.5, seed=1, shuffle_window=2, cache_device=mode)
+    assert loader.mode == mode
+    group = zarr.open_group(store.url, mode="r")
+    scale = group["depth"].attrs["scale"]
+    seen, flipped = [], 0
+    for batch in collect(loader, epoch=2):
+        assert set(batch["tokens"]) == {2, 12}  # only the layers asked for
+        pos = batch["index"]
+        for j, p in enumerate(pos):
+            flip = bool(batch["flipped"][j])
+            flipped += flip
+            for k in (2, 12):
+                stored = group[f"tokens/L{k}"][p]  # (g, g, C) straight from zarr
+                expected = stored[:, ::-1] if flip else stored  # width is axis 1 of one sample's grid
+                np.testing.assert_array_equal(batch["tokens"][k][j].numpy(), expected)
+            depth = group["depth"][p].astype(np.float32) / scale
+            np.testing.assert_array_equal(batch["depth"][j].numpy(), depth[:, ::-1] if flip else depth)
+            np.testing.assert_array_equal(batch["global"][j].numpy(), group["cls"][p])  # never flipped
+        seen += pos.tolist()
+    assert sorted(seen) == [i for i in range(N) if i != 5]  # the skipped sample is left out
+    assert 0 < flipped < len(seen)
+    assert len(loader) == -(-(N - 1) // 5)
+
+
+def test_stream_and_resident_give_identical_batches(store):
+    kw = dict(batch_size=6, flip_p=0.5, seed=3, shuffle_window=3)
+    a = collect(CachedBatches(store, LAYERS, cache_device="stream", **kw), 1)
+    b = collect(CachedBatches(store, LAYERS, cache_device="cpu", **kw), 1)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert np.array_equal(x["index"], y["index"])
+        for k in LAYERS:
+            assert torch.equal(x["tokens"][k], y["tokens"][k])
+        assert torch.equal(x["depth"], y["depth"]) and torch.equal(x["global"], y["global"])
+
+
+def test_validation_order_is_store_order_without_flips(store):
+    loader = CachedBatches(store, (0,), batch_size=4, train=False, flip_p=1.0, cache_device="stream")
+    batches = collect(loader)
+    assert np.concatenate([b["index"] for b in batches]).tolist() == [i for i in range(N) if i != 5]
+    assert not any(b["flipped"].any() for b in batches)
+
+
+def test_flip_p_one_flips_every_sample(store):
+    batch = collect(CachedBatches(store, (3,), batch_size=4, flip_p=1.0, cache_device="cpu"))[0]
+    assert batch["flipped"].all()
+    ref = store.read(np.sort(batch["index"]), (3,))
+    order = np.argsort(np.argsort(batch["index"]))
+    torch.testing.assert_close(batch["tokens"][3], ref["tokens"][3][order].flip(2), rtol=0, atol=0)
+
+
+def test_missing_layer_and_cache_device_choice(store):
+    with pytest.raises(StoreError, match=r"missing \[1\]"):
+        CachedBatches(store, (1, 2), batch_size=4)
+    need = store_bytes(store, (2, 12))
+    assert need == N * ((2 * G * G * C + C) * 2 + HW[0] * HW[1] * 4)
+    cpu = torch.device("cpu")
+    assert resolve_cache_device("auto", need, cpu, budget=need) == "cpu"
+    assert resolve_cache_device("auto", need, cpu, budget=need - 1) == "stream"
+    assert resolve_cache_device("stream", need, cpu) == "stream"
+    with pytest.raises(ValueError, match="cuda"):
+        resolve_cache_device("cuda", need, cpu)
+    assert CachedBatches(store, (2,), batch_size=4, memory_budget=1).mode == "stream"
+
+
+def test_prefetch_reraises_and_stops_early():
+    def failing(put):
+        put(1)
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(_prefetched(failing, 2))
+    produced = []
+    stopped = threading.Event()
+
+    def endless(put):
+        i = 0
+        while put(i):
+            produced.append(i)
+            i += 1
+        stopped.set()
+
+    for item in _prefetched(endless, 2):
+        if item == 3:
+            break
+    assert stopped.wait(5)  # the producer noticed the consumer left
