@@ -7,6 +7,7 @@ Imports of heavy modules happen inside the subcommands so `spaceclip --help` sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -24,6 +25,33 @@ def config_from_args(args):
     from pipeline.config import load_config
 
     return load_config(args.config, args.overrides, sweep=args.sweep)
+
+
+FLOW_COMMANDS = {"extract", "train", "evaluate", "run"}
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Run flows against PREFECT_API_URL when it is set; otherwise start one temporary local server for this
+    command and export its URL, so that Dask worker processes report to it instead of each starting their own."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=5)  # send the last log lines before the server goes away
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 def cmd_version(args) -> int:
@@ -91,6 +119,60 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from flows.train import train_decoders
+    from pipeline.train import RunError
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    try:
+        runs = train_decoders(config=args.config, overrides=args.overrides, sweep=args.sweep, variants=variants,
+                              resume=not args.no_resume, progress=True)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for variant, path in runs.items():
+        print(f"{variant}\t{path}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from pathlib import Path
+
+    from pipeline.extract import resolve_device
+    from pipeline.predict import PredictOptions, predict_paths, summary_lines
+    from spaceclip.encoder import EncoderLoadError
+    from spaceclip.model import SpaceClip
+
+    try:
+        opts = PredictOptions(
+            colormap=args.colormap, depth_range=tuple(args.range) if args.range else None,
+            side_by_side=args.side_by_side, pointcloud=args.pointcloud, focal=args.focal, cx=args.cx, cy=args.cy,
+            ply_binary=not args.ply_ascii, png_scale=args.png_scale, batch_size=args.batch_size,
+        )
+        model = SpaceClip.from_pretrained(args.checkpoint, device=resolve_device(args.device), encoder=args.encoder)
+    except (ValueError, EncoderLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = predict_paths(model, args.paths, args.out, opts, progress=True)
+    for line in summary_lines(result, Path(args.out), opts):
+        print(line)
+    return 1 if result.failed else 0
+
+
+def cmd_export_onnx(args) -> int:
+    from pipeline.export import ExportError, export_onnx
+    from spaceclip.encoder import EncoderLoadError
+
+    try:
+        report = export_onnx(args.checkpoint, args.out, decoder_only=args.decoder_only, encoder=args.encoder,
+                             rtol=args.rtol, opset=args.opset)
+    except (ExportError, ValueError, EncoderLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spaceclip",
@@ -120,11 +202,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-address", default=None, help="an existing Dask scheduler (tcp://host:8786)")
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser("train", help="train decoder variants from the feature cache (the train-decoders flow)")
+    add_config_args(p)
+    p.add_argument("--variants", default=None, help="comma-separated variants [the config's train.variants]")
+    p.add_argument("--no-resume", action="store_true", help="retrain from scratch, overwriting existing runs")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("cache", help="feature-store tools")
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     q = cache_sub.add_parser("verify", help="check every done chunk is present and readable, and counts match")
     q.add_argument("paths", nargs="+", metavar="PATH")
     q.set_defaults(func=cmd_cache_verify)
+    p = sub.add_parser("predict", help="depth for your own images: 16-bit PNG, .npy, colour PNG [, side-by-side, PLY]")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    p.add_argument("--checkpoint", required=True, help="decoder checkpoint folder (model.safetensors + config.json)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--encoder", default=None, help="encoder name/folder instead of the one the checkpoint records")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
+    p.add_argument("--colormap", default="turbo", help="matplotlib colormap; near = its high end [turbo]")
+    p.add_argument("--range", nargs=2, type=float, metavar=("MIN", "MAX"),
+                   help="fixed colour range in metres, for comparable pictures [per-image 2nd-98th percentiles]")
+    p.add_argument("--side-by-side", action="store_true", help="also write <stem>_side.png: input | depth")
+    p.add_argument("--pointcloud", action="store_true", help="also write <stem>.ply (needs --focal)")
+    p.add_argument("--focal", type=float, default=None, help="focal length in pixels of the input image")
+    p.add_argument("--cx", type=float, default=None, help="principal point x in pixels [(W-1)/2]")
+    p.add_argument("--cy", type=float, default=None, help="principal point y in pixels [(H-1)/2]")
+    p.add_argument("--ply-ascii", action="store_true", help="ASCII PLY instead of binary little-endian")
+    p.add_argument("--png-scale", type=float, default=256.0, help="16-bit PNG value = metres x this [256]")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass [8]")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model to other runtimes")
+    export_sub = p.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
+    q = export_sub.add_parser("onnx", help="ONNX (full image->depth, or decoder-only), checked with onnxruntime")
+    q.add_argument("--checkpoint", required=True, help="decoder checkpoint folder")
+    q.add_argument("--out", required=True, help="output .onnx file")
+    q.add_argument("--decoder-only", action="store_true", help="cached token grids + global vector -> depth")
+    q.add_argument("--encoder", default=None, help="encoder name/folder instead of the one the checkpoint records")
+    q.add_argument("--rtol", type=float, default=1e-4, help="max error / max |depth| allowed vs PyTorch [1e-4]")
+    q.add_argument("--opset", type=int, default=None, help="ONNX opset [the exporter's default]")
+    q.set_defaults(func=cmd_export_onnx)
     return parser
 
 
@@ -138,12 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_HOME", os.path.abspath(".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+    # The temporary server an in-process flow run starts needs 10-15 s on 2 busy cores; Prefect waits only 20.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # Dask's scheduler/nanny INFO lines would drown the progress bar and the flow's own log lines.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     from pipeline.config import ConfigError
     from pipeline.datasets import DatasetError
     from pipeline.store import StoreError
 
     try:
-        return int(args.func(args) or 0)
+        with prefect_api() if args.command in FLOW_COMMANDS else contextlib.nullcontext():
+            return int(args.func(args) or 0)
     except (ConfigError, DatasetError, StoreError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,88 @@
+"""ONNX export: onnxruntime equals PyTorch within 1e-4 relative, full model and decoder-only, dynamic batch."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from pipeline.export import DecoderGraph, export_onnx  # noqa: E402
+from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
+from spaceclip.encoder import FrozenEncoder  # noqa: E402
+from spaceclip.model import SpaceClip  # noqa: E402
+
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """tiny-clip (width 64) + a small random decoder, saved with the encoder identity as training does."""
+    encoder = FrozenEncoder.from_name("tiny-clip")
+    torch.manual_seed(0)
+    decoder = SpaceClipDecoder("full", width=encoder.width, channels=(32, 16, 16, 8))
+    return decoder.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny", extra={"encoder": encoder.identity()})
+
+
+def relative_error(got, ref):
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def astronaut_batch(model, n=3):
+    """Real photographs (scikit-image's astronaut, flipped/cropped variants) through the one preprocessing."""
+    from skimage import data
+
+    img = data.astronaut()
+    return model.preprocess([img, img[:, ::-1].copy(), img[100:400, 50:500].copy()][:n])  # (n, 3, 224, 224)
+
+
+def test_full_model_onnx_matches_pytorch(checkpoint, tmp_path):
+    import onnxruntime as ort
+
+    report = export_onnx(checkpoint, tmp_path / "full.onnx")
+    print(report.summary())
+    assert report.ok and report.max_rel <= RTOL and report.checked_batches == [1, 3]
+
+    # Independently of the command's own check: real images, batch of 3 (the graph was traced with 2).
+    model = SpaceClip.from_pretrained(checkpoint)
+    pixels = astronaut_batch(model)
+    with torch.inference_mode():
+        ref = model(pixels).numpy()  # (3, 1, 224, 224)
+    session = ort.InferenceSession(str(tmp_path / "full.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    got = session.run(["depth"], {"pixel_values": pixels.numpy()})[0]
+    assert got.shape == ref.shape == (3, 1, 224, 224)
+    assert relative_error(got, ref) <= RTOL
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["spaceclip.kind"] == "full" and "tiny-clip" in meta["spaceclip.encoder"]
+
+
+def test_decoder_only_onnx_via_cli_matches_pytorch(checkpoint, tmp_path, monkeypatch, capsys):
+    import onnxruntime as ort
+
+    out = tmp_path / "decoder.onnx"
+    from flows.cli import main
+
+    for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "DASK_LOGGING__DISTRIBUTED"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # main() sets defaults; restore them after the test
+    rc = main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--decoder-only"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "max abs error" in printed and "max rel error" in printed and "OK" in printed
+
+    # Cached-feature inputs: exactly the decoder's layers, named tokens_L<k>, plus the global vector for FiLM.
+    model = SpaceClip.from_pretrained(checkpoint)
+    graph = DecoderGraph(model.decoder).eval()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert names == [f"tokens_L{k}" for k in model.decoder.layers] + ["global"]
+    feats = model.encoder(astronaut_batch(model), layers=model.decoder.layers)
+    inputs = [feats["tokens"][k] for k in model.decoder.layers] + [feats["global"]]
+    with torch.inference_mode():
+        ref = graph(*inputs).numpy()
+    got = session.run(["depth"], {n: t.numpy() for n, t in zip(names, inputs)})[0]
+    assert got.shape == (3, 1, 224, 224)
+    assert relative_error(got, ref) <= RTOL
