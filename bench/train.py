@@ -16,7 +16,8 @@ sizes (ViT-B/16 width 768, 14 x 14 grid, decoder at 224 x 224); CPU unless --dev
   frozen encoder's forward on every step, then the same decoder step.
 
 Ratios: `cached_over_decoder_only` = a/b (target <= 1.15), `images_over_cached` = c/a. The modes run in
-alternation (`--rounds`, in a rotated order each round), each round timing `--steps` steps after `--warmup`, and
+alternation (`--rounds`, in a rotated order each round; a mode's loader thread runs only while that mode is timed),
+each round timing `--steps` steps after `--warmup`, and
 the median step is reported, so that load from other processes on a shared machine hits all modes alike.
 """
 
@@ -73,13 +74,6 @@ def build_store(cfg) -> None:
     finalize_store(store.url)
 
 
-def endless(loader):
-    epoch = 0
-    while True:
-        yield from loader.epoch(epoch)
-        epoch += 1
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,18 +120,19 @@ def main() -> None:
     images = ImageBatches(plan.index, encoder, model.layers, args.batch_size, split_file=cfg.data.train_split,
                           layout=cfg.data.layout, target_hw=plan.target_hw, chunk_size=cfg.cache.chunk_size,
                           **kw)
-    fixed = batch_to(next(iter(resident.epoch(0))), device)  # (b): one batch, kept in memory
-    sources = {
-        "decoder_only": iter(lambda: fixed, None),
-        "cached": endless(resident),
-        "cached_stream": endless(streamed),
-        "images": endless(images),
-    }
-    times: dict[str, list[float]] = {name: [] for name in sources}
-    names = list(sources)
+    first = resident.epoch(0)
+    fixed = batch_to(next(first), device)  # (b): one batch, kept in memory
+    first.close()
+    loaders = {"decoder_only": None, "cached": resident, "cached_stream": streamed, "images": images}
+    if len(resident) < args.warmup + args.steps:
+        sys.exit(f"--images {args.images} gives {len(resident)} batches per epoch; need >= warmup + steps")
+    times: dict[str, list[float]] = {name: [] for name in loaders}
+    names = list(loaders)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotated each round: drift hits all alike
-            source = sources[name]
+            # Each mode's background producer lives only while that mode is timed: a fresh epoch iterator, closed
+            # afterwards, so no other mode's prefetch thread competes for the cores or fills a queue in advance.
+            source = iter(lambda: fixed, None) if loaders[name] is None else loaders[name].epoch(r)
             for i in range(args.warmup + args.steps):
                 sync(device)
                 start = time.perf_counter()
@@ -146,6 +141,8 @@ def main() -> None:
                 sync(device)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
+            if hasattr(source, "close"):
+                source.close()
 
     per_step = {name: statistics.median(t) for name, t in times.items()}
     result = {

@@ -259,8 +259,10 @@ def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None =
     n = b - a
     skipped = np.zeros(n, bool)
     reasons = [""] * n
-    tokens = {k: torch.zeros(n, encoder.grid, encoder.grid, encoder.width) for k in layers}
-    cls = torch.zeros(n, encoder.width)
+    # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
+    buf_dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
+    tokens = {k: torch.zeros(n, encoder.grid, encoder.grid, encoder.width, dtype=buf_dtype) for k in layers}
+    cls = torch.zeros(n, encoder.width, dtype=buf_dtype)
     depth = np.zeros((n, *target_hw), np.float32) if target_hw else None
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [pool.submit(_load_row, store, row, encoder, cfg.data.layout, target_hw)
@@ -284,8 +286,8 @@ def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None =
                 continue
             feats = encoder(torch.stack(batch_pixels), layers, autocast_dtype=autocast)
             for k in layers:
-                tokens[k][positions] = feats["tokens"][k].cpu()
-            cls[positions] = feats["global"].cpu()
+                tokens[k][positions] = feats["tokens"][k].to("cpu", buf_dtype)
+            cls[positions] = feats["global"].to("cpu", buf_dtype)
     store.write_chunk(chunk, tokens, cls, depth, skipped, reasons)
     return {"chunk": chunk, "samples": n, "skipped": int(skipped.sum())}
 

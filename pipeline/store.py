@@ -16,6 +16,8 @@ no locking: two writers touching one chunk corrupt it). A chunk is also the unit
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -165,18 +167,27 @@ class FeatureStore:
     def _write_chunk(self, c, tokens, cls, depth, skipped, reasons) -> None:
         a, b = self.chunk_range(c)
         for k in self.layers:
-            t = tokens[k]
-            if t.shape[0] != b - a:
-                raise StoreError(f"chunk {c}: layer {k} has {t.shape[0]} rows, expected {b - a}")
-            self.group[layer_key(k)][a:b] = self._encode(t)
-        self.group["cls"][a:b] = self._encode(cls)
+            if tokens[k].shape[0] != b - a:
+                raise StoreError(f"chunk {c}: layer {k} has {tokens[k].shape[0]} rows, expected {b - a}")
+        if self.has_depth and depth is None:
+            raise StoreError(f"chunk {c}: {self.url} stores training targets but none were given")
+        writes = {layer_key(k): lambda k=k: self._encode(tokens[k]) for k in self.layers}
+        writes["cls"] = lambda: self._encode(cls)
         if self.has_depth:
-            if depth is None:
-                raise StoreError(f"chunk {c}: {self.url} stores training targets but none were given")
             scale = self.group["depth"].attrs["scale"]
-            self.group["depth"][a:b] = np.clip(np.round(depth * scale), 0, 65535).astype(np.uint16)
-        self.group["skipped"][a:b] = np.zeros(b - a, np.uint8) if skipped is None else skipped.astype(np.uint8)
-        self.group["skip_reason"][a:b] = np.array(reasons if reasons is not None else [""] * (b - a), dtype=str)
+            writes["depth"] = lambda: np.clip(np.round(depth * scale), 0, 65535).astype(np.uint16)
+        writes["skipped"] = lambda: np.zeros(b - a, np.uint8) if skipped is None else skipped.astype(np.uint8)
+        writes["skip_reason"] = lambda: np.array(reasons if reasons is not None else [""] * (b - a), dtype=str)
+
+        def put(name: str) -> None:
+            self.group[name][a:b] = writes[name]()
+
+        # The arrays are independent files, so they are converted, compressed and written concurrently (numpy,
+        # torch and zstd release the GIL): the write phase then uses every core instead of one. Only after all
+        # of them have landed are the chunk's `done` flags written, so a kill mid-write leaves the chunk pending.
+        with ThreadPoolExecutor(max_workers=min(len(writes), os.cpu_count() or 1)) as pool:
+            for future in [pool.submit(put, name) for name in writes]:
+                future.result()
         self.group["done"][a:b] = np.ones(b - a, np.uint8)
 
     def mark_complete(self) -> None:
