@@ -12,7 +12,8 @@ from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, dump_config, load_config
+from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
+from pipeline.config import Config, ConfigError, dump_config
 from pipeline.datasets import ensure_dataset
 from pipeline.extract import SPLITS, encoder_for, extract_chunk, finalize_store, prepare_store
 
@@ -42,6 +43,7 @@ def dask_runner(cfg: Config) -> DaskTaskRunner:
 
 
 @flow(name="extract-features")
+@fail_run_on_user_error
 def extract_features(
     config: str = "demo",
     overrides: list[str] | None = None,
@@ -52,8 +54,12 @@ def extract_features(
     progress: bool = False,
 ) -> dict[str, str]:
     """Returns {split: store url}. Existing stores with the same fingerprint are reused; unfinished ones resume."""
-    extra = [f"dask.address={dask_address}"] * bool(dask_address) + [f"cache.root={cache_root}"] * bool(cache_root)
-    cfg = load_config(config, (overrides or []) + extra, sweep=sweep)
+    cfg = run_config(config, overrides, sweep, dask_address=dask_address, cache_root=cache_root)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ConfigError(f"unknown splits {unknown}; valid splits: {list(SPLITS)}")
+    if cfg.dask.address:
+        check_scheduler(cfg.dask.address)
     logger = get_run_logger()
     ensure_dataset(cfg.data)
     encoder = encoder_for(cfg)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.config import Config, ConfigError, dump_config, load_config
+from flows.parameters import fail_run_on_user_error, run_config
+from pipeline.config import Config, ConfigError, dump_config
 from pipeline.train import check_cache, train_variant
 from spaceclip.decoder import VARIANTS
 
@@ -33,16 +34,18 @@ def train_variant_task(config: dict, variant: str, resume: bool, progress: bool)
 
 
 @flow(name="train-decoders")
+@fail_run_on_user_error
 def train_decoders(
     config: str = "demo",
     overrides: list[str] | None = None,
     sweep: str | None = None,
     variants: list[str] | None = None,
     resume: bool = True,
+    cache_root: str | None = None,
     progress: bool = False,
 ) -> dict[str, str]:
     """Returns {variant: run folder}. Default variants: the config's `train.variants` (the Table-2 ablations)."""
-    cfg = load_config(config, overrides, sweep=sweep)
+    cfg = run_config(config, overrides, sweep, cache_root=cache_root)
     logger = get_run_logger()
     variants = list(variants or cfg.train.variants)
     unknown = [v for v in variants if v not in VARIANTS]

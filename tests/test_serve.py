@@ -1,0 +1,277 @@
+"""Deployments (issue 6), end to end through the real command lines.
+
+`spaceclip serve` starts a real Prefect server on a free loopback port in a temporary PREFECT_HOME and serves every
+flow; `prefect deployment run '<flow>/demo' --watch` runs them; Ctrl-C stops every process it started. The work-pool
+path: `prefect deploy --all` from prefect.yaml, `prefect worker start`, extraction on an existing Dask scheduler.
+Children are started with `subprocess.Popen` and stopped by PID (a process started with `&` from a non-interactive
+shell would ignore SIGINT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from flows.serve import FLOWS, free_port, start_server, stop_process
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PREFECT, SPACECLIP, DASK = (str(BIN / name) for name in ("prefect", "spaceclip", "dask"))
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoder_64px(tmp_path_factory) -> str:
+    """tiny-clip's sizes at 64 px input: the decoder then predicts at 64 x 64, so a training epoch takes seconds."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from spaceclip.encoder import PRESETS
+
+    folder = tmp_path_factory.mktemp("encoder") / "tiny-clip-64px"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPVisionModel(CLIPVisionConfig(**{**PRESETS["tiny-clip"], "image_size": 64})).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_params(root: Path, encoder: str, **extra) -> dict:
+    """Run-time parameters that shrink the demo config and root every output in `root` (`--params` JSON)."""
+    data = root / "data"
+    overrides = [
+        f"data.image_root={data}/raw", f"data.depth_root={data}/gt",
+        f"data.train_split={data}/splits/train.txt", f"data.test_split={data}/splits/test.txt",
+        "data.synth.train=8", "data.synth.test=4", f"encoder.name={encoder}", "encoder.batch_size=8",
+        "views.crop_size=[176,352]", "views.views_per_image=1", "cache.chunk_size=8", "cache.target_size=[44,88]",
+        "train.epochs=1", "train.batch_size=4", f"train.out_dir={root}/runs", f"eval.out_dir={root}/results",
+        "eval.qualitative=2", "dask.processes=false", "dask.n_workers=1",
+    ]
+    return {"overrides": overrides, "cache_root": str(root / "cache"), **extra}
+
+
+def child_env(home: Path, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(HF_HUB_OFFLINE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(home),
+               DASK_LOGGING__DISTRIBUTED="warning", **extra)
+    return env
+
+
+def prefect(*args: str, env: dict, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `prefect` CLI; its output is echoed so a failure shows it."""
+    result = subprocess.run([PREFECT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    print(f"$ prefect {' '.join(args)[:200]}\n{result.stdout}{result.stderr}")
+    return result
+
+
+def run_deployment(name: str, params: dict, env: dict) -> subprocess.CompletedProcess:
+    return prefect("deployment", "run", name, "--params", json.dumps(params), "--watch", "--watch-timeout", "200",
+                   env=env)
+
+
+def api_get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what}: the process exited with {proc.returncode}\n{log.read_text() if log else ''}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s\n{log.read_text()[-4000:] if log else ''}")
+        time.sleep(0.5)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """`pid` and its descendants, as PID-holding handles (empty once it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def assert_gone(procs: list[psutil.Process]) -> None:
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"still running: {[(p.pid, ' '.join(p.cmdline())[:120]) for p in alive]}"
+
+
+def complete_stores(cache_root: Path) -> dict[str, bool]:
+    from pipeline.store import FeatureStore
+
+    return {p.name.split("-")[0]: FeatureStore.open(str(p)).complete for p in sorted(cache_root.glob("*/*.zarr"))}
+
+
+# ---- prefect.yaml --------------------------------------------------------------------------------------------------
+def test_prefect_yaml_names_every_flow_and_config():
+    """prefect.yaml parses, targets the process pool, and every entrypoint loads as the flow it claims to be."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    names = set()
+    for d in spec["deployments"]:
+        assert d["work_pool"]["name"] == "spaceclip"
+        assert d["parameters"]["config"] == d["name"]
+        path, function = d["entrypoint"].split(":")
+        assert (ROOT / path).is_file(), d["entrypoint"]
+        flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+        assert FLOWS[flow.name] == f"{path.removesuffix('.py').replace('/', '.')}:{function}"
+        names.add(f"{flow.name}/{d['name']}")
+    assert names == {f"{f}/{c}" for f in FLOWS for c in ("demo", "kitti", "nyu")}
+
+
+# ---- spaceclip serve -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_serve_runs_deployments_and_stops_everything(tmp_path, encoder_64px):
+    port, home, work = free_port(), tmp_path / "prefect-home", tmp_path / "work"
+    work.mkdir()
+    api = f"http://127.0.0.1:{port}/api"
+    log = tmp_path / "serve.log"
+    env = child_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    start = time.monotonic()
+    with open(log, "w") as out:
+        serve = subprocess.Popen([SPACECLIP, "serve", "--port", str(port)], cwd=work, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT)
+    procs: list[psutil.Process] = []
+    try:
+        for name in ("extract-features/demo", "paper-table/demo", "train-decoders/nyu", "evaluate/kitti"):
+            wait_until(lambda: api_get(f"{api}/deployments/name/{name}") == 200, 150, f"deployment {name}",
+                       serve, log)
+        print(f"serve: server healthy and 12 deployments registered in {time.monotonic() - start:.1f} s")
+        text = log.read_text()
+        assert f"Prefect UI:     http://127.0.0.1:{port}" in text and f"export PREFECT_API_URL={api}" in text
+        assert (home / "prefect.db").exists() and (home / "server.log").exists()  # in the given PREFECT_HOME
+        run_env = child_env(home, PREFECT_API_URL=api)
+
+        t = time.monotonic()
+        result = run_deployment("extract-features/demo", tiny_params(tmp_path, encoder_64px), run_env)
+        assert result.returncode == 0
+        assert "Flow run finished successfully in 'Completed'" in result.stdout
+        assert complete_stores(tmp_path / "cache") == {"test": True, "train": True, "val": True}
+        print(f"extract-features/demo: {time.monotonic() - t:.1f} s")
+
+        t = time.monotonic()
+        result = run_deployment("paper-table/demo", tiny_params(tmp_path, encoder_64px, variants=["baseline"]),
+                                run_env)
+        assert result.returncode == 0
+        results = tmp_path / "results" / "demo"
+        for name in ("table.md", "table.tex", "summary.csv", "per_image.csv"):
+            assert (results / name).stat().st_size > 0, name
+        assert "baseline" in (results / "table.md").read_text()
+        assert (tmp_path / "runs" / "demo" / "baseline" / "best" / "model.safetensors").exists()
+        print(f"paper-table/demo: {time.monotonic() - t:.1f} s")
+
+        # A bad parameter fails the run with the config error's own message, not a traceback.
+        bad = tiny_params(tmp_path, encoder_64px)
+        bad["overrides"].append("train.epoch=3")
+        result = run_deployment("train-decoders/demo", bad, run_env)
+        assert result.returncode == 1
+        assert "unknown key 'train.epoch' in --set train.epoch=3" in result.stdout
+        assert "Traceback" not in result.stdout + result.stderr
+        # ... and an unknown parameter name is refused before a run exists.
+        result = prefect("deployment", "run", "extract-features/demo", "-p", "cache_dir=/tmp", env=run_env)
+        assert result.returncode == 1 and "cache_dir" in result.stdout + result.stderr
+
+        # Ctrl-C: serve stops the runner, then every process it started, by PID.
+        procs = process_tree(serve.pid)[1:]
+        assert any("server" in " ".join(p.cmdline()) for p in procs), [p.cmdline() for p in procs]
+        t = time.monotonic()
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        print(f"shutdown: {time.monotonic() - t:.1f} s")
+        assert "every process `spaceclip serve` started has exited" in log.read_text()
+        assert_gone(procs)
+        assert not port_open(port)
+    finally:
+        print(log.read_text()[-3000:])
+        if serve.poll() is None:
+            stop_process(serve.pid, grace=5)
+        for p in procs:
+            stop_process(p.pid, grace=5)
+
+
+# ---- the work-pool path --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px):
+    """`prefect deploy --all` to a process pool, a worker, extraction on an existing Dask scheduler; then
+    `spaceclip serve` against that server (PREFECT_API_URL answers): it starts no server and, on SIGTERM, stops
+    only what it started."""
+    home, work = tmp_path / "prefect-home", tmp_path / "worker"
+    work.mkdir()
+    port, dask_port = free_port(), free_port()
+    while dask_port == port:
+        dask_port = free_port()
+    server, api = start_server(port, home)  # what `spaceclip serve` starts, here in the test's own hands
+    env = child_env(home, PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1")
+    started: list[subprocess.Popen] = [server]
+
+    def popen(args: list[str], name: str, **kwargs) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"{name}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+        started.append(proc)
+        return proc, log
+
+    try:
+        scheduler, scheduler_log = popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(dask_port),
+                                          "--no-dashboard"], "dask-scheduler")
+        # Dask workers run the extraction tasks and report them to the Prefect server, so they need its URL too.
+        popen([DASK, "worker", f"tcp://127.0.0.1:{dask_port}", "--nworkers", "1", "--nthreads", "1",
+               "--no-dashboard"], "dask-worker")
+        assert prefect("work-pool", "create", "spaceclip", "--type", "process", env=env).returncode == 0
+        # prefect.yaml's pull step is "{{ $PWD }}": the folder `prefect deploy` runs in, as a shell would set it
+        assert prefect("--no-prompt", "deploy", "--all", env={**env, "PWD": str(ROOT)}, cwd=ROOT).returncode == 0
+        worker, worker_log = popen([PREFECT, "worker", "start", "--pool", "spaceclip"], "prefect-worker", cwd=work)
+
+        t = time.monotonic()
+        params = tiny_params(tmp_path, encoder_64px, dask_address=f"tcp://127.0.0.1:{dask_port}")
+        result = run_deployment("extract-features/demo", params, env)
+        assert result.returncode == 0, worker_log.read_text()[-3000:]
+        assert complete_stores(tmp_path / "cache") == {"test": True, "train": True, "val": True}
+        assert "Connecting to an existing Dask cluster" in worker_log.read_text()
+        print(f"work pool: extract-features/demo on the Dask scheduler in {time.monotonic() - t:.1f} s")
+
+        from distributed import Client
+
+        with Client(f"tcp://127.0.0.1:{dask_port}", timeout=20) as client:
+            prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+        assert "extract_chunk_task" in prefixes  # the chunks ran on that cluster
+
+        # `spaceclip serve` reusing this server: no second server; SIGTERM leaves the server it did not start.
+        serve, serve_log = popen([SPACECLIP, "serve"], "serve", cwd=work)
+        wait_until(lambda: "Ctrl-C here stops" in serve_log.read_text(), 120, "serve ready", serve, serve_log)
+        assert f"Prefect server: {api} (existing)" in serve_log.read_text()
+        procs = process_tree(serve.pid)[1:]
+        serve.terminate()
+        assert serve.wait(timeout=60) == 0
+        assert_gone(procs)
+        assert api_get(f"{api}/health") == 200
+    finally:
+        tree = [p for proc in started for p in process_tree(proc.pid)]
+        for proc in reversed(started):  # the worker and Dask first, the server last
+            stop_process(proc.pid, grace=10)
+    assert_gone(tree)
+    assert not port_open(port) and not port_open(dask_port)
