@@ -133,6 +133,7 @@ def main() -> None:
         train_step(model, optimizer, fixed, loss_kwargs, grad_clip=1.0)
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in loaders}
+    sequence: list[tuple[str, float]] = []  # every timed step, in the order run
     names = list(loaders)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotated each round: drift hits all alike
@@ -147,6 +148,7 @@ def main() -> None:
                 sync(device)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
+                    sequence.append((name, round(time.perf_counter() - start, 2)))
             if hasattr(source, "close"):
                 source.close()
 
@@ -160,6 +162,7 @@ def main() -> None:
         "cached_stream_over_decoder_only": per_step["cached_stream"] / per_step["decoder_only"],
         "images_over_cached": per_step["images"] / per_step["cached"],
         "mean_s_per_step": {name: statistics.fmean(t) for name, t in times.items()},
+        "timed_steps_in_order": sequence,
         "variant": args.variant,
         "batch_size": args.batch_size,
         "encoder": args.encoder,
