@@ -1,0 +1,41 @@
+"""`paper-table`: the main job. The whole DAG for one config, reusing whatever already exists.
+
+    extract-features ──► train-decoders ──► evaluate
+    (stores reused by     (finished runs     (tables, pictures, artifacts)
+     fingerprint)          skipped)
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.evaluate import evaluate
+from flows.extract import extract_features
+from flows.parameters import fail_run_on_user_error, run_config
+from flows.train import train_decoders
+from pipeline.evaluate import resolve_crop, resolve_variants
+
+
+@flow(name="paper-table")
+@fail_run_on_user_error
+def paper_table(
+    config: str = "demo",
+    overrides: list[str] | None = None,
+    sweep: str | None = None,
+    variants: list[str] | None = None,
+    dask_address: str | None = None,
+    cache_root: str | None = None,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Returns the `evaluate` flow's {name: path} of the results (table.md, table.tex, CSVs, PNGs)."""
+    cfg = run_config(config, overrides, sweep, dask_address=dask_address, cache_root=cache_root)
+    variants = resolve_variants(cfg, variants)  # bad parameters fail now, not after an hour of extraction
+    resolve_crop(cfg)
+    logger = get_run_logger()
+    logger.info("paper-table for %s (sweep %s): %s", cfg.name, cfg.sweep, ", ".join(variants))
+    # cache.root travels as an override: the same setting each subflow's run_config would apply.
+    shared = dict(config=config, overrides=list(overrides or []) + [f"cache.root={cache_root}"] * bool(cache_root),
+                  sweep=sweep, progress=progress)
+    extract_features(**shared, dask_address=dask_address)
+    train_decoders(**shared, variants=variants)
+    return evaluate(**shared, variants=variants)

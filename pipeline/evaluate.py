@@ -1,0 +1,390 @@
+"""Stage 3: full-image evaluation of trained decoder variants on the test split, read from the test feature cache.
+
+    evaluate_run(cfg, ["baseline", "full"])  ->  Evaluation
+        per_image    one row per (variant, image): every metric of `spaceclip.metrics.compute_metrics`
+        counts       test lines, evaluated, skipped with GT `None`, unreadable, without a valid GT pixel
+        protocol     what every table states (DESIGN.md): dataset, split, crop, range, options, checkpoints, provenance
+        samples      a few images with their GT and every variant's prediction, for the qualitative figure
+
+The protocol (DESIGN.md "Evaluation protocol"), per test frame with ground truth:
+  1. the decoder predicts at its native 16g x 16g from the cached full-frame tokens;
+  2. with `eval.flip_tta`, it also predicts from the tokens flipped along their width (feature space, as in
+     training) and the flipped-back prediction is averaged in;
+  3. the prediction is resized **bilinearly to the native GT resolution** (about 375 x 1242 for KITTI);
+  4. `compute_metrics` with the crop (`garg` / `eigen` / `none` for KITTI, `nyu` for NYU), the depth range of
+     `data.depth_range` and `eval.median_scaling`: the one metrics function, as in training validation.
+GT `None` lines (45 of the 697 KITTI Eigen test lines) are skipped and counted; so is a frame whose GT has no valid
+pixel inside the crop. The mean over images is `mean_metrics` (each image weighs the same).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import datasets
+from pipeline.config import Config, ConfigError
+from pipeline.extract import encoder_for, open_for, package_versions, resolve_device, split_fingerprint
+from pipeline.loader import batch_to, flip_batch
+from pipeline.store import FeatureStore
+from pipeline.train import RunError, run_dir
+from spaceclip.decoder import VARIANTS, SpaceClipDecoder, resize
+from spaceclip.metrics import METRIC_KEYS, compute_metrics, crop_mask, mean_metrics
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CROPS_FOR_LAYOUT = {"kitti": ("garg", "eigen", "none"), "nyu": ("nyu", "none")}
+SELECTION = {
+    "best": "best = lowest validation AbsRel (validation carved from train by drive/scene, never test)",
+    "last": "last epoch (no selection)",
+}
+# A predictor maps a batch {"tokens": {k: (B, g, g, C)}, "global": (B, C), ...} to depth (B, h, w) in metres, at
+# any resolution. A trained decoder is one; tests inject others (e.g. one that returns 1.1 x the ground truth).
+Predictor = Callable[[dict], torch.Tensor]
+
+
+class EvaluationError(RunError):
+    """A checkpoint is missing or does not belong to this config, or nothing could be evaluated; the message says
+    which and what to run. (A `RunError`: the flows report it as a user error, in one line.)"""
+
+
+@dataclass
+class Checkpoint:
+    variant: str
+    path: Path
+    model: SpaceClipDecoder
+    epoch: int | None
+    val_abs_rel: float | None
+    train_fingerprint: str | None
+
+
+@dataclass
+class Sample:
+    """One qualitative example: the input, its GT and each variant's prediction at GT resolution (metres)."""
+
+    id: str
+    image_path: str
+    gt: np.ndarray  # (H, W) float32, 0 = no measurement
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> (H, W) float32
+    metrics: dict[str, dict] = field(default_factory=dict)  # variant -> metrics of this image
+
+
+@dataclass
+class Evaluation:
+    per_image: pd.DataFrame  # one row per (variant, image)
+    counts: dict
+    protocol: dict
+    checkpoints: dict[str, dict]  # variant -> {"path", "epoch", "val_abs_rel", "train_fingerprint"}
+    samples: list[Sample]
+    skipped: pd.DataFrame  # id, line, reason of every test line that was not evaluated
+
+    def summary(self) -> pd.DataFrame:
+        """The mean over images per variant, through the one `mean_metrics`."""
+        rows = []
+        for variant, group in self.per_image.groupby("variant", sort=False):
+            film, structural = VARIANTS.get(variant, (None, None))
+            ckpt = self.checkpoints.get(variant, {})
+            rows.append({
+                "variant": variant, "film": film, "structural": structural, "n_images": len(group),
+                **mean_metrics(group[list(METRIC_KEYS)].to_dict("records")),
+                "checkpoint_epoch": ckpt.get("epoch"), "checkpoint_val_abs_rel": ckpt.get("val_abs_rel"),
+            })
+        return pd.DataFrame(rows)
+
+
+# ---- what to evaluate -----------------------------------------------------------------------------------------
+def resolve_variants(cfg: Config, variants: Sequence[str] | None) -> list[str]:
+    variants = list(variants or cfg.train.variants)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown decoder variants {unknown}; valid variants: {list(VARIANTS)}")
+    if not variants:
+        raise ConfigError("no decoder variants to evaluate (train.variants is empty)")
+    return list(dict.fromkeys(variants))
+
+
+def resolve_crop(cfg: Config) -> str:
+    crop = cfg.eval_crop
+    allowed = CROPS_FOR_LAYOUT[cfg.data.layout]
+    if crop not in allowed:
+        raise ConfigError(f"eval.crop {crop!r} does not apply to {cfg.data.layout} ground truth; use one of "
+                          f"{list(allowed)}")
+    return crop
+
+
+def results_dir(cfg: Config) -> Path:
+    return Path(cfg.eval.out_dir) / cfg.sweep
+
+
+def checkpoint_dir(cfg: Config, variant: str) -> Path:
+    return run_dir(cfg, variant) / cfg.eval.checkpoint
+
+
+def load_checkpoints(cfg: Config, variants: Sequence[str], encoder=None) -> dict[str, Checkpoint]:
+    """The `best/` (or `last/`) checkpoint of each variant, checked against this config: it must have been trained
+    on features of this encoder, from this config's training cache."""
+    encoder = encoder or encoder_for(cfg)
+    weights = encoder.identity()["weights_sha256"]
+    train_fp = split_fingerprint(cfg, "train", encoder)[0]
+    out = {}
+    for variant in variants:
+        path = checkpoint_dir(cfg, variant)
+        if not (path / "model.safetensors").is_file():
+            raise EvaluationError(
+                f"no {cfg.eval.checkpoint!r} checkpoint for variant {variant!r} at {path}; train it first "
+                f"(`spaceclip train --config {cfg.name} --variants {variant}`, or `spaceclip run` for the whole DAG)"
+            )
+        try:
+            model = SpaceClipDecoder.from_pretrained(path)
+        except (ValueError, FileNotFoundError) as err:
+            raise EvaluationError(f"checkpoint {path} cannot be loaded: {err}") from None
+        extra = model.checkpoint_config
+        if model.variant != variant:
+            raise EvaluationError(f"{path} holds a {model.variant!r} decoder, not {variant!r}")
+        found = (extra.get("encoder") or {}).get("weights_sha256")
+        if found != weights:
+            raise EvaluationError(
+                f"{path} was trained on features of encoder {extra.get('encoder', {}).get('name')!r} (weights "
+                f"{str(found)[:12]}), but this config's encoder is {encoder.name!r} (weights {weights[:12]}); "
+                "evaluate with the config it was trained with, or retrain"
+            )
+        if extra.get("cache_fingerprint") != train_fp:
+            raise EvaluationError(
+                f"{path} was trained from training cache {extra.get('cache_fingerprint')}, but this config's "
+                f"training cache is {train_fp} (views, layers, split or encoder differ); retrain it "
+                f"(`spaceclip train --config {cfg.name} --variants {variant} --no-resume`) or use another --sweep"
+            )
+        metric = (extra.get("val_metric") or {}).get("value")
+        out[variant] = Checkpoint(variant, path, model.eval(), extra.get("epoch"),
+                                  None if metric is None else float(metric), extra.get("cache_fingerprint"))
+    return out
+
+
+def preflight(cfg: Config, variants: Sequence[str] | None = None) -> list[str]:
+    """Everything `evaluate_run` needs, checked before any work starts: the variants, the crop, the test cache and
+    each variant's checkpoint. Returns the variants; raises `ConfigError` / `StoreError` / `EvaluationError`."""
+    variants = resolve_variants(cfg, variants)
+    resolve_crop(cfg)
+    encoder = encoder_for(cfg)
+    open_for(cfg, "test", encoder)
+    load_checkpoints(cfg, variants, encoder)
+    return variants
+
+
+def decoder_predictor(model: SpaceClipDecoder, device: torch.device) -> Predictor:
+    model = model.to(device).eval()
+
+    def predict(batch: dict) -> torch.Tensor:
+        return model(batch)["depth"][:, 0]  # (B, 16g, 16g): the decoder's native resolution
+
+    predict.layers = model.layers
+    return predict
+
+
+# ---- prediction ---------------------------------------------------------------------------------------------------
+def predict(predictor: Predictor, batch: dict, flip_tta: bool) -> torch.Tensor:
+    """(B, h, w) depth; with `flip_tta` the mean of the prediction and the flipped-back prediction from the
+    width-flipped token grids (the global vector is unchanged: DESIGN.md's feature-space flip)."""
+    pred = predictor(batch)  # (B, h, w)
+    if flip_tta:
+        flips = torch.ones(pred.shape[0], dtype=torch.bool)
+        mirrored = predictor(flip_batch(dict(batch), flips))  # (B, h, w), of the mirrored scene
+        pred = 0.5 * (pred + mirrored.flip(-1))
+    return pred
+
+
+def to_gt_resolution(pred: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
+    """(h, w) prediction -> (H, W) numpy, bilinear with align_corners=False (as the decoder resizes). Half
+    precision is widened first; float32/float64 keep their dtype."""
+    x = pred[None, None]  # (1, 1, h, w)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return resize(x, hw)[0, 0].cpu().numpy()  # (H, W)
+
+
+def load_gt(row: dict, split_file: str, layout: str) -> np.ndarray:
+    """(H, W) float32 metres of a test row with ground truth (the file named by its split line)."""
+    sample = datasets.Sample(id=row["id"], image_path=Path(row["image_path"]), depth_path=Path(row["depth_path"]),
+                             focal=float(row["focal"]), line=int(row["line"]), split_file=Path(split_file),
+                             group=row["group"])
+    return datasets.load_depth(sample, layout)
+
+
+def qualitative_positions(candidates: np.ndarray, k: int) -> set[int]:
+    """`k` test frames spread evenly over the evaluated ones (deterministic: the same frames in every run)."""
+    if k <= 0 or len(candidates) == 0:
+        return set()
+    picks = np.unique(np.linspace(0, len(candidates) - 1, min(k, len(candidates))).round().astype(int))
+    return {int(candidates[i]) for i in picks}
+
+
+# ---- the evaluation ---------------------------------------------------------------------------------------------
+def evaluate_run(
+    cfg: Config,
+    variants: Sequence[str] | None = None,
+    *,
+    predictors: dict[str, Predictor] | None = None,
+    progress: bool = False,
+    on_variant: Callable[[str, dict], None] | None = None,
+) -> Evaluation:
+    """Evaluate each variant's checkpoint (or the given `predictors`, variant name -> predictor) on every test frame
+    with ground truth. `on_variant(variant, mean_metrics)` is called at the end, once per variant."""
+    started = time.perf_counter()
+    crop = resolve_crop(cfg)
+    lo, hi = cfg.data.depth_range
+    ev = cfg.eval
+    encoder = encoder_for(cfg)
+    store = open_for(cfg, "test", encoder)  # refuses a store whose fingerprint does not match, saying what differs
+    device = resolve_device(cfg.train.device)
+    if predictors is None:
+        variants = resolve_variants(cfg, variants)
+        checkpoints = load_checkpoints(cfg, variants, encoder)
+        predictors = {v: decoder_predictor(c.model, device) for v, c in checkpoints.items()}
+    else:
+        variants, checkpoints = list(predictors), {}
+    layers = sorted(set().union(*(getattr(p, "layers", store.layers) for p in predictors.values())))
+
+    index = store.index()
+    records = index.to_dict("records")
+    has_gt = index["depth_path"].to_numpy() != ""
+    unreadable = index["skipped"].to_numpy().astype(bool)
+    todo = np.flatnonzero(has_gt & ~unreadable)
+    shown = qualitative_positions(todo, ev.qualitative)
+    split_file = store.attrs["split_file"]
+    rows: list[dict] = []
+    samples: list[Sample] = []
+    no_valid: list[dict] = []
+    bad_gt: list[dict] = []
+    log.info("evaluating %s on %d of %d test frames (%d with GT None%s) from %s: crop %s, range (%g, %g], "
+             "median scaling %s, flip TTA %s", ", ".join(variants), len(todo), store.n, int((~has_gt).sum()),
+             f", {int(unreadable.sum())} unreadable" if unreadable.any() else "", store.url, crop, lo, hi,
+             "on" if ev.median_scaling else "off", "on" if ev.flip_tta else "off")
+
+    def read_gt(p: int) -> np.ndarray | datasets.DatasetError:
+        try:
+            return load_gt(records[p], split_file, cfg.data.layout)
+        except datasets.DatasetError as err:
+            if cfg.data.on_error == "raise":
+                raise
+            return err
+
+    bar = tqdm(total=len(todo), desc="evaluate", unit="img", disable=not progress)
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=2) as pool:
+        for c in range(store.n_chunks):
+            a, b = store.chunk_range(c)
+            positions = todo[(todo >= a) & (todo < b)]
+            if len(positions) == 0:
+                continue
+            chunk = store.read(slice(a, b), layers, depth=False)  # whole chunks: the store's unit of compression
+            gts = pool.map(read_gt, positions)  # decoded ahead, in order
+            for start in range(0, len(positions), ev.batch_size):
+                pos = positions[start:start + ev.batch_size]
+                rel = torch.from_numpy(pos - a)
+                batch = batch_to({"tokens": {k: t.index_select(0, rel) for k, t in chunk["tokens"].items()},
+                                  "global": chunk["global"].index_select(0, rel), "index": pos}, device)
+                preds = {v: predict(fn, batch, ev.flip_tta) for v, fn in predictors.items()}  # v -> (B, h, w)
+                for j, p in enumerate(pos):
+                    row, gt = records[p], next(gts)  # gt: (H, W) metres
+                    if isinstance(gt, datasets.DatasetError):
+                        bad_gt.append({"id": row["id"], "line": int(row["line"]), "reason": str(gt)})
+                        log.warning("skipping %s: %s", row["id"], gt)
+                        continue
+                    valid = (gt > lo) & (gt < hi) & crop_mask(gt.shape, crop)
+                    if not valid.any():
+                        reason = f"no valid ground-truth pixel in ({lo:g}, {hi:g}) inside crop {crop}"
+                        no_valid.append({"id": row["id"], "line": int(row["line"]), "reason": reason})
+                        log.warning("skipping %s: %s", row["id"], reason)
+                        continue
+                    sample = Sample(row["id"], row["image_path"], gt) if int(p) in shown else None
+                    for v in variants:
+                        full = to_gt_resolution(preds[v][j], gt.shape)  # (H, W)
+                        m = compute_metrics(full, gt, crop=crop, min_depth=lo, max_depth=hi,
+                                            median_scaling=ev.median_scaling)
+                        rows.append({"variant": v, "id": row["id"], "line": int(row["line"]), "gt_h": gt.shape[0],
+                                     "gt_w": gt.shape[1], "valid_px": int(valid.sum()), **m})
+                        if sample is not None:
+                            sample.predictions[v] = full.astype(np.float32)
+                            sample.metrics[v] = m
+                    if sample is not None:
+                        samples.append(sample)
+                bar.update(len(pos))
+    bar.close()
+
+    per_image = pd.DataFrame(rows, columns=["variant", "id", "line", "gt_h", "gt_w", "valid_px", *METRIC_KEYS])
+    planning = store.attrs.get("skipped_at_planning") or []
+    skipped = pd.DataFrame(
+        [{"id": r["id"], "line": int(r["line"]), "reason": "GT None in the split file"}
+         for r, g in zip(records, has_gt) if not g]
+        + [{"id": r["id"], "line": int(r["line"]), "reason": f"unreadable: {r['skip_reason']}"}
+           for r, u, g in zip(records, unreadable, has_gt) if u and g]
+        + [{"id": r["id"], "line": int(r["line"]), "reason": f"unreadable: {r['reason']}"} for r in planning]
+        + [{**r, "reason": f"unreadable: {r['reason']}"} for r in bad_gt] + no_valid,
+        columns=["id", "line", "reason"]).sort_values("line", kind="stable", ignore_index=True)
+    counts = {
+        "lines": store.n + len(planning), "evaluated": len(todo) - len(no_valid) - len(bad_gt),
+        "gt_none": int((~has_gt).sum()),
+        "unreadable": int((unreadable & has_gt).sum()) + len(planning) + len(bad_gt),
+        "no_valid_pixels": len(no_valid),
+    }
+    if counts["evaluated"] == 0:
+        raise EvaluationError(f"no test frame could be evaluated: {counts} ({split_file})")
+    checkpoint_info = {v: {"path": str(c.path), "epoch": c.epoch, "val_abs_rel": c.val_abs_rel,
+                           "train_fingerprint": c.train_fingerprint} for v, c in checkpoints.items()}
+    seconds = time.perf_counter() - started
+    protocol = protocol_of(cfg, store, encoder, crop, counts, checkpoint_info, seconds)
+    evaluation = Evaluation(per_image, counts, protocol, checkpoint_info, samples, skipped)
+    for record in evaluation.summary().to_dict("records"):
+        log.info("%s: AbsRel %.4f  SqRel %.4f  RMSE %.3f  RMSE log %.4f  d1 %.4f  d2 %.4f  d3 %.4f  (%d images)",
+                 record["variant"], *(record[k] for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "d1", "d2", "d3")),
+                 record["n_images"])
+        if on_variant is not None:
+            on_variant(record["variant"], {k: record[k] for k in METRIC_KEYS} | {"n_images": record["n_images"]})
+    return evaluation
+
+
+# ---- provenance ---------------------------------------------------------------------------------------------------
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """`<short sha>` of the code that ran, `+dirty` when it has uncommitted changes, `unknown` outside a checkout."""
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}+dirty" if dirty else sha
+
+
+def protocol_of(cfg: Config, store: FeatureStore, encoder, crop: str, counts: dict, checkpoints: dict,
+                seconds: float) -> dict:
+    import importlib.metadata as md
+
+    versions = package_versions()
+    for pkg in ("pandas", "prefect"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    lo, hi = cfg.data.depth_range
+    train_fps = sorted({c["train_fingerprint"] for c in checkpoints.values() if c.get("train_fingerprint")})
+    return {
+        "config": cfg.name, "sweep": cfg.sweep, "dataset": cfg.data.layout, "synthetic": cfg.data.synth is not None,
+        "split_file": str(cfg.data.test_split), "counts": counts, "crop": crop, "depth_range": [lo, hi],
+        "median_scaling": cfg.eval.median_scaling, "flip_tta": cfg.eval.flip_tta,
+        "resize": "bilinear, to the native ground-truth resolution",
+        "checkpoint": cfg.eval.checkpoint, "selection": SELECTION[cfg.eval.checkpoint],
+        "encoder": encoder.name, "test_cache": store.url, "test_fingerprint": store.fingerprint,
+        "train_fingerprints": train_fps, "versions": versions, "git": git_commit(),
+        "seconds": round(seconds, 2),
+    }
