@@ -135,6 +135,48 @@ def cmd_train(args) -> int:
     return 0
 
 
+def print_results(paths: dict[str, str]) -> None:
+    """The table itself, then where everything is."""
+    from pathlib import Path
+
+    print(Path(paths["table_md"]).read_text())
+    print(f"results in {paths['results']}/")
+    for name in ("table_md", "table_tex", "summary", "per_image", "skipped", "protocol", "qualitative",
+                 "training_curves"):
+        if name in paths:
+            print(f"  {name:16s}{paths[name]}")
+
+
+def cmd_evaluate(args) -> int:
+    from flows.evaluate import evaluate
+    from pipeline.train import RunError
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    try:
+        paths = evaluate(config=args.config, overrides=args.overrides, sweep=args.sweep, variants=variants,
+                         progress=True)
+    except RunError as err:  # a missing or mismatched checkpoint (pipeline.evaluate.EvaluationError)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_results(paths)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from flows.paper_table import paper_table
+    from pipeline.train import RunError
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    try:
+        paths = paper_table(config=args.config, overrides=args.overrides, sweep=args.sweep, variants=variants,
+                            dask_address=args.dask_address, progress=True)
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_results(paths)
+    return 0
+
+
 def cmd_predict(args) -> int:
     from pathlib import Path
 
@@ -173,6 +215,12 @@ def cmd_export_onnx(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_serve(args) -> int:
+    from flows.serve import serve
+
+    return serve(port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spaceclip",
@@ -208,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="retrain from scratch, overwriting existing runs")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("evaluate", help="full-image metrics on the test split, tables and pictures (evaluate flow)")
+    add_config_args(p)
+    p.add_argument("--variants", default=None, help="comma-separated variants [the config's train.variants]")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="the main job: extract -> train -> evaluate -> table + pictures (paper-table)")
+    add_config_args(p)
+    p.add_argument("--variants", default=None, help="comma-separated variants [the config's train.variants]")
+    p.add_argument("--dask-address", default=None, help="an existing Dask scheduler for extraction")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("cache", help="feature-store tools")
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     q = cache_sub.add_parser("verify", help="check every done chunk is present and readable, and counts match")
@@ -242,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rtol", type=float, default=1e-4, help="max error / max |depth| allowed vs PyTorch [1e-4]")
     q.add_argument("--opset", type=int, default=None, help="ONNX opset [the exporter's default]")
     q.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("serve", help="local Prefect server + deployments of every flow for demo/kitti/nyu "
+                       "(`prefect deployment run 'extract-features/demo' --watch`); Ctrl-C stops it all")
+    p.add_argument("--port", type=int, default=None,
+                   help="server port on 127.0.0.1 [4200 if free, else any free port]; ignored when "
+                   "PREFECT_API_URL answers")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
