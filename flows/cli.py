@@ -28,6 +28,11 @@ def config_from_args(args):
     return load_config(args.config, args.overrides, sweep=args.sweep)
 
 
+def variants_from_args(args) -> list[str] | None:
+    """`--variants a,b` -> ["a", "b"]; None (the config's `train.variants`) when not given."""
+    return [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+
+
 FLOW_COMMANDS = {"extract", "train", "evaluate", "run"}
 
 
@@ -122,15 +127,9 @@ def cmd_data_synth(args) -> int:
 
 def cmd_train(args) -> int:
     from flows.train import train_decoders
-    from pipeline.train import RunError
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    try:
-        runs = train_decoders(config=args.config, overrides=args.overrides, sweep=args.sweep, variants=variants,
-                              resume=not args.no_resume, progress=True)
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    runs = train_decoders(config=args.config, overrides=args.overrides, sweep=args.sweep,
+                          variants=variants_from_args(args), resume=not args.no_resume, progress=True)
     for variant, path in runs.items():
         print(f"{variant}\t{path}")
     return 0
@@ -150,30 +149,18 @@ def print_results(paths: dict[str, str]) -> None:
 
 def cmd_evaluate(args) -> int:
     from flows.evaluate import evaluate
-    from pipeline.train import RunError
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    try:
-        paths = evaluate(config=args.config, overrides=args.overrides, sweep=args.sweep, variants=variants,
-                         progress=True)
-    except RunError as err:  # a missing or mismatched checkpoint (pipeline.evaluate.EvaluationError)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    paths = evaluate(config=args.config, overrides=args.overrides, sweep=args.sweep,
+                     variants=variants_from_args(args), progress=True)
     print_results(paths)
     return 0
 
 
 def cmd_run(args) -> int:
     from flows.paper_table import paper_table
-    from pipeline.train import RunError
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    try:
-        paths = paper_table(config=args.config, overrides=args.overrides, sweep=args.sweep, variants=variants,
-                            dask_address=args.dask_address, progress=True)
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    paths = paper_table(config=args.config, overrides=args.overrides, sweep=args.sweep,
+                        variants=variants_from_args(args), dask_address=args.dask_address, progress=True)
     print_results(paths)
     return 0
 
@@ -329,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.datasets import DatasetError
     from pipeline.store import StoreError
+    from pipeline.train import RunError  # a run folder or checkpoint that does not match the config
 
     # SIGTERM takes the Ctrl-C path: the temporary Prefect server and the Dask cluster are stopped by the `finally`
     # blocks on the way out instead of being orphaned. What was written stays (stores resume, runs resume).
@@ -338,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             config_from_args(args)  # a bad --set fails now, not after the Prefect server has started
         with prefect_api() if args.command in FLOW_COMMANDS else contextlib.nullcontext():
             return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, StoreError, FileNotFoundError) as err:
+    except (ConfigError, DatasetError, StoreError, RunError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
