@@ -52,6 +52,14 @@ class Sample:
         return f"line {self.line} of {self.split_file}"
 
 
+def sample_from_row(row, split_file: str | Path) -> Sample:
+    """A stored or planned index row (a mapping with id, image_path, depth_path, focal, line, group) back to the
+    `Sample` of its split-file line; an empty depth path is GT `None`."""
+    return Sample(id=row["id"], image_path=Path(row["image_path"]),
+                  depth_path=Path(row["depth_path"]) if row["depth_path"] else None, focal=float(row["focal"]),
+                  line=int(row["line"]), split_file=Path(split_file), group=row["group"])
+
+
 # ---- split files -------------------------------------------------------------------------------------------------
 def _kitti_identity(image_rel: str) -> tuple[str, str]:
     """(id, group) from `<date>/<drive>_sync/image_0X/data/<frame>.png`. The right camera (image_03), when a

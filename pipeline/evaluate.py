@@ -215,10 +215,7 @@ def to_gt_resolution(pred: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
 
 def load_gt(row: dict, split_file: str, layout: str) -> np.ndarray:
     """(H, W) float32 metres of a test row with ground truth (the file named by its split line)."""
-    sample = datasets.Sample(id=row["id"], image_path=Path(row["image_path"]), depth_path=Path(row["depth_path"]),
-                             focal=float(row["focal"]), line=int(row["line"]), split_file=Path(split_file),
-                             group=row["group"])
-    return datasets.load_depth(sample, layout)
+    return datasets.load_depth(datasets.sample_from_row(row, split_file), layout)
 
 
 def qualitative_positions(candidates: np.ndarray, k: int) -> set[int]:

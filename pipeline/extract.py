@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.metadata as md
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +216,7 @@ def open_for(cfg: Config, split: str, encoder: FrozenEncoder | None = None) -> F
 # ---- one chunk --------------------------------------------------------------------------------------------------
 def _load_row(store: FeatureStore, row, encoder: FrozenEncoder, layout: str, target_hw):
     """Decode, crop and preprocess one sample (runs in a loader thread)."""
-    sample = Sample(id=row.id, image_path=Path(row.image_path), depth_path=Path(row.depth_path) if row.depth_path
-                    else None, focal=float(row.focal), line=int(row.line),
-                    split_file=Path(store.attrs["split_file"]), group=row.group)
+    sample = datasets.sample_from_row(row._asdict(), store.attrs["split_file"])
     view = datasets.View(k=int(row.view_k), top=int(row.view_top), left=int(row.view_left), height=int(row.view_h),
                          width=int(row.view_w))
     image = datasets.load_image(sample)

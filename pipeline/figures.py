@@ -67,7 +67,8 @@ def crop_box(shape: tuple[int, int], crop: str) -> tuple[int, int, int, int] | N
     """(top, left, height, width) of the evaluation crop, or None for `none`."""
     if crop == "none":
         return None
-    rows, cols = np.flatnonzero(crop_mask(shape, crop).any(1)), np.flatnonzero(crop_mask(shape, crop).any(0))
+    mask = crop_mask(shape, crop)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
 
 

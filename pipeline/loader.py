@@ -25,7 +25,6 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -307,11 +306,7 @@ def _decode_row(row: dict, split_file: str, layout: str, target_hw) -> tuple[np.
     from pipeline import datasets
     from pipeline.extract import resize_depth
 
-    sample = datasets.Sample(
-        id=row["id"], image_path=Path(row["image_path"]),
-        depth_path=Path(row["depth_path"]) if row["depth_path"] else None, focal=float(row["focal"]),
-        line=int(row["line"]), split_file=Path(split_file), group=row["group"],
-    )
+    sample = datasets.sample_from_row(row, split_file)
     view = datasets.View(*(int(v) for v in row["view"]))
     image = datasets.apply_view(datasets.load_image(sample), view)
     gt = datasets.load_depth(sample, layout)
