@@ -206,8 +206,10 @@ def test_evaluate_flow_cli_tables_and_pictures(trained, prefect_harness, capsys,
     theirs = [row for row in rows if row[0].startswith("published [")]
     assert [row[1] for row in theirs] == [p.label for p in published]
     for row, p in zip(theirs, published):
-        assert row[4:] == [fmt.format(p.metrics[key]) if key in p.metrics else "—" for key, _, _, fmt in COLUMNS]
-    assert theirs[0][4] == "0.0901"  # the paper's KITTI AbsRel
+        assert row[4:] == [p.cell(key, fmt) for key, _, _, fmt in COLUMNS]
+    by_label = {row[1]: row[4:] for row in theirs}
+    assert by_label["SPACE-CLIP (abstract v2)"][0] == "0.0901"  # the abstract's KITTI AbsRel
+    assert by_label["SPACE-CLIP (paper Table 1)"] == ["0.104", "0.658", "4.837", "0.180", "0.880", "0.970", "0.991"]
     (protocol,) = [line for line in md.splitlines() if line.startswith("Protocol:")]
     test_fp = open_for(cfg, "test").fingerprint
     for part in ("N = 7 evaluated of 8 lines, skipped 1 GT None", "crop garg", "valid GT in (0.001, 80) m",
@@ -267,7 +269,8 @@ def test_published_figures_are_sourced_and_never_filled_in():
     for row in PUBLISHED:
         assert row.source.url.startswith("https://") and row.source.where
         assert set(row.metrics) <= {key for key, *_ in COLUMNS}
-    paper = {row.dataset: row.metrics for row in PUBLISHED if row.label == "SPACE-CLIP (paper)"}
-    assert paper == {"kitti": {"abs_rel": 0.0901}, "nyu": {"abs_rel": 0.1042}}  # the abstract's figures, only
+    abstract = {row.dataset: row.metrics for row in PUBLISHED if row.label == "SPACE-CLIP (abstract v2)"}
+    assert abstract == {"kitti": {"abs_rel": 0.0901}, "nyu": {"abs_rel": 0.1042}}  # the abstract's figures, only
     table2 = [row for row in PUBLISHED if "Table 2" in row.label]
-    assert len(table2) == 4 and all(not row.metrics for row in table2)  # not found in any stored source: empty
+    assert [row.variant for row in table2] == ["baseline", "film", "structural", "full"]
+    assert all(len(row.metrics) == len(COLUMNS) for row in table2)  # every column, as the paper prints it
