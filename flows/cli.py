@@ -203,6 +203,19 @@ def cmd_export_onnx(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_import(args) -> int:
+    from pipeline.importer import CheckpointImportError, import_checkpoint
+
+    try:
+        report = import_checkpoint(args.path, args.out, variant=args.variant, weights=args.weights,
+                                   encoder=args.encoder, train_config=args.train_config, force=args.force)
+    except CheckpointImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
 def cmd_serve(args) -> int:
     from flows.serve import serve
 
@@ -289,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rtol", type=float, default=1e-4, help="max error / max |depth| allowed vs PyTorch [1e-4]")
     q.add_argument("--opset", type=int, default=None, help="ONNX opset [the exporter's default]")
     q.set_defaults(func=cmd_export_onnx)
+
+    p = sub.add_parser("import", help="convert a checkpoint of the authors' train.py (taewan2002/SPACE-CLIP, "
+                       "best_checkpoint.pt) into a checkpoint folder for predict / evaluate / SpaceClip")
+    p.add_argument("path", metavar="PATH.pt", help="the authors' checkpoint (read with torch.load weights_only=True)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write, e.g. runs/authors/full/best")
+    p.add_argument("--variant", default=None, choices=["baseline", "film", "structural", "full"],
+                   help="expected variant (checked against the keys) [read from the checkpoint]")
+    p.add_argument("--weights", default="auto", choices=["auto", "model", "ema"],
+                   help="'model', or a separate EMA state dict ('ema', ...) [auto: EMA when present]")
+    p.add_argument("--encoder", default=None,
+                   help="encoder it was trained with [the config's clip_model_name, else openai/clip-vit-base-patch16]")
+    p.add_argument("--train-config", default=None, metavar="YAML",
+                   help="the authors' training YAML: layer indices, dropout, clip_model_name [paper defaults]")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("serve", help="local Prefect server + deployments of every flow for demo/kitti/nyu "
                        "(`prefect deployment run 'extract-features/demo' --watch`); Ctrl-C stops it all")

@@ -67,6 +67,7 @@ class Checkpoint:
     epoch: int | None
     val_abs_rel: float | None
     train_fingerprint: str | None
+    imported: dict | None = None  # `spaceclip import` of an authors' checkpoint: not trained from our cache
 
 
 @dataclass
@@ -159,7 +160,7 @@ def load_checkpoints(cfg: Config, variants: Sequence[str], encoder=None) -> dict
                 f"{str(found)[:12]}), but this config's encoder is {encoder.name!r} (weights {weights[:12]}); "
                 "evaluate with the config it was trained with, or retrain"
             )
-        if extra.get("cache_fingerprint") != train_fp:
+        if extra.get("imported") is None and extra.get("cache_fingerprint") != train_fp:
             raise EvaluationError(
                 f"{path} was trained from training cache {extra.get('cache_fingerprint')}, but this config's "
                 f"training cache is {train_fp} (views, layers, split or encoder differ); retrain it "
@@ -167,7 +168,8 @@ def load_checkpoints(cfg: Config, variants: Sequence[str], encoder=None) -> dict
             )
         metric = (extra.get("val_metric") or {}).get("value")
         out[variant] = Checkpoint(variant, path, model.eval(), extra.get("epoch"),
-                                  None if metric is None else float(metric), extra.get("cache_fingerprint"))
+                                  None if metric is None else float(metric), extra.get("cache_fingerprint"),
+                                  extra.get("imported"))
     return out
 
 
@@ -337,7 +339,8 @@ def evaluate_run(
     if counts["evaluated"] == 0:
         raise EvaluationError(f"no test frame could be evaluated: {counts} ({split_file})")
     checkpoint_info = {v: {"path": str(c.path), "epoch": c.epoch, "val_abs_rel": c.val_abs_rel,
-                           "train_fingerprint": c.train_fingerprint} for v, c in checkpoints.items()}
+                           "train_fingerprint": c.train_fingerprint, "imported": c.imported}
+                       for v, c in checkpoints.items()}
     seconds = time.perf_counter() - started
     protocol = protocol_of(cfg, store, encoder, crop, counts, checkpoint_info, seconds)
     evaluation = Evaluation(per_image, counts, protocol, checkpoint_info, samples, skipped)
@@ -383,5 +386,6 @@ def protocol_of(cfg: Config, store: FeatureStore, encoder, crop: str, counts: di
         "checkpoint": cfg.eval.checkpoint, "selection": SELECTION[cfg.eval.checkpoint],
         "encoder": encoder.name, "test_cache": store.url, "test_fingerprint": store.fingerprint,
         "train_fingerprints": train_fps, "versions": versions, "git": git_commit(),
+        "imported": {v: c["imported"]["source"] for v, c in checkpoints.items() if c.get("imported")},
         "seconds": round(seconds, 2),
     }

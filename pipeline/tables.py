@@ -169,13 +169,16 @@ def protocol_line(protocol: dict) -> str:
                                              if c[k]]
     versions = ", ".join(f"{k} {v}" for k, v in protocol["versions"].items() if v)
     train = ", ".join(protocol["train_fingerprints"]) or "n/a"
+    imported = "".join(
+        f" ({variant}: imported from the authors' checkpoint {Path(source).name}, selected by them, not on our "
+        "validation split)" for variant, source in (protocol.get("imported") or {}).items())
     return (
         f"Protocol: {dataset}, test split {protocol['split_file']}; N = {c['evaluated']} evaluated of {c['lines']} "
         f"lines, skipped {', '.join(skipped)}; crop {protocol['crop']}; valid GT in ({lo:g}, {hi:g}) m, predictions "
         f"clipped to [{lo:g}, {hi:g}]; prediction bilinearly resized to the native GT resolution; median scaling "
         f"{'on' if protocol['median_scaling'] else 'off'}; flip TTA {'on' if protocol['flip_tta'] else 'off'} "
-        f"(feature space); checkpoint {protocol['selection']}; encoder {protocol['encoder']}; cache fingerprints "
-        f"test {protocol['test_fingerprint']}, train {train}; {versions}; git {protocol['git']}."
+        f"(feature space); checkpoint {protocol['selection']}{imported}; encoder {protocol['encoder']}; cache "
+        f"fingerprints test {protocol['test_fingerprint']}, train {train}; {versions}; git {protocol['git']}."
     )
 
 
