@@ -125,6 +125,18 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    from pipeline.datasets import check_dataset
+
+    cfg = config_from_args(args)
+    report = check_dataset(cfg.data, decode=not args.quick, workers=args.workers)
+    for line in report.summary_lines(examples=args.examples):
+        print(line)
+    if not report.ok and cfg.data.synth is not None:
+        print("note: data.synth is set, so `spaceclip run` / `extract` would generate this synthetic dataset")
+    return 0 if report.ok else 1
+
+
 def cmd_train(args) -> int:
     from flows.train import train_decoders
 
@@ -244,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--test", type=int, default=16, help="test frames [16]")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_data_synth)
+    q = data_sub.add_parser("check", help="read the dataset tree against its split files: per split what is "
+                            "present, missing or unreadable, with split-file lines (exit 1 if anything is)")
+    add_config_args(q)
+    q.add_argument("--quick", action="store_true", help="existence and headers only, no full decode")
+    q.add_argument("--examples", type=int, default=5, help="problems listed per split [5]")
+    q.add_argument("--workers", type=int, default=4, help="reader threads [4]")
+    q.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("extract", help="run the frozen encoder once over train/val/test into Zarr feature stores")
     add_config_args(p)

@@ -40,6 +40,10 @@ class DataConfig(_Model):
     depth_root: str = "data/kitti/gt"
     train_split: str = "data/kitti/splits/eigen_train_files_with_gt.txt"
     test_split: str = "data/kitti/splits/eigen_test_files_with_gt.txt"
+    # The test split's roots when its files live elsewhere (NYU BTS: training frames under sync/, the official
+    # test frames under official_splits/test/); None = image_root / depth_root.
+    test_image_root: str | None = None
+    test_depth_root: str | None = None
     # Validation is carved from train by drive (KITTI) / scene (NYU): deterministic, never the test split.
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     val_seed: int = 42
@@ -52,6 +56,12 @@ class DataConfig(_Model):
     @property
     def depth_range(self) -> tuple[float, float]:
         return self.min_depth, self.max_depth or (80.0 if self.layout == "kitti" else 10.0)
+
+    def roots(self, split: str) -> tuple[str, str]:
+        """(image root, depth root) the paths of `split`'s split-file lines are relative to."""
+        if split == "test":
+            return self.test_image_root or self.image_root, self.test_depth_root or self.depth_root
+        return self.image_root, self.depth_root
 
 
 class EncoderConfig(_Model):

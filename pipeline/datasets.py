@@ -146,7 +146,8 @@ def read_split(cfg: DataConfig, split: Literal["train", "val", "test"]) -> list[
         raise DatasetError(
             f"split file missing: {split_file} (set data.{key}, or data.synth to generate a synthetic dataset)"
         )
-    samples = parse_split_file(split_file, Path(cfg.image_root), Path(cfg.depth_root), cfg.layout)
+    image_root, depth_root = cfg.roots(split)  # the test split may live under its own roots (NYU BTS)
+    samples = parse_split_file(split_file, Path(image_root), Path(depth_root), cfg.layout)
     if split == "test":
         return samples
     val = validation_groups([s.group for s in samples], cfg.val_fraction, cfg.val_seed)
@@ -256,8 +257,10 @@ def ensure_dataset(cfg: DataConfig) -> None:
 
     splits = {"data.train_split": Path(cfg.train_split), "data.test_split": Path(cfg.test_split)}
     if cfg.synth is None:
-        for key, path in {**splits, "data.image_root": Path(cfg.image_root),
-                          "data.depth_root": Path(cfg.depth_root)}.items():
+        roots = {"data.image_root": Path(cfg.image_root), "data.depth_root": Path(cfg.depth_root)}
+        roots.update({f"data.{k}": Path(v) for k in ("test_image_root", "test_depth_root")
+                      if (v := getattr(cfg, k)) is not None})
+        for key, path in {**splits, **roots}.items():
             if not path.exists():
                 raise DatasetError(
                     f"dataset not found: {path} does not exist (set {key}, or data.synth to generate a synthetic "
@@ -283,3 +286,125 @@ def ensure_dataset(cfg: DataConfig) -> None:
         train_split=Path(cfg.train_split), test_split=Path(cfg.test_split),
         train=cfg.synth.train, test=cfg.synth.test, seed=cfg.synth.seed,
     )
+
+
+# ---- checking a dataset tree against its split files ------------------------------------------------------------
+@dataclass(frozen=True)
+class FileProblem:
+    kind: str  # "image" / "depth" / "split file"
+    path: Path
+    line: int | None  # 1-based line of the split file (None: the split file itself)
+    split_file: Path
+    reason: str  # "missing" / "unreadable: ..."
+
+    def describe(self) -> str:
+        where = f"line {self.line} of {self.split_file}" if self.line else str(self.split_file)
+        return f"{self.kind} {self.reason}: {self.path} ({where})"
+
+
+@dataclass
+class SplitCheck:
+    split: str  # "train" (validation is carved from it) / "test"
+    split_file: Path
+    image_root: Path
+    depth_root: Path
+    lines: int = 0
+    gt_none: int = 0
+    images: dict = None  # {"present": n, "missing": n, "unreadable": n}
+    depths: dict = None
+    problems: list = None  # FileProblem, in split-file order
+    error: str | None = None  # the split file itself is missing or malformed
+
+    def __post_init__(self):
+        self.images = self.images or {"present": 0, "missing": 0, "unreadable": 0}
+        self.depths = self.depths or {"present": 0, "missing": 0, "unreadable": 0}
+        self.problems = self.problems or []
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.problems
+
+    def summary_lines(self, examples: int = 5) -> list[str]:
+        head = f"{self.split}: {self.split_file}"
+        if self.error is not None:
+            return [f"{head}: FAILED: {self.error}"]
+        out = [f"{head}: {self.lines} lines ({self.gt_none} with GT None); images under {self.image_root}, depth "
+               f"under {self.depth_root}",
+               "  images: " + ", ".join(f"{n} {k}" for k, n in self.images.items()),
+               "  depth:  " + ", ".join(f"{n} {k}" for k, n in self.depths.items())]
+        out += [f"  - {p.describe()}" for p in self.problems[:examples]]
+        if len(self.problems) > examples:
+            out.append(f"  ... and {len(self.problems) - examples} more")
+        return out
+
+
+@dataclass
+class DatasetCheck:
+    layout: str
+    splits: list  # SplitCheck
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.splits)
+
+    def summary_lines(self, examples: int = 5) -> list[str]:
+        lines = [f"{self.layout} dataset check: {'ok' if self.ok else 'PROBLEMS FOUND'}"]
+        for s in self.splits:
+            lines += s.summary_lines(examples)
+        return lines
+
+
+def _check_file(sample: Sample, kind: str, layout: str, decode: bool) -> str | None:
+    """None when the file is present and readable, else "missing" / "unreadable: why"."""
+    path = sample.image_path if kind == "image" else sample.depth_path
+    if not path.is_file():
+        return "missing"
+    try:
+        if decode:  # exactly what extraction will do with it
+            load_image(sample) if kind == "image" else load_depth(sample, layout)
+        else:  # the header only
+            with Image.open(path) as img:
+                if kind == "depth" and img.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                    return f"unreadable: not a 16-bit PNG (mode {img.mode})"
+    except DatasetError as err:
+        return "unreadable: " + str(err).replace(f" ({sample.where})", "").replace(f": {path}", "")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        return f"unreadable: {err}"
+    return None
+
+
+def check_split(cfg: DataConfig, split: str, decode: bool = True, workers: int = 4) -> SplitCheck:
+    """Every line of the split's file against the tree: present, missing or unreadable, image and depth."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    split_file = Path(cfg.test_split if split == "test" else cfg.train_split)
+    image_root, depth_root = (Path(r) for r in cfg.roots(split))
+    report = SplitCheck(split, split_file, image_root, depth_root)
+    if not split_file.is_file():
+        report.error = f"split file missing (data.{'test' if split == 'test' else 'train'}_split)"
+        return report
+    try:
+        samples = parse_split_file(split_file, image_root, depth_root, cfg.layout)
+    except DatasetError as err:
+        report.error = str(err)
+        return report
+    report.lines = len(samples)
+    jobs = [(s, "image") for s in samples] + [(s, "depth") for s in samples if s.depth_path is not None]
+    report.gt_none = sum(s.depth_path is None for s in samples)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(lambda job: _check_file(job[0], job[1], cfg.layout, decode), jobs))
+    for (sample, kind), result in zip(jobs, results):
+        counts = report.images if kind == "image" else report.depths
+        counts["present" if result is None else result.split(":", 1)[0]] += 1
+        if result is not None:
+            path = sample.image_path if kind == "image" else sample.depth_path
+            report.problems.append(FileProblem(kind, path, sample.line, split_file, result))
+    report.problems.sort(key=lambda p: (p.line, p.kind))
+    return report
+
+
+def check_dataset(cfg: DataConfig, splits=("train", "test"), decode: bool = True, workers: int = 4) -> DatasetCheck:
+    """The dataset tree read against its split files, before any extraction: per split the lines, and how many of
+    their images and depth maps are present, missing or unreadable (with `decode`, fully decoded by the same
+    readers extraction uses; otherwise the header only), each problem with its split-file line."""
+    return DatasetCheck(cfg.layout, [check_split(cfg, s, decode=decode, workers=workers) for s in splits])
