@@ -123,6 +123,12 @@ class TrainConfig(_Model):
 class EvalConfig(_Model):
     crop: Literal["garg", "eigen", "none", "nyu"] | None = None  # None: garg for kitti, nyu for nyu
     median_scaling: bool = False
+    # Per-image alignment before clipping and metrics: "median" (= median_scaling), "lstsq" (least-squares scale and
+    # shift in depth space, the zero-shot protocol), "none". None: "median" if median_scaling, else "none".
+    alignment: Literal["none", "median", "lstsq"] | None = None
+    # "native": the prediction is resized to the GT's own size; "352x704" (KITTI): the GT is resized nearest to
+    # 352 x 704 first, as the authors' release evaluation does.
+    gt_resolution: Literal["native", "352x704"] = "native"
     flip_tta: bool = False
     checkpoint: Literal["best", "last"] = "best"
     out_dir: str = "results"

@@ -10,9 +10,14 @@ The protocol (DESIGN.md "Evaluation protocol"), per test frame with ground truth
   1. the decoder predicts at its native 16g x 16g from the cached full-frame tokens;
   2. with `eval.flip_tta`, it also predicts from the tokens flipped along their width (feature space, as in
      training) and the flipped-back prediction is averaged in;
-  3. the prediction is resized **bilinearly to the native GT resolution** (about 375 x 1242 for KITTI);
-  4. `compute_metrics` with the crop (`garg` / `eigen` / `none` for KITTI, `nyu` for NYU), the depth range of
-     `data.depth_range` and `eval.median_scaling`: the one metrics function, as in training validation.
+  3. the prediction is resized **bilinearly to the native GT resolution** (about 375 x 1242 for KITTI), or with
+     `eval.gt_resolution=352x704` (KITTI; the authors' release protocol) the GT is resized nearest-neighbour to
+     352 x 704 (as PIL does in their loader) and the prediction bilinearly to that;
+  4. `eval.alignment`: `none`, `median` (per-image median scaling; `eval.median_scaling=true` is the same) or
+     `lstsq` (per-image least-squares scale and shift in depth space over the valid pixels, the zero-shot protocol
+     of relative-depth models);
+  5. `compute_metrics` with the crop (`garg` / `eigen` / `none` for KITTI, `nyu` for NYU) and the depth range of
+     `data.depth_range`: the one metrics function, as in training validation.
 GT `None` lines (45 of the 697 KITTI Eigen test lines) are skipped and counted; so is a frame whose GT has no valid
 pixel inside the crop. The mean over images is `mean_metrics` (each image weighs the same).
 """
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CROPS_FOR_LAYOUT = {"kitti": ("garg", "eigen", "none"), "nyu": ("nyu", "none")}
+GT_RESOLUTIONS = {"native": None, "352x704": (352, 704)}  # eval.gt_resolution -> (H, W) the GT is resized to
 SELECTION = {
     "best": "best = lowest validation AbsRel (validation carved from train by drive/scene, never test)",
     "last": "last epoch (no selection)",
@@ -124,6 +130,42 @@ def resolve_crop(cfg: Config) -> str:
     return crop
 
 
+def resolve_alignment(cfg: Config) -> str:
+    """`eval.alignment`, or `median` / `none` from `eval.median_scaling` when it is not set; a contradiction fails."""
+    ev = cfg.eval
+    if ev.alignment is None:
+        return "median" if ev.median_scaling else "none"
+    if ev.median_scaling and ev.alignment != "median":
+        raise ConfigError(f"eval.median_scaling=true contradicts eval.alignment={ev.alignment}; set only one of them")
+    return ev.alignment
+
+
+def resolve_gt_resolution(cfg: Config) -> tuple[int, int] | None:
+    """(H, W) the GT is resized to, or None for its native resolution."""
+    size = GT_RESOLUTIONS[cfg.eval.gt_resolution]
+    if size is not None and cfg.data.layout != "kitti":
+        raise ConfigError(f"eval.gt_resolution={cfg.eval.gt_resolution} is the authors' KITTI protocol; "
+                          f"{cfg.data.layout} ground truth is evaluated at its native resolution")
+    return size
+
+
+def resize_gt_nearest(gt: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) metres -> (h, w) by nearest neighbour, exactly as PIL `Image.resize(..., NEAREST)` on the depth PNG
+    (the authors' loader); 0 stays "no measurement"."""
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(gt, dtype=np.float32), mode="F")
+    return np.asarray(img.resize((hw[1], hw[0]), Image.NEAREST), dtype=np.float32)
+
+
+def lstsq_align(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(s * pred + t, s, t), (s, t) = argmin sum over valid pixels of (s * pred + t - gt)^2 (float64)."""
+    p = pred[valid].astype(np.float64)
+    design = np.stack([p, np.ones_like(p)], axis=1)  # (n, 2)
+    (s, t), *_ = np.linalg.lstsq(design, gt[valid].astype(np.float64), rcond=None)
+    return s * pred.astype(np.float64) + t, float(s), float(t)
+
+
 def results_dir(cfg: Config) -> Path:
     return Path(cfg.eval.out_dir) / cfg.sweep
 
@@ -178,6 +220,8 @@ def preflight(cfg: Config, variants: Sequence[str] | None = None) -> list[str]:
     each variant's checkpoint. Returns the variants; raises `ConfigError` / `StoreError` / `EvaluationError`."""
     variants = resolve_variants(cfg, variants)
     resolve_crop(cfg)
+    resolve_alignment(cfg)
+    resolve_gt_resolution(cfg)
     encoder = encoder_for(cfg)
     open_for(cfg, "test", encoder)
     load_checkpoints(cfg, variants, encoder)
@@ -241,6 +285,7 @@ def evaluate_run(
     with ground truth. `on_variant(variant, mean_metrics)` is called at the end, once per variant."""
     started = time.perf_counter()
     crop = resolve_crop(cfg)
+    alignment, gt_size = resolve_alignment(cfg), resolve_gt_resolution(cfg)
     lo, hi = cfg.data.depth_range
     ev = cfg.eval
     encoder = encoder_for(cfg)
@@ -266,9 +311,9 @@ def evaluate_run(
     no_valid: list[dict] = []
     bad_gt: list[dict] = []
     log.info("evaluating %s on %d of %d test frames (%d with GT None%s) from %s: crop %s, range (%g, %g], "
-             "median scaling %s, flip TTA %s", ", ".join(variants), len(todo), store.n, int((~has_gt).sum()),
+             "alignment %s, GT %s, flip TTA %s", ", ".join(variants), len(todo), store.n, int((~has_gt).sum()),
              f", {int(unreadable.sum())} unreadable" if unreadable.any() else "", store.url, crop, lo, hi,
-             "on" if ev.median_scaling else "off", "on" if ev.flip_tta else "off")
+             alignment, ev.gt_resolution, "on" if ev.flip_tta else "off")
 
     def read_gt(p: int) -> np.ndarray | datasets.DatasetError:
         try:
@@ -299,6 +344,8 @@ def evaluate_run(
                         bad_gt.append({"id": row["id"], "line": int(row["line"]), "reason": str(gt)})
                         log.warning("skipping %s: %s", row["id"], gt)
                         continue
+                    if gt_size is not None:
+                        gt = resize_gt_nearest(gt, gt_size)  # (352, 704): the authors' release protocol
                     valid = (gt > lo) & (gt < hi) & crop_mask(gt.shape, crop)
                     if not valid.any():
                         reason = f"no valid ground-truth pixel in ({lo:g}, {hi:g}) inside crop {crop}"
@@ -308,8 +355,10 @@ def evaluate_run(
                     sample = Sample(row["id"], row["image_path"], gt) if int(p) in shown else None
                     for v in variants:
                         full = to_gt_resolution(preds[v][j], gt.shape)  # (H, W)
+                        if alignment == "lstsq":
+                            full = lstsq_align(full, gt, valid)[0]
                         m = compute_metrics(full, gt, crop=crop, min_depth=lo, max_depth=hi,
-                                            median_scaling=ev.median_scaling)
+                                            median_scaling=alignment == "median")
                         rows.append({"variant": v, "id": row["id"], "line": int(row["line"]), "gt_h": gt.shape[0],
                                      "gt_w": gt.shape[1], "valid_px": int(valid.sum()), **m})
                         if sample is not None:
@@ -381,8 +430,10 @@ def protocol_of(cfg: Config, store: FeatureStore, encoder, crop: str, counts: di
     return {
         "config": cfg.name, "sweep": cfg.sweep, "dataset": cfg.data.layout, "synthetic": cfg.data.synth is not None,
         "split_file": str(cfg.data.test_split), "counts": counts, "crop": crop, "depth_range": [lo, hi],
-        "median_scaling": cfg.eval.median_scaling, "flip_tta": cfg.eval.flip_tta,
-        "resize": "bilinear, to the native ground-truth resolution",
+        "median_scaling": resolve_alignment(cfg) == "median", "flip_tta": cfg.eval.flip_tta,
+        "alignment": resolve_alignment(cfg), "gt_resolution": cfg.eval.gt_resolution,
+        "resize": ("bilinear, to the native ground-truth resolution" if cfg.eval.gt_resolution == "native" else
+                   f"GT nearest-neighbour to {cfg.eval.gt_resolution}, prediction bilinear to it"),
         "checkpoint": cfg.eval.checkpoint, "selection": SELECTION[cfg.eval.checkpoint],
         "encoder": encoder.name, "test_cache": store.url, "test_fingerprint": store.fingerprint,
         "train_fingerprints": train_fps, "versions": versions, "git": git_commit(),

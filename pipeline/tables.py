@@ -159,6 +159,13 @@ def sources_of(published: list[PublishedRow]) -> list[Source]:
 
 
 # ---- the protocol line ----------------------------------------------------------------------------------------
+ALIGNMENT_TEXT = {
+    "none": "median scaling off",
+    "median": "median scaling on",
+    "lstsq": "least-squares scale-and-shift alignment per image, in depth space (median scaling off)",
+}
+
+
 def protocol_line(protocol: dict) -> str:
     """One line stating everything a reader needs to compare this table with another (DESIGN.md)."""
     c = protocol["counts"]
@@ -169,14 +176,19 @@ def protocol_line(protocol: dict) -> str:
                                              if c[k]]
     versions = ", ".join(f"{k} {v}" for k, v in protocol["versions"].items() if v)
     train = ", ".join(protocol["train_fingerprints"]) or "n/a"
+    alignment = protocol.get("alignment") or ("median" if protocol["median_scaling"] else "none")
+    gt_res = protocol.get("gt_resolution", "native")
+    resolution = ("prediction bilinearly resized to the native GT resolution" if gt_res == "native" else
+                  f"GT resized nearest-neighbour to {gt_res.replace('x', '×')} and the prediction bilinearly to it "
+                  "(the authors' release protocol)")
     imported = "".join(
         f" ({variant}: imported from the authors' checkpoint {Path(source).name}, selected by them, not on our "
         "validation split)" for variant, source in (protocol.get("imported") or {}).items())
     return (
         f"Protocol: {dataset}, test split {protocol['split_file']}; N = {c['evaluated']} evaluated of {c['lines']} "
         f"lines, skipped {', '.join(skipped)}; crop {protocol['crop']}; valid GT in ({lo:g}, {hi:g}) m, predictions "
-        f"clipped to [{lo:g}, {hi:g}]; prediction bilinearly resized to the native GT resolution; median scaling "
-        f"{'on' if protocol['median_scaling'] else 'off'}; flip TTA {'on' if protocol['flip_tta'] else 'off'} "
+        f"clipped to [{lo:g}, {hi:g}]; {resolution}; {ALIGNMENT_TEXT[alignment]}; "
+        f"flip TTA {'on' if protocol['flip_tta'] else 'off'} "
         f"(feature space); checkpoint {protocol['selection']}{imported}; encoder {protocol['encoder']}; cache "
         f"fingerprints test {protocol['test_fingerprint']}, train {train}; {versions}; git {protocol['git']}."
     )

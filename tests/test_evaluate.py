@@ -274,3 +274,71 @@ def test_published_figures_are_sourced_and_never_filled_in():
     table2 = [row for row in PUBLISHED if "Table 2" in row.label]
     assert [row.variant for row in table2] == ["baseline", "film", "structural", "full"]
     assert all(len(row.metrics) == len(COLUMNS) for row in table2)  # every column, as the paper prints it
+
+
+# ---- protocol options: least-squares alignment, GT at 352 x 704 --------------------------------------------------
+def gt_function(cfg, fn):
+    """A predictor returning fn(GT) at the GT's native resolution (one image a batch)."""
+    store = open_for(cfg, "test")
+    index = store.index()
+
+    def predict(batch):
+        (p,) = batch["index"]
+        gt = np.asarray(Image.open(index.depth_path[p]), dtype=np.float64) / 256.0
+        return torch.from_numpy(fn(gt))[None]
+
+    return predict
+
+
+def test_lstsq_alignment_is_the_closed_form_scale_and_shift(demo_cfg):
+    from pipeline.tables import protocol_line
+
+    cfg = derive(demo_cfg, "data.max_depth=100", "eval.batch_size=1", "eval.alignment=lstsq")
+    curved = lambda g: 3.0 * np.sqrt(g) + 1.0  # not affine in g: the aligned map keeps a residual
+    ev = evaluate_run(cfg, predictors={"affine": gt_function(cfg, lambda g: 0.5 * g + 3.0),
+                                       "curved": gt_function(cfg, curved)})
+    per = ev.per_image.set_index(["variant", "id"])
+    for image_id, gt in gt_by_id(cfg).items():
+        valid = garg_valid(gt, 1e-3, 100.0)
+        g, p = gt[valid], curved(gt)[valid]
+        s = np.sum((p - p.mean()) * (g - g.mean())) / np.sum((p - p.mean()) ** 2)  # the normal equations
+        t = g.mean() - s * p.mean()
+        aligned = np.clip(s * p + t, 1e-3, 100.0)
+        row = per.loc[("curved", image_id)]
+        for key, value in hand_metrics(aligned, g).items():
+            assert row[key] == pytest.approx(value, rel=1e-7), key
+        assert row.abs_rel > 0.005  # the fit is not exact
+        row = per.loc[("affine", image_id)]  # an affine map of GT is aligned back onto it
+        assert row.abs_rel == pytest.approx(0.0, abs=1e-9) and row.d1 == 1.0
+    line = protocol_line(ev.protocol)
+    assert "least-squares scale-and-shift alignment per image, in depth space (median scaling off)" in line
+    assert ev.protocol["alignment"] == "lstsq" and ev.protocol["median_scaling"] is False
+
+    # eval.median_scaling keeps working (it is alignment=median), and a contradiction is refused
+    assert derive(demo_cfg, "eval.median_scaling=true").eval.alignment is None
+    with pytest.raises(ConfigError, match="eval.median_scaling=true contradicts eval.alignment=lstsq"):
+        evaluate_run(derive(demo_cfg, "eval.median_scaling=true", "eval.alignment=lstsq"),
+                     predictors={"a": gt_function(cfg, lambda g: g)})
+
+
+def test_gt_resized_to_352x704_like_the_authors_loader(demo_cfg):
+    from pipeline.tables import protocol_line
+
+    cfg = derive(demo_cfg, "data.max_depth=100", "eval.batch_size=1", "eval.gt_resolution=352x704")
+    c = 31 / 3
+    ev = evaluate_run(cfg, predictors={"constant": constant(c)})
+    per = ev.per_image.set_index(["variant", "id"])
+    for image_id, gt in gt_by_id(cfg).items():
+        H, W = gt.shape
+        rows = np.floor((np.arange(352) + 0.5) * H / 352).astype(int)  # PIL's nearest neighbour: pixel centres
+        cols = np.floor((np.arange(704) + 0.5) * W / 704).astype(int)
+        small = gt[rows][:, cols]
+        valid = garg_valid(small, 1e-3, 100.0)  # the crop as fractions of the resized GT
+        row = per.loc[("constant", image_id)]
+        assert (row.gt_h, row.gt_w) == (352, 704) and row.valid_px == valid.sum()
+        for key, value in hand_metrics(np.full(valid.sum(), c), small[valid]).items():
+            assert row[key] == pytest.approx(value, rel=1e-9), key
+    assert "GT resized nearest-neighbour to 352×704 and the prediction bilinearly to it" in protocol_line(ev.protocol)
+    with pytest.raises(ConfigError, match="eval.gt_resolution=352x704 is the authors' KITTI protocol"):
+        evaluate_run(derive(demo_cfg, "eval.gt_resolution=352x704", "data.layout=nyu", "eval.crop=nyu"),
+                     predictors={"a": constant(c)})
