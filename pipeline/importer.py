@@ -28,6 +28,7 @@ The variant (FiLM / structural pathway), the width, the channels and the auxilia
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import pickle
 import re
@@ -214,9 +215,12 @@ def decoder_kwargs(decoder: dict, path: Path, semantic_layers, structural_layers
     film = bool(_indexed(decoder, "film"))
     n_struct = len(_indexed(decoder, "structural_proj"))
     structural = n_struct > 0
+    extra = {}
     if film:
         hidden = int(need("film.0.0.weight").shape[0])
-        if hidden != FILM_HIDDEN:
+        if "film_hidden" in inspect.signature(SpaceClipDecoder).parameters:
+            extra["film_hidden"] = hidden
+        elif hidden != FILM_HIDDEN:
             raise CheckpointImportError(f"{path}: FiLM hidden width {hidden} (film_param_generators.0.0.weight); "
                                         f"this decoder is built with {FILM_HIDDEN} (film_param_hidden_dim)")
     semantic_layers = tuple(int(k) for k in semantic_layers)
@@ -232,7 +236,7 @@ def decoder_kwargs(decoder: dict, path: Path, semantic_layers, structural_layers
     return dict(variant=variant, width=width, semantic_layers=list(semantic_layers),
                 structural_layers=list(structural_layers), channels=channels, dropout=float(dropout),
                 skip_gates="semantic_blocks.0.skip_gate.weight" in decoder,
-                aux_heads=bool(_indexed(decoder, "aux_heads")), film=film, structural=structural)
+                aux_heads=bool(_indexed(decoder, "aux_heads")), film=film, structural=structural, **extra)
 
 
 def build_decoder(decoder: dict, kwargs: dict, path: Path) -> SpaceClipDecoder:

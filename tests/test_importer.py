@@ -263,3 +263,24 @@ def test_layers_dropout_and_encoder_come_from_the_authors_training_yaml(tmp_path
     yaml_path.write_text("structural_path_indices: [2, 1]\n")
     with pytest.raises(CheckpointImportError, match=r"3 structural projections .* structural layers \(2, 1\)"):
         import_checkpoint(path, tmp_path / "bad", train_config=yaml_path, encoder="tiny-clip")
+
+
+def test_film_hidden_width_is_read_from_the_keys_or_refused(tmp_path, encoder):
+    import inspect
+
+    source = small_decoder("film", seed=9)
+    state = authors_state(source, encoder)
+    for i in range(4):  # a FiLM generator with hidden width 32 instead of 256 (their film_param_hidden_dim)
+        g = torch.nn.Sequential(torch.nn.Linear(WIDTH, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2 * WIDTH))
+        for k, v in g.state_dict().items():
+            state[f"film_param_generators.{i}.{k}"] = v
+    path = tmp_path / "narrow.pt"
+    torch.save({"model": state}, path)
+    if "film_hidden" not in inspect.signature(SpaceClipDecoder).parameters:
+        with pytest.raises(CheckpointImportError, match=r"FiLM hidden width 32 \(film_param_generators\.0\.0\.weight\)"):
+            import_checkpoint(path, tmp_path / "out", encoder="tiny-clip")
+        return
+    import_checkpoint(path, tmp_path / "out", encoder="tiny-clip")
+    imported = SpaceClipDecoder.from_pretrained(tmp_path / "out").eval()
+    assert imported.film[0][0].weight.shape == (32, WIDTH)
+    assert torch.equal(imported.film[2][2].bias, state["film_param_generators.2.2.bias"])
