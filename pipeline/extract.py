@@ -54,13 +54,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 @functools.lru_cache(maxsize=2)
-def load_encoder(name: str, revision: str | None = None, device: str = "auto") -> FrozenEncoder:
+def load_encoder(
+    name: str, revision: str | None = None, device: str = "auto", image_size: int | None = None
+) -> FrozenEncoder:
     """One encoder per process (Dask workers keep it between chunks)."""
-    return FrozenEncoder.from_name(name, revision).to(resolve_device(device))
+    return FrozenEncoder.from_name(name, revision, image_size=image_size).to(resolve_device(device))
 
 
 def encoder_for(cfg: Config) -> FrozenEncoder:
-    return load_encoder(cfg.encoder.name, cfg.encoder.revision, cfg.encoder.device)
+    return load_encoder(cfg.encoder.name, cfg.encoder.revision, cfg.encoder.device, cfg.encoder.image_size)
 
 
 def store_url(cfg: Config, split: str, fp: str) -> str:
@@ -168,10 +170,10 @@ def prepare_store(cfg: Config, split: str, encoder: FrozenEncoder | None = None)
         pass
     plan = plan_split(cfg, split, encoder)
     spec = StoreSpec(
-        n=len(plan.index["id"]), layers=tuple(sorted(cfg.cache.layers)), grid=encoder.grid, width=encoder.width,
+        n=len(plan.index["id"]), layers=cfg.cache_layers, grid=encoder.grid, width=encoder.width,
         dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
         level=cfg.cache.compression_level, target_hw=plan.target_hw,
-        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout],
+        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=split == "train" and cfg.views.flip == "extract",
         attrs={
             "fingerprint": fp, "fingerprint_inputs": plan.inputs, "split": split, "config": dump_config(cfg),
             "versions": package_versions(), "format_version": plan.inputs["format_version"],
@@ -260,6 +262,9 @@ def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None =
     buf_dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
     tokens = {k: torch.zeros(n, encoder.grid, encoder.grid, encoder.width, dtype=buf_dtype) for k in layers}
     cls = torch.zeros(n, encoder.width, dtype=buf_dtype)
+    flipped = None
+    if store.has_flipped:  # views.flip = extract: the mirrored image of every view, encoded too
+        flipped = ({k: torch.zeros_like(t) for k, t in tokens.items()}, torch.zeros_like(cls))
     depth = np.zeros((n, *target_hw), np.float32) if target_hw else None
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [pool.submit(_load_row, store, row, encoder, cfg.data.layout, target_hw)
@@ -281,11 +286,18 @@ def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None =
                     depth[i] = d
             if not positions:
                 continue
-            feats = encoder(torch.stack(batch_pixels), layers, autocast_dtype=autocast)
+            pixels = torch.stack(batch_pixels)  # (B, 3, S, S)
+            feats = encoder(pixels, layers, autocast_dtype=autocast)
             for k in layers:
                 tokens[k][positions] = feats["tokens"][k].to("cpu", buf_dtype)
             cls[positions] = feats["global"].to("cpu", buf_dtype)
-    store.write_chunk(chunk, tokens, cls, depth, skipped, reasons)
+            if flipped is not None:
+                # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
+                feats = encoder(pixels.flip(-1), layers, autocast_dtype=autocast)
+                for k in layers:
+                    flipped[0][k][positions] = feats["tokens"][k].to("cpu", buf_dtype)
+                flipped[1][positions] = feats["global"].to("cpu", buf_dtype)
+    store.write_chunk(chunk, tokens, cls, depth, skipped, reasons, flipped=flipped)
     return {"chunk": chunk, "samples": n, "skipped": int(skipped.sum())}
 
 

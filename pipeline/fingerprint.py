@@ -33,7 +33,7 @@ def fingerprint_inputs(cfg: Config, split: str, encoder_identity: dict) -> dict:
         "preprocess": {"resize": "bicubic-squash", "image_size": encoder_identity["image_size"],
                        "mean": encoder_identity.get("mean"), "std": encoder_identity.get("std")},
         "autocast_dtype": cfg.encoder.dtype,
-        "layers": sorted(cfg.cache.layers),
+        "layers": list(cfg.cache_layers),
         "dtype": cfg.cache.dtype,
         "chunk_size": cfg.cache.chunk_size,
         "compressor": [cfg.cache.compressor, cfg.cache.compression_level],

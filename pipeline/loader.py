@@ -68,12 +68,20 @@ def epoch_plan(
 
 
 def flip_batch(batch: dict, flips: torch.Tensor) -> dict:
-    """Flip the selected samples horizontally in feature space: every token grid along its width (dim 2 of
-    (B, g, g, C)) and the target along its width (dim 2 of (B, H, W)). The global vector is unchanged."""
+    """Flip the selected samples horizontally: every token grid along its width (dim 2 of (B, g, g, C)) and the
+    target along its width (dim 2 of (B, H, W)). In feature space the global vector is unchanged; when the batch
+    carries the mirrored images' exact features ("flipped_tokens", "flipped_global": `views.flip = extract`),
+    those are taken instead."""
+    exact_tokens, exact_global = batch.pop("flipped_tokens", None), batch.pop("flipped_global", None)
     if not bool(flips.any()):
         return batch
     m = flips.to(device=batch["global"].device)
-    batch["tokens"] = {k: torch.where(m[:, None, None, None], t.flip(2), t) for k, t in batch["tokens"].items()}
+    if exact_tokens is not None:
+        batch["tokens"] = {k: torch.where(m[:, None, None, None], exact_tokens[k], t)
+                           for k, t in batch["tokens"].items()}
+        batch["global"] = torch.where(m[:, None], exact_global, batch["global"])
+    else:
+        batch["tokens"] = {k: torch.where(m[:, None, None, None], t.flip(2), t) for k, t in batch["tokens"].items()}
     if "depth" in batch:
         batch["depth"] = torch.where(m[:, None, None], batch["depth"].flip(2), batch["depth"])
     return batch
@@ -197,6 +205,8 @@ class CachedBatches:
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.drop_last = drop_last
+        # A store extracted with views.flip = extract holds the mirrored images' features: flips use those.
+        self.exact_flips = bool(train and self.flip_p > 0 and store.has_flipped)
         self.usable = ~store.group["skipped"][:].astype(bool) if store.n else np.zeros(0, bool)
         self.n_usable = int(self.usable.sum())
         self.target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
@@ -216,7 +226,7 @@ class CachedBatches:
 
     def _read_chunks(self, chunks: Sequence[int]) -> dict:
         """Whole chunks, concatenated in the given order (the store's unit of compression: large reads)."""
-        parts = [self.store.read_chunk(int(c), self.layers) for c in chunks]
+        parts = [self.store.read_chunk(int(c), self.layers, flipped=self.exact_flips) for c in chunks]
         out = {
             "tokens": {k: torch.cat([p["tokens"][k] for p in parts]) for k in self.layers},
             "global": torch.cat([p["global"] for p in parts]),
@@ -224,6 +234,9 @@ class CachedBatches:
         }
         if self.target_hw is not None:
             out["depth"] = torch.cat([p["depth"] for p in parts])
+        if self.exact_flips:
+            out["flipped_tokens"] = {k: torch.cat([p["flipped_tokens"][k] for p in parts]) for k in self.layers}
+            out["flipped_global"] = torch.cat([p["flipped_global"] for p in parts])
         return out
 
     def _load_all(self, device: torch.device) -> dict:
@@ -241,6 +254,9 @@ class CachedBatches:
         }
         if "depth" in data:
             out["depth"] = data["depth"].index_select(0, rows)  # (B, H, W)
+        if "flipped_tokens" in data:
+            out["flipped_tokens"] = {k: t.index_select(0, rows) for k, t in data["flipped_tokens"].items()}
+            out["flipped_global"] = data["flipped_global"].index_select(0, rows)
         return out
 
     def _batches(self, plan: EpochPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -256,6 +272,8 @@ class CachedBatches:
             "tokens": {k: torch.cat([p["tokens"][k] for p in parts]) for k in self.layers},
             "global": torch.cat([p["global"] for p in parts]),
             **({"depth": torch.cat([p["depth"] for p in parts])} if self.target_hw is not None else {}),
+            **({"flipped_tokens": {k: torch.cat([p["flipped_tokens"][k] for p in parts]) for k in self.layers},
+                "flipped_global": torch.cat([p["flipped_global"] for p in parts])} if self.exact_flips else {}),
         }
         batch["index"] = pos
         batch["flipped"] = torch.from_numpy(flips.copy())
@@ -368,6 +386,10 @@ class ImageBatches:
 
     def _row(self, i: int) -> dict:
         return {k: v[i] for k, v in self.index.items()}
+
+    def target(self, i: int) -> np.ndarray:
+        """Sample i's training target (H, W) in metres, 0 = invalid."""
+        return _decode_row(self._row(i), self.split_file, self.layout, self.target_hw)[1]
 
     def _load(self, pos: np.ndarray, flips: np.ndarray, pool: ThreadPoolExecutor) -> dict:
         loaded = list(pool.map(lambda i: _decode_row(self._row(int(i)), self.split_file, self.layout,

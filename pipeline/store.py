@@ -34,6 +34,11 @@ class StoreError(RuntimeError):
     """A feature store is missing, incomplete or does not match what the caller expects."""
 
 
+def flipped_key(name: str) -> str:
+    """Where the mirrored image's copy of a data array lives (`tokens/L3` -> `flipped/tokens/L3`)."""
+    return f"flipped/{name}"
+
+
 def layer_key(k: int) -> str:
     return f"tokens/L{k}"
 
@@ -60,6 +65,7 @@ class StoreSpec:
     level: int = 1
     target_hw: tuple[int, int] | None = None  # None: no depth targets (test splits)
     depth_scale: float = 256.0
+    flipped: bool = False  # also store the features of each view's mirrored image (views.flip = "extract")
     attrs: dict = field(default_factory=dict)
 
 
@@ -74,6 +80,7 @@ class FeatureStore:
         self.dtype: str = self.attrs["dtype"]
         self.fingerprint: str | None = self.attrs.get("fingerprint")
         self.has_depth: bool = "depth" in group
+        self.has_flipped: bool = bool(self.attrs.get("flipped", False))
 
     # ---- creation and opening ------------------------------------------------------------------------------
     @classmethod
@@ -94,6 +101,13 @@ class FeatureStore:
                                      fill_value=0, **common)
             arr.attrs["bfloat16_bits"] = spec.dtype == "bfloat16"
         group.create_array("cls", shape=(n, c), chunks=(cs, c), dtype=store_dtype, fill_value=0, **common)
+        if spec.flipped:
+            for k in spec.layers:
+                arr = group.create_array(flipped_key(layer_key(k)), shape=(n, g, g, c), chunks=(cs, g, g, c),
+                                         dtype=store_dtype, fill_value=0, **common)
+                arr.attrs["bfloat16_bits"] = spec.dtype == "bfloat16"
+            group.create_array(flipped_key("cls"), shape=(n, c), chunks=(cs, c), dtype=store_dtype, fill_value=0,
+                               **common)
         if spec.target_hw is not None:
             h, w = spec.target_hw
             depth = group.create_array("depth", shape=(n, h, w), chunks=(cs, h, w), dtype="uint16", fill_value=0,
@@ -114,7 +128,7 @@ class FeatureStore:
         group.attrs.update({
             **spec.attrs,
             "n": n, "layers": list(spec.layers), "chunk_size": cs, "dtype": spec.dtype, "grid": g, "width": c,
-            "complete": False,
+            "complete": False, "flipped": spec.flipped,
         })
         return cls(group, url)
 
@@ -157,22 +171,31 @@ class FeatureStore:
         depth: np.ndarray | None = None,
         skipped: np.ndarray | None = None,
         reasons: list[str] | None = None,
+        flipped: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        """Write one whole chunk (its data first, then its `done` flags)."""
+        """Write one whole chunk (its data first, then its `done` flags). `flipped`: (tokens, cls) of the
+        mirrored images, for a store created with `flipped=True`."""
         # Zarr skips writing chunks equal to the fill value unless told otherwise (the setting is not stored
         # with the array); `verify` relies on every done chunk existing, so write them all.
         with zarr.config.set({"array.write_empty_chunks": True}):
-            self._write_chunk(c, tokens, cls, depth, skipped, reasons)
+            self._write_chunk(c, tokens, cls, depth, skipped, reasons, flipped)
 
-    def _write_chunk(self, c, tokens, cls, depth, skipped, reasons) -> None:
+    def _write_chunk(self, c, tokens, cls, depth, skipped, reasons, flipped) -> None:
         a, b = self.chunk_range(c)
         for k in self.layers:
             if tokens[k].shape[0] != b - a:
                 raise StoreError(f"chunk {c}: layer {k} has {tokens[k].shape[0]} rows, expected {b - a}")
         if self.has_depth and depth is None:
             raise StoreError(f"chunk {c}: {self.url} stores training targets but none were given")
+        if self.has_flipped != (flipped is not None):
+            raise StoreError(f"chunk {c}: {self.url} " + ("stores mirrored-image features but none were given"
+                                                           if self.has_flipped else "stores no mirrored features"))
         writes = {layer_key(k): lambda k=k: self._encode(tokens[k]) for k in self.layers}
         writes["cls"] = lambda: self._encode(cls)
+        if flipped is not None:
+            f_tokens, f_cls = flipped
+            writes.update({flipped_key(layer_key(k)): lambda k=k: self._encode(f_tokens[k]) for k in self.layers})
+            writes[flipped_key("cls")] = lambda: self._encode(f_cls)
         if self.has_depth:
             scale = self.group["depth"].attrs["scale"]
             writes["depth"] = lambda: np.clip(np.round(depth * scale), 0, 65535).astype(np.uint16)
@@ -214,9 +237,10 @@ class FeatureStore:
         return arr[sel] if isinstance(sel, slice) else arr.oindex[np.asarray(sel)]
 
     def read(self, sel: slice | np.ndarray | Iterable[int], layers: Iterable[int] | None = None,
-             depth: bool = True) -> dict:
+             depth: bool = True, flipped: bool = False) -> dict:
         """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, plus
         "depth" (B, H, W) float32 metres (0 = invalid) when the store has targets, and "index" (B,) positions.
+        `flipped=True` adds the mirrored images' "flipped_tokens" and "flipped_global" (stores with them only).
 
         `sel` is a slice (fastest: whole chunks) or sorted sample positions."""
         layers = self.layers if layers is None else tuple(layers)
@@ -233,10 +257,16 @@ class FeatureStore:
         if depth and self.has_depth:
             scale = self.group["depth"].attrs["scale"]
             batch["depth"] = torch.from_numpy(self._select("depth", sel).astype(np.float32) / scale)
+        if flipped:
+            if not self.has_flipped:
+                raise StoreError(f"{self.url} holds no mirrored-image features (extracted with views.flip=features)")
+            batch["flipped_tokens"] = {k: self._decode(self._select(flipped_key(layer_key(k)), sel)) for k in layers}
+            batch["flipped_global"] = self._decode(self._select(flipped_key("cls"), sel))
         return batch
 
-    def read_chunk(self, c: int, layers: Iterable[int] | None = None, depth: bool = True) -> dict:
-        return self.read(slice(*self.chunk_range(c)), layers, depth)
+    def read_chunk(self, c: int, layers: Iterable[int] | None = None, depth: bool = True,
+                   flipped: bool = False) -> dict:
+        return self.read(slice(*self.chunk_range(c)), layers, depth, flipped)
 
     def index(self):
         """The per-sample index as a pandas DataFrame (one row per stored sample)."""
@@ -260,6 +290,8 @@ class FeatureStore:
     # ---- verification ---------------------------------------------------------------------------------------
     def data_arrays(self) -> list[str]:
         names = [layer_key(k) for k in self.layers] + ["cls", "skipped", "skip_reason"]
+        if self.has_flipped:
+            names += [flipped_key(layer_key(k)) for k in self.layers] + [flipped_key("cls")]
         return names + (["depth"] if self.has_depth else [])
 
     def verify(self) -> dict:

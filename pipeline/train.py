@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -156,6 +157,20 @@ def build_sources(cfg: Config, layers, device: torch.device, encoder=None) -> So
     return Sources(loaders["train"], loaders["val"], tuple(loaders["train"].target_hw), fps, encoder.width)
 
 
+def median_target_depth(loader, depth_range: tuple[float, float], max_samples: int = 256) -> float:
+    """Median of the valid training targets (`decoder.init_depth = median`), from the first samples of the split."""
+    lo, hi = depth_range
+    if isinstance(loader, CachedBatches):
+        depth = loader.store.group["depth"][: min(loader.store.n, max_samples)].astype(np.float32)
+        depth /= loader.store.group["depth"].attrs["scale"]
+    else:
+        depth = np.stack([loader.target(i) for i in range(min(loader.n, max_samples))])
+    valid = depth[(depth > lo) & (depth < hi)]
+    if valid.size == 0:
+        raise RunError(f"no valid training target in ({lo}, {hi}) m among the first {max_samples} samples")
+    return round(float(np.median(valid)), 3)
+
+
 # ---- validation -----------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def validate(model: torch.nn.Module, loader, depth_range: tuple[float, float], autocast: bool = False) -> dict:
@@ -270,7 +285,8 @@ def train_variant(
     state_path = out / STATE_NAME
     encoder = encoder_for(cfg)
     fp_train = split_fingerprint(cfg, "train", encoder)[0]
-    meta = {"variant": variant, "cache_fingerprint": fp_train, "feature_source": tc.feature_source}
+    meta = {"variant": variant, "cache_fingerprint": fp_train, "feature_source": tc.feature_source,
+            "decoder": cfg.decoder.model_dump(mode="json")}
 
     state = None
     if resume and state_path.is_file():
@@ -303,11 +319,13 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
     tc = cfg.train
     cuda = device.type == "cuda"
     depth_range = cfg.data.depth_range
+    layers = SpaceClipDecoder(variant, width=encoder.width, **cfg.decoder.kwargs()).layers
+    sources = build_sources(cfg, layers, device, encoder)
+    head_bias = median_target_depth(sources.train, depth_range) if cfg.decoder.init_depth == "median" else None
     torch.manual_seed(tc.seed)
-    model = SpaceClipDecoder(variant, width=encoder.width)
+    model = SpaceClipDecoder(variant, width=encoder.width, head_bias=head_bias, **cfg.decoder.kwargs())
     if cuda:
         model = model.to(device, memory_format=torch.channels_last)
-    sources = build_sources(cfg, model.layers, device, encoder)
     if sources.width != model.width:
         raise RunError(f"the cache holds {sources.width}-channel features but the encoder has width {model.width}")
     steps = len(sources.train)

@@ -132,9 +132,9 @@ class SemanticBlock(nn.Module):
         return s if gate is None else s * (1.0 + torch.sigmoid(gate(u)))
 
 
-def film_generator(width: int) -> nn.Sequential:
+def film_generator(width: int, hidden: int = FILM_HIDDEN) -> nn.Sequential:
     """global (B, C) -> [gamma | beta] (B, 2C)."""
-    return nn.Sequential(nn.Linear(width, FILM_HIDDEN), nn.ReLU(inplace=True), nn.Linear(FILM_HIDDEN, 2 * width))
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2 * width))
 
 
 def depth_head(in_ch: int) -> nn.Sequential:
@@ -171,8 +171,10 @@ class SpaceClipDecoder(nn.Module):
         structural_layers: Sequence[int] = (2, 1, 0),
         channels: Sequence[int] = (256, 128, 64, 32),
         dropout: float = 0.1,
+        film_hidden: int = FILM_HIDDEN,
         skip_gates: bool = True,
         aux_heads: bool = True,
+        head_bias: float | None = None,
         film: bool | None = None,
         structural: bool | None = None,
     ):
@@ -187,8 +189,10 @@ class SpaceClipDecoder(nn.Module):
         self.structural_layers = tuple(int(k) for k in structural_layers)
         self.channels = tuple(int(c) for c in channels)
         self.dropout = float(dropout)
+        self.film_hidden = int(film_hidden)
         self.skip_gates = bool(skip_gates)
         self.aux_heads_on = bool(aux_heads)
+        self.head_bias = None if head_bias is None else float(head_bias)
         if len(self.semantic_layers) != len(self.channels):
             raise ValueError(
                 f"one semantic layer per decoder stage: got {len(self.semantic_layers)} semantic layers "
@@ -202,7 +206,7 @@ class SpaceClipDecoder(nn.Module):
         C, ch = self.width, self.channels
 
         # Semantic pathway: FiLM (optional) then one 1x1 projection per stage.
-        self.film = nn.ModuleList(film_generator(C) for _ in self.semantic_layers) if self.use_film else None
+        self.film = nn.ModuleList(film_generator(C, self.film_hidden) for _ in self.semantic_layers) if self.use_film else None
         self.semantic_proj = nn.ModuleList(nn.Conv2d(C, c, 1) for c in ch)
         # Structural pathway: projections for stages 0..n_struct-1; block 0 upsamples the raw C-channel grid.
         if self.use_structural:
@@ -222,6 +226,13 @@ class SpaceClipDecoder(nn.Module):
         )
         self.head = depth_head(ch[-1])
         self.aux_heads = nn.ModuleList(aux_head(c) for c in ch[:-1]) if self.aux_heads_on else None
+        if self.head_bias is not None:
+            # Every head ends in Conv -> ReLU. With PyTorch's default bias init (the reference's) about half the
+            # pixels start at exactly 0, where the ReLU passes no gradient; SILog's variance term then pulls the
+            # living pixels down to the dead ones and a variant can collapse to an all-zero map. A bias at a
+            # typical depth (the training targets' median) starts every pixel alive and at the right scale.
+            for head in [self.head] + list(self.aux_heads or []):
+                nn.init.constant_(head[-2].bias, self.head_bias)
 
     # ---- configuration ----------------------------------------------------------------------------------------
     @property
@@ -240,7 +251,8 @@ class SpaceClipDecoder(nn.Module):
         return dict(
             variant=self.variant, width=self.width, semantic_layers=list(self.semantic_layers),
             structural_layers=list(self.structural_layers), channels=list(self.channels), dropout=self.dropout,
-            skip_gates=self.skip_gates, aux_heads=self.aux_heads_on, film=self.use_film, structural=self.use_structural,
+            film_hidden=self.film_hidden, skip_gates=self.skip_gates, aux_heads=self.aux_heads_on,
+            head_bias=self.head_bias, film=self.use_film, structural=self.use_structural,
         )
 
     def count_parameters(self, trainable_only: bool = True) -> int:

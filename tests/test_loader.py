@@ -146,3 +146,48 @@ def test_prefetch_reraises_and_stops_early():
         if item == 3:
             break
     assert stopped.wait(5)  # the producer noticed the consumer left
+
+
+def test_exact_flips_take_the_mirrored_images_features(tmp_path):
+    """`views.flip = extract`: a flipped sample gets the stored features of its mirrored image (tokens and global
+    vector), never a feature-space flip; its target is still mirrored."""
+    n = 9
+    index = {
+        "id": np.array([f"s{i}" for i in range(n)]), "image_path": np.array([""] * n),
+        "depth_path": np.array([""] * n), "focal": np.ones(n), "orig_hw": np.ones((n, 2), np.int32),
+        "view": np.zeros((n, 5), np.int32), "group": np.array(["g"] * n), "line": np.arange(n, dtype=np.int32),
+    }
+    spec = StoreSpec(n=n, layers=(1, 3), grid=4, width=C, chunk_size=4, target_hw=HW, flipped=True)
+    st = FeatureStore.create(str(tmp_path / "f.zarr"), spec, index)
+    gen = torch.Generator().manual_seed(3)
+    for c in range(st.n_chunks):
+        a, b = st.chunk_range(c)
+        plain = {k: torch.randn(b - a, 4, 4, C, generator=gen) for k in (1, 3)}
+        mirrored = {k: torch.randn(b - a, 4, 4, C, generator=gen) for k in (1, 3)}
+        depth = np.random.default_rng(c).uniform(1, 80, (b - a, *HW)).astype(np.float32)
+        with pytest.raises(StoreError, match="mirrored"):
+            st.write_chunk(c, plain, torch.randn(b - a, C), depth)
+        st.write_chunk(c, plain, torch.randn(b - a, C, generator=gen), depth,
+                       flipped=(mirrored, torch.randn(b - a, C, generator=gen)))
+    st.mark_complete()
+    st = FeatureStore.open(st.url)
+    assert st.has_flipped and "flipped/tokens/L3" in st.data_arrays() and st.verify()["ok"]
+    group = zarr.open_group(st.url, mode="r")
+    for mode in ("stream", "cpu"):
+        loader = CachedBatches(st, (1, 3), batch_size=4, flip_p=0.5, seed=0, cache_device=mode)
+        assert loader.exact_flips
+        n_flipped = 0
+        for batch in loader.epoch(0):
+            assert "flipped_tokens" not in batch and "flipped_global" not in batch
+            for j, p in enumerate(batch["index"]):
+                flip = bool(batch["flipped"][j])
+                n_flipped += flip
+                src = "flipped/" if flip else ""
+                for k in (1, 3):
+                    np.testing.assert_array_equal(batch["tokens"][k][j].numpy(), group[f"{src}tokens/L{k}"][p])
+                np.testing.assert_array_equal(batch["global"][j].numpy(), group[f"{src}cls"][p])
+                depth = group["depth"][p].astype(np.float32) / group["depth"].attrs["scale"]
+                np.testing.assert_array_equal(batch["depth"][j].numpy(), depth[:, ::-1] if flip else depth)
+        assert 0 < n_flipped < n
+    # Validation never flips, so it never reads the mirrored copies.
+    assert not CachedBatches(st, (1, 3), batch_size=4, train=False).exact_flips
