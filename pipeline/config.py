@@ -118,7 +118,7 @@ class ViewConfig(_Model):
     crop_size: tuple[int, int] | None = (352, 704)  # (H, W) for center/random
     views_per_image: int = Field(1, ge=1)
     seed: int = 42
-    # Horizontal flips for training. "features" (DESIGN.md): the cached token grids are mirrored at training time,
+    # Horizontal flips for training. "features" (docs/design.md): the cached token grids are mirrored at training time,
     # an approximation (a ViT is not exactly flip-equivariant). "extract": the encoder also runs on the mirrored
     # image of every training view and the store keeps those exact features beside the plain ones (2x the
     # extraction time and bytes); training then reads the exact features of a flipped sample.

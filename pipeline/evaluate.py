@@ -3,10 +3,11 @@
     evaluate_run(cfg, ["baseline", "full"])  ->  Evaluation
         per_image    one row per (variant, image): every metric of `spaceclip.metrics.compute_metrics`
         counts       test lines, evaluated, skipped with GT `None`, unreadable, without a valid GT pixel
-        protocol     what every table states (DESIGN.md): dataset, split, crop, range, options, checkpoints, provenance
+        protocol     what every table states (docs/design.md): dataset, split, crop, range, options, checkpoints,
+                     provenance
         samples      a few images with their GT and every variant's prediction, for the qualitative figure
 
-The protocol (DESIGN.md "Evaluation protocol"), per test frame with ground truth:
+The protocol (docs/design.md "Evaluation protocol"), per test frame with ground truth:
   1. the decoder predicts at its native 16g x 16g from the cached full-frame tokens;
   2. with `eval.flip_tta`, it also predicts from the tokens flipped along their width (feature space, as in
      training) and the flipped-back prediction is averaged in;
@@ -241,7 +242,7 @@ def decoder_predictor(model: SpaceClipDecoder, device: torch.device) -> Predicto
 # ---- prediction ---------------------------------------------------------------------------------------------------
 def predict(predictor: Predictor, batch: dict, flip_tta: bool) -> torch.Tensor:
     """(B, h, w) depth; with `flip_tta` the mean of the prediction and the flipped-back prediction from the
-    width-flipped token grids (the global vector is unchanged: DESIGN.md's feature-space flip)."""
+    width-flipped token grids (the global vector is unchanged: docs/design.md's feature-space flip)."""
     pred = predictor(batch)  # (B, h, w)
     if flip_tta:
         flips = torch.ones(pred.shape[0], dtype=torch.bool)

@@ -13,7 +13,7 @@ Shuffling is chunk-aligned: whole chunks in a random order, then samples shuffle
 `shuffle_window` consecutive chunks. Reads stay whole chunks (the store's unit of compression) while batches
 still mix several drives.
 
-Horizontal flip is done in *feature space* (DESIGN.md): the (g, g) token grid of every layer and the target are
+Horizontal flip is done in *feature space* (docs/design.md): the (g, g) token grid of every layer and the target are
 flipped along their width; the global vector is unchanged. ViT features are not exactly flip-equivariant, so
 this approximates flipping the image, which is what `ImageBatches` does.
 """

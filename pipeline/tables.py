@@ -167,7 +167,7 @@ ALIGNMENT_TEXT = {
 
 
 def protocol_line(protocol: dict) -> str:
-    """One line stating everything a reader needs to compare this table with another (DESIGN.md)."""
+    """One line stating everything a reader needs to compare this table with another (docs/design.md)."""
     c = protocol["counts"]
     lo, hi = protocol["depth_range"]
     dataset = protocol["dataset"].upper() + (" layout, synthetic data" if protocol["synthetic"] else "")

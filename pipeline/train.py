@@ -7,7 +7,7 @@
         train_state.pt      raw weights, optimizer, EMA and RNG state for resuming (tensors and plain values only,
                             loaded with `torch.load(weights_only=True)`: nothing is unpickled)
 
-Loss, optimiser and schedules are DESIGN.md's: 0.5 SILog + 0.5 SSIM (+ aux SILog), AdamW, `step` (x0.5 every 2
+Loss, optimiser and schedules are docs/design.md's: 0.5 SILog + 0.5 SSIM (+ aux SILog), AdamW, `step` (x0.5 every 2
 epochs) or `cosine_warmup` (linear warm-up, cosine to min_lr, per step), grad-norm clip, non-finite or empty
 batches skipped and counted, optional EMA. `best/` is chosen on validation AbsRel (a split carved from train by
 drive), never on test. A run whose `epochs` are reached is skipped; a killed run resumes from its last epoch.

@@ -2,7 +2,7 @@
 
 Protocol, per image (then a plain mean over images with `mean_metrics`):
   1. valid = (gt > min_depth) & (gt < max_depth), intersected with the eval crop.
-     Strict `<` at the top, as in the reference release's evaluation and BTS/AdaBins/Monodepth2; DESIGN.md
+     Strict `<` at the top, as in the reference release's evaluation and BTS/AdaBins/Monodepth2; docs/design.md
      writes the KITTI range as (1e-3, 80], which differs only for gt exactly equal to max_depth.
   2. median scaling (optional): pred *= median(gt[valid]) / median(pred[valid]).
   3. pred clipped to [min_depth, max_depth].

@@ -39,7 +39,7 @@ def gt_by_id(cfg) -> dict[str, np.ndarray]:
 
 
 def garg_valid(gt: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """DESIGN.md's Garg crop, written out again: rows [0.40810811 H, 0.99189189 H), cols [0.03594771 W,
+    """docs/design.md's Garg crop, written out again: rows [0.40810811 H, 0.99189189 H), cols [0.03594771 W,
     0.96405229 W)."""
     h, w = gt.shape
     crop = np.zeros_like(gt, dtype=bool)
