@@ -1,6 +1,7 @@
 """`spaceclip serve`: a local Prefect server and a deployment of every flow for every shipped config.
 
-    start `prefect server start` on 127.0.0.1 (PREFECT_HOME = .prefect/, SQLite), unless PREFECT_API_URL answers
+    start `prefect server start` on 127.0.0.1:<port>, its UI calling that port (PREFECT_HOME = .prefect/, SQLite),
+    unless PREFECT_API_URL answers
       └──► wait for /api/health ──► serve extract-features/{demo,kitti,nyu}, train-decoders/..., evaluate/...,
            paper-table/... in this process ──► Ctrl-C / SIGTERM: stop the runner, then every child process by PID
 
@@ -71,15 +72,21 @@ def start_server(port: int, home: Path, timeout: float = 120.0) -> tuple[subproc
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "server.log"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    api_url = f"http://127.0.0.1:{port}/api"
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
                # so that `prefect deployment run --watch` prints the run's log lines, not only its state changes
                PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true", PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true")
+    # The UI (its /ui-settings) must call the API on this port: without a UI API URL, Prefect derives it from
+    # PREFECT_API_URL (a profile's, often :4200) or the default port, and the UI on any other port shows nothing.
+    # One given explicitly (a reverse proxy) is kept.
+    if not (env.get("PREFECT_SERVER_UI_API_URL") or env.get("PREFECT_UI_API_URL")):
+        env["PREFECT_SERVER_UI_API_URL"] = api_url
     with open(log_path, "ab") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    api_url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout
     while not api_healthy(api_url):
         if server.poll() is not None or time.monotonic() > deadline:
@@ -163,11 +170,58 @@ def instructions(api_url: str, deployments: list, started: bool, home: Path) -> 
     return "\n".join(lines)
 
 
+# ---- the runner ----------------------------------------------------------------------------------------------------
+def run_runner(deployments: list, query_seconds: float) -> None:
+    """What `prefect.serve(*deployments)` does (a Runner that pauses its deployments on shutdown, no run limit),
+    except for Ctrl-C: SIGINT stops the runner the way Prefect's own SIGTERM handler does, with `Runner.astop`
+    (in-flight runs cancelled, then the runner's anyio cancel scope cancelled), and a second SIGINT forces the exit.
+
+    `prefect.serve` leaves SIGINT to `asyncio.run`, whose handler cancels the main task once (`Task.cancel()`, a
+    single CancelledError): where that one exception is absorbed on its way through the runner's start-up and
+    polling awaits, the runner just goes on and serve did not stop (seen on prefect 3.9.1: one first Ctrl-C in
+    ~25 had no effect, the second one worked). An anyio scope cancellation stays in force until the scope exits."""
+    import asyncio
+
+    from prefect.runner import Runner
+
+    runner = Runner(pause_on_shutdown=True, limit=None, query_seconds=query_seconds)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+
+    async def stop() -> None:
+        while not runner.started and not runner.stopping:  # still starting: stop as soon as it has started
+            await asyncio.sleep(0.1)
+        if runner.started:  # not stopped already (SIGTERM)
+            await runner.astop()
+
+    interrupts = 0
+
+    def on_sigint(signum, frame) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        loop = runner._loop  # the loop `start` runs on, set when it starts
+        if interrupts > 1 or loop is None or not loop.is_running():
+            raise KeyboardInterrupt
+        print("Ctrl-C: stopping the runs in progress and the runner (Ctrl-C again to force) ...", flush=True)
+        asyncio.run_coroutine_threadsafe(stop(), loop)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        asyncio.run(runner.start())  # the runner replaces our SIGTERM handler with its own (`astop` too)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ---- the command ---------------------------------------------------------------------------------------------------
 def serve(port: int | None = None, configs=CONFIGS) -> int:
     """Start (or reuse) a server, serve the deployments until Ctrl-C / SIGTERM, then stop every child process."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    # Ctrl-C / SIGINT is how serve is stopped, so it must never be inherited as "ignored": a `cmd &` job of a
+    # non-interactive shell (a script, CI, a test runner started that way, and every child it spawns) starts with
+    # SIGINT set to SIG_IGN, Python keeps that, and serve ran on after SIGINT until killed. Until the runner runs,
+    # SIGINT raises KeyboardInterrupt; then `run_runner` takes over.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Until Prefect's runner installs its own SIGTERM handler, SIGTERM unwinds through the `finally` below too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     home = Path(os.environ.get("PREFECT_HOME", ".prefect")).resolve()
@@ -192,16 +246,13 @@ def serve(port: int | None = None, configs=CONFIGS) -> int:
         # Prefect's runner SIGTERM handler calls its async stop() without awaiting it; the shutdown works regardless.
         warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
         with temporary_settings({PREFECT_API_URL: api_url}):
-            from prefect import serve as prefect_serve
-
             deployments = build_deployments(load_flows(), configs)
             print(instructions(api_url, deployments, started, home), flush=True)
-            prefect_serve(*deployments, print_starting_message=False,
-                          query_seconds=float(os.environ["PREFECT_RUNNER_POLL_FREQUENCY"]))
+            run_runner(deployments, query_seconds=float(os.environ["PREFECT_RUNNER_POLL_FREQUENCY"]))
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Prefect's runner handler exits)
+    except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C, or SIGTERM during start-up (the runner exits)
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -100,6 +101,16 @@ def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | No
         time.sleep(0.5)
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def ui_settings(port: int) -> dict:
+    """What the Prefect UI served on `port` fetches first: its settings, among them the API address it calls."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as response:
+        return json.load(response)
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -144,6 +155,103 @@ def test_prefect_yaml_names_every_flow_and_config():
 
 
 # ---- spaceclip serve -----------------------------------------------------------------------------------------------
+class FakeRunner:
+    """Stands in for prefect's Runner in `run_runner`: `start` waits on the loop until `astop` is called."""
+
+    instances: list = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.deployments, self.events = kwargs, [], []
+        self.started = self.stopping = False
+        self._loop = None
+        FakeRunner.instances.append(self)
+
+    def add_deployment(self, deployment):
+        self.deployments.append(deployment)
+
+    async def start(self):
+        import asyncio
+
+        self._loop, self._stopped = asyncio.get_running_loop(), asyncio.Event()
+        self.events.append(("sigint handler", signal.getsignal(signal.SIGINT)))
+        self.started = True
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while serving
+        await self._stopped.wait()
+        self.events.append("start returned")
+
+    async def astop(self):
+        self.events.append("astop")
+        self.started, self.stopping = False, True
+        self._stopped.set()
+
+
+def test_sigint_stops_the_runner_with_astop_even_if_inherited_ignored(monkeypatch, capsys):
+    """`serve` restores SIGINT that was inherited as ignored, and while the runner runs, SIGINT stops it with
+    `Runner.astop` (the way Prefect's SIGTERM handler does) instead of one asyncio task cancellation."""
+    import prefect.runner
+
+    from flows import serve as serve_module
+
+    monkeypatch.setattr(prefect.runner, "Runner", FakeRunner)
+    monkeypatch.setattr(serve_module, "api_healthy", lambda url, timeout=2.0: True)
+    deployments = [SimpleNamespace(flow_name="extract-features", name=c) for c in ("demo", "kitti")]
+    monkeypatch.setattr(serve_module, "build_deployments", lambda flows, configs: deployments)
+    monkeypatch.setattr(serve_module, "load_flows", lambda: [])
+    stopped = []
+    monkeypatch.setattr(serve_module, "stop_children", lambda grace=15.0: stopped.append(True))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # "existing": no server is started
+    monkeypatch.setenv("PREFECT_RUNNER_POLL_FREQUENCY", "3")
+    FakeRunner.instances.clear()
+    old_int, old_term = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.getsignal(signal.SIGTERM)
+    try:
+        assert serve_module.serve() == 0
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    (runner,) = FakeRunner.instances
+    assert runner.kwargs == {"pause_on_shutdown": True, "limit": None, "query_seconds": 3.0}
+    assert runner.deployments == deployments
+    (label, handler), *rest = runner.events
+    assert label == "sigint handler" and callable(handler) and handler is not signal.default_int_handler
+    assert rest == ["astop", "start returned"]
+    assert after is signal.default_int_handler  # restored once the runner is done; the inherited SIG_IGN is gone
+    assert stopped == [True]
+    out = capsys.readouterr().out
+    assert "Ctrl-C: stopping the runs in progress and the runner" in out
+    assert "stopped: every process `spaceclip serve` started has exited" in out
+
+
+def test_server_ui_api_url_follows_the_port(monkeypatch, tmp_path):
+    """The server process gets its UI API address for its own port; one the user set explicitly is kept."""
+    from flows import serve as serve_module
+
+    seen = []
+
+    class Popen:
+        def __init__(self, args, env, **kwargs):
+            seen.append((args, env))
+            self.pid = os.getpid()
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(serve_module.subprocess, "Popen", Popen)
+    monkeypatch.setattr(serve_module, "api_healthy", lambda url, timeout=2.0: True)
+    for name in ("PREFECT_SERVER_UI_API_URL", "PREFECT_UI_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")  # a profile's or shell's: not passed on
+    _, api = serve_module.start_server(4317, tmp_path)
+    args, env = seen[-1]
+    assert api == "http://127.0.0.1:4317/api" and args[-2:] == ["--port", "4317"]
+    assert env["PREFECT_SERVER_UI_API_URL"] == api and "PREFECT_API_URL" not in env
+    assert (env["PREFECT_SERVER_API_HOST"], env["PREFECT_SERVER_API_PORT"]) == ("127.0.0.1", "4317")
+    monkeypatch.setenv("PREFECT_UI_API_URL", "https://prefect.example.org/api")  # behind a proxy
+    serve_module.start_server(4317, tmp_path)
+    assert "PREFECT_SERVER_UI_API_URL" not in seen[-1][1]
+    assert seen[-1][1]["PREFECT_UI_API_URL"] == "https://prefect.example.org/api"
+
+
 @pytest.mark.slow
 def test_serve_runs_deployments_and_stops_everything(tmp_path, encoder_64px):
     port, home, work = free_port(), tmp_path / "prefect-home", tmp_path / "work"
@@ -153,8 +261,10 @@ def test_serve_runs_deployments_and_stops_everything(tmp_path, encoder_64px):
     env = child_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1")
     start = time.monotonic()
     with open(log, "w") as out:
+        # Started with SIGINT ignored, as a `cmd &` job of a non-interactive shell (and a test runner started that
+        # way, and all its children) starts: Ctrl-C must still stop serve.
         serve = subprocess.Popen([SPACECLIP, "serve", "--port", str(port)], cwd=work, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT)
+                                 stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
     procs: list[psutil.Process] = []
     try:
         for name in ("extract-features/demo", "paper-table/demo", "train-decoders/nyu", "evaluate/kitti"):
@@ -164,6 +274,8 @@ def test_serve_runs_deployments_and_stops_everything(tmp_path, encoder_64px):
         text = log.read_text()
         assert f"Prefect UI:     http://127.0.0.1:{port}" in text and f"export PREFECT_API_URL={api}" in text
         assert (home / "prefect.db").exists() and (home / "server.log").exists()  # in the given PREFECT_HOME
+        # The UI served on this port calls the API on this port (not Prefect's default 4200).
+        assert ui_settings(port)["api_url"] == api
         run_env = child_env(home, PREFECT_API_URL=api)
 
         t = time.monotonic()
@@ -202,7 +314,9 @@ def test_serve_runs_deployments_and_stops_everything(tmp_path, encoder_64px):
         serve.send_signal(signal.SIGINT)
         assert serve.wait(timeout=60) == 0
         print(f"shutdown: {time.monotonic() - t:.1f} s")
-        assert "every process `spaceclip serve` started has exited" in log.read_text()
+        text = log.read_text()
+        assert "Ctrl-C: stopping the runs in progress and the runner" in text
+        assert "every process `spaceclip serve` started has exited" in text
         assert_gone(procs)
         assert not port_open(port)
     finally:
@@ -227,6 +341,7 @@ def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px):
     server, api = start_server(port, home)  # what `spaceclip serve` starts, here in the test's own hands
     env = child_env(home, PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1")
     started: list[subprocess.Popen] = [server]
+    assert ui_settings(port)["api_url"] == api
 
     def popen(args: list[str], name: str, **kwargs) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
