@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +87,21 @@ def _nyu_identity(image_rel: str) -> tuple[str, str]:
 
 
 def parse_split_file(split_file: Path, image_root: Path, depth_root: Path, layout: str) -> list[Sample]:
-    """Every line of a split file as a `Sample` (blank lines and `#` comments skipped). A leading `/` on a path
-    (the BTS NYU train file has one) is relative to the root, not absolute."""
+    """Every line of a split file as a `Sample` (blank lines and `#` comments skipped; CRLF or LF endings; a UTF-8
+    byte-order mark, as Windows editors save one, is not part of the first path). A leading `/` on a path (the BTS
+    NYU train file has one) is relative to the root, not absolute."""
     split_file = Path(split_file)
     identity = _kitti_identity if layout == "kitti" else _nyu_identity
+    if split_file.is_dir():
+        raise DatasetError(f"split file {split_file} is a directory, not a file")
     try:
-        text = split_file.read_text()
+        text = split_file.read_text(encoding="utf-8-sig")
     except OSError as err:
         raise DatasetError(f"cannot read split file {split_file}: {err}") from None
+    except UnicodeDecodeError as err:
+        line = split_file.read_bytes()[: err.start].count(b"\n") + 1
+        raise DatasetError(f"split file {split_file} is not UTF-8 text (line {line}, byte {err.start}): "
+                           f"{err.reason}") from None
     samples: list[Sample] = []
     seen: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -109,8 +117,8 @@ def parse_split_file(split_file: Path, image_root: Path, depth_root: Path, layou
             focal = float(focal_text)
         except ValueError:
             raise DatasetError(f"focal length {focal_text!r} is not a number ({where})") from None
-        if not focal > 0:
-            raise DatasetError(f"focal length must be positive, got {focal_text} ({where})")
+        if not (math.isfinite(focal) and focal > 0):
+            raise DatasetError(f"focal length must be a positive finite number, got {focal_text} ({where})")
         image_rel = image_rel.lstrip("/")
         sample_id, group = identity(image_rel)
         if sample_id in seen:
@@ -156,14 +164,30 @@ def read_split(cfg: DataConfig, split: Literal["train", "val", "test"]) -> list[
 
 # ---- images and depth ----------------------------------------------------------------------------------------
 def _open(path: Path, kind: str, sample: Sample) -> Image.Image:
+    if path.is_dir():
+        raise DatasetError(f"{kind} path is a directory, not a file: {path} ({sample.where})")
     if not path.is_file():
         raise DatasetError(f"{kind} file missing: {path} ({sample.where})")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{kind} file is empty (0 bytes): {path} ({sample.where})")
     try:
         img = Image.open(path)
         img.load()  # decode now: a truncated or corrupt file fails here, with its name
+    except Image.DecompressionBombError as err:  # more pixels than PIL's limit: refused before decoding
+        raise DatasetError(f"{kind} file refused as a decompression bomb: {path} ({sample.where}): {err}") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DatasetError(f"{kind} file unreadable: {path} ({sample.where}): {err}") from None
     return img
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(W, H) from an image file's header, without decoding; None when it cannot be read (then the image loader
+    reports it)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:
+        return None
 
 
 def load_image(sample: Sample) -> np.ndarray:
@@ -173,7 +197,8 @@ def load_image(sample: Sample) -> np.ndarray:
 
 
 def load_depth(sample: Sample, layout: str) -> np.ndarray | None:
-    """(H, W) float32 metres, 0 = invalid; None when the split line has no ground truth."""
+    """(H, W) float32 metres, 0 = invalid; None when the split line has no ground truth. A depth map must be a
+    16-bit single-channel PNG of its image's size (the image's header is read to check)."""
     if sample.depth_path is None:
         return None
     if layout not in DEPTH_SCALE:
@@ -187,6 +212,12 @@ def load_depth(sample: Sample, layout: str) -> np.ndarray | None:
     if raw.ndim != 2:
         raise DatasetError(
             f"depth file is not single-channel (shape {raw.shape}): {sample.depth_path} ({sample.where})"
+        )
+    image_size = _header_size(sample.image_path)
+    if image_size is not None and image_size != img.size:
+        raise DatasetError(
+            f"depth file is {img.size[0]}x{img.size[1]} but its image {sample.image_path} is "
+            f"{image_size[0]}x{image_size[1]}: {sample.depth_path} ({sample.where})"
         )
     return raw.astype(np.float32) / np.float32(DEPTH_SCALE[layout])
 
