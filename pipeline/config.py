@@ -109,6 +109,17 @@ class DecoderConfig(_Model):
                     structural_layers=self.structural_layers, dropout=self.dropout, film_hidden=self.film_hidden)
 
 
+class ColorConfig(_Model):
+    """The authors' release colour augmentation (utils/dataloader.py `augment_image_numpy`), applied to a view with
+    probability `p`: on the image in [0, 1], x ** gamma, then x brightness, then x a gain per RGB channel, each
+    factor uniform in its range, clipped to [0, 1] (and rounded back to 8 bits for the encoder's preprocessing)."""
+
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    gamma: tuple[float, float] = (0.9, 1.1)
+    brightness: tuple[float, float] = (0.9, 1.1)
+    gain: tuple[float, float] = (0.9, 1.1)
+
+
 class ViewConfig(_Model):
     """What part of each training frame the encoder sees. Random crops cannot be done in feature space later,
     so K seeded crops per frame are taken at extraction time. Test splits always store the full frame."""
@@ -123,6 +134,13 @@ class ViewConfig(_Model):
     # image of every training view and the store keeps those exact features beside the plain ones (2x the
     # extraction time and bytes); training then reads the exact features of a flipped sample.
     flip: Literal["features", "extract"] = "features"
+    # Augmentation baked into each training view at extraction (the cache cannot augment per iteration, so each of
+    # the K views gets its own seeded parameters, recorded in the store's index). `rotation_deg`: max |angle| of a
+    # rotation of the whole frame about its centre before the crop (bicubic image, nearest-neighbour depth, pixels
+    # rotated in from outside the frame are black / invalid), the angle uniform in [-rotation_deg, rotation_deg]
+    # per view, as the reference's PIL rotate; 0 = off. `color`: the release's colour augmentation, or None.
+    rotation_deg: float = Field(0.0, ge=0.0, le=45.0)
+    color: ColorConfig | None = None
 
 
 class CacheConfig(_Model):
@@ -139,7 +157,7 @@ class CacheConfig(_Model):
 class TrainConfig(_Model):
     variants: list[str] = ["baseline", "film", "structural", "full"]
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)  # paper: 64 (release: 64 KITTI / 32 NYU)
     lr: float = 1e-4
     weight_decay: float = 0.01
     schedule: Literal["step", "cosine_warmup"] = "step"
@@ -149,6 +167,10 @@ class TrainConfig(_Model):
     min_lr: float = 1e-6
     grad_clip: float = 1.0
     ema: float | None = None  # e.g. 0.996
+    # With EMA, which weights are validated and kept each epoch: "ema" (the EMA weights) or "better" (both the raw
+    # and the EMA weights are validated and the lower validation AbsRel is kept, as the release's
+    # eval_both_for_best); the checkpoint records which ("weights": "raw" / "ema").
+    ema_select: Literal["ema", "better"] = "ema"
     seed: int = 42
     flip_p: float = Field(0.5, ge=0.0, le=1.0)
     silog_weight: float = 0.5
@@ -172,6 +194,10 @@ class EvalConfig(_Model):
     # 352 x 704 first, as the authors' release evaluation does.
     gt_resolution: Literal["native", "352x704"] = "native"
     flip_tta: bool = False
+    # Where the mirrored input of flip TTA comes from: "features" (the cached token grids flipped along their width,
+    # an approximation) or "pixels" (the mirrored test images run through the encoder at extraction and stored beside
+    # the plain features: the release's flip TTA; the test cache then has its own fingerprint).
+    flip_tta_source: Literal["features", "pixels"] = "features"
     checkpoint: Literal["best", "last"] = "best"
     out_dir: str = "results"
     batch_size: int = Field(8, ge=1)
@@ -188,6 +214,9 @@ class DaskConfig(_Model):
 
 class Config(_Model):
     name: str = "default"
+    # The training recipe this config follows, named in every table's protocol line: "paper" (arXiv 2601.17657
+    # section 4), "release" (the authors' repository configs), or any label of your own ("demo").
+    recipe: str = "paper"
     data: DataConfig = DataConfig()
     encoder: EncoderConfig = EncoderConfig()
     decoder: DecoderConfig = DecoderConfig()
@@ -202,6 +231,11 @@ class Config(_Model):
     def cache_layers(self) -> tuple[int, ...]:
         """The hidden states the cache stores: `cache.layers`, or every layer the decoder reads."""
         return tuple(sorted(self.cache.layers if self.cache.layers is not None else self.decoder.layers))
+
+    @property
+    def pixel_flip_tta(self) -> bool:
+        """Flip TTA from the mirrored test images' own features: the test store then holds them too."""
+        return self.eval.flip_tta and self.eval.flip_tta_source == "pixels"
 
     @property
     def eval_crop(self) -> str:

@@ -230,6 +230,26 @@ class View:
     left: int
     height: int
     width: int
+    # Augmentation baked in at extraction (`views.rotation_deg`, `views.color`): the frame is rotated by `angle`
+    # degrees (counter-clockwise, about its centre, as PIL) before the crop; `color` = (gamma, brightness, gain R,
+    # gain G, gain B) on the crop, None = not applied to this view.
+    angle: float = 0.0
+    color: tuple[float, float, float, float, float] | None = None
+
+    @property
+    def augmentation(self) -> tuple[float, float, float, float, float, float]:
+        """(angle, gamma, brightness, gain R, gain G, gain B), the identity (0, 1, 1, 1, 1, 1) when off: the row the
+        store's index keeps for the view."""
+        return (float(self.angle), *(self.color if self.color is not None else (1.0,) * 5))
+
+    @staticmethod
+    def from_record(box, augmentation=None) -> "View":
+        """A View from the index's (k, top, left, h, w) and (angle, gamma, brightness, gains) rows."""
+        k, top, left, h, w = (int(v) for v in box)
+        if augmentation is None:
+            return View(k, top, left, h, w)
+        angle, *color = (float(v) for v in augmentation)
+        return View(k, top, left, h, w, angle, None if all(c == 1.0 for c in color) else tuple(color))
 
 
 def _stable_seed(*parts) -> int:
@@ -256,19 +276,73 @@ def make_views(
     if not train:
         return [View(0, 0, 0, H, W)]
     top, left, rh, rw = kb_region(image_hw) if views.kb_crop and layout == "kitti" else (0, 0, H, W)
-    if views.mode == "full":
-        return [View(0, top, left, rh, rw)]
+    augments = views.rotation_deg > 0 or views.color is not None
+    if views.mode in ("full", "center"):
+        ch, cw = (rh, rw) if views.mode == "full" else tuple(min(a, b) for a, b in zip(views.crop_size or (rh, rw),
+                                                                                        (rh, rw)))
+        box = (top + (rh - ch) // 2, left + (rw - cw) // 2, ch, cw)
+        # One fixed box: K > 1 views of it only differ when they are augmented (else they would be copies).
+        return [_augmented(View(k, *box), sample_id, views) for k in range(views.views_per_image if augments else 1)]
     ch, cw = views.crop_size or (rh, rw)
     ch, cw = min(ch, rh), min(cw, rw)
-    if views.mode == "center":
-        return [View(0, top + (rh - ch) // 2, left + (rw - cw) // 2, ch, cw)]
     out = []
     for k in range(views.views_per_image):
         rng = np.random.default_rng(_stable_seed(views.seed, sample_id, k))
         dy = int(rng.integers(0, rh - ch + 1))
         dx = int(rng.integers(0, rw - cw + 1))
-        out.append(View(k, top + dy, left + dx, ch, cw))
+        out.append(_augmented(View(k, top + dy, left + dx, ch, cw), sample_id, views))
     return out
+
+
+def _augmented(view: View, sample_id: str, views: ViewConfig) -> View:
+    """`view` with its rotation angle and colour parameters, drawn from their own seeded stream (views.seed,
+    sample_id, k, "augment"), so that turning augmentation on does not move the crops."""
+    if views.rotation_deg <= 0 and views.color is None:
+        return view
+    rng = np.random.default_rng(_stable_seed(views.seed, sample_id, view.k, "augment"))
+    u_angle, u_apply, u_gamma, u_bright = rng.random(4)
+    u_gain = rng.random(3)
+    angle = float((2.0 * u_angle - 1.0) * views.rotation_deg) if views.rotation_deg > 0 else 0.0
+    color = None
+    c = views.color
+    if c is not None and u_apply < c.p:
+        lerp = lambda lo_hi, u: float(lo_hi[0] + (lo_hi[1] - lo_hi[0]) * u)  # noqa: E731
+        color = (lerp(c.gamma, u_gamma), lerp(c.brightness, u_bright), *(lerp(c.gain, u) for u in u_gain))
+    return View(view.k, view.top, view.left, view.height, view.width, angle, color)
+
+
+def rotate_frame(array: np.ndarray, angle: float, depth: bool) -> np.ndarray:
+    """An (H, W, 3) uint8 image or (H, W) float32 depth map rotated by `angle` degrees counter-clockwise about its
+    centre, same size, as the reference's PIL `rotate`: bicubic for the image, nearest-neighbour for depth (sparse
+    LiDAR values stay real), 0 (black / invalid) where the rotated frame does not reach."""
+    if angle == 0.0:
+        return array
+    if depth:
+        img = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
+        return np.asarray(img.rotate(angle, resample=Image.Resampling.NEAREST, fillcolor=0.0), dtype=np.float32)
+    img = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
+    return np.asarray(img.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=(0, 0, 0)))
+
+
+def apply_color(image: np.ndarray, color: tuple | None) -> np.ndarray:
+    """The release's colour augmentation on an (H, W, 3) uint8 image: x = image / 255, x ** gamma x brightness x
+    per-channel gain, clipped to [0, 1], rounded back to uint8. None: the image unchanged."""
+    if color is None:
+        return image
+    gamma, brightness, *gains = color
+    x = image.astype(np.float32) / np.float32(255.0)
+    x = x ** np.float32(gamma) * np.float32(brightness) * np.asarray(gains, np.float32)
+    return np.round(np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+
+
+def augmented_view(image: np.ndarray, depth: np.ndarray | None, view: View) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image crop, depth crop) of a training view with its augmentation: the whole frame rotated by `view.angle`
+    (image and depth alike), then cut to the view's box, then the colour change on the image."""
+    crop = apply_view(rotate_frame(image, view.angle, depth=False), view)
+    crop = apply_color(np.ascontiguousarray(crop), view.color)
+    if depth is not None:
+        depth = apply_view(rotate_frame(depth, view.angle, depth=True), view)
+    return crop, depth
 
 
 def apply_view(array: np.ndarray, view: View) -> np.ndarray:

@@ -10,7 +10,8 @@
 The protocol (docs/design.md "Evaluation protocol"), per test frame with ground truth:
   1. the decoder predicts at its native 16g x 16g from the cached full-frame tokens;
   2. with `eval.flip_tta`, it also predicts from the tokens flipped along their width (feature space, as in
-     training) and the flipped-back prediction is averaged in;
+     training) or, with `eval.flip_tta_source=pixels`, from the mirrored test image's own features (extracted into
+     the test store beside the plain ones), and the flipped-back prediction is averaged in;
   3. the prediction is resized **bilinearly to the native GT resolution** (about 375 x 1242 for KITTI), or with
      `eval.gt_resolution=352x704` (KITTI; the authors' release protocol) the GT is resized nearest-neighbour to
      352 x 704 (as PIL does in their loader) and the prediction bilinearly to that;
@@ -240,13 +241,16 @@ def decoder_predictor(model: SpaceClipDecoder, device: torch.device) -> Predicto
 
 
 # ---- prediction ---------------------------------------------------------------------------------------------------
-def predict(predictor: Predictor, batch: dict, flip_tta: bool) -> torch.Tensor:
-    """(B, h, w) depth; with `flip_tta` the mean of the prediction and the flipped-back prediction from the
-    width-flipped token grids (the global vector is unchanged: docs/design.md's feature-space flip)."""
+def predict(predictor: Predictor, batch: dict, flip_tta: bool, mirrored_batch: dict | None = None) -> torch.Tensor:
+    """(B, h, w) depth; with `flip_tta` the mean of the prediction and the flipped-back prediction of the mirrored
+    input: `mirrored_batch` (the mirrored test images' own features, `eval.flip_tta_source=pixels`) when given,
+    else the width-flipped token grids (the global vector unchanged: docs/design.md's feature-space flip)."""
     pred = predictor(batch)  # (B, h, w)
     if flip_tta:
-        flips = torch.ones(pred.shape[0], dtype=torch.bool)
-        mirrored = predictor(flip_batch(dict(batch), flips))  # (B, h, w), of the mirrored scene
+        if mirrored_batch is None:
+            flips = torch.ones(pred.shape[0], dtype=torch.bool)
+            mirrored_batch = flip_batch(dict(batch), flips)
+        mirrored = predictor(mirrored_batch)  # (B, h, w), of the mirrored scene
         pred = 0.5 * (pred + mirrored.flip(-1))
     return pred
 
@@ -299,6 +303,10 @@ def evaluate_run(
     else:
         variants, checkpoints = list(predictors), {}
     layers = sorted(set().union(*(getattr(p, "layers", store.layers) for p in predictors.values())))
+    pixel_flips = cfg.pixel_flip_tta
+    if pixel_flips and not store.has_flipped:  # the fingerprint says it has them; a renamed store might not
+        raise EvaluationError(f"eval.flip_tta_source=pixels, but {store.url} holds no mirrored-image features; "
+                              "extract the test split again with this config")
 
     index = store.index()
     records = index.to_dict("records")
@@ -314,7 +322,7 @@ def evaluate_run(
     log.info("evaluating %s on %d of %d test frames (%d with GT None%s) from %s: crop %s, range (%g, %g], "
              "alignment %s, GT %s, flip TTA %s", ", ".join(variants), len(todo), store.n, int((~has_gt).sum()),
              f", {int(unreadable.sum())} unreadable" if unreadable.any() else "", store.url, crop, lo, hi,
-             alignment, ev.gt_resolution, "on" if ev.flip_tta else "off")
+             alignment, ev.gt_resolution, f"on ({ev.flip_tta_source})" if ev.flip_tta else "off")
 
     def read_gt(p: int) -> np.ndarray | datasets.DatasetError:
         try:
@@ -331,14 +339,21 @@ def evaluate_run(
             positions = todo[(todo >= a) & (todo < b)]
             if len(positions) == 0:
                 continue
-            chunk = store.read(slice(a, b), layers, depth=False)  # whole chunks: the store's unit of compression
+            # whole chunks: the store's unit of compression (with the mirrored images' features for pixel flip TTA)
+            chunk = store.read(slice(a, b), layers, depth=False, flipped=pixel_flips)
             gts = pool.map(read_gt, positions)  # decoded ahead, in order
             for start in range(0, len(positions), ev.batch_size):
                 pos = positions[start:start + ev.batch_size]
                 rel = torch.from_numpy(pos - a)
                 batch = batch_to({"tokens": {k: t.index_select(0, rel) for k, t in chunk["tokens"].items()},
                                   "global": chunk["global"].index_select(0, rel), "index": pos}, device)
-                preds = {v: predict(fn, batch, ev.flip_tta) for v, fn in predictors.items()}  # v -> (B, h, w)
+                mirrored = None
+                if pixel_flips:
+                    mirrored = batch_to({"tokens": {k: t.index_select(0, rel) for k, t in
+                                                    chunk["flipped_tokens"].items()},
+                                         "global": chunk["flipped_global"].index_select(0, rel), "index": pos}, device)
+                preds = {v: predict(fn, batch, ev.flip_tta, mirrored)  # v -> (B, h, w)
+                         for v, fn in predictors.items()}
                 for j, p in enumerate(pos):
                     row, gt = records[p], next(gts)  # gt: (H, W) metres
                     if isinstance(gt, datasets.DatasetError):
@@ -432,6 +447,7 @@ def protocol_of(cfg: Config, store: FeatureStore, encoder, crop: str, counts: di
         "config": cfg.name, "sweep": cfg.sweep, "dataset": cfg.data.layout, "synthetic": cfg.data.synth is not None,
         "split_file": str(cfg.data.test_split), "counts": counts, "crop": crop, "depth_range": [lo, hi],
         "median_scaling": resolve_alignment(cfg) == "median", "flip_tta": cfg.eval.flip_tta,
+        "flip_tta_source": cfg.eval.flip_tta_source if cfg.eval.flip_tta else None, "recipe": cfg.recipe,
         "alignment": resolve_alignment(cfg), "gt_resolution": cfg.eval.gt_resolution,
         "resize": ("bilinear, to the native ground-truth resolution" if cfg.eval.gt_resolution == "native" else
                    f"GT nearest-neighbour to {cfg.eval.gt_resolution}, prediction bilinear to it"),

@@ -76,9 +76,12 @@ def split_fingerprint(cfg: Config, split: str, encoder: FrozenEncoder) -> tuple[
 
 def view_config_for(cfg: Config, split: str):
     """Train: the configured views. Val: one deterministic centred view of the same size (checkpoint selection
-    must not depend on random crops). Test: the full frame, handled by `make_views(train=False)`."""
-    if split == "val" and cfg.views.mode == "random":
-        return cfg.views.model_copy(update={"mode": "center", "views_per_image": 1})
+    must not depend on random crops or augmentation). Test: the full frame, handled by `make_views(train=False)`."""
+    if split == "val":  # un-augmented, one view per frame
+        update = {"rotation_deg": 0.0, "color": None, "views_per_image": 1}
+        if cfg.views.mode == "random":
+            update["mode"] = "center"
+        return cfg.views.model_copy(update=update)
     return cfg.views
 
 
@@ -102,7 +105,7 @@ def plan_split(cfg: Config, split: str, encoder: FrozenEncoder) -> Plan:
     trains = split != "test"
     views_cfg = view_config_for(cfg, split)
     rows: dict[str, list] = {k: [] for k in ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group",
-                                              "line")}
+                                              "line", "view_aug")}
     skipped = []
     for s in samples:
         try:
@@ -120,6 +123,7 @@ def plan_split(cfg: Config, split: str, encoder: FrozenEncoder) -> Plan:
             rows["focal"].append(s.focal)
             rows["orig_hw"].append((h, w))
             rows["view"].append((v.k, v.top, v.left, v.height, v.width))
+            rows["view_aug"].append(v.augmentation)  # (angle, gamma, brightness, gains): the view is recomputable
             rows["group"].append(s.group)
             rows["line"].append(s.line)
     index = {
@@ -128,6 +132,7 @@ def plan_split(cfg: Config, split: str, encoder: FrozenEncoder) -> Plan:
         "orig_hw": np.array(rows["orig_hw"], np.int32).reshape(-1, 2),
         "view": np.array(rows["view"], np.int32).reshape(-1, 5), "group": np.array(rows["group"], dtype=str),
         "line": np.array(rows["line"], np.int32),
+        "view_aug": np.array(rows["view_aug"], np.float64).reshape(-1, 6),
     }
     target_hw = None
     if trains:
@@ -169,11 +174,13 @@ def prepare_store(cfg: Config, split: str, encoder: FrozenEncoder | None = None)
     except StoreError:
         pass
     plan = plan_split(cfg, split, encoder)
+    # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
+    flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
     spec = StoreSpec(
         n=len(plan.index["id"]), layers=cfg.cache_layers, grid=encoder.grid, width=encoder.width,
         dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
         level=cfg.cache.compression_level, target_hw=plan.target_hw,
-        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=split == "train" and cfg.views.flip == "extract",
+        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
         attrs={
             "fingerprint": fp, "fingerprint_inputs": plan.inputs, "split": split, "config": dump_config(cfg),
             "versions": package_versions(), "format_version": plan.inputs["format_version"],
@@ -219,19 +226,26 @@ def open_for(cfg: Config, split: str, encoder: FrozenEncoder | None = None) -> F
 def _load_row(store: FeatureStore, row, encoder: FrozenEncoder, layout: str, target_hw):
     """Decode, crop and preprocess one sample (runs in a loader thread)."""
     sample = datasets.sample_from_row(row._asdict(), store.attrs["split_file"])
-    view = datasets.View(k=int(row.view_k), top=int(row.view_top), left=int(row.view_left), height=int(row.view_h),
-                         width=int(row.view_w))
+    view = view_of_row(row)
     image = datasets.load_image(sample)
     if image.shape[:2] != (row.orig_h, row.orig_w):
         raise DatasetError(f"image {sample.image_path} is {image.shape[1]}x{image.shape[0]}, but was "
                            f"{row.orig_w}x{row.orig_h} when the store was planned (line {sample.line})")
-    pixels = encoder.preprocess(datasets.apply_view(image, view))[0]
+    gt = datasets.load_depth(sample, layout) if target_hw is not None else None
+    # The view's recorded augmentation (rotation of the frame, image and depth alike; colour) is applied here.
+    crop, gt_crop = datasets.augmented_view(image, gt, view)
+    pixels = encoder.preprocess(crop)[0]
     depth = None
     if target_hw is not None:
-        gt = datasets.load_depth(sample, layout)
-        depth = np.zeros(target_hw, np.float32) if gt is None else resize_depth(datasets.apply_view(gt, view),
-                                                                                target_hw)
+        depth = np.zeros(target_hw, np.float32) if gt_crop is None else resize_depth(gt_crop, target_hw)
     return pixels, depth
+
+
+def view_of_row(row) -> datasets.View:
+    """The `View` (crop box and augmentation) an index row records (a row of `FeatureStore.index()`)."""
+    return datasets.View.from_record((row.view_k, row.view_top, row.view_left, row.view_h, row.view_w),
+                                     (row.view_angle, row.view_gamma, row.view_brightness, row.view_gain_r,
+                                      row.view_gain_g, row.view_gain_b))
 
 
 def resize_depth(depth: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -263,7 +277,7 @@ def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None =
     tokens = {k: torch.zeros(n, encoder.grid, encoder.grid, encoder.width, dtype=buf_dtype) for k in layers}
     cls = torch.zeros(n, encoder.width, dtype=buf_dtype)
     flipped = None
-    if store.has_flipped:  # views.flip = extract: the mirrored image of every view, encoded too
+    if store.has_flipped:  # views.flip = extract / pixel flip TTA: the mirrored image of every view, encoded too
         flipped = ({k: torch.zeros_like(t) for k, t in tokens.items()}, torch.zeros_like(cls))
     depth = np.zeros((n, *target_hw), np.float32) if target_hw else None
     with ThreadPoolExecutor(max_workers=2) as pool:

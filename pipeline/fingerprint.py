@@ -40,10 +40,23 @@ def fingerprint_inputs(cfg: Config, split: str, encoder_identity: dict) -> dict:
         # train and val are carved from the same file; the carve decides which frames land where.
         "val_carve": [data.val_fraction, data.val_seed] if trains else None,
         # test stores always hold the full frame; training views and targets are part of the bytes.
-        "views": cfg.views.model_dump(mode="json") if trains else "full-frame",
+        "views": _views(cfg) if trains else "full-frame",
         "target": {"size": cfg.cache.target_size, "depth_range": list(data.depth_range)} if trains else None,
     }
+    if not trains and cfg.pixel_flip_tta:  # the test store also holds the mirrored images' features
+        inputs["flipped"] = True
     return inputs
+
+
+def _views(cfg: Config) -> dict:
+    """The view policy; augmentation keys only when augmentation is on, so stores extracted before those keys
+    existed keep their fingerprints."""
+    views = cfg.views.model_dump(mode="json")
+    if views["rotation_deg"] == 0:
+        del views["rotation_deg"]
+    if views["color"] is None:
+        del views["color"]
+    return views
 
 
 def fingerprint(inputs: dict) -> str:

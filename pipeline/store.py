@@ -8,7 +8,8 @@ Layout (N samples, g x g token grid, C channels):
     skipped       (N,)          uint8, 1 where the sample could not be read (`on_error: skip`)
     skip_reason   (N,)          str
     done          (N,)          uint8, written *after* the chunk's data: a chunk is finished iff all its flags are 1
-    index/*       per-sample id, paths, focal, original size, view (k, top, left, h, w), group, line
+    index/*       per-sample id, paths, focal, original size, view (k, top, left, h, w), group, line, and
+                  view_aug (angle, gamma, brightness, gain R, G, B): every view's parameters, enough to recompute it
 
 Every data array is chunked along N only, with the same chunk length, so one writer owns whole chunks (zarr does
 no locking: two writers touching one chunk corrupt it). A chunk is also the unit of work of extraction.
@@ -27,7 +28,11 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from zarr.core.sync import sync
 
-INDEX_FIELDS = ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group", "line")
+INDEX_FIELDS = ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group", "line", "view_aug")
+# view_aug (N, 6) float64: each view's augmentation (rotation angle in degrees, gamma, brightness, gain R, G, B),
+# the identity (0, 1, 1, 1, 1, 1) for a view without any. Stores written before it existed read as the identity.
+VIEW_AUG_COLUMNS = ("view_angle", "view_gamma", "view_brightness", "view_gain_r", "view_gain_g", "view_gain_b")
+IDENTITY_AUG = (0.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
 
 class StoreError(RuntimeError):
@@ -85,6 +90,8 @@ class FeatureStore:
     # ---- creation and opening ------------------------------------------------------------------------------
     @classmethod
     def create(cls, url: str, spec: StoreSpec, index: dict[str, np.ndarray]) -> "FeatureStore":
+        if "view_aug" not in index:  # no augmentation recorded: every view is un-augmented
+            index = {**index, "view_aug": np.tile(np.asarray(IDENTITY_AUG), (spec.n, 1))}
         missing = [f for f in INDEX_FIELDS if f not in index]
         if missing:
             raise StoreError(f"index for {url} lacks fields {missing}")
@@ -274,8 +281,16 @@ class FeatureStore:
 
         cols = {}
         for name in INDEX_FIELDS:
-            values = self.group[f"index/{name}"][:] if self.n else np.zeros((0,))
-            if name == "orig_hw":
+            if name == "view_aug" and f"index/{name}" not in self.group:  # written before augmentation existed
+                values = np.tile(np.asarray(IDENTITY_AUG), (self.n, 1))
+            elif self.n:
+                values = self.group[f"index/{name}"][:]
+            else:
+                values = np.zeros((0, *{"orig_hw": (2,), "view": (5,), "view_aug": (6,)}.get(name, ())))
+            if name == "view_aug":
+                for j, part in enumerate(VIEW_AUG_COLUMNS):
+                    cols[part] = values[:, j]
+            elif name == "orig_hw":
                 cols["orig_h"], cols["orig_w"] = values[:, 0], values[:, 1]
             elif name == "view":
                 for j, part in enumerate(("view_k", "view_top", "view_left", "view_h", "view_w")):
@@ -318,6 +333,10 @@ class FeatureStore:
         if self.complete and n_done != self.n:
             problems.append(f"store is marked complete but only {n_done} of {self.n} samples are done")
         for name in INDEX_FIELDS:
+            if f"index/{name}" not in self.group:
+                if name != "view_aug":  # the one field older stores may lack
+                    problems.append(f"index/{name} is missing")
+                continue
             if self.group[f"index/{name}"].shape[0] != self.n:
                 problems.append(f"index/{name} has {self.group[f'index/{name}'].shape[0]} rows, expected {self.n}")
         return {

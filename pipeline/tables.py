@@ -184,13 +184,16 @@ def protocol_line(protocol: dict) -> str:
     imported = "".join(
         f" ({variant}: imported from the authors' checkpoint {Path(source).name}, selected by them, not on our "
         "validation split)" for variant, source in (protocol.get("imported") or {}).items())
+    source = protocol.get("flip_tta_source") or "features"
+    flip = ("off" if not protocol["flip_tta"] else
+            "on (pixel space: the mirrored test images encoded)" if source == "pixels" else "on (feature space)")
     return (
         f"Protocol: {dataset}, test split {protocol['split_file']}; N = {c['evaluated']} evaluated of {c['lines']} "
         f"lines, skipped {', '.join(skipped)}; crop {protocol['crop']}; valid GT in ({lo:g}, {hi:g}) m, predictions "
         f"clipped to [{lo:g}, {hi:g}]; {resolution}; {ALIGNMENT_TEXT[alignment]}; "
-        f"flip TTA {'on' if protocol['flip_tta'] else 'off'} "
-        f"(feature space); checkpoint {protocol['selection']}{imported}; encoder {protocol['encoder']}; cache "
-        f"fingerprints test {protocol['test_fingerprint']}, train {train}; {versions}; git {protocol['git']}."
+        f"flip TTA {flip}; training recipe {protocol.get('recipe', 'paper')}; checkpoint {protocol['selection']}"
+        f"{imported}; encoder {protocol['encoder']}; cache fingerprints test {protocol['test_fingerprint']}, train "
+        f"{train}; {versions}; git {protocol['git']}."
     )
 
 

@@ -385,9 +385,13 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
         bar.close()
         train_s = time.perf_counter() - t0
 
-        eval_model = ema.model if ema is not None else model
+        eval_model, weights = (ema.model, "ema") if ema is not None else (model, "raw")
         t1 = time.perf_counter()
         metrics = validate(eval_model, sources.val, depth_range, autocast=cuda)
+        if ema is not None and tc.ema_select == "better":  # the release's eval_both_for_best: raw and EMA validated,
+            raw_metrics = validate(model, sources.val, depth_range, autocast=cuda)  # EMA kept only if strictly better
+            if not metrics["abs_rel"] < raw_metrics["abs_rel"]:
+                eval_model, metrics, weights = model, raw_metrics, "raw"
         val_s = time.perf_counter() - t1
         row = {"epoch": epoch + 1, "train_loss": loss_sum / images if images else float("nan"),
                **{f"val_{k}": metrics[k] for k in VAL_KEYS}, "lr": lr, "seconds": train_s + val_s,
@@ -397,7 +401,7 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
 
         # Files, in an order that a kill at any point resumes from: checkpoints, history, then the state.
         extra = {**ckpt_extra, "epoch": epoch + 1, "val_metric": {"name": "abs_rel", "value": metrics["abs_rel"]},
-                 "val_metrics": metrics}
+                 "val_metrics": metrics, "weights": weights}
         save_checkpoint(eval_model, out / "last", extra)
         abs_rel = metrics["abs_rel"]
         if not math.isfinite(abs_rel) or abs_rel < best_abs_rel:  # no validation pixels: best follows last
@@ -414,9 +418,9 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         save_state(out / STATE_NAME, state)
         log.info("%s epoch %d/%d: train loss %.4f, val AbsRel %.4f RMSE %.3f d1 %.3f, lr %.2e, %.1f s, %.1f img/s, "
-                 "%d skipped%s", variant, epoch + 1, tc.epochs, row["train_loss"], metrics["abs_rel"],
+                 "%d skipped%s%s", variant, epoch + 1, tc.epochs, row["train_loss"], metrics["abs_rel"],
                  metrics["rmse"], metrics["d1"], lr, row["seconds"], row["images_per_s"], skipped,
-                 " (best)" if best_epoch == epoch + 1 else "")
+                 f", {weights} weights" if ema is not None else "", " (best)" if best_epoch == epoch + 1 else "")
         if on_epoch is not None:
             on_epoch(row)
 

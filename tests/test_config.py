@@ -23,6 +23,7 @@ def test_defaults_are_the_papers():
     assert cfg.train.variants == ["baseline", "film", "structural", "full"]
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip, cfg.train.seed) == (1e-4, 0.01, 1.0, 42)
     assert (cfg.train.schedule, cfg.train.step_every, cfg.train.step_gamma) == ("step", 2, 0.5)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.recipe) == (10, 64, "paper")
     assert (cfg.train.silog_weight, cfg.train.ssim_weight, cfg.train.aux_weights) == (0.5, 0.5, (0.10, 0.05, 0.0))
     assert cfg.data.depth_range == (1e-3, 80.0) and cfg.eval_crop == "garg"
     nyu = config_from_dict({"data": {"layout": "nyu"}})
