@@ -69,12 +69,45 @@ def cmd_version(args) -> int:
     if args.verbose:
         import importlib.metadata as md
 
+        from pathlib import Path
+
+        from packaging.specifiers import SpecifierSet
+        from packaging.utils import canonicalize_name
+
+        lock = Path(getattr(args, "lock", None) or Path(__file__).resolve().parent.parent / "constraints.txt")
+        tested: dict[str, str] = {}
+        if lock.is_file():
+            for line in lock.read_text().splitlines():
+                name, sep, version = line.split("#")[0].strip().partition("==")
+                if sep:
+                    tested[canonicalize_name(name)] = version.strip()
+
+        def installed(pkg: str) -> str | None:
+            try:
+                return md.version(pkg)
+            except md.PackageNotFoundError:
+                return None
+
+        def matches(version: str | None, pin: str) -> bool:  # ==2.13.0 also holds for 2.13.0+cpu, as for pip
+            return version is not None and SpecifierSet(f"=={pin}").contains(version, prereleases=True)
+
         print(f"python {platform.python_version()}")
         for pkg in ("torch", "transformers", "zarr", "numcodecs", "dask", "prefect", "pandas", "numpy"):
-            try:
-                print(f"{pkg} {md.version(pkg)}")
-            except md.PackageNotFoundError:
-                print(f"{pkg} (not installed)")
+            version, pin = installed(pkg), tested.get(canonicalize_name(pkg))
+            mark = "" if pin is None or matches(version, pin) else f"  (tested: {pin})"
+            print(f"{pkg} {version or '(not installed)'}{mark}")
+        if not tested:
+            print(f"tested versions: no lock file at {lock} (an installed copy, not a checkout)")
+            return 0
+        differ = [(name, installed(name), pin) for name, pin in sorted(tested.items())
+                  if not matches(installed(name), pin)]
+        if not differ:
+            print(f"tested versions: all {len(tested)} packages pinned in {lock} are installed at those versions")
+        else:
+            print(f"tested versions: {len(differ)} of {len(tested)} packages differ from {lock} "
+                  "(`pip install -c constraints.txt -e .[test,onnx]` installs the tested ones):")
+            for name, version, pin in differ:
+                print(f"  {name} {version or '(not installed)'}, tested {pin}")
     return 0
 
 

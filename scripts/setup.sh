@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the project into it: torch==2.13.0 first, so nothing pulls CUDA wheels.
+# Creates .venv (if missing) and installs the project into it: torch==2.13.0 first, so nothing pulls CUDA wheels,
+# then every other package at the version the suite was tested with (constraints.txt; refresh it with
+# scripts/refresh-constraints.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test,onnx]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,onnx]"
 # Guard: the project must never upgrade torch or bring CUDA packages.
 .venv/bin/python - <<'PY'
 import importlib.metadata as md, sys

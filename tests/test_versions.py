@@ -1,0 +1,47 @@
+"""`spaceclip version -v` against the lock file of tested versions (constraints.txt, issue 15)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+from pathlib import Path
+
+from flows.cli import cmd_version
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def version_output(capsys, lock: Path) -> list[str]:
+    assert cmd_version(argparse.Namespace(verbose=True, lock=str(lock))) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_shipped_lock_pins_torch_and_not_the_project():
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["torch"] == "2.13.0"  # any 2.13.0 build (+cpu) satisfies it; never a newer torch
+    assert not [name for name in pins if name.lower().startswith(("nvidia-", "spaceclip"))]
+    assert {"prefect", "zarr", "transformers", "hypothesis"} <= set(pins)
+
+
+def test_version_reports_matching_and_differing_pins(tmp_path, capsys):
+    lock = tmp_path / "constraints.txt"
+    lock.write_text(f"# tested\ntorch==2.13.0\nzarr=={md.version('zarr')}\nPyYAML=={md.version('pyyaml')}\n")
+    out = version_output(capsys, lock)
+    assert f"zarr {md.version('zarr')}" in out and any(line.startswith("torch 2.13.0") for line in out)
+    assert out[-1] == f"tested versions: all 3 packages pinned in {lock} are installed at those versions"
+
+    lock.write_text(f"torch==2.13.0\nzarr==0.0.1\nno-such-package-xyz==1.0\nnumpy=={md.version('numpy')}\n")
+    out = version_output(capsys, lock)
+    assert f"zarr {md.version('zarr')}  (tested: 0.0.1)" in out
+    assert out[-3:] == [
+        f"tested versions: 2 of 4 packages differ from {lock} (`pip install -c constraints.txt -e .[test,onnx]` "
+        "installs the tested ones):",
+        "  no-such-package-xyz (not installed), tested 1.0",
+        f"  zarr {md.version('zarr')}, tested 0.0.1",
+    ]
+
+
+def test_version_without_a_lock_says_so(tmp_path, capsys):
+    out = version_output(capsys, tmp_path / "missing.txt")
+    assert out[-1] == f"tested versions: no lock file at {tmp_path / 'missing.txt'} (an installed copy, not a checkout)"
