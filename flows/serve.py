@@ -177,9 +177,10 @@ def run_runner(deployments: list, query_seconds: float) -> None:
     (in-flight runs cancelled, then the runner's anyio cancel scope cancelled), and a second SIGINT forces the exit.
 
     `prefect.serve` leaves SIGINT to `asyncio.run`, whose handler cancels the main task once (`Task.cancel()`, a
-    single CancelledError): where that one exception is absorbed on its way through the runner's start-up and
-    polling awaits, the runner just goes on and serve did not stop (seen on prefect 3.9.1: one first Ctrl-C in
-    ~25 had no effect, the second one worked). An anyio scope cancellation stays in force until the scope exits."""
+    single CancelledError): where that one exception is absorbed on its way through the runner's awaits (which
+    await does it was not pinned down), the runner just goes on and serve does not stop. Seen on prefect 3.9.1:
+    one first Ctrl-C in ~25 had no effect, the second one worked. An anyio scope cancellation, as `astop` makes,
+    stays in force until the scope exits."""
     import asyncio
 
     from prefect.runner import Runner
@@ -189,6 +190,9 @@ def run_runner(deployments: list, query_seconds: float) -> None:
         runner.add_deployment(deployment)
 
     async def stop() -> None:
+        # printed here, not in the signal handler: a handler that writes to stdout while the interrupted code was
+        # writing to it raises "reentrant call"
+        print("Ctrl-C: stopping the runs in progress and the runner (Ctrl-C again to force) ...", flush=True)
         while not runner.started and not runner.stopping:  # still starting: stop as soon as it has started
             await asyncio.sleep(0.1)
         if runner.started:  # not stopped already (SIGTERM)
@@ -202,7 +206,6 @@ def run_runner(deployments: list, query_seconds: float) -> None:
         loop = runner._loop  # the loop `start` runs on, set when it starts
         if interrupts > 1 or loop is None or not loop.is_running():
             raise KeyboardInterrupt
-        print("Ctrl-C: stopping the runs in progress and the runner (Ctrl-C again to force) ...", flush=True)
         asyncio.run_coroutine_threadsafe(stop(), loop)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
