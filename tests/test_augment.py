@@ -275,7 +275,7 @@ def test_pixel_flip_tta_averages_the_mirrored_images_prediction(aug_cfg):
         open_for(config_from_dict(dump_config(cfg), overrides=["eval.flip_tta_source=features"]), "test")
 
 
-# ---- the recipes ------------------------------------------------------------------------------------------------------
+# ---- the recipes -----------------------------------------------------------------------------------------------------
 def paper_lr(pass_index: int) -> float:
     """StepLR(step_size=2, gamma=0.5) at 1e-4: the rate during pass `pass_index` (0-based) over the frames."""
     return 1e-4 * 0.5 ** (pass_index // 2)
