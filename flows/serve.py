@@ -173,14 +173,18 @@ def instructions(api_url: str, deployments: list, started: bool, home: Path) -> 
 # ---- the runner ----------------------------------------------------------------------------------------------------
 def run_runner(deployments: list, query_seconds: float) -> None:
     """What `prefect.serve(*deployments)` does (a Runner that pauses its deployments on shutdown, no run limit),
-    except for Ctrl-C: SIGINT stops the runner the way Prefect's own SIGTERM handler does, with `Runner.astop`
-    (in-flight runs cancelled, then the runner's anyio cancel scope cancelled), and a second SIGINT forces the exit.
+    except for Ctrl-C: SIGINT is handled by the runner's event loop (`loop.add_signal_handler`), which stops the
+    runner the way Prefect's own SIGTERM handler does, with `Runner.astop` (in-flight runs cancelled, then the
+    runner's cancel scope); a second SIGINT forces the exit.
 
-    `prefect.serve` leaves SIGINT to `asyncio.run`, whose handler cancels the main task once (`Task.cancel()`, a
-    single CancelledError): where that one exception is absorbed on its way through the runner's awaits (which
-    await does it was not pinned down), the runner just goes on and serve does not stop. Seen on prefect 3.9.1:
-    one first Ctrl-C in ~25 had no effect, the second one worked. An anyio scope cancellation, as `astop` makes,
-    stays in force until the scope exits."""
+    Why not `prefect.serve`: it leaves SIGINT to a plain Python handler (`asyncio.run`'s). The kernel hands a
+    process-directed signal to any thread that does not block it, and this process has several (Prefect's
+    GlobalEventLoopThread, RunSyncEventLoopThread, ...). A Python handler only runs when the main thread next runs
+    Python code, and the main thread here sleeps in the event loop's epoll_wait with nothing scheduled: a SIGINT
+    that landed on another thread was never acted on (seen on prefect 3.9.1: SIGINT ignored for minutes, the same
+    signal sent to the main thread with tgkill stopped serve at once). `add_signal_handler` sets the signal wakeup
+    fd to the loop's self-pipe, so a signal wakes the loop whichever thread received it (SIGTERM too, whose
+    handler the runner installs)."""
     import asyncio
 
     from prefect.runner import Runner
@@ -190,27 +194,32 @@ def run_runner(deployments: list, query_seconds: float) -> None:
         runner.add_deployment(deployment)
 
     async def stop() -> None:
-        # printed here, not in the signal handler: a handler that writes to stdout while the interrupted code was
-        # writing to it raises "reentrant call"
-        print("Ctrl-C: stopping the runs in progress and the runner (Ctrl-C again to force) ...", flush=True)
         while not runner.started and not runner.stopping:  # still starting: stop as soon as it has started
             await asyncio.sleep(0.1)
         if runner.started:  # not stopped already (SIGTERM)
             await runner.astop()
 
     interrupts = 0
+    stopping: list = []  # keeps the stop task referenced
 
-    def on_sigint(signum, frame) -> None:
+    def on_sigint() -> None:  # called by the loop, not in signal context
         nonlocal interrupts
         interrupts += 1
-        loop = runner._loop  # the loop `start` runs on, set when it starts
-        if interrupts > 1 or loop is None or not loop.is_running():
-            raise KeyboardInterrupt
-        asyncio.run_coroutine_threadsafe(stop(), loop)
+        if interrupts > 1:
+            raise KeyboardInterrupt  # out of the loop: serve's clean-up stops every child by PID
+        print("Ctrl-C: stopping the runs in progress and the runner (Ctrl-C again to force) ...", flush=True)
+        stopping.append(asyncio.get_running_loop().create_task(stop()))
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    async def main() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, on_sigint)
+        await runner.start()
+
+    def interrupt(signum, frame) -> None:  # until the loop handles SIGINT (and so that asyncio.run leaves it be)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
-        asyncio.run(runner.start())  # the runner replaces our SIGTERM handler with its own (`astop` too)
+        asyncio.run(main())  # closing the loop removes its SIGINT handler and the wakeup fd
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -222,8 +231,8 @@ def serve(port: int | None = None, configs=CONFIGS) -> int:
 
     # Ctrl-C / SIGINT is how serve is stopped, so it must never be inherited as "ignored": a `cmd &` job of a
     # non-interactive shell (a script, CI, a test runner started that way, and every child it spawns) starts with
-    # SIGINT set to SIG_IGN, Python keeps that, and serve ran on after SIGINT until killed. Until the runner runs,
-    # SIGINT raises KeyboardInterrupt; then `run_runner` takes over.
+    # SIGINT set to SIG_IGN, Python keeps that, and serve ran on after SIGINT until killed. Until the runner's loop
+    # runs, SIGINT raises KeyboardInterrupt; then `run_runner` takes over.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     # Until Prefect's runner installs its own SIGTERM handler, SIGTERM unwinds through the `finally` below too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
