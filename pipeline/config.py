@@ -172,6 +172,9 @@ class TrainConfig(_Model):
     # eval_both_for_best); the checkpoint records which ("weights": "raw" / "ema").
     ema_select: Literal["ema", "better"] = "ema"
     seed: int = 42
+    # Training batches over which BatchNorm statistics are recomputed before each validation (0: off, as the
+    # reference: the running averages of training are kept). See pipeline/train.py recompute_bn.
+    bn_recompute: int = Field(0, ge=0)
     flip_p: float = Field(0.5, ge=0.0, le=1.0)
     silog_weight: float = 0.5
     ssim_weight: float = 0.5

