@@ -114,7 +114,7 @@ def fp16_error(cfg, checkpoint: Path, n: int) -> dict:
 
 def train_and_test(cfg, variant: str = "full") -> dict:
     started = time.perf_counter()
-    result = train_variant(cfg, variant, resume=False)
+    result = train_variant(cfg, variant, resume=True)  # a finished run (same config) is reused
     seconds = time.perf_counter() - started
     evaluation = evaluate_run(cfg, [variant])
     row = evaluation.summary().set_index("variant").loc[variant]
@@ -153,7 +153,7 @@ def main() -> None:
         }
         for name, (cfg, _) in cases.items():
             cfg = derive(cfg, f"sweep=flip-{name}")
-            extract_s = build(cfg, ("train",))
+            extract_s = build(cfg, ("train", "val"))
             runs[name] = {**train_and_test(cfg), "extract_train_s": round(extract_s, 1)}
         report["flip_training"] = runs
         epochs = base.train.epochs

