@@ -33,9 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import config_from_dict, dump_config, load_config  # noqa: E402
-from pipeline.datasets import ensure_dataset  # noqa: E402
 from pipeline.evaluate import evaluate_run  # noqa: E402
-from pipeline.extract import encoder_for, extract_chunk, finalize_store, open_for, prepare_store  # noqa: E402
+from pipeline.extract import encoder_for, extract_splits, open_for  # noqa: E402
 from pipeline.loader import flip_batch  # noqa: E402
 from pipeline.train import run_dir, train_variant  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
@@ -47,13 +46,7 @@ def derive(cfg, *overrides):
 
 def build(cfg, splits=("train", "val", "test")) -> float:
     started = time.perf_counter()
-    ensure_dataset(cfg.data)
-    encoder = encoder_for(cfg)
-    for split in splits:
-        store, _ = prepare_store(cfg, split, encoder)
-        for chunk in store.pending_chunks():
-            extract_chunk(cfg, store.url, chunk)
-        finalize_store(store.url)
+    extract_splits(cfg, splits)
     return time.perf_counter() - started
 
 
@@ -113,9 +106,8 @@ def fp16_error(cfg, checkpoint: Path, n: int) -> dict:
 
 
 def train_and_test(cfg, variant: str = "full") -> dict:
-    started = time.perf_counter()
     result = train_variant(cfg, variant, resume=True)  # a finished run (same config) is reused
-    seconds = time.perf_counter() - started
+    seconds = sum(row["seconds"] for row in result.history)  # from its history, also for a reused run
     evaluation = evaluate_run(cfg, [variant])
     row = evaluation.summary().set_index("variant").loc[variant]
     return {"test_abs_rel": round(float(row["abs_rel"]), 4), "test_d1": round(float(row["d1"]), 4),

@@ -315,6 +315,18 @@ def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None =
     return {"chunk": chunk, "samples": n, "skipped": int(skipped.sum())}
 
 
+def extract_splits(cfg: Config, splits=SPLITS) -> None:
+    """Render the dataset if needed and extract the given splits in this process, chunk by chunk (no Prefect, no
+    Dask): what tests and benchmarks use. The flow maps the same `extract_chunk` calls over a Dask cluster."""
+    datasets.ensure_dataset(cfg.data)
+    encoder = encoder_for(cfg)
+    for split in splits:
+        store, _ = prepare_store(cfg, split, encoder)
+        for chunk in store.pending_chunks():
+            extract_chunk(cfg, store.url, chunk)
+        finalize_store(store.url)
+
+
 def finalize_store(url: str) -> dict:
     store = FeatureStore.open(url, mode="r+")
     store.mark_complete()

@@ -30,16 +30,9 @@ def tiny_demo_config(root: Path) -> dict:
 
 def build_caches(cfg, splits=("train", "val", "test")) -> None:
     """Render the dataset if needed and extract the given splits' stores (pipeline functions, no Prefect)."""
-    from pipeline.datasets import ensure_dataset
-    from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store
+    from pipeline.extract import extract_splits
 
-    ensure_dataset(cfg.data)
-    encoder = encoder_for(cfg)
-    for split in splits:
-        store, _ = prepare_store(cfg, split, encoder)
-        for chunk in store.pending_chunks():
-            extract_chunk(cfg, store.url, chunk)
-        finalize_store(store.url)
+    extract_splits(cfg, splits)
 
 
 @pytest.fixture(scope="session")

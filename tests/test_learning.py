@@ -39,36 +39,52 @@ def fit(variant: str, batch: dict, steps: int, head_bias: float | None, lr: floa
 
 
 @pytest.fixture(scope="module")
-def handful(fast_cfg):
-    """Four cached training frames (tiny-clip at 64 px: a 4 x 4 grid) with their targets."""
-    store = open_for(fast_cfg, "train")
-    return store.read(slice(0, 4))
+def handful(tmp_path_factory):
+    """Four cached training views (12 synthetic frames, tiny-clip at 64 px: a 4 x 4 grid) with their targets."""
+    import yaml
+
+    from pipeline.config import load_config
+    from tests.conftest import build_caches, tiny_demo_config
+
+    root = tmp_path_factory.mktemp("handful")
+    (root / "config.yaml").write_text(yaml.safe_dump(tiny_demo_config(root)))
+    cfg = load_config(root / "config.yaml", overrides=["encoder.name=tiny-clip-64", "data.synth.train=12",
+                                                        "data.synth.test=2", "views.views_per_image=1"])
+    build_caches(cfg, splits=("train",))
+    return open_for(cfg, "train").read(slice(0, 4))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_variant_fits_a_handful_of_frames(handful, variant):
-    """Seen when written (seed 0): ~6.0 -> ~0.55 (x11) in 150 steps for `full`; 200 steps leave a margin."""
+    """Seen when written (seed 0, lr 3e-3): `baseline` 5.99 -> 0.56 (x10.7) in 200 steps, `full` x10.9 in 150;
+    300 steps leave a margin."""
     median = float(np.median(handful["depth"][handful["depth"] > 1e-3]))
-    losses = fit(variant, handful, steps=200, head_bias=median)
+    losses = fit(variant, handful, steps=300, head_bias=median)
     assert losses[-1] < losses[0] / 10, f"{variant}: loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
 def test_head_bias_starts_every_pixel_alive(handful):
-    """The reference init leaves a large share of the ReLU head's pixels at exactly 0 (no gradient); the median
-    init starts all of them positive, at the data's scale."""
+    """With the median init every variant starts with no dead pixel, at the data's scale. With the reference init
+    every variant starts two orders of magnitude below the data's scale, and some start almost all dead (seen:
+    `baseline` 99.6 % of pixels at exactly 0, `structural` 22 %, seed 42)."""
     feats = {"tokens": {k: t.float() for k, t in handful["tokens"].items()}, "global": handful["global"].float()}
     median = float(np.median(handful["depth"][handful["depth"] > 1e-3]))
-    dead = {}
-    for bias in (None, median):
-        torch.manual_seed(42)
-        model = SpaceClipDecoder("full", width=feats["global"].shape[-1], channels=CHANNELS, head_bias=bias).eval()
-        with torch.no_grad():
-            depth = model(feats)["depth"]
-        dead[bias] = float((depth <= 0).float().mean())
-        if bias is not None:
-            assert abs(float(depth.median()) - median) < 0.25 * median
-    assert dead[median] == 0.0 and dead[None] > 0.2, dead
+    dead_reference = []
+    for variant in VARIANTS:
+        for bias in (None, median):
+            torch.manual_seed(42)
+            model = SpaceClipDecoder(variant, width=feats["global"].shape[-1], channels=CHANNELS, head_bias=bias)
+            with torch.no_grad():
+                depth = model.eval()(feats)["depth"]
+            dead = float((depth <= 0).float().mean())
+            if bias is None:
+                dead_reference.append(dead)
+                assert float(depth.median()) < 0.05 * median, variant
+            else:
+                assert dead == 0.0, variant
+                assert abs(float(depth.median()) - median) < 0.25 * median, variant
+    assert max(dead_reference) > 0.5, dead_reference
 
 
 def test_median_target_depth_matches_the_stored_targets(fast_cfg):
