@@ -55,15 +55,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def test_images(cfg, n: int) -> list[np.ndarray]:
+    """The first n test frames as decoded RGB arrays (the full frames the test store was extracted from)."""
+    from pipeline.datasets import load_image, sample_from_row
+
+    test = open_for(cfg, "test")
+    return [load_image(sample_from_row(row._asdict(), test.attrs["split_file"]))
+            for row in test.index().iloc[:n].itertuples()]
+
+
 def flip_error(cfg, n: int) -> dict:
     """(a) per layer: feature-space flip of F(x) vs F(mirrored x), on the first n test frames' full-frame views."""
     encoder = encoder_for(cfg)
-    test = open_for(cfg, "test", encoder)
-    idx = test.index().iloc[:n]
-    from pipeline.datasets import load_image, sample_from_row
-
-    images = [load_image(sample_from_row(row._asdict(), test.attrs["split_file"])) for row in idx.itertuples()]
-    pixels = encoder.preprocess(images)  # (n, 3, S, S)
+    pixels = encoder.preprocess(test_images(cfg, n))  # (n, 3, S, S)
     layers = cfg.cache_layers
     plain = encoder(pixels, layers)
     mirrored = encoder(pixels.flip(-1), layers)
@@ -83,13 +87,8 @@ def flip_error(cfg, n: int) -> dict:
 def fp16_error(cfg, checkpoint: Path, n: int) -> dict:
     """(b) per layer: fp16 rounding of fp32 features; and a trained decoder's output on fp32 vs fp16 features."""
     encoder = encoder_for(cfg)
-    test = open_for(cfg, "test", encoder)
-    from pipeline.datasets import load_image, sample_from_row
-
-    idx = test.index().iloc[:n]
-    images = [load_image(sample_from_row(row._asdict(), test.attrs["split_file"])) for row in idx.itertuples()]
     layers = cfg.cache_layers
-    fp32 = encoder(encoder.preprocess(images), layers)
+    fp32 = encoder(encoder.preprocess(test_images(cfg, n)), layers)
     fp16 = {"tokens": {k: t.half() for k, t in fp32["tokens"].items()}, "global": fp32["global"].half()}
     per_layer = {f"L{k}": float(f"{rel(fp16['tokens'][k], fp32['tokens'][k]):.3g}") for k in layers}
     out = {"frames": n, "feature_rel_error": per_layer,

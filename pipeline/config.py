@@ -103,6 +103,13 @@ class DecoderConfig(_Model):
         """Every layer any Table-2 variant of this decoder reads (the cache's default layer list)."""
         return tuple(sorted(set(self.semantic_layers) | set(self.structural_layers)))
 
+    def layers_of(self, variant: str) -> tuple[int, ...]:
+        """The layers one variant of this decoder reads (`SpaceClipDecoder.layers`, without building it)."""
+        from spaceclip.decoder import VARIANTS
+
+        structural = VARIANTS[variant][1]
+        return tuple(sorted(set(self.semantic_layers) | (set(self.structural_layers) if structural else set())))
+
     def kwargs(self) -> dict:
         """`SpaceClipDecoder(variant, width=..., **kwargs())`."""
         return dict(channels=self.channels, semantic_layers=self.semantic_layers,

@@ -332,8 +332,7 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
     tc = cfg.train
     cuda = device.type == "cuda"
     depth_range = cfg.data.depth_range
-    layers = SpaceClipDecoder(variant, width=encoder.width, **cfg.decoder.kwargs()).layers
-    sources = build_sources(cfg, layers, device, encoder)
+    sources = build_sources(cfg, cfg.decoder.layers_of(variant), device, encoder)
     head_bias = median_target_depth(sources.train, depth_range) if cfg.decoder.init_depth == "median" else None
     torch.manual_seed(tc.seed)
     model = SpaceClipDecoder(variant, width=encoder.width, head_bias=head_bias, **cfg.decoder.kwargs())
