@@ -161,8 +161,7 @@ def median_target_depth(loader, depth_range: tuple[float, float], max_samples: i
     """Median of the valid training targets (`decoder.init_depth = median`), from the first samples of the split."""
     lo, hi = depth_range
     if isinstance(loader, CachedBatches):
-        depth = loader.store.group["depth"][: min(loader.store.n, max_samples)].astype(np.float32)
-        depth /= loader.store.group["depth"].attrs["scale"]
+        depth = loader.store.read(slice(0, max_samples), layers=())["depth"].numpy()  # the store's own decode
     else:
         depth = np.stack([loader.target(i) for i in range(min(loader.n, max_samples))])
     valid = depth[(depth > lo) & (depth < hi)]
