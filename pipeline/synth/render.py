@@ -17,7 +17,6 @@ KITTI_LIDAR_RANGE = 80.0  # GT beyond this is left invalid, as in the Eigen eval
 class Frame:
     rgb: np.ndarray  # (H, W, 3) uint8
     depth: np.ndarray  # (H, W) float32 exact camera z-depth in metres, 0 where the ray hits nothing (sky)
-    primitive: np.ndarray  # (H, W) int16: -1 sky, 0 ground plane / room, k >= 1 box k-1
 
 
 def render(scene: Scene, cam: Camera) -> Frame:
@@ -26,7 +25,6 @@ def render(scene: Scene, cam: Camera) -> Frame:
     H, W = cam.height, cam.width
     rgb = np.empty((H, W, 3), dtype=np.uint8)
     depth = np.empty((H, W), dtype=np.float32)
-    primitive = np.empty((H, W), dtype=np.int16)
     rot_t = cam.rotation().T
     rects = [_clip_rect(box, cam, rot_t) for box in scene.boxes]
     band = max(1, 65536 // W)
@@ -36,8 +34,7 @@ def render(scene: Scene, cam: Camera) -> Frame:
         color = shade(scene, cam, t, prim, mat, axis, d)
         rgb[r0:r1] = np.clip(color * np.float32(255.0) + np.float32(0.5), 0, 255)
         depth[r0:r1] = np.where(np.isfinite(t), t, np.float32(0.0))
-        primitive[r0:r1] = prim
-    return Frame(rgb=rgb, depth=depth, primitive=primitive)
+    return Frame(rgb=rgb, depth=depth)
 
 
 def lidar_mask(cam: Camera, depth: np.ndarray, rng: np.random.Generator, keep: float = 0.75) -> np.ndarray:
