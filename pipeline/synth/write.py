@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from pipeline.datasets import DEPTH_SCALE, encode_depth
 from pipeline.synth.render import Frame, lidar_mask, render
 from pipeline.synth.scenes import SPLIT_NAMES, FramePlan, plan_dataset
 
@@ -49,9 +50,8 @@ def _write_frame(plan: FramePlan, image_root: Path, depth_root: Path) -> None:
     else:
         _save_atomic(frame.rgb, image_root / plan.image_rel, format="JPEG", quality=95)
     if plan.depth_rel is not None:
-        scale = 256.0 if plan.layout == "kitti" else 1000.0  # = datasets.DEPTH_SCALE; 0 stays "no measurement"
-        q = np.clip(np.round(gt.astype(np.float64) * scale), 0, 65535).astype(np.uint16)
-        _save_atomic(q, depth_root / plan.depth_rel, format="PNG", compress_level=1)
+        depth_png = encode_depth(gt, DEPTH_SCALE[plan.layout])  # 0 stays "no measurement"
+        _save_atomic(depth_png, depth_root / plan.depth_rel, format="PNG", compress_level=1)
 
 
 def _split_line(plan: FramePlan) -> str:
