@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import DataConfig, ViewConfig
+from pipeline.errors import SpaceClipError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ UINT16_MAX = 65535
 KB_CROP = (352, 1216)  # KITTI benchmark crop (H, W): bottom rows, centred columns
 
 
-class DatasetError(RuntimeError):
+class DatasetError(SpaceClipError, RuntimeError):
     """A split file, image or depth map is missing or malformed; the message names the file and the line."""
 
 
