@@ -12,10 +12,11 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.config import config_from_dict, dump_config
-from pipeline.extract import encoder_for, open_for, plan_split
+from pipeline.extract import plan_split
+from pipeline.layout import RunContext, RunError, encoder_for
 from pipeline.loader import CachedBatches, ImageBatches
 from pipeline.store import StoreError
-from pipeline.train import (HISTORY_COLUMNS, STATE_NAME, RunError, check_cache, load_state, lr_at, read_history,
+from pipeline.train import (HISTORY_COLUMNS, STATE_NAME, check_cache, learning_rates, load_state, read_history,
                             train_variant, validate)
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.metrics import compute_metrics, mean_metrics
@@ -23,6 +24,10 @@ from spaceclip.metrics import compute_metrics, mean_metrics
 
 def derive(cfg, *overrides):
     return config_from_dict(dump_config(cfg), overrides=list(overrides))
+
+
+def open_for(cfg, split):
+    return RunContext.of(cfg).open_store(split)
 
 
 def constant_predictor(cfg) -> tuple[float, dict]:
@@ -38,9 +43,9 @@ def constant_predictor(cfg) -> tuple[float, dict]:
 
 def test_lr_schedules():
     tc = derive(config_from_dict({}), "train.epochs=6").train
-    assert [lr_at(e * 10, 10, tc) for e in range(6)] == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5]
+    assert [learning_rates(tc, 10)[e * 10] for e in range(6)] == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5]
     tc = derive(config_from_dict({}), "train.epochs=10", "train.schedule=cosine_warmup").train
-    lrs = [lr_at(s, 10, tc) for s in range(100)]  # 100 steps: 5 of warm-up
+    lrs = learning_rates(tc, 10)  # 100 steps: 5 of warm-up
     assert lrs[0] == pytest.approx(2e-5) and lrs[4] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert lrs[-1] == pytest.approx(1e-6, abs=1e-7)
@@ -175,19 +180,19 @@ def test_images_source_sees_what_the_cache_holds(fast_cfg):
     equal the cached ones up to float16 storage and target quantisation."""
     encoder = encoder_for(fast_cfg)
     layers = (0, 3, 12)
-    plan = plan_split(fast_cfg, "val", encoder)
+    plan = plan_split(fast_cfg, "val")
     images = ImageBatches(plan.index, encoder, layers, 4, split_file=fast_cfg.data.train_split,
                           layout="kitti", target_hw=plan.target_hw, chunk_size=fast_cfg.cache.chunk_size,
                           train=False)
     cached = CachedBatches(open_for(fast_cfg, "val"), layers, 4, train=False)
     for a, b in zip(images.epoch(0), cached.epoch(0)):
-        assert np.array_equal(a["index"], b["index"])
+        assert np.array_equal(a.index, b.index)
         for k in layers:
-            torch.testing.assert_close(a["tokens"][k], b["tokens"][k].float(), atol=3e-3, rtol=3e-3)
-        torch.testing.assert_close(a["global"], b["global"].float(), atol=3e-3, rtol=3e-3)
-        assert (a["depth"] - b["depth"]).abs().max() <= 0.5 / 256 + 1e-6
+            torch.testing.assert_close(a.features["tokens"][k], b.features["tokens"][k].float(), atol=3e-3, rtol=3e-3)
+        torch.testing.assert_close(a.features["global"], b.features["global"].float(), atol=3e-3, rtol=3e-3)
+        assert (a.depth - b.depth).abs().max() <= 0.5 / 256 + 1e-6
     # Training plans (order and flips) are the same for both sources.
-    train_plan = plan_split(fast_cfg, "train", encoder)
+    train_plan = plan_split(fast_cfg, "train")
     train_images = ImageBatches(train_plan.index, encoder, layers, 4, split_file=fast_cfg.data.train_split,
                                 layout="kitti", target_hw=train_plan.target_hw, chunk_size=fast_cfg.cache.chunk_size)
     train_cached = CachedBatches(open_for(fast_cfg, "train"), layers, 4)
