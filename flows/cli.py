@@ -213,7 +213,7 @@ def cmd_run(args) -> int:
 def cmd_predict(args) -> int:
     from pathlib import Path
 
-    from pipeline.extract import resolve_device
+    from pipeline.layout import resolve_device
     from pipeline.predict import PredictOptions, predict_paths, summary_lines
     from spaceclip.encoder import EncoderLoadError
     from spaceclip.model import SpaceClip
@@ -249,14 +249,10 @@ def cmd_export_onnx(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from pipeline.importer import CheckpointImportError, import_checkpoint
+    from pipeline.importer import import_checkpoint
 
-    try:
-        report = import_checkpoint(args.path, args.out, variant=args.variant, weights=args.weights,
-                                   encoder=args.encoder, train_config=args.train_config, force=args.force)
-    except CheckpointImportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = import_checkpoint(args.path, args.out, variant=args.variant, weights=args.weights,
+                               encoder=args.encoder, train_config=args.train_config, force=args.force)
     print(report.summary())
     return 0
 
@@ -393,10 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # Dask's scheduler/nanny INFO lines would drown the progress bar and the flow's own log lines.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    from pipeline.config import ConfigError
-    from pipeline.datasets import DatasetError
-    from pipeline.store import StoreError
-    from pipeline.train import RunError  # a run folder or checkpoint that does not match the config
+    from pipeline.errors import SpaceClipError  # a config, dataset, store, run or checkpoint the user must fix
 
     # SIGTERM takes the Ctrl-C path: the temporary Prefect server and the Dask cluster are stopped by the `finally`
     # blocks on the way out instead of being orphaned. What was written stays (stores resume, runs resume).
@@ -406,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             config_from_args(args)  # a bad --set fails now, not after the Prefect server has started
         with prefect_api() if args.command in FLOW_COMMANDS else contextlib.nullcontext():
             return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, StoreError, RunError, FileNotFoundError) as err:
+    except (SpaceClipError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,14 +15,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.parameters import fail_run_on_user_error, run_config
-from pipeline.config import Config, dump_config
-from pipeline.evaluate import Evaluation, evaluate_run, preflight, results_dir
+from pipeline.config import Config
+from pipeline.evaluate import Evaluation, evaluate_run, preflight
 from pipeline.figures import write_figures
-from pipeline.tables import COLUMNS, protocol_line, write_tables
+from pipeline.layout import RunContext
+from pipeline.tables import artifact_rows, protocol_line, write_tables
 
 
 @task(cache_policy=NO_CACHE, task_run_name="evaluate test split")
-def evaluate_task(config: dict, variants: list[str], progress: bool) -> Evaluation:
+def evaluate_task(ctx: RunContext, progress: bool) -> Evaluation:
     logger = get_run_logger()
 
     def log_variant(variant: str, m: dict) -> None:
@@ -30,7 +31,7 @@ def evaluate_task(config: dict, variants: list[str], progress: bool) -> Evaluati
                     variant, m["abs_rel"], m["sq_rel"], m["rmse"], m["rmse_log"], m["d1"], m["d2"], m["d3"],
                     m["n_images"])
 
-    evaluation = evaluate_run(Config.model_validate(config), variants, progress=progress, on_variant=log_variant)
+    evaluation = evaluate_run(ctx, progress=progress, on_variant=log_variant)
     c = evaluation.counts
     logger.info("evaluated %d of %d test lines (%d GT None, %d unreadable, %d without valid GT) in %.1f s",
                 c["evaluated"], c["lines"], c["gt_none"], c["unreadable"], c["no_valid_pixels"],
@@ -44,20 +45,15 @@ def write_tables_task(evaluation: Evaluation, out_dir: str) -> dict[str, str]:
 
 
 @task(cache_policy=NO_CACHE)
-def draw_figures_task(evaluation: Evaluation, config: dict, out_dir: str) -> dict[str, str]:
-    return {name: str(path) for name, path in write_figures(evaluation, Config.model_validate(config), out_dir).items()}
+def draw_figures_task(evaluation: Evaluation, cfg: Config, out_dir: str) -> dict[str, str]:
+    return {name: str(path) for name, path in write_figures(evaluation, cfg, out_dir).items()}
 
 
 def publish_artifacts(cfg: Config, evaluation: Evaluation, table_md: str) -> None:
     """The table in the Prefect UI: the summary as a table artifact, the paper-style table as Markdown."""
     key = re.sub(r"[^a-z0-9-]+", "-", f"spaceclip-{cfg.name}-{cfg.sweep}".lower()).strip("-")
-    summary = evaluation.summary()
-    rows = [{"variant": r["variant"], "FiLM": "✓" if r["film"] else "",
-             "Structural": "✓" if r["structural"] else "",
-             **{header: round(float(r[k]), 4) for k, header, *_ in COLUMNS}, "images": int(r["n_images"])}
-            for r in summary.to_dict("records")]
     line = protocol_line(evaluation.protocol)
-    create_table_artifact(table=rows, key=f"{key}-summary", description=line)
+    create_table_artifact(table=artifact_rows(evaluation), key=f"{key}-summary", description=line)
     create_markdown_artifact(markdown=table_md, key=f"{key}-table", description=line)
 
 
@@ -68,20 +64,18 @@ def evaluate(
     overrides: list[str] | None = None,
     sweep: str | None = None,
     variants: list[str] | None = None,
-    dask_address: str | None = None,  # accepted like every flow's; evaluation runs in-process
     cache_root: str | None = None,
     progress: bool = False,
 ) -> dict[str, str]:
     """Returns {"results": folder, "table_md": ..., "table_tex": ..., "summary": ..., "per_image": ...,
     "qualitative": ..., "training_curves": ...}: paths of what was written."""
-    cfg = run_config(config, overrides, sweep, cache_root=cache_root)
-    logger = get_run_logger()
-    variants = preflight(cfg, variants)  # a bad variant, crop, cache or checkpoint fails here, in one line
-    out_dir = str(results_dir(cfg))
-    evaluation = evaluate_task(dump_config(cfg), variants, progress)
+    ctx = RunContext.of(run_config(config, overrides, sweep, variants=variants, cache_root=cache_root))
+    preflight(ctx)  # a bad crop, cache or checkpoint fails here, in one line
+    out_dir = str(ctx.results_dir)
+    evaluation = evaluate_task(ctx, progress)
     paths = {"results": out_dir, **write_tables_task(evaluation, out_dir),
-             **draw_figures_task(evaluation, dump_config(cfg), out_dir)}
-    publish_artifacts(cfg, evaluation, Path(paths["table_md"]).read_text())
-    logger.info("results in %s: %s", out_dir, ", ".join(sorted(k for k in paths if k != "results")))
+             **draw_figures_task(evaluation, ctx.cfg, out_dir)}
+    publish_artifacts(ctx.cfg, evaluation, Path(paths["table_md"]).read_text())
+    get_run_logger().info("results in %s: %s", out_dir, ", ".join(sorted(k for k in paths if k != "results")))
     return paths
 

@@ -5,30 +5,29 @@
 
 from __future__ import annotations
 
-import os
-
 from prefect import flow, get_run_logger, task
 from prefect.futures import as_completed
 from prefect_dask import DaskTaskRunner
 from tqdm.auto import tqdm
 
 from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
-from pipeline.config import Config, ConfigError, dump_config
+from pipeline.config import Config, ConfigError
 from pipeline.datasets import ensure_dataset
-from pipeline.extract import SPLITS, encoder_for, extract_chunk, finalize_store, prepare_store
+from pipeline.extract import extract_chunk, prepare_store, torch_threads_per_worker
+from pipeline.layout import SPLITS, RunContext, finalize_store
 
 
 @task(retries=1, retry_delay_seconds=2, task_run_name="extract {split} chunk {chunk}")
-def extract_chunk_task(config: dict, url: str, split: str, chunk: int, torch_threads: int) -> dict:
-    result = extract_chunk(Config.model_validate(config), url, chunk, torch_threads)
+def extract_chunk_task(cfg: Config, url: str, split: str, chunk: int, torch_threads: int) -> dict:
+    result = extract_chunk(cfg, url, chunk, torch_threads)
     get_run_logger().info("%s chunk %d: %d samples (%d skipped) -> %s", split, chunk, result["samples"],
                           result["skipped"], url)
     return result
 
 
 @flow(name="extract-shards")
-def extract_shards(config: dict, jobs: list[tuple[str, str, int]], torch_threads: int, progress: bool = False):
-    futures = [extract_chunk_task.submit(config, url, split, chunk, torch_threads) for split, url, chunk in jobs]
+def extract_shards(cfg: Config, jobs: list[tuple[str, str, int]], torch_threads: int, progress: bool = False):
+    futures = [extract_chunk_task.submit(cfg, url, split, chunk, torch_threads) for split, url, chunk in jobs]
     with tqdm(total=len(futures), desc="extract", unit="chunk", disable=not progress) as bar:
         for future in as_completed(futures):
             future.result()  # raises the chunk's error, naming the file
@@ -62,18 +61,17 @@ def extract_features(
         check_scheduler(cfg.dask.address)
     logger = get_run_logger()
     ensure_dataset(cfg.data)
-    encoder = encoder_for(cfg)
+    ctx = RunContext.of(cfg)
     stores, jobs = {}, []
     for split in splits:
-        store, reused = prepare_store(cfg, split, encoder)
+        store, reused = prepare_store(ctx, split)
         pending = store.pending_chunks()
         logger.info("%s: %s %s (%d samples, %d of %d chunks to extract)", split,
                     "reusing" if reused else "created", store.url, store.n, len(pending), store.n_chunks)
         stores[split] = store.url
         jobs += [(split, store.url, c) for c in pending]
     if jobs:
-        threads = cfg.dask.torch_threads or max(1, (os.cpu_count() or 1) // cfg.dask.n_workers)
-        extract_shards.with_options(task_runner=dask_runner(cfg))(dump_config(cfg), jobs, threads, progress)
+        extract_shards.with_options(task_runner=dask_runner(cfg))(cfg, jobs, torch_threads_per_worker(cfg), progress)
     for split, url in stores.items():
         report = finalize_store(url)
         logger.info("%s: verified %s: %d samples, %d skipped, fingerprint %s", split, url, report["n"],

@@ -13,7 +13,7 @@ from flows.evaluate import evaluate
 from flows.extract import extract_features
 from flows.parameters import fail_run_on_user_error, run_config
 from flows.train import train_decoders
-from pipeline.evaluate import resolve_crop, resolve_variants
+from pipeline.evaluate import resolve_protocol
 
 
 @flow(name="paper-table")
@@ -28,11 +28,11 @@ def paper_table(
     progress: bool = False,
 ) -> dict[str, str]:
     """Returns the `evaluate` flow's {name: path} of the results (table.md, table.tex, CSVs, PNGs)."""
-    cfg = run_config(config, overrides, sweep, dask_address=dask_address, cache_root=cache_root)
-    variants = resolve_variants(cfg, variants)  # bad parameters fail now, not after an hour of extraction
-    resolve_crop(cfg)
-    logger = get_run_logger()
-    logger.info("paper-table for %s (sweep %s): %s", cfg.name, cfg.sweep, ", ".join(variants))
+    # bad parameters (an unknown variant, a crop or alignment that does not apply) fail now, not after an hour
+    cfg = run_config(config, overrides, sweep, variants=variants, dask_address=dask_address, cache_root=cache_root)
+    resolve_protocol(cfg)
+    variants = cfg.train.variants
+    get_run_logger().info("paper-table for %s (sweep %s): %s", cfg.name, cfg.sweep, ", ".join(variants))
     # cache.root travels as an override: the same setting each subflow's run_config would apply.
     shared = dict(config=config, overrides=list(overrides or []) + [f"cache.root={cache_root}"] * bool(cache_root),
                   sweep=sweep, progress=progress)

@@ -9,6 +9,7 @@ in Failed with the error's own message, not with a traceback through Prefect's e
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import socket
 from urllib.parse import urlsplit
@@ -18,22 +19,18 @@ from prefect.context import FlowRunContext
 from prefect.states import Failed
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.datasets import DatasetError
-from pipeline.store import StoreError
-from pipeline.train import RunError
-
-# Errors whose message is written for the user (it names the key, file or line to fix); anything else is a bug and
-# keeps its traceback.
-USER_ERRORS = (ConfigError, DatasetError, StoreError, RunError)
+from pipeline.errors import SpaceClipError
 
 
 def run_config(
-    config: str, overrides: list[str] | None, sweep: str | None, *,
+    config: str, overrides: list[str] | None, sweep: str | None, *, variants: list[str] | None = None,
     dask_address: str | None = None, cache_root: str | None = None,
 ) -> Config:
-    """The flow parameters as one typed config: `dask_address` and `cache_root` are `--set dask.address=...` and
-    `--set cache.root=...`, applied after the user's overrides."""
-    extra = [f"dask.address={dask_address}"] * bool(dask_address) + [f"cache.root={cache_root}"] * bool(cache_root)
+    """The flow parameters as one typed config: `variants`, `dask_address` and `cache_root` are `--set
+    train.variants=[...]`, `--set dask.address=...` and `--set cache.root=...`, applied after the user's overrides
+    (so an unknown variant fails as the config's `train.variants` would)."""
+    extra = ([f"train.variants={json.dumps(list(variants))}"] if variants else []) + (
+        [f"dask.address={dask_address}"] * bool(dask_address) + [f"cache.root={cache_root}"] * bool(cache_root))
     return load_config(config, list(overrides or []) + extra, sweep=sweep)
 
 
@@ -63,7 +60,8 @@ _DROP_REPORTED = _DropReported()
 
 
 def fail_run_on_user_error(fn):
-    """Inside a flow run, a `USER_ERRORS` exception becomes the run's Failed state with a one-line message (logged,
+    """Inside a flow run, a `SpaceClipError` (a message written for the user: it names the key, file or line to
+    fix; anything else is a bug and keeps its traceback) becomes the run's Failed state with a one-line message (logged,
     shown by `prefect deployment run --watch` and in the UI). Callers of the flow still get the exception itself:
     Prefect raises a Failed state's exception when the flow is called in-process or as a subflow."""
 
@@ -71,7 +69,7 @@ def fail_run_on_user_error(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as err:
+        except SpaceClipError as err:
             if FlowRunContext.get() is None:
                 raise
             message = f"{type(err).__name__}: {err}"

@@ -10,13 +10,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.parameters import fail_run_on_user_error, run_config
-from pipeline.config import Config, ConfigError, dump_config
+from pipeline.layout import RunContext
 from pipeline.train import check_cache, train_variant
-from spaceclip.decoder import VARIANTS
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train {variant}")
-def train_variant_task(config: dict, variant: str, resume: bool, progress: bool) -> str:
+def train_variant_task(ctx: RunContext, variant: str, resume: bool, progress: bool) -> str:
     logger = get_run_logger()
 
     def log_epoch(row: dict) -> None:
@@ -25,8 +24,7 @@ def train_variant_task(config: dict, variant: str, resume: bool, progress: bool)
                     row["val_rmse"], row["val_d1"], row["lr"], row["seconds"], row["images_per_s"],
                     row["skipped_batches"])
 
-    result = train_variant(Config.model_validate(config), variant, resume=resume, progress=progress,
-                           on_epoch=log_epoch)
+    result = train_variant(ctx, variant, resume=resume, progress=progress, on_epoch=log_epoch)
     state = "already trained, skipped" if result.already_done else "trained"
     logger.info("%s: %s; best val AbsRel %.4f at epoch %d -> %s", variant, state, result.best_abs_rel,
                 result.best_epoch, result.run_dir)
@@ -45,16 +43,8 @@ def train_decoders(
     progress: bool = False,
 ) -> dict[str, str]:
     """Returns {variant: run folder}. Default variants: the config's `train.variants` (the Table-2 ablations)."""
-    cfg = run_config(config, overrides, sweep, cache_root=cache_root)
-    logger = get_run_logger()
-    variants = list(variants or cfg.train.variants)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"unknown decoder variants {unknown}; valid variants: {list(VARIANTS)}")
-    if cfg.train.feature_source == "cache":
-        stores = check_cache(cfg)  # refuses a cache whose fingerprint does not match, saying what differs
-        logger.info("training from cache: train %s, val %s", stores["train"], stores["val"])
-    runs = {}
-    for variant in variants:
-        runs[variant] = train_variant_task(dump_config(cfg), variant, resume, progress)
-    return runs
+    ctx = RunContext.of(run_config(config, overrides, sweep, variants=variants, cache_root=cache_root))
+    if ctx.cfg.train.feature_source == "cache":
+        stores = check_cache(ctx)  # refuses a cache whose fingerprint does not match, saying what differs
+        get_run_logger().info("training from cache: train %s, val %s", stores["train"], stores["val"])
+    return {variant: train_variant_task(ctx, variant, resume, progress) for variant in ctx.cfg.train.variants}

@@ -11,14 +11,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import SpaceClipError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-
-class ConfigError(ValueError):
+class ConfigError(SpaceClipError, ValueError):
     """A config file or override is invalid; the message names the key and where it came from."""
+
+
+# The paper's Table-2 ablations, configurations of one decoder class (`spaceclip.decoder.VARIANTS` builds them).
+Variant = Literal["baseline", "film", "structural", "full"]
 
 
 class _Model(BaseModel):
@@ -103,7 +108,7 @@ class DecoderConfig(_Model):
         """Every layer any Table-2 variant of this decoder reads (the cache's default layer list)."""
         return tuple(sorted(set(self.semantic_layers) | set(self.structural_layers)))
 
-    def layers_of(self, variant: str) -> tuple[int, ...]:
+    def layers_of(self, variant: Variant) -> tuple[int, ...]:
         """The layers one variant of this decoder reads (`SpaceClipDecoder.layers`, without building it)."""
         from spaceclip.decoder import VARIANTS
 
@@ -162,7 +167,7 @@ class CacheConfig(_Model):
 
 
 class TrainConfig(_Model):
-    variants: list[str] = ["baseline", "film", "structural", "full"]
+    variants: list[Variant] = Field(["baseline", "film", "structural", "full"], min_length=1)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)  # paper: 64 (release: 64 KITTI / 32 NYU)
     lr: float = 1e-4
@@ -192,6 +197,11 @@ class TrainConfig(_Model):
     shuffle_window: int = Field(4, ge=1)  # chunks mixed together when shuffling
     out_dir: str = "runs"
     num_threads: int | None = None
+
+    @field_validator("variants")
+    @classmethod
+    def _each_once(cls, variants: list[str]) -> list[str]:
+        return list(dict.fromkeys(variants))
 
 
 class EvalConfig(_Model):
@@ -301,7 +311,8 @@ def _format_errors(err: ValidationError, source: str, overrides: list[str] | Non
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        origin = next((o for o in overrides or [] if o.split("=", 1)[0].strip() == key), None)
+        # the override that set this key or a section above it (`train.variants` for `train.variants.1`)
+        origin = next((o for o in overrides or [] if f"{key}.".startswith(o.split("=", 1)[0].strip() + ".")), None)
         where = f"--set {origin}" if origin else source
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r} in {where}")

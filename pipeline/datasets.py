@@ -27,14 +27,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import DataConfig, ViewConfig
+from pipeline.errors import SpaceClipError
 
 log = logging.getLogger(__name__)
 
 DEPTH_SCALE = {"kitti": 256.0, "nyu": 1000.0}
+UINT16_MAX = 65535
 KB_CROP = (352, 1216)  # KITTI benchmark crop (H, W): bottom rows, centred columns
 
 
-class DatasetError(RuntimeError):
+class DatasetError(SpaceClipError, RuntimeError):
     """A split file, image or depth map is missing or malformed; the message names the file and the line."""
 
 
@@ -219,7 +221,20 @@ def load_depth(sample: Sample, layout: str) -> np.ndarray | None:
             f"depth file is {img.size[0]}x{img.size[1]} but its image {sample.image_path} is "
             f"{image_size[0]}x{image_size[1]}: {sample.depth_path} ({sample.where})"
         )
-    return raw.astype(np.float32) / np.float32(DEPTH_SCALE[layout])
+    return decode_depth(raw, DEPTH_SCALE[layout])
+
+
+def encode_depth(depth: np.ndarray, scale: float) -> np.ndarray:
+    """Metres -> the uint16 of depth PNGs: round(depth × scale) clipped to [0, 65535]; a non-finite depth becomes
+    0, "no measurement". The product is taken in float64, where it is exact for float32 depths, so the rounding
+    never depends on the caller's dtype."""
+    q = np.where(np.isfinite(depth), depth, 0.0).astype(np.float64) * scale
+    return np.clip(np.rint(q), 0, UINT16_MAX).astype(np.uint16)
+
+
+def decode_depth(raw: np.ndarray, scale: float) -> np.ndarray:
+    """The uint16 of a depth PNG -> float32 metres; 0 stays 0 (no measurement)."""
+    return raw.astype(np.float32) / np.float32(scale)
 
 
 # ---- training views ------------------------------------------------------------------------------------------

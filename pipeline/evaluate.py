@@ -1,6 +1,6 @@
 """Stage 3: full-image evaluation of trained decoder variants on the test split, read from the test feature cache.
 
-    evaluate_run(cfg, ["baseline", "full"])  ->  Evaluation
+    evaluate_run(ctx, ["baseline", "full"])  ->  Evaluation      (ctx: a `RunContext`, or a config)
         per_image    one row per (variant, image): every metric of `spaceclip.metrics.compute_metrics`
         counts       test lines, evaluated, skipped with GT `None`, unreadable, without a valid GT pixel
         protocol     what every table states (docs/design.md): dataset, split, crop, range, options, checkpoints,
@@ -41,10 +41,10 @@ from tqdm.auto import tqdm
 
 from pipeline import datasets
 from pipeline.config import Config, ConfigError
-from pipeline.extract import encoder_for, open_for, package_versions, resolve_device, split_fingerprint
-from pipeline.loader import batch_to, flip_batch
+from pipeline.errors import SpaceClipError
+from pipeline.layout import RunContext, package_versions, resolve_device
+from pipeline.loader import Batch, flip_features
 from pipeline.store import FeatureStore
-from pipeline.train import RunError, run_dir
 from spaceclip.decoder import VARIANTS, SpaceClipDecoder, resize
 from spaceclip.metrics import METRIC_KEYS, compute_metrics, crop_mask, mean_metrics
 
@@ -57,14 +57,15 @@ SELECTION = {
     "best": "best = lowest validation AbsRel (validation carved from train by drive/scene, never test)",
     "last": "last epoch (no selection)",
 }
-# A predictor maps a batch {"tokens": {k: (B, g, g, C)}, "global": (B, C), ...} to depth (B, h, w) in metres, at
-# any resolution. A trained decoder is one; tests inject others (e.g. one that returns 1.1 x the ground truth).
-Predictor = Callable[[dict], torch.Tensor]
+# A predictor maps a test `Batch` (its `features` and the frames' `index`) to depth (B, h, w) in metres, at any
+# resolution. A trained decoder is one (it reads `batch.features` only); tests inject others (e.g. one that returns
+# 1.1 x the ground truth of the frames at `batch.index`).
+Predictor = Callable[[Batch], torch.Tensor]
 
 
-class EvaluationError(RunError):
+class EvaluationError(SpaceClipError, RuntimeError):
     """A checkpoint is missing or does not belong to this config, or nothing could be evaluated; the message says
-    which and what to run. (A `RunError`: the flows report it as a user error, in one line.)"""
+    which and what to run."""
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Checkpoint:
 
 
 @dataclass
-class Sample:
+class Example:
     """One qualitative example: the input, its GT and each variant's prediction at GT resolution (metres)."""
 
     id: str
@@ -95,7 +96,7 @@ class Evaluation:
     counts: dict
     protocol: dict
     checkpoints: dict[str, dict]  # variant -> {"path", "epoch", "val_abs_rel", "train_fingerprint"}
-    samples: list[Sample]
+    samples: list[Example]  # the qualitative examples
     skipped: pd.DataFrame  # id, line, reason of every test line that was not evaluated
 
     def summary(self) -> pd.DataFrame:
@@ -113,16 +114,6 @@ class Evaluation:
 
 
 # ---- what to evaluate -----------------------------------------------------------------------------------------
-def resolve_variants(cfg: Config, variants: Sequence[str] | None) -> list[str]:
-    variants = list(variants or cfg.train.variants)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise ConfigError(f"unknown decoder variants {unknown}; valid variants: {list(VARIANTS)}")
-    if not variants:
-        raise ConfigError("no decoder variants to evaluate (train.variants is empty)")
-    return list(dict.fromkeys(variants))
-
-
 def resolve_crop(cfg: Config) -> str:
     crop = cfg.eval_crop
     allowed = CROPS_FOR_LAYOUT[cfg.data.layout]
@@ -168,23 +159,15 @@ def lstsq_align(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> tuple[np
     return s * pred.astype(np.float64) + t, float(s), float(t)
 
 
-def results_dir(cfg: Config) -> Path:
-    return Path(cfg.eval.out_dir) / cfg.sweep
-
-
-def checkpoint_dir(cfg: Config, variant: str) -> Path:
-    return run_dir(cfg, variant) / cfg.eval.checkpoint
-
-
-def load_checkpoints(cfg: Config, variants: Sequence[str], encoder=None) -> dict[str, Checkpoint]:
+def load_checkpoints(ctx: RunContext, variants: Sequence[str]) -> dict[str, Checkpoint]:
     """The `best/` (or `last/`) checkpoint of each variant, checked against this config: it must have been trained
     on features of this encoder, from this config's training cache."""
-    encoder = encoder or encoder_for(cfg)
-    weights = encoder.identity()["weights_sha256"]
-    train_fp = split_fingerprint(cfg, "train", encoder)[0]
+    cfg, encoder = ctx.cfg, ctx.encoder_identity
+    weights = encoder["weights_sha256"]
+    train_fp = ctx.fingerprint("train")
     out = {}
     for variant in variants:
-        path = checkpoint_dir(cfg, variant)
+        path = ctx.checkpoint_dir(variant)
         if not (path / "model.safetensors").is_file():
             raise EvaluationError(
                 f"no {cfg.eval.checkpoint!r} checkpoint for variant {variant!r} at {path}; train it first "
@@ -201,7 +184,7 @@ def load_checkpoints(cfg: Config, variants: Sequence[str], encoder=None) -> dict
         if found != weights:
             raise EvaluationError(
                 f"{path} was trained on features of encoder {extra.get('encoder', {}).get('name')!r} (weights "
-                f"{str(found)[:12]}), but this config's encoder is {encoder.name!r} (weights {weights[:12]}); "
+                f"{str(found)[:12]}), but this config's encoder is {encoder['name']!r} (weights {weights[:12]}); "
                 "evaluate with the config it was trained with, or retrain"
             )
         if extra.get("imported") is None and extra.get("cache_fingerprint") != train_fp:
@@ -217,31 +200,33 @@ def load_checkpoints(cfg: Config, variants: Sequence[str], encoder=None) -> dict
     return out
 
 
-def preflight(cfg: Config, variants: Sequence[str] | None = None) -> list[str]:
-    """Everything `evaluate_run` needs, checked before any work starts: the variants, the crop, the test cache and
-    each variant's checkpoint. Returns the variants; raises `ConfigError` / `StoreError` / `EvaluationError`."""
-    variants = resolve_variants(cfg, variants)
-    resolve_crop(cfg)
-    resolve_alignment(cfg)
-    resolve_gt_resolution(cfg)
-    encoder = encoder_for(cfg)
-    open_for(cfg, "test", encoder)
-    load_checkpoints(cfg, variants, encoder)
-    return variants
+def preflight(ctx: RunContext) -> None:
+    """Everything `evaluate_run` needs, checked before any work starts: the crop, the alignment, the GT size, the
+    test cache and each variant's checkpoint (`train.variants`). Raises `ConfigError` / `StoreError` /
+    `EvaluationError`."""
+    resolve_protocol(ctx.cfg)
+    ctx.open_store("test")
+    load_checkpoints(ctx, ctx.cfg.train.variants)
+
+
+def resolve_protocol(cfg: Config) -> tuple[str, str, tuple[int, int] | None]:
+    """(crop, alignment, GT size) of this config's evaluation, or the `ConfigError` of the first that does not
+    apply."""
+    return resolve_crop(cfg), resolve_alignment(cfg), resolve_gt_resolution(cfg)
 
 
 def decoder_predictor(model: SpaceClipDecoder, device: torch.device) -> Predictor:
     model = model.to(device).eval()
 
-    def predict(batch: dict) -> torch.Tensor:
-        return model(batch)["depth"][:, 0]  # (B, 16g, 16g): the decoder's native resolution
+    def predict(batch: Batch) -> torch.Tensor:
+        return model(batch.features)["depth"][:, 0]  # (B, 16g, 16g): the decoder's native resolution
 
     predict.layers = model.layers
     return predict
 
 
 # ---- prediction ---------------------------------------------------------------------------------------------------
-def predict(predictor: Predictor, batch: dict, flip_tta: bool, mirrored_batch: dict | None = None) -> torch.Tensor:
+def predict(predictor: Predictor, batch: Batch, flip_tta: bool, mirrored_batch: Batch | None = None) -> torch.Tensor:
     """(B, h, w) depth; with `flip_tta` the mean of the prediction and the flipped-back prediction of the mirrored
     input: `mirrored_batch` (the mirrored test images' own features, `eval.flip_tta_source=pixels`) when given,
     else the width-flipped token grids (the global vector unchanged: docs/design.md's feature-space flip)."""
@@ -249,7 +234,7 @@ def predict(predictor: Predictor, batch: dict, flip_tta: bool, mirrored_batch: d
     if flip_tta:
         if mirrored_batch is None:
             flips = torch.ones(pred.shape[0], dtype=torch.bool)
-            mirrored_batch = flip_batch(dict(batch), flips)
+            mirrored_batch = batch._replace(features=flip_features(batch.features, flips), flipped=flips)
         mirrored = predictor(mirrored_batch)  # (B, h, w), of the mirrored scene
         pred = 0.5 * (pred + mirrored.flip(-1))
     return pred
@@ -279,7 +264,7 @@ def qualitative_positions(candidates: np.ndarray, k: int) -> set[int]:
 
 # ---- the evaluation ---------------------------------------------------------------------------------------------
 def evaluate_run(
-    cfg: Config,
+    ctx: RunContext | Config,
     variants: Sequence[str] | None = None,
     *,
     predictors: dict[str, Predictor] | None = None,
@@ -287,18 +272,19 @@ def evaluate_run(
     on_variant: Callable[[str, dict], None] | None = None,
 ) -> Evaluation:
     """Evaluate each variant's checkpoint (or the given `predictors`, variant name -> predictor) on every test frame
-    with ground truth. `on_variant(variant, mean_metrics)` is called at the end, once per variant."""
+    with ground truth (default variants: `train.variants`). `on_variant(variant, mean_metrics)` is called at the
+    end, once per variant."""
     started = time.perf_counter()
-    crop = resolve_crop(cfg)
-    alignment, gt_size = resolve_alignment(cfg), resolve_gt_resolution(cfg)
+    ctx = RunContext.of(ctx)
+    cfg = ctx.cfg
+    crop, alignment, gt_size = resolve_protocol(cfg)
     lo, hi = cfg.data.depth_range
     ev = cfg.eval
-    encoder = encoder_for(cfg)
-    store = open_for(cfg, "test", encoder)  # refuses a store whose fingerprint does not match, saying what differs
+    store = ctx.open_store("test")  # refuses a store whose fingerprint does not match, saying what differs
     device = resolve_device(cfg.train.device)
     if predictors is None:
-        variants = resolve_variants(cfg, variants)
-        checkpoints = load_checkpoints(cfg, variants, encoder)
+        variants = list(dict.fromkeys(variants or cfg.train.variants))
+        checkpoints = load_checkpoints(ctx, variants)
         predictors = {v: decoder_predictor(c.model, device) for v, c in checkpoints.items()}
     else:
         variants, checkpoints = list(predictors), {}
@@ -316,7 +302,7 @@ def evaluate_run(
     shown = qualitative_positions(todo, ev.qualitative)
     split_file = store.attrs["split_file"]
     rows: list[dict] = []
-    samples: list[Sample] = []
+    examples: list[Example] = []
     no_valid: list[dict] = []
     bad_gt: list[dict] = []
     log.info("evaluating %s on %d of %d test frames (%d with GT None%s) from %s: crop %s, range (%g, %g], "
@@ -345,13 +331,14 @@ def evaluate_run(
             for start in range(0, len(positions), ev.batch_size):
                 pos = positions[start:start + ev.batch_size]
                 rel = torch.from_numpy(pos - a)
-                batch = batch_to({"tokens": {k: t.index_select(0, rel) for k, t in chunk["tokens"].items()},
-                                  "global": chunk["global"].index_select(0, rel), "index": pos}, device)
+                unflipped = torch.zeros(len(pos), dtype=torch.bool)
+                batch = Batch({"tokens": {k: t.index_select(0, rel) for k, t in chunk["tokens"].items()},
+                               "global": chunk["global"].index_select(0, rel)}, None, pos, unflipped).to(device)
                 mirrored = None
                 if pixel_flips:
-                    mirrored = batch_to({"tokens": {k: t.index_select(0, rel) for k, t in
-                                                    chunk["flipped_tokens"].items()},
-                                         "global": chunk["flipped_global"].index_select(0, rel), "index": pos}, device)
+                    mirrored = Batch({"tokens": {k: t.index_select(0, rel) for k, t in chunk["flipped_tokens"].items()},
+                                      "global": chunk["flipped_global"].index_select(0, rel)}, None, pos,
+                                     ~unflipped).to(device)
                 preds = {v: predict(fn, batch, ev.flip_tta, mirrored)  # v -> (B, h, w)
                          for v, fn in predictors.items()}
                 for j, p in enumerate(pos):
@@ -368,7 +355,7 @@ def evaluate_run(
                         no_valid.append({"id": row["id"], "line": int(row["line"]), "reason": reason})
                         log.warning("skipping %s: %s", row["id"], reason)
                         continue
-                    sample = Sample(row["id"], row["image_path"], gt) if int(p) in shown else None
+                    example = Example(row["id"], row["image_path"], gt) if int(p) in shown else None
                     for v in variants:
                         full = to_gt_resolution(preds[v][j], gt.shape)  # (H, W)
                         if alignment == "lstsq":
@@ -377,11 +364,11 @@ def evaluate_run(
                                             median_scaling=alignment == "median")
                         rows.append({"variant": v, "id": row["id"], "line": int(row["line"]), "gt_h": gt.shape[0],
                                      "gt_w": gt.shape[1], "valid_px": int(valid.sum()), **m})
-                        if sample is not None:
-                            sample.predictions[v] = full.astype(np.float32)
-                            sample.metrics[v] = m
-                    if sample is not None:
-                        samples.append(sample)
+                        if example is not None:
+                            example.predictions[v] = full.astype(np.float32)
+                            example.metrics[v] = m
+                    if example is not None:
+                        examples.append(example)
                 bar.update(len(pos))
     bar.close()
 
@@ -407,8 +394,8 @@ def evaluate_run(
                            "train_fingerprint": c.train_fingerprint, "imported": c.imported}
                        for v, c in checkpoints.items()}
     seconds = time.perf_counter() - started
-    protocol = protocol_of(cfg, store, encoder, crop, counts, checkpoint_info, seconds)
-    evaluation = Evaluation(per_image, counts, protocol, checkpoint_info, samples, skipped)
+    protocol = protocol_of(cfg, store, ctx.encoder_identity, crop, counts, checkpoint_info, seconds)
+    evaluation = Evaluation(per_image, counts, protocol, checkpoint_info, examples, skipped)
     for record in evaluation.summary().to_dict("records"):
         log.info("%s: AbsRel %.4f  SqRel %.4f  RMSE %.3f  RMSE log %.4f  d1 %.4f  d2 %.4f  d3 %.4f  (%d images)",
                  record["variant"], *(record[k] for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "d1", "d2", "d3")),
@@ -442,16 +429,10 @@ def training_summary(cfg: Config) -> str:
             f"decoder channels {list(dc.channels)}, head init {dc.init_depth}")
 
 
-def protocol_of(cfg: Config, store: FeatureStore, encoder, crop: str, counts: dict, checkpoints: dict,
+def protocol_of(cfg: Config, store: FeatureStore, encoder: dict, crop: str, counts: dict, checkpoints: dict,
                 seconds: float) -> dict:
-    import importlib.metadata as md
-
-    versions = package_versions()
-    for pkg in ("pandas", "prefect"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    """`encoder`: the encoder's identity (`FrozenEncoder.identity`)."""
+    versions = package_versions(extra=("pandas", "prefect"))
     lo, hi = cfg.data.depth_range
     train_fps = sorted({c["train_fingerprint"] for c in checkpoints.values() if c.get("train_fingerprint")})
     return {
@@ -463,7 +444,8 @@ def protocol_of(cfg: Config, store: FeatureStore, encoder, crop: str, counts: di
         "resize": ("bilinear, to the native ground-truth resolution" if cfg.eval.gt_resolution == "native" else
                    f"GT nearest-neighbour to {cfg.eval.gt_resolution}, prediction bilinear to it"),
         "checkpoint": cfg.eval.checkpoint, "selection": SELECTION[cfg.eval.checkpoint],
-        "encoder": encoder.name, "encoder_input": f"{encoder.image_size} px, {encoder.grid}x{encoder.grid} grid",
+        "encoder": encoder["name"],
+        "encoder_input": f"{encoder['image_size']} px, {encoder['grid']}x{encoder['grid']} grid",
         "training": training_summary(cfg), "test_cache": store.url, "test_fingerprint": store.fingerprint,
         "train_fingerprints": train_fps, "versions": versions, "git": git_commit(),
         "imported": {v: c["imported"]["source"] for v, c in checkpoints.items() if c.get("imported")},

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.errors import SpaceClipError
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.model import SpaceClip
 
@@ -39,7 +40,7 @@ PIXEL_NAME = "pixel_values"
 GLOBAL_NAME = "global"
 
 
-class ExportError(RuntimeError):
+class ExportError(SpaceClipError, RuntimeError):
     """The export failed or the exported graph disagrees with PyTorch."""
 
 

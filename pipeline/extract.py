@@ -1,16 +1,15 @@
 """Stage 1: run the frozen encoder once over a split and write its features into a feature store.
 
-`prepare_store` plans a split (reads the split file and image headers, decides the views, computes the
-fingerprint) and creates the store, or reuses an existing one with the same fingerprint. `extract_chunk` fills
+`plan_split` reads a split file and its images' headers and decides the views; `prepare_store` reuses the store of
+this config's fingerprint or creates it from the plan (the layout is `pipeline/layout.py`'s). `extract_chunk` fills
 one chunk; it is the unit the Prefect flow maps over Dask workers. A chunk's `done` flags are written after its
 data, so a run killed at any moment resumes with exactly the chunks that are missing.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata as md
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,58 +19,12 @@ import torch
 from PIL import Image
 
 from pipeline import datasets
-from pipeline.config import Config, dump_config
-from pipeline.datasets import DatasetError, Sample
-from pipeline.fingerprint import diff_inputs, fingerprint, fingerprint_inputs
-from pipeline.store import FeatureStore, StoreError, StoreSpec
-from spaceclip.encoder import FrozenEncoder
+from pipeline.config import Config
+from pipeline.datasets import DatasetError, Sample, View
+from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
+from pipeline.store import FeatureStore, StoreError
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-VERSIONED_PACKAGES = ("torch", "transformers", "zarr", "numcodecs", "numpy", "pillow")
-
-
-def package_versions() -> dict:
-    out = {}
-    for pkg in VERSIONED_PACKAGES:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    from spaceclip import __version__
-
-    out["spaceclip"] = __version__
-    return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
-    return torch.device(name)
-
-
-@functools.lru_cache(maxsize=2)
-def load_encoder(
-    name: str, revision: str | None = None, device: str = "auto", image_size: int | None = None
-) -> FrozenEncoder:
-    """One encoder per process (Dask workers keep it between chunks)."""
-    return FrozenEncoder.from_name(name, revision, image_size=image_size).to(resolve_device(device))
-
-
-def encoder_for(cfg: Config) -> FrozenEncoder:
-    return load_encoder(cfg.encoder.name, cfg.encoder.revision, cfg.encoder.device, cfg.encoder.image_size)
-
-
-def store_url(cfg: Config, split: str, fp: str) -> str:
-    return f"{cfg.cache.root.rstrip('/')}/{cfg.data.layout}/{split}-{fp}.zarr"
-
-
-def split_fingerprint(cfg: Config, split: str, encoder: FrozenEncoder) -> tuple[str, dict]:
-    inputs = fingerprint_inputs(cfg, split, encoder.identity())
-    return fingerprint(inputs), inputs
 
 
 def view_config_for(cfg: Config, split: str):
@@ -85,22 +38,25 @@ def view_config_for(cfg: Config, split: str):
     return cfg.views
 
 
+def torch_threads_per_worker(cfg: Config) -> int:
+    """torch intra-op threads of one extraction worker: `dask.torch_threads`, else the cores shared among the
+    workers (Dask sets OMP_NUM_THREADS=1 in its workers, so torch would otherwise use one)."""
+    return cfg.dask.torch_threads or max(1, (os.cpu_count() or 1) // cfg.dask.n_workers)
+
+
 # ---- planning -------------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
     split: str
-    url: str
-    fingerprint: str
-    inputs: dict
-    index: dict
-    target_hw: tuple[int, int] | None
-    skipped: list[dict]
+    index: dict  # the store's index columns (`pipeline.store.INDEX_FIELDS`), one row per view
+    target_hw: tuple[int, int] | None  # training targets' (H, W); None for the test split
+    skipped: list[dict]  # frames whose image could not be read ({"id", "line", "reason"}; data.on_error = skip)
 
 
-def plan_split(cfg: Config, split: str, encoder: FrozenEncoder) -> Plan:
+def plan_split(cfg: Config, split: str) -> Plan:
+    """Which frames and views a split's store holds, from the split file and the image headers alone."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    fp, inputs = split_fingerprint(cfg, split, encoder)
     samples = datasets.read_split(cfg.data, split)
     trains = split != "test"
     views_cfg = view_config_for(cfg, split)
@@ -144,7 +100,7 @@ def plan_split(cfg: Config, split: str, encoder: FrozenEncoder) -> Plan:
                 "fixed views.crop_size so that training targets share one shape"
             )
         target_hw = tuple(target_hw) if target_hw else (next(iter(sizes)) if sizes else (1, 1))
-    return Plan(split, store_url(cfg, split, fp), fp, inputs, index, target_hw, skipped)
+    return Plan(split, index, target_hw, skipped)
 
 
 def _image_size(s: Sample) -> tuple[int, int]:
@@ -159,93 +115,46 @@ def _image_size(s: Sample) -> tuple[int, int]:
         raise DatasetError(f"image file unreadable: {s.image_path} {where}: {err}") from None
 
 
-def prepare_store(cfg: Config, split: str, encoder: FrozenEncoder | None = None) -> tuple[FeatureStore, bool]:
-    """Open the store for this config and split if one with the same fingerprint exists, else create it.
-    Returns (store, reused)."""
-    encoder = encoder or encoder_for(cfg)
-    fp, _ = split_fingerprint(cfg, split, encoder)
-    url = store_url(cfg, split, fp)
-    try:
-        store = FeatureStore.open(url, mode="r+")
-        if store.fingerprint == fp:
-            state = "complete" if store.complete else f"{len(store.pending_chunks())} chunks to go"
-            log.info("reusing feature store %s (fingerprint %s, %s)", url, fp, state)
-            return store, True
-    except StoreError:
-        pass
-    plan = plan_split(cfg, split, encoder)
-    # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
-    flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
-    spec = StoreSpec(
-        n=len(plan.index["id"]), layers=cfg.cache_layers, grid=encoder.grid, width=encoder.width,
-        dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
-        level=cfg.cache.compression_level, target_hw=plan.target_hw,
-        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
-        attrs={
-            "fingerprint": fp, "fingerprint_inputs": plan.inputs, "split": split, "config": dump_config(cfg),
-            "versions": package_versions(), "format_version": plan.inputs["format_version"],
-            "encoder": encoder.identity(), "skipped_at_planning": plan.skipped,
-            "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
-            "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
-        },
-    )
-    log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
-    return FeatureStore.create(url, spec, plan.index), False
-
-
-def open_for(cfg: Config, split: str, encoder: FrozenEncoder | None = None) -> FeatureStore:
-    """The complete store this config expects, or an error that says what differs from the stores that exist."""
-    encoder = encoder or encoder_for(cfg)
-    fp, inputs = split_fingerprint(cfg, split, encoder)
-    url = store_url(cfg, split, fp)
-    try:
-        store = FeatureStore.open(url)
-    except StoreError:
-        siblings = sorted(Path(url).parent.glob(f"{split}-*.zarr")) if "://" not in url else []
-        detail = ""
-        for other in siblings[-3:]:
-            try:
-                found = FeatureStore.open(str(other)).attrs.get("fingerprint_inputs", {})
-            except StoreError:
-                continue
-            detail += f"\n  {other.name} differs: " + "; ".join(diff_inputs(inputs, found)[:6])
-        raise StoreError(
-            f"no feature store for this config's {split} split (expected fingerprint {fp} at {url}); run "
-            f"`spaceclip extract` with the same config first.{detail}"
-        ) from None
-    if store.fingerprint != fp:  # only possible if someone renamed a store
-        raise StoreError(f"{url} has fingerprint {store.fingerprint}, config expects {fp}: " +
-                         "; ".join(diff_inputs(inputs, store.attrs.get("fingerprint_inputs", {}))))
-    if not store.complete:
-        raise StoreError(f"{url} is incomplete ({len(store.pending_chunks())} chunks missing); run extraction "
-                         "again to finish it")
-    return store
+def prepare_store(ctx: RunContext | Config, split: str) -> tuple[FeatureStore, bool]:
+    """The store of this config's split: the existing one with the same fingerprint (finished or resumable), else
+    a new one created from the split's plan. Returns (store, reused)."""
+    ctx = RunContext.of(ctx)
+    store = ctx.reuse_store(split)
+    if store is not None:
+        return store, True
+    return ctx.create_store(split, plan_split(ctx.cfg, split)), False
 
 
 # ---- one chunk --------------------------------------------------------------------------------------------------
-def _load_row(store: FeatureStore, row, encoder: FrozenEncoder, layout: str, target_hw):
-    """Decode, crop and preprocess one sample (runs in a loader thread)."""
-    sample = datasets.sample_from_row(row._asdict(), store.attrs["split_file"])
-    view = view_of_row(row)
+def load_view(sample: Sample, view: View, orig_hw: tuple[int, int], layout: str,
+              target_hw: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One planned view of a frame as the encoder sees it: the (h, w, 3) uint8 crop with its recorded augmentation
+    (rotation of the frame, image and depth alike; colour), and its training target (target_hw) in metres, 0 =
+    invalid (None without `target_hw`). Extraction and the images source (`ImageBatches`) both read views here."""
     image = datasets.load_image(sample)
-    if image.shape[:2] != (row.orig_h, row.orig_w):
+    if image.shape[:2] != tuple(orig_hw):
         raise DatasetError(f"image {sample.image_path} is {image.shape[1]}x{image.shape[0]}, but was "
-                           f"{row.orig_w}x{row.orig_h} when the store was planned (line {sample.line})")
+                           f"{orig_hw[1]}x{orig_hw[0]} when the store was planned (line {sample.line})")
     gt = datasets.load_depth(sample, layout) if target_hw is not None else None
-    # The view's recorded augmentation (rotation of the frame, image and depth alike; colour) is applied here.
     crop, gt_crop = datasets.augmented_view(image, gt, view)
-    pixels = encoder.preprocess(crop)[0]
     depth = None
     if target_hw is not None:
         depth = np.zeros(target_hw, np.float32) if gt_crop is None else resize_depth(gt_crop, target_hw)
-    return pixels, depth
+    return crop, depth
 
 
-def view_of_row(row) -> datasets.View:
+def _load_row(store: FeatureStore, row, encoder, layout: str, target_hw):
+    """Decode, crop and preprocess one stored sample (runs in a loader thread)."""
+    sample = datasets.sample_from_row(row._asdict(), store.attrs["split_file"])
+    crop, depth = load_view(sample, view_of_row(row), (row.orig_h, row.orig_w), layout, target_hw)
+    return encoder.preprocess(crop)[0], depth
+
+
+def view_of_row(row) -> View:
     """The `View` (crop box and augmentation) an index row records (a row of `FeatureStore.index()`)."""
-    return datasets.View.from_record((row.view_k, row.view_top, row.view_left, row.view_h, row.view_w),
-                                     (row.view_angle, row.view_gamma, row.view_brightness, row.view_gain_r,
-                                      row.view_gain_g, row.view_gain_b))
+    return View.from_record((row.view_k, row.view_top, row.view_left, row.view_h, row.view_w),
+                            (row.view_angle, row.view_gamma, row.view_brightness, row.view_gain_r,
+                             row.view_gain_g, row.view_gain_b))
 
 
 def resize_depth(depth: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -319,18 +228,9 @@ def extract_splits(cfg: Config, splits=SPLITS) -> None:
     """Render the dataset if needed and extract the given splits in this process, chunk by chunk (no Prefect, no
     Dask): what tests and benchmarks use. The flow maps the same `extract_chunk` calls over a Dask cluster."""
     datasets.ensure_dataset(cfg.data)
-    encoder = encoder_for(cfg)
+    ctx = RunContext.of(cfg)
     for split in splits:
-        store, _ = prepare_store(cfg, split, encoder)
+        store, _ = prepare_store(ctx, split)
         for chunk in store.pending_chunks():
             extract_chunk(cfg, store.url, chunk)
         finalize_store(store.url)
-
-
-def finalize_store(url: str) -> dict:
-    store = FeatureStore.open(url, mode="r+")
-    store.mark_complete()
-    report = store.verify()
-    if not report["ok"]:
-        raise StoreError(f"{url} failed verification: " + "; ".join(report["problems"][:5]))
-    return report

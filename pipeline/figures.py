@@ -28,7 +28,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import Config  # noqa: E402
-from pipeline.evaluate import Evaluation, Sample  # noqa: E402
+from pipeline.evaluate import Evaluation, Example  # noqa: E402
 from pipeline.train import HISTORY_NAME, run_dir  # noqa: E402
 from pipeline.visualize import DEFAULT_COLORMAP, colorize, colormap, depth_range_of  # noqa: E402
 from spaceclip.decoder import VARIANTS  # noqa: E402
@@ -72,7 +72,7 @@ def crop_box(shape: tuple[int, int], crop: str) -> tuple[int, int, int, int] | N
     return int(rows[0]), int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
 
 
-def shared_range(samples: Sequence[Sample]) -> tuple[float, float]:
+def shared_range(samples: Sequence[Example]) -> tuple[float, float]:
     """The colour range of the whole figure: the 2nd-98th percentiles of the shown frames' valid GT."""
     values = np.concatenate([s.gt[s.gt > 0] for s in samples] or [np.zeros(0, np.float32)])
     if values.size == 0:  # no GT at all: fall back to the predictions
@@ -99,7 +99,7 @@ def variant_label(variant: str) -> str:
 
 
 def qualitative_grid(
-    samples: Sequence[Sample],
+    samples: Sequence[Example],
     out_path: str | Path,
     *,
     variants: Sequence[str],

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import SpaceClipError
 from spaceclip.decoder import FILM_HIDDEN, VARIANTS, SpaceClipDecoder
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ AUTHORS_TO_OURS: tuple[tuple[str, str], ...] = (
 _RULES = tuple((re.compile(rf"^{pattern}(.+)$"), repl) for pattern, repl in AUTHORS_TO_OURS)
 
 
-class CheckpointImportError(ValueError):
+class CheckpointImportError(SpaceClipError, ValueError):
     """The file is not an importable authors' checkpoint; the message names the file and the key or field."""
 
 

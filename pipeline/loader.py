@@ -1,13 +1,16 @@
 """Batches for decoder training: from the feature cache (the fast path) or from images (the reference path).
 
-    CachedBatches   Zarr store -> {"tokens": {k: (B, g, g, C)}, "global": (B, C), "depth": (B, H, W), ...}
-                    only the layers the variant reads; whole-chunk reads; background prefetch; optionally the
-                    whole cache resident in RAM or on the GPU (`train.cache_device`).
+    CachedBatches   Zarr store -> Batch(features={"tokens": {k: (B, g, g, C)}, "global": (B, C)},
+                    depth (B, H, W), index, flipped): only the layers the variant reads; whole-chunk reads;
+                    background prefetch; optionally the whole cache resident in RAM or on the GPU
+                    (`train.cache_device`).
     ImageBatches    the same batches, but images are decoded and the frozen encoder runs on every step. It is
                     the honest baseline the cache is measured against, and the place where pixel-space
                     augmentation (colour, rotation) could go.
 
-Both follow one `epoch_plan`, so for a seed they visit the same samples in the same order with the same flips.
+Both are `Batches` and follow one `epoch_plan`, so for a seed they visit the same samples in the same order with
+the same flips. A `Batch`'s `features` are all the decoder receives; its targets, positions and flip flags travel
+beside them.
 
 Shuffling is chunk-aligned: whole chunks in a random order, then samples shuffled within a window of
 `shuffle_window` consecutive chunks. Reads stay whole chunks (the store's unit of compression) while batches
@@ -23,14 +26,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.store import FeatureStore, StoreError
+from spaceclip.features import Features
 
 log = logging.getLogger(__name__)
 
@@ -67,36 +72,44 @@ def epoch_plan(
     return EpochPlan(order.astype(np.int64), flips, windows)
 
 
-def flip_batch(batch: dict, flips: torch.Tensor) -> dict:
-    """Flip the selected samples horizontally: every token grid along its width (dim 2 of (B, g, g, C)) and the
-    target along its width (dim 2 of (B, H, W)). In feature space the global vector is unchanged; when the batch
-    carries the mirrored images' exact features ("flipped_tokens", "flipped_global": `views.flip = extract`),
-    those are taken instead."""
-    exact_tokens, exact_global = batch.pop("flipped_tokens", None), batch.pop("flipped_global", None)
+class Batch(NamedTuple):
+    """One batch. `features` come first: torch's `update_bn` forwards `batch[0]` of a tuple."""
+
+    features: Features  # what the decoder reads
+    depth: torch.Tensor | None  # (B, H, W) training targets in metres, 0 = invalid; None without targets
+    index: np.ndarray  # (B,) positions of the samples in their split
+    flipped: torch.Tensor  # (B,) bool: the sample is mirrored (features and target)
+
+    def to(self, device: torch.device) -> "Batch":
+        if device.type == "cpu":
+            return self
+        move = lambda t: (t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True)
+        features = {"tokens": {k: move(t) for k, t in self.features["tokens"].items()},
+                    "global": None if self.features["global"] is None else move(self.features["global"])}
+        return Batch(features, None if self.depth is None else move(self.depth), self.index, move(self.flipped))
+
+
+def flip_features(features: Features, flips: torch.Tensor, mirrored: Features | None = None) -> Features:
+    """The selected samples mirrored horizontally. In feature space every token grid is flipped along its width
+    (dim 2 of (B, g, g, C)) and the global vector is unchanged; with `mirrored`, the mirrored images' own features
+    (`views.flip = extract`, pixel flip TTA), those are taken instead."""
     if not bool(flips.any()):
-        return batch
-    m = flips.to(device=batch["global"].device)
-    if exact_tokens is not None:
-        batch["tokens"] = {k: torch.where(m[:, None, None, None], exact_tokens[k], t)
-                           for k, t in batch["tokens"].items()}
-        batch["global"] = torch.where(m[:, None], exact_global, batch["global"])
-    else:
-        batch["tokens"] = {k: torch.where(m[:, None, None, None], t.flip(2), t) for k, t in batch["tokens"].items()}
-    if "depth" in batch:
-        batch["depth"] = torch.where(m[:, None, None], batch["depth"].flip(2), batch["depth"])
-    return batch
+        return features
+    m = flips.to(device=features["global"].device)
+    if mirrored is not None:
+        return {"tokens": {k: torch.where(m[:, None, None, None], mirrored["tokens"][k], t)
+                           for k, t in features["tokens"].items()},
+                "global": torch.where(m[:, None], mirrored["global"], features["global"])}
+    return {"tokens": {k: torch.where(m[:, None, None, None], t.flip(2), t) for k, t in features["tokens"].items()},
+            "global": features["global"]}
 
 
-def batch_to(batch: dict, device: torch.device) -> dict:
-    if device.type == "cpu":
-        return batch
-    move = lambda t: (t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True)
-    out = dict(batch)
-    out["tokens"] = {k: move(t) for k, t in batch["tokens"].items()}
-    for key in ("global", "depth", "flipped"):
-        if key in batch:
-            out[key] = move(batch[key])
-    return out
+def flip_targets(depth: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) targets of the selected samples mirrored along their width."""
+    if not bool(flips.any()):
+        return depth
+    m = flips.to(device=depth.device)
+    return torch.where(m[:, None, None], depth.flip(2), depth)
 
 
 def _prefetched(produce: Callable[[Callable[[object], bool]], None], depth: int) -> Iterator:
@@ -165,14 +178,67 @@ def resolve_cache_device(mode: str, need: int, device: torch.device, budget: int
     return "cpu" if need <= ram_budget else "stream"
 
 
-class CachedBatches:
-    """Training (or validation) batches over one feature store, for the layers one decoder reads.
+# ---- one base for both sources ------------------------------------------------------------------------------
+class Batches(ABC):
+    """The batches of one split for the layers one decoder reads: `len(loader)` steps an epoch, `loader.epoch(e)`
+    the batches of epoch e (0-based), in the order and with the flips of `loader.plan(e)`.
+
+    `train=False` visits samples in split order without flips (validation). `mode` says where the features come
+    from: `cpu` / `cuda` (the cache held resident), `stream` (the cache read chunk by chunk) or `images`."""
+
+    mode: str
+
+    def __init__(
+        self, n: int, chunk_size: int, layers: Sequence[int], batch_size: int, *, train: bool, flip_p: float,
+        seed: int, shuffle_window: int, device: torch.device | str, prefetch: int, drop_last: bool,
+        target_hw: tuple[int, int] | None, usable: np.ndarray | None = None,
+    ):
+        self.n, self.chunk_size = n, chunk_size
+        self.layers = tuple(sorted(int(k) for k in layers))
+        self.batch_size = int(batch_size)
+        self.train = train
+        self.flip_p = flip_p if train else 0.0
+        self.seed, self.shuffle_window = seed, shuffle_window
+        self.device = torch.device(device)
+        self.prefetch, self.drop_last = prefetch, drop_last
+        self.target_hw = None if target_hw is None else tuple(target_hw)
+        self.usable = usable  # (n,) bool, False for samples that could not be read; None: all usable
+        self.n_usable = n if usable is None else int(usable.sum())
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n_usable, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return epoch_plan(self.n, self.chunk_size, epoch, seed=self.seed, shuffle=self.train,
+                          shuffle_window=self.shuffle_window, flip_p=self.flip_p, usable=self.usable)
+
+    def _batches(self, plan: EpochPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions, flips) of each batch of the plan."""
+        bs = self.batch_size
+        for start in range(0, len(plan.order), bs):
+            pos = plan.order[start:start + bs]
+            if len(pos) < bs and self.drop_last:
+                return
+            yield pos, plan.flips[start:start + bs]
+
+    @abstractmethod
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of one epoch, prefetched in a background thread."""
+
+    @abstractmethod
+    def targets(self, max_samples: int) -> np.ndarray:
+        """(n, H, W) training targets in metres of the split's first `max_samples` samples."""
+
+
+# ---- from the cache -----------------------------------------------------------------------------------------
+class CachedBatches(Batches):
+    """Training (or validation) batches over one feature store.
 
         loader = CachedBatches(store, decoder.layers, batch_size=8, flip_p=0.5, seed=42)
-        for batch in loader.epoch(e): ...   # {"tokens", "global", "depth", "index", "flipped"}
+        for batch in loader.epoch(e): decoder(batch.features) ...
 
-    `train=False` visits samples in store order without flips (validation). Batches arrive on `device`; tokens
-    keep the store's dtype (float16/bfloat16) and the decoder casts them.
+    Batches arrive on `device`; tokens keep the store's dtype (float16/bfloat16) and the decoder casts them.
     """
 
     def __init__(
@@ -191,94 +257,54 @@ class CachedBatches:
         memory_budget: int | None = None,
         drop_last: bool = False,
     ):
+        usable = ~store.group["skipped"][:].astype(bool) if store.n else np.zeros(0, bool)
+        super().__init__(store.n, store.chunk_size, layers, batch_size, train=train, flip_p=flip_p, seed=seed,
+                         shuffle_window=shuffle_window, device=device, prefetch=prefetch, drop_last=drop_last,
+                         target_hw=tuple(store.group["depth"].shape[1:]) if store.has_depth else None, usable=usable)
         self.store = store
-        self.layers = tuple(sorted(int(k) for k in layers))
         missing = sorted(set(self.layers) - set(store.layers))
         if missing:
             raise StoreError(f"the decoder reads layers {list(self.layers)}, but {store.url} holds only "
                              f"{list(store.layers)} (missing {missing}); add them to cache.layers and extract again")
-        self.batch_size = int(batch_size)
-        self.train = train
-        self.flip_p = flip_p if train else 0.0
-        self.seed = seed
-        self.shuffle_window = shuffle_window
-        self.device = torch.device(device)
-        self.prefetch = prefetch
-        self.drop_last = drop_last
         # A store extracted with views.flip = extract holds the mirrored images' features: flips use those.
         self.exact_flips = bool(train and self.flip_p > 0 and store.has_flipped)
-        self.usable = ~store.group["skipped"][:].astype(bool) if store.n else np.zeros(0, bool)
-        self.n_usable = int(self.usable.sum())
-        self.target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
         self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers), self.device, memory_budget)
         self._resident: dict | None = None
         if self.mode in ("cpu", "cuda"):
             self._resident = self._load_all(torch.device(self.mode))
         log.info("%s: %d samples, layers %s, cache %s", store.url, self.n_usable, list(self.layers), self.mode)
 
-    def __len__(self) -> int:
-        full, rest = divmod(self.n_usable, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+    def targets(self, max_samples: int) -> np.ndarray:
+        return self.store.read(slice(0, max_samples), layers=())["depth"].numpy()  # the store's own decode
 
-    def plan(self, epoch: int) -> EpochPlan:
-        return epoch_plan(self.store.n, self.store.chunk_size, epoch, seed=self.seed, shuffle=self.train,
-                          shuffle_window=self.shuffle_window, flip_p=self.flip_p, usable=self.usable)
-
+    # Chunks are read into plain dicts of the store's arrays ("tokens", "global", "depth", and with exact flips
+    # "flipped_tokens", "flipped_global"); `_finish` turns a batch's rows of them into a `Batch`.
     def _read_chunks(self, chunks: Sequence[int]) -> dict:
         """Whole chunks, concatenated in the given order (the store's unit of compression: large reads)."""
         parts = [self.store.read_chunk(int(c), self.layers, flipped=self.exact_flips) for c in chunks]
-        out = {
-            "tokens": {k: torch.cat([p["tokens"][k] for p in parts]) for k in self.layers},
-            "global": torch.cat([p["global"] for p in parts]),
-            "index": np.concatenate([p["index"] for p in parts]),
-        }
-        if self.target_hw is not None:
-            out["depth"] = torch.cat([p["depth"] for p in parts])
-        if self.exact_flips:
-            out["flipped_tokens"] = {k: torch.cat([p["flipped_tokens"][k] for p in parts]) for k in self.layers}
-            out["flipped_global"] = torch.cat([p["flipped_global"] for p in parts])
-        return out
+        return _concat(parts, self.layers)
 
     def _load_all(self, device: torch.device) -> dict:
         data = self._read_chunks(range(self.store.n_chunks))  # position p sits at row p
         if device.type != "cpu":
-            data = batch_to(data, device)
+            data = {k: ({j: t.to(device) for j, t in v.items()} if isinstance(v, dict) else v.to(device))
+                    for k, v in data.items()}
         return data
 
     @staticmethod
     def _gather(data: dict, rows: torch.Tensor) -> dict:
         rows = rows.to(data["global"].device)
-        out = {
-            "tokens": {k: t.index_select(0, rows) for k, t in data["tokens"].items()},  # (B, g, g, C)
-            "global": data["global"].index_select(0, rows),  # (B, C)
-        }
-        if "depth" in data:
-            out["depth"] = data["depth"].index_select(0, rows)  # (B, H, W)
-        if "flipped_tokens" in data:
-            out["flipped_tokens"] = {k: t.index_select(0, rows) for k, t in data["flipped_tokens"].items()}
-            out["flipped_global"] = data["flipped_global"].index_select(0, rows)
-        return out
+        return {k: ({j: t.index_select(0, rows) for j, t in v.items()} if isinstance(v, dict)
+                    else v.index_select(0, rows)) for k, v in data.items()}  # (B, g, g, C), (B, C), (B, H, W)
 
-    def _batches(self, plan: EpochPlan) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        bs = self.batch_size
-        for start in range(0, len(plan.order), bs):
-            pos = plan.order[start:start + bs]
-            if len(pos) < bs and self.drop_last:
-                return
-            yield pos, plan.flips[start:start + bs]
-
-    def _finish(self, parts: list[dict], pos: np.ndarray, flips: np.ndarray) -> dict:
-        batch = parts[0] if len(parts) == 1 else {
-            "tokens": {k: torch.cat([p["tokens"][k] for p in parts]) for k in self.layers},
-            "global": torch.cat([p["global"] for p in parts]),
-            **({"depth": torch.cat([p["depth"] for p in parts])} if self.target_hw is not None else {}),
-            **({"flipped_tokens": {k: torch.cat([p["flipped_tokens"][k] for p in parts]) for k in self.layers},
-                "flipped_global": torch.cat([p["flipped_global"] for p in parts])} if self.exact_flips else {}),
-        }
-        batch["index"] = pos
-        batch["flipped"] = torch.from_numpy(flips.copy())
-        batch = flip_batch(batch, batch["flipped"])
-        return batch_to(batch, self.device)
+    def _finish(self, parts: list[dict], pos: np.ndarray, flips: np.ndarray) -> Batch:
+        data = parts[0] if len(parts) == 1 else _concat(parts, self.layers)
+        flipped = torch.from_numpy(flips.copy())
+        mirrored = ({"tokens": data["flipped_tokens"], "global": data["flipped_global"]} if self.exact_flips
+                    else None)
+        features = flip_features({"tokens": data["tokens"], "global": data["global"]}, flipped, mirrored)
+        depth = flip_targets(data["depth"], flipped) if "depth" in data else None
+        return Batch(features, depth, pos, flipped).to(self.device)
 
     def _produce(self, plan: EpochPlan, put) -> None:
         if self._resident is not None:
@@ -311,33 +337,34 @@ class CachedBatches:
             if not put(self._finish(parts, pos, flips)):
                 return
 
-    def epoch(self, epoch: int) -> Iterator[dict]:
-        """The batches of one epoch (0-based), prefetched in a background thread."""
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan(epoch)
         return _prefetched(lambda put: self._produce(plan, put), self.prefetch)
 
 
+def _concat(parts: list[dict], layers: Sequence[int]) -> dict:
+    """Store reads (or row selections of them) concatenated along the batch, without their "index"."""
+    out = {}
+    for key in parts[0]:
+        if key == "index":
+            continue
+        if isinstance(parts[0][key], dict):
+            out[key] = {k: torch.cat([p[key][k] for p in parts]) for k in layers}
+        else:
+            out[key] = torch.cat([p[key] for p in parts])
+    return out
+
+
 # ---- from images (the reference approach) --------------------------------------------------------------------
-def _decode_row(row: dict, split_file: str, layout: str, target_hw) -> tuple[np.ndarray, np.ndarray]:
-    """One sample's view as uint8 RGB (H, W, 3) and its target (th, tw) float32 metres, exactly as extraction
-    builds it (same view, same nearest-neighbour target resize). Pixel augmentation would go after this."""
-    from pipeline import datasets
-    from pipeline.extract import resize_depth
-
-    sample = datasets.sample_from_row(row, split_file)
-    view = datasets.View(*(int(v) for v in row["view"]))
-    image = datasets.apply_view(datasets.load_image(sample), view)
-    gt = datasets.load_depth(sample, layout)
-    depth = np.zeros(target_hw, np.float32) if gt is None else resize_depth(datasets.apply_view(gt, view), target_hw)
-    return image, depth
-
-
-class ImageBatches:
+class ImageBatches(Batches):
     """`feature_source: images`: the same batches as `CachedBatches`, computed on every step by decoding the
     images and running the frozen encoder. Flips happen on the pixels (the reference way).
 
     `index` is a planned split (`pipeline.extract.plan_split(...).index`): the same samples and views the cache
-    holds, visited in the same order (`chunk_size` only shapes the shuffle, as for the cache)."""
+    holds, read by the same `pipeline.extract.load_view`, visited in the same order (`chunk_size` only shapes the
+    shuffle, as for the cache)."""
+
+    mode = "images"
 
     def __init__(
         self,
@@ -360,42 +387,32 @@ class ImageBatches:
         workers: int = 2,
         drop_last: bool = False,
     ):
+        super().__init__(len(index["id"]), chunk_size, layers, batch_size, train=train, flip_p=flip_p, seed=seed,
+                         shuffle_window=shuffle_window, device=device, prefetch=prefetch, drop_last=drop_last,
+                         target_hw=target_hw)
         self.index = index
-        self.n = len(index["id"])
         self.encoder = encoder
-        self.layers = tuple(sorted(int(k) for k in layers))
-        self.batch_size = int(batch_size)
-        self.split_file, self.layout, self.target_hw = split_file, layout, tuple(target_hw)
-        self.chunk_size = chunk_size
-        self.train = train
-        self.flip_p = flip_p if train else 0.0
-        self.seed, self.shuffle_window = seed, shuffle_window
-        self.device = torch.device(device)
+        self.split_file, self.layout = split_file, layout
         self.autocast_dtype = autocast_dtype
-        self.prefetch, self.workers, self.drop_last = prefetch, workers, drop_last
-        self.n_usable = self.n
-        self.mode = "images"
+        self.workers = workers
 
-    def __len__(self) -> int:
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+    def _view(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample i's view as uint8 RGB (h, w, 3) and its target (H, W) in metres, exactly as extraction builds
+        them. Pixel augmentation per iteration would go after this."""
+        from pipeline import datasets
+        from pipeline.extract import load_view
 
-    def plan(self, epoch: int) -> EpochPlan:
-        return epoch_plan(self.n, self.chunk_size, epoch, seed=self.seed, shuffle=self.train,
-                          shuffle_window=self.shuffle_window, flip_p=self.flip_p)
+        row = {k: v[i] for k, v in self.index.items()}
+        view = datasets.View.from_record(row["view"], row["view_aug"])
+        return load_view(datasets.sample_from_row(row, self.split_file), view, tuple(row["orig_hw"]), self.layout,
+                         self.target_hw)
 
-    def _row(self, i: int) -> dict:
-        return {k: v[i] for k, v in self.index.items()}
-
-    def target(self, i: int) -> np.ndarray:
-        """Sample i's training target (H, W) in metres, 0 = invalid."""
-        return _decode_row(self._row(i), self.split_file, self.layout, self.target_hw)[1]
+    def targets(self, max_samples: int) -> np.ndarray:
+        return np.stack([self._view(i)[1] for i in range(min(self.n, max_samples))])
 
     def _load(self, pos: np.ndarray, flips: np.ndarray, pool: ThreadPoolExecutor) -> dict:
-        loaded = list(pool.map(lambda i: _decode_row(self._row(int(i)), self.split_file, self.layout,
-                                                     self.target_hw), pos))
         images, depths = [], []
-        for (image, depth), flip in zip(loaded, flips):
+        for (image, depth), flip in zip(pool.map(lambda i: self._view(int(i)), pos), flips):
             if flip:
                 image, depth = image[:, ::-1], depth[:, ::-1]
             images.append(np.ascontiguousarray(image))
@@ -407,21 +424,16 @@ class ImageBatches:
         }
 
     def _produce(self, plan: EpochPlan, put) -> None:
-        bs = self.batch_size
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for start in range(0, len(plan.order), bs):
-                pos, flips = plan.order[start:start + bs], plan.flips[start:start + bs]
-                if len(pos) < bs and self.drop_last:
-                    return
+            for pos, flips in self._batches(plan):
                 if not put(self._load(pos, flips, pool)):
                     return
 
-    def epoch(self, epoch: int) -> Iterator[dict]:
+    def epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan(epoch)
         for raw in _prefetched(lambda put: self._produce(plan, put), self.prefetch):
             # The encoder runs here, in the training thread, on every step: this is the cost the cache removes.
             feats = self.encoder(raw["pixels"].to(self.device), self.layers, autocast_dtype=self.autocast_dtype)
             # The encoder runs under inference_mode; clone to ordinary tensors that autograd may save.
-            yield {"tokens": {k: t.clone() for k, t in feats["tokens"].items()}, "global": feats["global"].clone(),
-                   "depth": raw["depth"].to(self.device),
-                   "index": raw["index"], "flipped": raw["flipped"]}
+            features = {"tokens": {k: t.clone() for k, t in feats["tokens"].items()}, "global": feats["global"].clone()}
+            yield Batch(features, raw["depth"].to(self.device), raw["index"], raw["flipped"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.visualize import valid_mask
+from pipeline.visualize import has_depth
 
 VERTEX_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
 
@@ -30,7 +30,7 @@ def backproject(
     cx = (w - 1) / 2.0 if cx is None else float(cx)
     cy = (h - 1) / 2.0 if cy is None else float(cy)
     fy = float(focal) if fy is None else float(fy)
-    mask = valid_mask(depth)
+    mask = has_depth(depth)
     v, u = np.nonzero(mask)  # row-major: the vertex order
     z = depth[v, u].astype(np.float64)
     points = np.stack([(u - cx) * z / float(focal), (v - cy) * z / fy, z], axis=1)  # (N, 3)

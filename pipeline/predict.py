@@ -26,13 +26,13 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 from tqdm.auto import tqdm
 
+from pipeline.datasets import DEPTH_SCALE, encode_depth
 from pipeline.pointcloud import depth_to_ply
 from pipeline.visualize import DEFAULT_COLORMAP, colorize, side_by_side
 from spaceclip.model import SpaceClip
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif"}
-DEFAULT_PNG_SCALE = 256.0  # KITTI's convention: uint16 / 256 = metres
-UINT16_MAX = 65535
+DEFAULT_PNG_SCALE = DEPTH_SCALE["kitti"]  # KITTI's convention: uint16 / 256 = metres
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _inside(path: Path, folder: Path | None) -> bool:
     return folder is not None and path.resolve().is_relative_to(folder)
 
 
-def load_image(path: str | Path) -> Image.Image:
+def open_image_upright(path: str | Path) -> Image.Image:
     """An RGB PIL image, upright by its EXIF orientation, fully decoded (a truncated file fails here)."""
     with Image.open(path) as img:
         img.load()
@@ -130,23 +130,13 @@ def output_stems(files: Sequence[Path]) -> list[str]:
 def save_depth_png(path: str | Path, depth: np.ndarray, scale: float = DEFAULT_PNG_SCALE) -> Path:
     """float metres -> uint16 PNG of round(depth * scale), clipped to [0, 65535]; 0 = invalid. The scale is
     written into the PNG text chunk (`depth_scale`, `depth_unit`) so the file says how to read it."""
-    q = np.where(np.isfinite(depth), depth, 0.0) * scale
-    q = np.clip(np.rint(q), 0, UINT16_MAX).astype(np.uint16)
+    q = encode_depth(depth, scale)  # (H, W) uint16
     info = PngImagePlugin.PngInfo()
     info.add_text("depth_scale", f"{scale:g}")
     info.add_text("depth_unit", "m")
     info.add_text("Description", f"SPACE-CLIP depth: metres = value / {scale:g}; 0 = no depth")
     Image.fromarray(q).save(path, pnginfo=info)  # (H, W) uint16 -> 16-bit greyscale PNG
     return Path(path)
-
-
-def read_depth_png(path: str | Path, scale: float | None = None) -> np.ndarray:
-    """A depth PNG -> float32 metres, using its `depth_scale` text (or `scale`, or 256)."""
-    with Image.open(path) as img:
-        stored = img.text.get("depth_scale") if hasattr(img, "text") else None
-        q = np.asarray(img, dtype=np.float32)
-    scale = float(stored) if scale is None and stored else (scale or DEFAULT_PNG_SCALE)
-    return q / scale
 
 
 def write_outputs(out: Path, stem: str, image: Image.Image, depth: np.ndarray, opts: PredictOptions) -> dict:
@@ -187,7 +177,7 @@ def predict_paths(
         batch = []
         for f, stem in zip(files[start:start + opts.batch_size], stems[start:start + opts.batch_size]):
             try:
-                batch.append((f, stem, load_image(f)))
+                batch.append((f, stem, open_image_upright(f)))
             except Exception as err:  # PIL raises UnidentifiedImageError, OSError, ValueError, SyntaxError...
                 _report(result, str(f), f"not a readable image ({type(err).__name__}: {err})", bar)
                 bar.update(1)

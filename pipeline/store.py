@@ -28,6 +28,8 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from zarr.core.sync import sync
 
+from pipeline.errors import SpaceClipError
+
 INDEX_FIELDS = ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group", "line", "view_aug")
 # view_aug (N, 6) float64: each view's augmentation (rotation angle in degrees, gamma, brightness, gain R, G, B),
 # the identity (0, 1, 1, 1, 1, 1) for a view without any. Stores written before it existed read as the identity.
@@ -35,7 +37,7 @@ VIEW_AUG_COLUMNS = ("view_angle", "view_gamma", "view_brightness", "view_gain_r"
 IDENTITY_AUG = (0.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 
 
-class StoreError(RuntimeError):
+class StoreError(SpaceClipError, RuntimeError):
     """A feature store is missing, incomplete or does not match what the caller expects."""
 
 

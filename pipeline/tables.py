@@ -320,3 +320,11 @@ def write_tables(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
     paths["table_md"].write_text(markdown_table(evaluation, summary, published))
     paths["table_tex"].write_text(latex_table(evaluation, summary, published))
     return paths
+
+
+def artifact_rows(evaluation: Evaluation) -> list[dict]:
+    """The summary as the rows of the Prefect table artifact: variant, FiLM / Structural marks, the table's metrics
+    (4 decimals) and the number of images."""
+    return [{"variant": r["variant"], "FiLM": "✓" if r["film"] else "", "Structural": "✓" if r["structural"] else "",
+             **{header: round(float(r[k]), 4) for k, header, *_ in COLUMNS}, "images": int(r["n_images"])}
+            for r in evaluation.summary().to_dict("records")]

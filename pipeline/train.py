@@ -1,27 +1,26 @@
 """Stage 2: train one decoder variant from the feature cache (or, as the reference, from images).
 
-    train_variant(cfg, "full")  ->  <train.out_dir>/<sweep>/full/
+    train_variant(ctx, "full")  ->  <train.out_dir>/<sweep>/full/   (ctx: a `RunContext`, or a config)
         last/  best/        model.safetensors + config.json (variant, decoder kwargs, encoder identity,
                             cache fingerprint, epoch, validation metrics): `SpaceClipDecoder.from_pretrained(dir)`
         history.csv         one row per epoch: train loss, validation metrics, lr, time, images/s, skipped batches
         train_state.pt      raw weights, optimizer, EMA and RNG state for resuming (tensors and plain values only,
                             loaded with `torch.load(weights_only=True)`: nothing is unpickled)
 
-Loss, optimiser and schedules are docs/design.md's: 0.5 SILog + 0.5 SSIM (+ aux SILog), AdamW, `step` (x0.5 every 2
-epochs) or `cosine_warmup` (linear warm-up, cosine to min_lr, per step), grad-norm clip, non-finite or empty
-batches skipped and counted, optional EMA. `best/` is chosen on validation AbsRel (a split carved from train by
-drive), never on test. A run whose `epochs` are reached is skipped; a killed run resumes from its last epoch.
+Loss, optimiser and schedules are docs/design.md's: 0.5 SILog + 0.5 SSIM (+ aux SILog), AdamW, `step` (torch's
+StepLR: x0.5 every 2 epochs) or `cosine_warmup` (torch's LinearLR warm-up then CosineAnnealingLR to min_lr, per
+step), grad-norm clip, non-finite or empty batches skipped and counted, optional EMA (torch's AveragedModel).
+`best/` is chosen on validation AbsRel (a split carved from train by drive), never on test. A run whose `epochs` are
+reached is skipped; a killed run resumes from its last epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,12 +29,15 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR, StepLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, TrainConfig, dump_config
-from pipeline.extract import encoder_for, open_for, plan_split, resolve_device, split_fingerprint
-from pipeline.loader import CachedBatches, ImageBatches
-from spaceclip.decoder import VARIANTS, SpaceClipDecoder
+from pipeline.extract import plan_split
+from pipeline.layout import RunContext, RunError, replaced_atomically, resolve_device, run_dir
+from pipeline.loader import Batch, Batches, CachedBatches, ImageBatches
+from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.losses import depth_loss
 from spaceclip.metrics import METRIC_KEYS, compute_metrics, mean_metrics
 
@@ -49,10 +51,6 @@ HISTORY_COLUMNS = (("epoch", "train_loss") + tuple(f"val_{k}" for k in VAL_KEYS)
                    + ("lr", "seconds", "val_seconds", "images_per_s", "skipped_batches"))
 
 
-class RunError(RuntimeError):
-    """An existing run folder does not belong to this config (different cache, variant or source)."""
-
-
 @dataclass
 class TrainResult:
     variant: str
@@ -64,38 +62,42 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def run_dir(cfg: Config, variant: str) -> Path:
-    return Path(cfg.train.out_dir) / cfg.sweep / variant
-
-
 # ---- schedule and EMA ---------------------------------------------------------------------------------------
-def lr_at(step: int, steps_per_epoch: int, tc: TrainConfig) -> float:
-    """Learning rate of optimiser step `step` (0-based, counted over the whole run)."""
-    if tc.schedule == "step":  # paper: x gamma every `step_every` epochs
-        return tc.lr * tc.step_gamma ** ((step // max(steps_per_epoch, 1)) // tc.step_every)
+def lr_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch: int) -> LRScheduler:
+    """torch's scheduler of the recipe, stepped once per optimiser step (skipped batches included, so the rate
+    follows the step count). `step`: StepLR, x `step_gamma` every `step_every` epochs (the paper).
+    `cosine_warmup`: LinearLR from lr / warmup up to lr over the first `warmup_fraction` of the steps, then
+    CosineAnnealingLR down to `min_lr` at the last step (the release)."""
+    steps = max(steps_per_epoch, 1)
+    if tc.schedule == "step":
+        return StepLR(optimizer, step_size=tc.step_every * steps, gamma=tc.step_gamma)
     total = max(tc.epochs * steps_per_epoch, 1)
     warmup = max(1, round(tc.warmup_fraction * total))
-    if step < warmup:
-        return tc.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
-    return tc.min_lr + (tc.lr - tc.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return SequentialLR(optimizer, [
+        LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1),
+        CosineAnnealingLR(optimizer, T_max=max(total - warmup, 1), eta_min=tc.min_lr),
+    ], milestones=[warmup])
 
 
-class EMA:
-    """Exponential moving average of the weights (BatchNorm statistics are copied, not averaged)."""
+def learning_rates(tc: TrainConfig, steps_per_epoch: int) -> list[float]:
+    """The learning rate of every optimiser step of a run (0-based, over all its epochs), read off the scheduler."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=tc.lr)
+    scheduler = lr_scheduler(optimizer, tc, steps_per_epoch)
+    out = []
+    for _ in range(tc.epochs * steps_per_epoch):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # a no-op (no gradients), in the order torch expects
+        scheduler.step()
+    return out
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+def ema_of(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """torch's EMA of the weights, starting from the model's initial weights: after each optimiser step
+    `ema.update_parameters(model)` moves every parameter a fraction (1 - decay) toward the model's. BatchNorm
+    statistics are copied from the model, not averaged (`use_buffers=False`)."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    ema.update_parameters(model)  # the first update copies: the average then starts at the initial weights
+    return ema
 
 
 @contextlib.contextmanager
@@ -117,53 +119,48 @@ def determinism(device: torch.device, threads: int | None):
 # ---- data -----------------------------------------------------------------------------------------------------
 @dataclass
 class Sources:
-    train: CachedBatches | ImageBatches
-    val: CachedBatches | ImageBatches
+    train: Batches
+    val: Batches
     target_hw: tuple[int, int]
     fingerprints: dict  # {"train": fp, "val": fp}
     width: int
 
 
-def check_cache(cfg: Config, encoder=None) -> dict:
+def check_cache(ctx: RunContext | Config) -> dict:
     """The fingerprint guard: the complete train and val stores this config expects, or a `StoreError` saying
     what differs. Returns {"train": url, "val": url}."""
-    encoder = encoder or encoder_for(cfg)
-    return {split: open_for(cfg, split, encoder).url for split in ("train", "val")}
+    ctx = RunContext.of(ctx)
+    return {split: ctx.open_store(split).url for split in ("train", "val")}
 
 
-def build_sources(cfg: Config, layers, device: torch.device, encoder=None) -> Sources:
-    tc = cfg.train
-    encoder = encoder or encoder_for(cfg)
+def build_sources(ctx: RunContext, layers, device: torch.device) -> Sources:
+    cfg, tc = ctx.cfg, ctx.cfg.train
     common = dict(seed=tc.seed, shuffle_window=tc.shuffle_window, device=device)
+    fingerprints = {split: ctx.fingerprint(split) for split in ("train", "val")}
     if tc.feature_source == "cache":
-        stores = {split: open_for(cfg, split, encoder) for split in ("train", "val")}
+        stores = {split: ctx.open_store(split) for split in ("train", "val")}
         train = CachedBatches(stores["train"], layers, tc.batch_size, train=True, flip_p=tc.flip_p,
                               cache_device=tc.cache_device, **common)
         val = CachedBatches(stores["val"], layers, cfg.eval.batch_size, train=False, cache_device=tc.cache_device,
                             **common)
-        return Sources(train, val, train.target_hw, {s: st.fingerprint for s, st in stores.items()},
-                       int(stores["train"].attrs["width"]))
+        return Sources(train, val, train.target_hw, fingerprints, int(stores["train"].attrs["width"]))
     # The reference path: the frozen encoder runs on every step, on the same samples and views as the cache.
-    encoder.to(device)
+    encoder = ctx.encoder.to(device)
     autocast = None if cfg.encoder.dtype == "float32" else getattr(torch, cfg.encoder.dtype)
-    loaders, fps = {}, {}
+    loaders = {}
     for split, train in (("train", True), ("val", False)):
-        plan = plan_split(cfg, split, encoder)
-        fps[split] = plan.fingerprint
+        plan = plan_split(cfg, split)
         loaders[split] = ImageBatches(
             plan.index, encoder, layers, tc.batch_size if train else cfg.eval.batch_size,
             split_file=cfg.data.train_split, layout=cfg.data.layout, target_hw=plan.target_hw,
             chunk_size=cfg.cache.chunk_size, train=train, flip_p=tc.flip_p, autocast_dtype=autocast, **common)
-    return Sources(loaders["train"], loaders["val"], tuple(loaders["train"].target_hw), fps, encoder.width)
+    return Sources(loaders["train"], loaders["val"], loaders["train"].target_hw, fingerprints, encoder.width)
 
 
-def median_target_depth(loader, depth_range: tuple[float, float], max_samples: int = 256) -> float:
+def median_target_depth(loader: Batches, depth_range: tuple[float, float], max_samples: int = 256) -> float:
     """Median of the valid training targets (`decoder.init_depth = median`), from the first samples of the split."""
     lo, hi = depth_range
-    if isinstance(loader, CachedBatches):
-        depth = loader.store.read(slice(0, max_samples), layers=())["depth"].numpy()  # the store's own decode
-    else:
-        depth = np.stack([loader.target(i) for i in range(min(loader.n, max_samples))])
+    depth = loader.targets(max_samples)
     valid = depth[(depth > lo) & (depth < hi)]
     if valid.size == 0:
         raise RunError(f"no valid training target in ({lo}, {hi}) m among the first {max_samples} samples")
@@ -185,16 +182,16 @@ def recompute_bn(model: torch.nn.Module, loader, epoch: int, batches: int) -> No
 
 # ---- validation -----------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def validate(model: torch.nn.Module, loader, depth_range: tuple[float, float], autocast: bool = False) -> dict:
+def validate(model: torch.nn.Module, loader: Batches, depth_range: tuple[float, float], autocast: bool = False) -> dict:
     """Mean per-image metrics over the loader's samples: prediction at the target size, valid pixels only, no
     crop, no median scaling (the one metrics function, as everywhere)."""
     model.eval()
     lo, hi = depth_range
     rows = []
     for batch in loader.epoch(0):
-        gt = batch["depth"]  # (B, H, W)
+        gt = batch.depth  # (B, H, W)
         with torch.autocast(gt.device.type, dtype=torch.bfloat16, enabled=autocast):
-            pred = model(batch, out_size=tuple(gt.shape[-2:]))["depth"][:, 0]  # (B, H, W)
+            pred = model(batch.features, out_size=tuple(gt.shape[-2:]))["depth"][:, 0]  # (B, H, W)
         pred, gt = pred.float().cpu().numpy(), gt.cpu().numpy()
         for p, g in zip(pred, gt):
             try:
@@ -216,27 +213,21 @@ def read_history(path: Path) -> list[dict]:
 
 
 def write_history(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with replaced_atomically(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
         writer.writeheader()
         writer.writerows({k: row[k] for k in HISTORY_COLUMNS} for row in rows)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(model: SpaceClipDecoder, directory: Path, extra: dict) -> None:
     """`save_pretrained` into a sibling folder, then swap it in: a kill never leaves half a checkpoint."""
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, extra=extra)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    with replaced_atomically(directory) as tmp:
+        model.save_pretrained(tmp, extra=extra)
 
 
 def save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(path: Path) -> dict:
@@ -249,13 +240,13 @@ def _cpu_state(model: torch.nn.Module) -> dict:
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
-def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch: dict, loss_kwargs: dict,
-               grad_clip: float, ema: EMA | None = None) -> float | None:
+def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch: Batch, loss_kwargs: dict,
+               grad_clip: float, ema: AveragedModel | None = None) -> float | None:
     """One optimiser step on one batch; returns the loss, or None when the batch was skipped (a non-finite loss or
     gradient, or no valid target pixel). bf16 autocast on CUDA; the loss itself is computed in float32."""
-    gt = batch["depth"][:, None]  # (B, 1, H, W)
+    gt = batch.depth[:, None]  # (B, 1, H, W)
     with torch.autocast(gt.device.type, dtype=torch.bfloat16, enabled=gt.device.type == "cuda"):
-        outputs = model(batch, out_size=tuple(gt.shape[-2:]))
+        outputs = model(batch.features, out_size=tuple(gt.shape[-2:]))
     loss, parts = depth_loss(outputs, gt, **loss_kwargs)
     value, valid = torch.stack([loss.detach().float(), parts["valid_pixels"].float()]).tolist()  # one sync
     if not math.isfinite(value) or valid == 0:
@@ -268,7 +259,7 @@ def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch:
         return None
     optimizer.step()
     if ema is not None:
-        ema.update(model)
+        ema.update_parameters(model)
     return value
 
 
@@ -280,7 +271,7 @@ def loss_kwargs_for(cfg: Config) -> dict:
 
 
 def train_variant(
-    cfg: Config,
+    ctx: RunContext | Config,
     variant: str,
     *,
     resume: bool = True,
@@ -289,15 +280,12 @@ def train_variant(
 ) -> TrainResult:
     """Train (or resume, or skip when finished) one decoder variant. `on_epoch(row)` is called after each epoch's
     files are written, with the history row (the flow logs it; tests use it to simulate a kill)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown decoder variant {variant!r}; valid variants: {list(VARIANTS)}")
-    tc = cfg.train
+    ctx = RunContext.of(ctx)
+    cfg, tc = ctx.cfg, ctx.cfg.train
     device = resolve_device(tc.device)
-    out = run_dir(cfg, variant)
+    out = ctx.run_dir(variant)
     state_path = out / STATE_NAME
-    encoder = encoder_for(cfg)
-    fp_train = split_fingerprint(cfg, "train", encoder)[0]
-    meta = {"variant": variant, "cache_fingerprint": fp_train, "feature_source": tc.feature_source,
+    meta = {"variant": variant, "cache_fingerprint": ctx.fingerprint("train"), "feature_source": tc.feature_source,
             "decoder": cfg.decoder.model_dump(mode="json")}
 
     state = None
@@ -324,17 +312,18 @@ def train_variant(
     out.mkdir(parents=True, exist_ok=True)
 
     with determinism(device, tc.num_threads):
-        return _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch)
+        return _train(ctx, variant, device, out, state, meta, progress, on_epoch)
 
 
-def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) -> TrainResult:
-    tc = cfg.train
+def _train(ctx: RunContext, variant, device, out, state, meta, progress, on_epoch) -> TrainResult:
+    cfg, tc = ctx.cfg, ctx.cfg.train
     cuda = device.type == "cuda"
     depth_range = cfg.data.depth_range
-    sources = build_sources(cfg, cfg.decoder.layers_of(variant), device, encoder)
+    sources = build_sources(ctx, cfg.decoder.layers_of(variant), device)
     head_bias = median_target_depth(sources.train, depth_range) if cfg.decoder.init_depth == "median" else None
     torch.manual_seed(tc.seed)
-    model = SpaceClipDecoder(variant, width=encoder.width, head_bias=head_bias, **cfg.decoder.kwargs())
+    model = SpaceClipDecoder(variant, width=ctx.encoder_identity["width"], head_bias=head_bias,
+                             **cfg.decoder.kwargs())
     if cuda:
         model = model.to(device, memory_format=torch.channels_last)
     if sources.width != model.width:
@@ -343,17 +332,25 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
     if steps == 0:
         raise RunError(f"{variant}: the train split has no usable samples")
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    ema = EMA(model, tc.ema) if tc.ema else None
+    scheduler = lr_scheduler(optimizer, tc, steps)
+    ema = ema_of(model, tc.ema) if tc.ema else None
 
     start, best_abs_rel, best_epoch = 0, float("inf"), 0
     history: list[dict] = []
     if state is not None:
         model.load_state_dict(state["model"])
+        if "scheduler" not in state:  # saved before the scheduler's state was: replay the steps it had taken
+            for _ in range(int(state["epoch"]) * steps):
+                scheduler.step()
+            state["scheduler"] = scheduler.state_dict()
+            state["optimizer"]["param_groups"] = [{**g, "lr": o["lr"], "initial_lr": o["initial_lr"]} for g, o in
+                                                  zip(state["optimizer"]["param_groups"], optimizer.param_groups)]
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             if "ema" not in state:
                 raise RunError(f"{out / STATE_NAME} has no EMA weights but train.ema is set; resume=False to restart")
-            ema.model.load_state_dict(state["ema"])
+            ema.module.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         if cuda and "cuda_rng" in state:
             torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
@@ -361,9 +358,8 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
         history = [r for r in read_history(out / HISTORY_NAME) if r["epoch"] <= start]
         log.info("%s: resuming after epoch %d of %d from %s", variant, start, tc.epochs, out)
 
-    encoder_identity = encoder.identity()
     ckpt_extra = {
-        "variant": variant, "encoder": encoder_identity, "cache_fingerprint": sources.fingerprints["train"],
+        "variant": variant, "encoder": ctx.encoder_identity, "cache_fingerprint": sources.fingerprints["train"],
         "val_fingerprint": sources.fingerprints["val"], "feature_source": tc.feature_source,
         "target_size": list(sources.target_hw), "depth_range": list(depth_range), "config": dump_config(cfg),
     }
@@ -381,25 +377,24 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
         loss_sum, images, skipped, lr = 0.0, 0, 0, tc.lr
         bar = tqdm(total=steps, desc=f"{variant} epoch {epoch + 1}/{tc.epochs}", unit="step", disable=not progress,
                    leave=False)
-        for i, batch in enumerate(sources.train.epoch(epoch)):
-            lr = lr_at(epoch * steps + i, steps, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        for batch in sources.train.epoch(epoch):
+            lr = optimizer.param_groups[0]["lr"]
             value = train_step(model, optimizer, batch, loss_kwargs, tc.grad_clip, ema)
+            scheduler.step()  # every batch, a skipped one too: the rate follows the step count
             bar.update(1)
             if value is None:
                 skipped += 1
                 continue
-            n = batch["depth"].shape[0]
+            n = batch.depth.shape[0]
             loss_sum, images = loss_sum + value * n, images + n
             bar.set_postfix(loss=f"{value:.3f}")
         bar.close()
         train_s = time.perf_counter() - t0
 
-        eval_model, weights = (ema.model, "ema") if ema is not None else (model, "raw")
+        eval_model, weights = (ema.module, "ema") if ema is not None else (model, "raw")
         t1 = time.perf_counter()
         if tc.bn_recompute:
-            for m in [model] + ([ema.model] if ema is not None else []):
+            for m in [model] + ([ema.module] if ema is not None else []):
                 recompute_bn(m, sources.train, epoch, tc.bn_recompute)
         metrics = validate(eval_model, sources.val, depth_range, autocast=cuda)
         if ema is not None and tc.ema_select == "better":  # the release's eval_both_for_best: raw and EMA validated,
@@ -424,10 +419,11 @@ def _train(cfg, variant, device, out, encoder, state, meta, progress, on_epoch) 
         write_history(out / HISTORY_NAME, history)
         state = {
             "meta": json.dumps(meta), "epoch": epoch + 1, "best_abs_rel": best_abs_rel, "best_epoch": best_epoch,
-            "model": _cpu_state(model), "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+            "model": _cpu_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
         }
         if ema is not None:
-            state["ema"] = _cpu_state(ema.model)
+            state["ema"] = _cpu_state(ema.module)
         if cuda:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         save_state(out / STATE_NAME, state)

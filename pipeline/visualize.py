@@ -8,8 +8,12 @@ makes pictures incomparable; pass `depth_range=(min, max)` in metres for a share
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from spaceclip.metrics import valid_mask
 
 DEFAULT_COLORMAP = "turbo"
 PERCENTILES = (2.0, 98.0)
@@ -24,8 +28,9 @@ def colormap(name: str):
         raise ValueError(f"unknown colormap {name!r}; e.g. turbo, magma, inferno, viridis, Spectral") from None
 
 
-def valid_mask(depth: np.ndarray) -> np.ndarray:
-    return np.isfinite(depth) & (depth > 0)
+def has_depth(depth: np.ndarray) -> np.ndarray:
+    """Pixels that carry a depth at all (finite, > 0): the valid-pixel rule with no range."""
+    return valid_mask(depth, 0.0, math.inf)
 
 
 def depth_range_of(depth: np.ndarray, depth_range: tuple[float, float] | None = None) -> tuple[float, float]:
@@ -35,7 +40,7 @@ def depth_range_of(depth: np.ndarray, depth_range: tuple[float, float] | None = 
         if not hi > lo:
             raise ValueError(f"depth range must have max > min, got {lo} {hi}")
         return lo, hi
-    valid = depth[valid_mask(depth)]
+    valid = depth[has_depth(depth)]
     if valid.size == 0:
         return 0.0, 1.0
     lo, hi = (float(v) for v in np.percentile(valid, PERCENTILES))
@@ -49,7 +54,7 @@ def colorize(
     lo, hi = depth_range_of(depth, depth_range)
     t = (hi - np.nan_to_num(depth, nan=hi)) / (hi - lo)  # 1 at `lo` (near), 0 at `hi` (far)
     rgb = colormap(cmap)(np.clip(t, 0.0, 1.0), bytes=True)[..., :3]  # (H, W, 3) uint8
-    rgb[~valid_mask(depth)] = 0
+    rgb[~has_depth(depth)] = 0
     return rgb, (lo, hi)
 
 

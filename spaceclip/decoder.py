@@ -347,7 +347,8 @@ class SpaceClipDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "SpaceClipDecoder":
-        """Rebuild from `config.json`, then copy weights checking every key name and shape (fails loudly)."""
+        """Rebuild from `config.json`, then load the weights with `load_state_dict(strict=True)`: every key name and
+        shape must match, and a mismatch fails naming the file and the first key that differs."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -360,17 +361,18 @@ class SpaceClipDecoder(nn.Module):
         if not weights.is_file():
             raise FileNotFoundError(f"decoder weights missing: {weights}")
         loaded = load_file(str(weights), device="cpu")
-        expected = model.state_dict()
-        for key, t in expected.items():
-            if key not in loaded:
-                raise ValueError(f"{weights}: key {key!r} missing (expected shape {tuple(t.shape)})")
-            if loaded[key].shape != t.shape:
-                raise ValueError(
-                    f"{weights}: key {key!r} has shape {tuple(loaded[key].shape)}, expected {tuple(t.shape)}"
-                )
-        unexpected = sorted(set(loaded) - set(expected))
-        if unexpected:
-            raise ValueError(f"{weights}: unexpected key {unexpected[0]!r} (+{len(unexpected) - 1} more)")
-        model.load_state_dict(loaded, strict=True)
+        try:
+            model.load_state_dict(loaded, strict=True)
+        except RuntimeError:  # torch's message lists every key; say which one first, in one line
+            expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+            found = {k: tuple(t.shape) for k, t in loaded.items()}
+            first = next((k for k in expected if found.get(k) != expected[k]), None)
+            if first is not None:
+                problem = (f"key {first!r} missing (expected shape {expected[first]})" if first not in found else
+                           f"key {first!r} has shape {found[first]}, expected {expected[first]}")
+            else:
+                unexpected = sorted(set(found) - set(expected))
+                problem = f"unexpected key {unexpected[0]!r} (+{len(unexpected) - 1} more)"
+            raise ValueError(f"{weights}: {problem}") from None
         model.checkpoint_config = config  # encoder identity, cache fingerprint, ... as saved in `extra`
         return model.to(map_location)

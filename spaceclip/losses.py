@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from spaceclip.metrics import valid_mask
 
 LOG_EPS = 1e-7  # predictions come out of a ReLU and may be exactly 0; ln(0) = -inf
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
@@ -38,11 +39,6 @@ def _check_pair(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, tor
         )
     # Losses in float32 even under autocast: the log-variance and the SSIM moments lose too much in half.
     return pred.float(), gt.float()
-
-
-def valid_mask(gt: torch.Tensor, min_depth: float, max_depth: float) -> torch.Tensor:
-    """Pixels with a usable target: min_depth < gt < max_depth (0 = no LiDAR return is thus excluded)."""
-    return (gt > min_depth) & (gt < max_depth)
 
 
 def silog_loss(
@@ -151,27 +147,3 @@ def depth_loss(
         "valid_pixels": valid.sum().detach(),
     }
     return total, parts
-
-
-class DepthLoss(nn.Module):
-    """`depth_loss` with its settings bound, for code that wants a criterion object."""
-
-    def __init__(
-        self,
-        *,
-        min_depth: float,
-        max_depth: float,
-        silog_weight: float = 0.5,
-        ssim_weight: float = 0.5,
-        aux_weights: Sequence[float] = (0.10, 0.05, 0.0),
-    ):
-        super().__init__()
-        self.min_depth, self.max_depth = float(min_depth), float(max_depth)
-        self.silog_weight, self.ssim_weight = float(silog_weight), float(ssim_weight)
-        self.aux_weights = tuple(float(w) for w in aux_weights)
-
-    def forward(self, outputs: dict, gt: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return depth_loss(
-            outputs, gt, min_depth=self.min_depth, max_depth=self.max_depth, silog_weight=self.silog_weight,
-            ssim_weight=self.ssim_weight, aux_weights=self.aux_weights,
-        )

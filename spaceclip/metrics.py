@@ -1,7 +1,7 @@
 """The one depth-metrics implementation: training validation, evaluation and the tests all call `compute_metrics`.
 
 Protocol, per image (then a plain mean over images with `mean_metrics`):
-  1. valid = (gt > min_depth) & (gt < max_depth), intersected with the eval crop.
+  1. valid = `valid_mask(gt, min_depth, max_depth)`, intersected with the eval crop.
      Strict `<` at the top, as in the reference release's evaluation and BTS/AdaBins/Monodepth2; docs/design.md
      writes the KITTI range as (1e-3, 80], which differs only for gt exactly equal to max_depth.
   2. median scaling (optional): pred *= median(gt[valid]) / median(pred[valid]).
@@ -23,6 +23,12 @@ _KITTI_ROWS = {"garg": (0.40810811, 0.99189189), "eigen": (0.3324324, 0.91351351
 _KITTI_COLS = (0.03594771, 0.96405229)
 # NYU v2 Eigen crop, in pixels of the official 480 x 640 frames.
 _NYU_SHAPE, _NYU_ROWS, _NYU_COLS = (480, 640), (45, 471), (41, 601)
+
+
+def valid_mask(gt, min_depth: float, max_depth: float):
+    """The one valid-pixel rule (losses, validation, evaluation): min_depth < gt < max_depth. A NumPy array gives a
+    NumPy mask, a tensor a tensor. 0 (no LiDAR return) and NaN fail both comparisons, inf the second."""
+    return (gt > min_depth) & (gt < max_depth)
 
 
 def crop_mask(shape: tuple[int, ...], crop: str) -> np.ndarray:
@@ -63,7 +69,7 @@ def compute_metrics(
         raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}; resize pred to gt first")
     if gt.ndim < 2:
         raise ValueError(f"expected an image (..., H, W), got shape {gt.shape}")
-    valid = (gt > min_depth) & (gt < max_depth) & crop_mask(gt.shape, crop)
+    valid = valid_mask(gt, min_depth, max_depth) & crop_mask(gt.shape, crop)
     if not valid.any():
         raise ValueError(
             f"no valid pixels: gt {gt.shape} has none in ({min_depth}, {max_depth}) inside crop {crop!r}"

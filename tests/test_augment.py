@@ -14,11 +14,16 @@ from PIL import Image
 from pipeline import datasets, extract
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.evaluate import evaluate_run
-from pipeline.extract import encoder_for, extract_chunk, finalize_store, open_for, prepare_store
+from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store
+from pipeline.layout import RunContext
 from pipeline.fingerprint import fingerprint, fingerprint_inputs
 from pipeline.store import FeatureStore
 from pipeline.tables import protocol_line
-from pipeline.train import lr_at
+from pipeline.train import learning_rates
+
+
+def open_for(cfg, split):
+    return RunContext.of(cfg).open_store(split)
 from spaceclip.metrics import compute_metrics
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -137,6 +142,7 @@ def test_rotation_moves_image_and_depth_together_and_is_invalid_outside():
 
 
 # ---- extraction records the parameters and uses them ---------------------------------------------------------------
+@pytest.mark.slow
 def test_augmented_views_are_recorded_and_reproducible_from_the_index(aug_cfg, monkeypatch):
     fed = []  # what the extractor gives the encoder, in order
     real = encoder_for(aug_cfg)
@@ -243,10 +249,10 @@ def test_pixel_flip_tta_averages_the_mirrored_images_prediction(aug_cfg):
     torch.testing.assert_close(got["flipped_tokens"][12].float(), ref["tokens"][12], atol=2e-2, rtol=2e-2)
 
     def predictor(batch):  # positive, position-dependent, and it sees the global vector: not flip-equivariant
-        t = batch["tokens"][12].float()  # (B, g, g, C)
+        t = batch.features["tokens"][12].float()  # (B, g, g, C)
         ramp = torch.linspace(1.0, 2.0, t.shape[2], dtype=torch.float64)
         return (5.0 + 2.0 * torch.sigmoid(t.mean(-1)).double() * ramp
-                + batch["global"].float().mean(-1).double()[:, None, None])
+                + batch.features["global"].float().mean(-1).double()[:, None, None])
 
     result = evaluate_run(cfg, predictors={"probe": predictor})
     per_image = result.per_image.set_index("id")
@@ -290,8 +296,9 @@ def test_paper_recipe_configs_keep_the_papers_steps_and_schedule(name):
     assert cfg.train.epochs * k == 10  # passes over the frames
     frames, batch = 6400, 64  # steps per epoch over K * frames views
     steps = k * frames // batch
+    lrs = learning_rates(cfg.train, steps)
     for step in range(0, cfg.train.epochs * steps, 37):
-        assert lr_at(step, steps, cfg.train) == pytest.approx(paper_lr(step * batch // frames))
+        assert lrs[step] == pytest.approx(paper_lr(step * batch // frames))
     if name == "kitti":
         assert tuple(cfg.views.crop_size) == (352, 704) and cfg.views.mode == "random"
 
@@ -314,15 +321,17 @@ def test_release_recipe_configs(name, batch, crop):
     frames = 6400
     ours_steps, their_steps = cfg.views.views_per_image * frames // batch, frames // batch
     total = 20 * their_steps
+    lrs = learning_rates(cfg.train, ours_steps)
     for step in (0, 5, total // 3, total - 1):
         warm = round(0.05 * total)
         ref = (1e-4 * (step + 1) / warm if step < warm else
                1e-6 + (1e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm))))
-        assert lr_at(step, ours_steps, cfg.train) == pytest.approx(ref)
+        assert lrs[step] == pytest.approx(ref)
 
 
 # ---- raw-vs-EMA selection (the release's eval_both_for_best) --------------------------------------------------------
 @pytest.mark.parametrize("decay", [0.99, 0.3])
+@pytest.mark.slow
 def test_ema_select_better_keeps_the_weights_with_the_lower_validation_abs_rel(fast_cfg, decay):
     from safetensors.torch import load_file
 

@@ -97,11 +97,41 @@ def test_missing_config_names_what_exists(tmp_path):
         load_config(bad)
 
 
+def test_variants_are_the_decoders_and_each_is_named_once():
+    from typing import get_args
+
+    from pipeline.config import Variant
+    from spaceclip.decoder import VARIANTS
+
+    assert set(get_args(Variant)) == set(VARIANTS)
+    cfg = config_from_dict({}, overrides=["train.variants=[full, baseline, full]"])
+    assert cfg.train.variants == ["full", "baseline"]
+    with pytest.raises(ConfigError, match=r"'train\.variants\.1' in --set train\.variants=\[baseline, bogus\].*'bogus'"):
+        config_from_dict({}, overrides=["train.variants=[baseline, bogus]"])
+    with pytest.raises(ConfigError, match="train.variants"):
+        config_from_dict({}, overrides=["train.variants=[]"])
+
+
+def test_user_errors_share_one_base():
+    from pipeline.datasets import DatasetError
+    from pipeline.errors import SpaceClipError
+    from pipeline.evaluate import EvaluationError
+    from pipeline.export import ExportError
+    from pipeline.importer import CheckpointImportError
+    from pipeline.layout import RunError
+    from pipeline.store import StoreError
+
+    for error in (ConfigError, DatasetError, StoreError, RunError, EvaluationError, ExportError,
+                  CheckpointImportError):
+        assert issubclass(error, SpaceClipError), error
+
+
 def spaceclip(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("spaceclip")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_help_version_and_config_error():
     out = spaceclip("--help")
     assert out.returncode == 0

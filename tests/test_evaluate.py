@@ -15,7 +15,7 @@ from PIL import Image
 from pipeline import datasets
 from pipeline.config import ConfigError, config_from_dict, dump_config
 from pipeline.evaluate import EvaluationError, evaluate_run
-from pipeline.extract import open_for
+from pipeline.layout import RunContext
 from pipeline.tables import COLUMNS, PUBLISHED, published_for
 from pipeline.train import train_variant
 from spaceclip.metrics import METRIC_KEYS
@@ -23,6 +23,10 @@ from spaceclip.metrics import METRIC_KEYS
 
 def derive(cfg, *overrides):
     return config_from_dict(dump_config(cfg), overrides=list(overrides))
+
+
+def open_for(cfg, split):
+    return RunContext.of(cfg).open_store(split)
 
 
 def split_lines(cfg) -> list[list[str]]:
@@ -53,7 +57,7 @@ def scaled_gt(cfg, factor: float):
     index = store.index()
 
     def predict(batch):
-        (p,) = batch["index"]  # eval.batch_size = 1: the frames differ in size
+        (p,) = batch.index  # eval.batch_size = 1: the frames differ in size
         sample = datasets.Sample(index.id[p], Path(index.image_path[p]), Path(index.depth_path[p]), 1.0, 1,
                                  Path(cfg.data.test_split), "")
         return torch.from_numpy(datasets.load_depth(sample, "kitti").astype(np.float64) * factor)[None]
@@ -63,7 +67,7 @@ def scaled_gt(cfg, factor: float):
 
 def constant(value: float, size: int = 16):
     """A constant map at a low resolution (16 x 16): exercises the bilinear resize to the GT's resolution."""
-    return lambda batch: torch.full((len(batch["global"]), size, size), value, dtype=torch.float64)
+    return lambda batch: torch.full((len(batch.index), size, size), value, dtype=torch.float64)
 
 
 def hand_metrics(pred: np.ndarray, g: np.ndarray) -> dict:
@@ -128,12 +132,12 @@ def test_median_scaling_rescales_to_the_gt_median(demo_cfg):
 
 def test_flip_tta_averages_the_flipped_back_prediction_in_feature_space(demo_cfg):
     def equivariant(batch):  # a function of each token's own features: flipping the grid flips the map
-        return 5.0 + 40.0 * torch.sigmoid(batch["tokens"][12].double().mean(-1))  # (B, g, g)
+        return 5.0 + 40.0 * torch.sigmoid(batch.features["tokens"][12].double().mean(-1))  # (B, g, g)
 
     lo, hi = 5.0, 124 / 3 - 5.0  # a left-to-right ramp that ignores the features; its mean 62/3 never ties
 
     def ramp(batch):
-        return torch.linspace(lo, hi, 16, dtype=torch.float64).expand(len(batch["global"]), 16, 16)
+        return torch.linspace(lo, hi, 16, dtype=torch.float64).expand(len(batch.index), 16, 16)
 
     predictors = {"equivariant": equivariant, "ramp": ramp, "constant": constant(62 / 3)}
     plain = evaluate_run(demo_cfg, predictors=predictors).per_image.set_index(["variant", "id"])
@@ -166,6 +170,7 @@ def assert_picture(path: Path) -> None:
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200, f"{path} has almost no distinct colours"
 
 
+@pytest.mark.slow
 def test_evaluate_flow_cli_tables_and_pictures(trained, prefect_harness, capsys, monkeypatch):
     from prefect.artifacts import Artifact
     from prefect.settings import PREFECT_API_URL
@@ -236,6 +241,7 @@ def test_evaluate_flow_cli_tables_and_pictures(trained, prefect_harness, capsys,
     assert "'film'" in err and str(Path(cfg.train.out_dir) / "evaltest" / "film" / "best") in err
 
 
+@pytest.mark.slow
 def test_bad_parameters_fail_with_a_named_error(trained, prefect_harness):
     from flows.evaluate import evaluate
 
@@ -250,6 +256,7 @@ def test_bad_parameters_fail_with_a_named_error(trained, prefect_harness):
         evaluate(config=str(path), overrides=["eval.crop=nyu"], variants=["baseline"])
 
 
+@pytest.mark.slow
 def test_paper_table_reuses_the_cache_and_finished_runs(trained, prefect_harness):
     from flows.paper_table import paper_table
 
@@ -283,7 +290,7 @@ def gt_function(cfg, fn):
     index = store.index()
 
     def predict(batch):
-        (p,) = batch["index"]
+        (p,) = batch.index
         gt = np.asarray(Image.open(index.depth_path[p]), dtype=np.float64) / 256.0
         return torch.from_numpy(fn(gt))[None]
 

@@ -16,7 +16,8 @@ from PIL import Image
 from pipeline import datasets
 from pipeline.config import load_config
 from pipeline.datasets import DatasetError
-from pipeline.extract import encoder_for, extract_chunk, finalize_store, open_for, prepare_store
+from pipeline.extract import extract_chunk, prepare_store
+from pipeline.layout import RunContext, encoder_for, finalize_store
 from pipeline.store import FeatureStore, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,14 +99,15 @@ def test_same_config_reuses_and_changed_config_makes_a_new_store(small, tmp_path
     other, reused = prepare_store(changed, "val")
     assert not reused and other.url != first.url
     with pytest.raises(StoreError) as err:
-        open_for(changed, "val")  # exists but unfinished
+        RunContext.of(changed).open_store("val")  # exists but unfinished
     assert "incomplete" in str(err.value)
     changed.views.seed = 7  # a store that does not exist: the message says what differs from the ones that do
     with pytest.raises(StoreError) as err:
-        open_for(changed, "val")
+        RunContext.of(changed).open_store("val")
     assert "views.seed: config has 7, store has 42" in str(err.value)
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_files_are_named(tmp_path):
     cfg = load_config(write_config(tmp_path))
     datasets.ensure_dataset(cfg.data)

@@ -230,7 +230,8 @@ def test_cli_import_then_predict(tmp_path, encoder, capsys):
 
 def test_evaluate_scores_an_imported_checkpoint_like_its_source_weights(demo_cfg, tmp_path):
     from pipeline.config import config_from_dict, dump_config
-    from pipeline.evaluate import checkpoint_dir, decoder_predictor, evaluate_run
+    from pipeline.evaluate import decoder_predictor, evaluate_run
+    from pipeline.layout import RunContext
     from pipeline.tables import protocol_line
 
     cfg = config_from_dict(dump_config(demo_cfg), overrides=[f"train.out_dir={tmp_path / 'runs'}", "sweep=authors",
@@ -238,7 +239,7 @@ def test_evaluate_scores_an_imported_checkpoint_like_its_source_weights(demo_cfg
     source = small_decoder("full", seed=6)
     path = tmp_path / "best_checkpoint.pt"
     torch.save({"model": authors_state(source, FrozenEncoder.from_preset("tiny-clip")), "epoch": 19}, path)
-    import_checkpoint(path, checkpoint_dir(cfg, "full"), encoder="tiny-clip")
+    import_checkpoint(path, RunContext.of(cfg).checkpoint_dir("full"), encoder="tiny-clip")
 
     imported = evaluate_run(cfg, ["full"])  # through load_checkpoints: the folder `spaceclip evaluate` reads
     direct = evaluate_run(cfg, predictors={"full": decoder_predictor(source, torch.device("cpu"))})

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import config_from_dict, dump_config
-from pipeline.extract import open_for
+from pipeline.layout import RunContext
 from pipeline.train import median_target_depth, train_variant
 from spaceclip.decoder import VARIANTS, SpaceClipDecoder
 from spaceclip.losses import depth_loss
@@ -51,7 +51,7 @@ def handful(tmp_path_factory):
     cfg = load_config(root / "config.yaml", overrides=["encoder.name=tiny-clip-64", "data.synth.train=12",
                                                         "data.synth.test=2", "views.views_per_image=1"])
     build_caches(cfg, splits=("train",))
-    return open_for(cfg, "train").read(slice(0, 4))
+    return RunContext.of(cfg).open_store("train").read(slice(0, 4))
 
 
 @pytest.mark.slow
@@ -90,7 +90,7 @@ def test_head_bias_starts_every_pixel_alive(handful):
 def test_median_target_depth_matches_the_stored_targets(fast_cfg):
     from pipeline.loader import CachedBatches
 
-    store = open_for(fast_cfg, "train")
+    store = RunContext.of(fast_cfg).open_store("train")
     loader = CachedBatches(store, (12,), batch_size=4)
     depth = store.read(slice(None), layers=())["depth"].numpy()
     expected = float(np.median(depth[(depth > 1e-3) & (depth < 80)]))

@@ -66,18 +66,18 @@ def test_flipped_batch_equals_hand_flipped_stored_arrays(store, mode):
     scale = group["depth"].attrs["scale"]
     seen, flipped = [], 0
     for batch in collect(loader, epoch=2):
-        assert set(batch["tokens"]) == {2, 12}  # only the layers asked for
-        pos = batch["index"]
+        assert set(batch.features["tokens"]) == {2, 12}  # only the layers asked for
+        pos = batch.index
         for j, p in enumerate(pos):
-            flip = bool(batch["flipped"][j])
+            flip = bool(batch.flipped[j])
             flipped += flip
             for k in (2, 12):
                 stored = group[f"tokens/L{k}"][p]  # (g, g, C) straight from zarr
                 expected = stored[:, ::-1] if flip else stored  # width is axis 1 of one sample's grid
-                np.testing.assert_array_equal(batch["tokens"][k][j].numpy(), expected)
+                np.testing.assert_array_equal(batch.features["tokens"][k][j].numpy(), expected)
             depth = group["depth"][p].astype(np.float32) / scale
-            np.testing.assert_array_equal(batch["depth"][j].numpy(), depth[:, ::-1] if flip else depth)
-            np.testing.assert_array_equal(batch["global"][j].numpy(), group["cls"][p])  # never flipped
+            np.testing.assert_array_equal(batch.depth[j].numpy(), depth[:, ::-1] if flip else depth)
+            np.testing.assert_array_equal(batch.features["global"][j].numpy(), group["cls"][p])  # never flipped
         seen += pos.tolist()
     assert sorted(seen) == [i for i in range(N) if i != 5]  # the skipped sample is left out
     assert 0 < flipped < len(seen)
@@ -90,25 +90,25 @@ def test_stream_and_resident_give_identical_batches(store):
     b = collect(CachedBatches(store, LAYERS, cache_device="cpu", **kw), 1)
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert np.array_equal(x["index"], y["index"])
+        assert np.array_equal(x.index, y.index)
         for k in LAYERS:
-            assert torch.equal(x["tokens"][k], y["tokens"][k])
-        assert torch.equal(x["depth"], y["depth"]) and torch.equal(x["global"], y["global"])
+            assert torch.equal(x.features["tokens"][k], y.features["tokens"][k])
+        assert torch.equal(x.depth, y.depth) and torch.equal(x.features["global"], y.features["global"])
 
 
 def test_validation_order_is_store_order_without_flips(store):
     loader = CachedBatches(store, (0,), batch_size=4, train=False, flip_p=1.0, cache_device="stream")
     batches = collect(loader)
-    assert np.concatenate([b["index"] for b in batches]).tolist() == [i for i in range(N) if i != 5]
-    assert not any(b["flipped"].any() for b in batches)
+    assert np.concatenate([b.index for b in batches]).tolist() == [i for i in range(N) if i != 5]
+    assert not any(b.flipped.any() for b in batches)
 
 
 def test_flip_p_one_flips_every_sample(store):
     batch = collect(CachedBatches(store, (3,), batch_size=4, flip_p=1.0, cache_device="cpu"))[0]
-    assert batch["flipped"].all()
-    ref = store.read(np.sort(batch["index"]), (3,))
-    order = np.argsort(np.argsort(batch["index"]))
-    torch.testing.assert_close(batch["tokens"][3], ref["tokens"][3][order].flip(2), rtol=0, atol=0)
+    assert batch.flipped.all()
+    ref = store.read(np.sort(batch.index), (3,))
+    order = np.argsort(np.argsort(batch.index))
+    torch.testing.assert_close(batch.features["tokens"][3], ref["tokens"][3][order].flip(2), rtol=0, atol=0)
 
 
 def test_missing_layer_and_cache_device_choice(store):
@@ -178,16 +178,16 @@ def test_exact_flips_take_the_mirrored_images_features(tmp_path):
         assert loader.exact_flips
         n_flipped = 0
         for batch in loader.epoch(0):
-            assert "flipped_tokens" not in batch and "flipped_global" not in batch
-            for j, p in enumerate(batch["index"]):
-                flip = bool(batch["flipped"][j])
+            assert set(batch.features) == {"tokens", "global"}  # all the decoder receives
+            for j, p in enumerate(batch.index):
+                flip = bool(batch.flipped[j])
                 n_flipped += flip
                 src = "flipped/" if flip else ""
                 for k in (1, 3):
-                    np.testing.assert_array_equal(batch["tokens"][k][j].numpy(), group[f"{src}tokens/L{k}"][p])
-                np.testing.assert_array_equal(batch["global"][j].numpy(), group[f"{src}cls"][p])
+                    np.testing.assert_array_equal(batch.features["tokens"][k][j].numpy(), group[f"{src}tokens/L{k}"][p])
+                np.testing.assert_array_equal(batch.features["global"][j].numpy(), group[f"{src}cls"][p])
                 depth = group["depth"][p].astype(np.float32) / group["depth"].attrs["scale"]
-                np.testing.assert_array_equal(batch["depth"][j].numpy(), depth[:, ::-1] if flip else depth)
+                np.testing.assert_array_equal(batch.depth[j].numpy(), depth[:, ::-1] if flip else depth)
         assert 0 < n_flipped < n
     # Validation never flips, so it never reads the mirrored copies.
     assert not CachedBatches(st, (1, 3), batch_size=4, train=False).exact_flips

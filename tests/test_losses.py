@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from spaceclip.losses import DepthLoss, depth_loss, silog_loss, ssim_loss, ssim_map
+from spaceclip.losses import depth_loss, silog_loss, ssim_loss, ssim_map
 
 
 def sparse_pair(seed=0, b=2, h=48, w=64, density=0.3):
@@ -73,8 +73,6 @@ def test_depth_loss_combines_parts_with_sparse_gt():
     total.backward()
     assert pred.grad.abs().sum() > 0 and aux[0].grad.abs().sum() > 0
     assert aux[2].grad is None  # weight 0.0: not even in the graph
-    crit = DepthLoss(min_depth=1e-3, max_depth=80.0)
-    assert crit(outputs, gt)[0].item() == pytest.approx(total.item())
 
 
 def test_no_valid_pixels_gives_zero_that_keeps_the_graph():

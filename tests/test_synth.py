@@ -29,7 +29,8 @@ def test_ground_plane_depth_matches_the_analytic_formula(kitti_plans):
         cam = plan.camera
         assert cam.pitch == 0 and cam.position[1] == -synth.KITTI_CAMERA_HEIGHT
         frame = synth.render(plan.scene, cam)
-        rows, cols = np.nonzero(frame.primitive == 0)  # primitive 0 = the ground plane
+        primitive = synth.cast(plan.scene, cam)[1]  # (H, W): -1 sky, 0 the ground plane, k >= 1 box k-1
+        rows, cols = np.nonzero(primitive == 0)
         assert rows.size > 10_000
         # A level pinhole camera h metres above a plane sees it in row v at depth f·h / (v − cy), whatever the yaw.
         expected = cam.focal * synth.KITTI_CAMERA_HEIGHT / (rows - cam.cy)
@@ -39,7 +40,7 @@ def test_ground_plane_depth_matches_the_analytic_formula(kitti_plans):
 
 def test_sky_has_no_depth_and_boxes_are_closer_than_what_they_hide(kitti_plans):
     frame = synth.render(kitti_plans[0].scene, kitti_plans[0].camera)
-    sky = frame.primitive == -1
+    sky = synth.cast(kitti_plans[0].scene, kitti_plans[0].camera)[1] == -1  # no primitive hit
     assert (frame.depth[sky] == 0).all() and (frame.depth[~sky] > 0).all()
     assert np.isfinite(frame.depth).all()
     assert frame.rgb.dtype == np.uint8 and frame.rgb.shape == (*frame.depth.shape, 3)

@@ -12,10 +12,11 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.config import config_from_dict, dump_config
-from pipeline.extract import encoder_for, open_for, plan_split
+from pipeline.extract import plan_split
+from pipeline.layout import RunContext, RunError, encoder_for
 from pipeline.loader import CachedBatches, ImageBatches
 from pipeline.store import StoreError
-from pipeline.train import (HISTORY_COLUMNS, STATE_NAME, RunError, check_cache, load_state, lr_at, read_history,
+from pipeline.train import (HISTORY_COLUMNS, STATE_NAME, check_cache, learning_rates, load_state, read_history,
                             train_variant, validate)
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.metrics import compute_metrics, mean_metrics
@@ -23,6 +24,10 @@ from spaceclip.metrics import compute_metrics, mean_metrics
 
 def derive(cfg, *overrides):
     return config_from_dict(dump_config(cfg), overrides=list(overrides))
+
+
+def open_for(cfg, split):
+    return RunContext.of(cfg).open_store(split)
 
 
 def constant_predictor(cfg) -> tuple[float, dict]:
@@ -38,9 +43,9 @@ def constant_predictor(cfg) -> tuple[float, dict]:
 
 def test_lr_schedules():
     tc = derive(config_from_dict({}), "train.epochs=6").train
-    assert [lr_at(e * 10, 10, tc) for e in range(6)] == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5]
+    assert [learning_rates(tc, 10)[e * 10] for e in range(6)] == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5]
     tc = derive(config_from_dict({}), "train.epochs=10", "train.schedule=cosine_warmup").train
-    lrs = [lr_at(s, 10, tc) for s in range(100)]  # 100 steps: 5 of warm-up
+    lrs = learning_rates(tc, 10)  # 100 steps: 5 of warm-up
     assert lrs[0] == pytest.approx(2e-5) and lrs[4] == pytest.approx(1e-4) and max(lrs) == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     assert lrs[-1] == pytest.approx(1e-6, abs=1e-7)
@@ -53,6 +58,7 @@ def learned(fast_cfg):
     return cfg, train_variant(cfg, "baseline", resume=False)
 
 
+@pytest.mark.slow
 def test_short_run_beats_a_constant_depth_predictor(learned):
     """Seen when written (2 CPU threads, seed 42): the constant predictor (train median 18.9 m) scores val AbsRel
     0.664; the decoder reaches 0.33-0.34 after 10 epochs (it starts at 0.98 and overshoots to 2.1 in epoch 1
@@ -69,6 +75,7 @@ def test_short_run_beats_a_constant_depth_predictor(learned):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_run_folder_history_and_best_checkpoint(learned):
     cfg, result = learned
     out = result.run_dir
@@ -89,6 +96,7 @@ def test_run_folder_history_and_best_checkpoint(learned):
     assert SpaceClipDecoder.load_config(out / "last")["epoch"] == 10
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_outputs(learned, tmp_path):
     cfg, result = learned
     model = SpaceClipDecoder.from_pretrained(result.run_dir / "last").eval()
@@ -109,6 +117,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(learned, tmp_path):
     assert validate(best, loader, cfg.data.depth_range)["abs_rel"] == pytest.approx(recorded, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_the_saved_epoch(fast_cfg, caplog):
     cfg = derive(fast_cfg, "sweep=resume", "train.epochs=3", "train.schedule=step", "train.lr=3e-3",
                  "train.ema=0.99")
@@ -175,19 +184,19 @@ def test_images_source_sees_what_the_cache_holds(fast_cfg):
     equal the cached ones up to float16 storage and target quantisation."""
     encoder = encoder_for(fast_cfg)
     layers = (0, 3, 12)
-    plan = plan_split(fast_cfg, "val", encoder)
+    plan = plan_split(fast_cfg, "val")
     images = ImageBatches(plan.index, encoder, layers, 4, split_file=fast_cfg.data.train_split,
                           layout="kitti", target_hw=plan.target_hw, chunk_size=fast_cfg.cache.chunk_size,
                           train=False)
     cached = CachedBatches(open_for(fast_cfg, "val"), layers, 4, train=False)
     for a, b in zip(images.epoch(0), cached.epoch(0)):
-        assert np.array_equal(a["index"], b["index"])
+        assert np.array_equal(a.index, b.index)
         for k in layers:
-            torch.testing.assert_close(a["tokens"][k], b["tokens"][k].float(), atol=3e-3, rtol=3e-3)
-        torch.testing.assert_close(a["global"], b["global"].float(), atol=3e-3, rtol=3e-3)
-        assert (a["depth"] - b["depth"]).abs().max() <= 0.5 / 256 + 1e-6
+            torch.testing.assert_close(a.features["tokens"][k], b.features["tokens"][k].float(), atol=3e-3, rtol=3e-3)
+        torch.testing.assert_close(a.features["global"], b.features["global"].float(), atol=3e-3, rtol=3e-3)
+        assert (a.depth - b.depth).abs().max() <= 0.5 / 256 + 1e-6
     # Training plans (order and flips) are the same for both sources.
-    train_plan = plan_split(fast_cfg, "train", encoder)
+    train_plan = plan_split(fast_cfg, "train")
     train_images = ImageBatches(train_plan.index, encoder, layers, 4, split_file=fast_cfg.data.train_split,
                                 layout="kitti", target_hw=train_plan.target_hw, chunk_size=fast_cfg.cache.chunk_size)
     train_cached = CachedBatches(open_for(fast_cfg, "train"), layers, 4)
@@ -195,6 +204,7 @@ def test_images_source_sees_what_the_cache_holds(fast_cfg):
     assert np.array_equal(train_images.plan(1).flips, train_cached.plan(1).flips)
 
 
+@pytest.mark.slow
 def test_images_source_trains(fast_cfg):
     cfg = derive(fast_cfg, "sweep=images", "train.epochs=1", "train.feature_source=images")
     result = train_variant(cfg, "film", resume=False)
@@ -204,6 +214,7 @@ def test_images_source_trains(fast_cfg):
     assert meta["feature_source"] == "images" and meta["cache_fingerprint"] == open_for(cfg, "train").fingerprint
 
 
+@pytest.mark.slow
 def test_flow_and_cli(fast_cfg, prefect_harness, tmp_path, capsys, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from flows.cli import cmd_version
 
 ROOT = Path(__file__).resolve().parent.parent
+TORCH = Version(md.version("torch")).public  # the installed release without its build tag: 2.13.0+cpu -> 2.13.0
 
 
 def version_output(capsys, lock: Path) -> list[str]:
@@ -19,19 +25,27 @@ def version_output(capsys, lock: Path) -> list[str]:
 def test_shipped_lock_pins_torch_and_not_the_project():
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
-    assert pins["torch"] == "2.13.0"  # any 2.13.0 build (+cpu) satisfies it; never a newer torch
+    assert Version(pins["torch"]).local is None  # no build tag: a +cpu and a CUDA build of it both satisfy it
+    # Every pin lies inside the range pyproject.toml declares, so `pip install -c constraints.txt -e .` resolves.
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = sum(declared["optional-dependencies"].values(), [])
+    requirements = {canonicalize_name(Requirement(r).name): Requirement(r) for r in declared["dependencies"] + extras}
+    pinned = {canonicalize_name(name): version for name, version in pins.items()}
+    assert "torch" in requirements
+    for name in requirements.keys() & pinned.keys():
+        assert requirements[name].specifier.contains(pinned[name], prereleases=True), (requirements[name], pinned[name])
     assert not [name for name in pins if name.lower().startswith(("nvidia-", "spaceclip"))]
     assert {"prefect", "zarr", "transformers", "hypothesis"} <= set(pins)
 
 
 def test_version_reports_matching_and_differing_pins(tmp_path, capsys):
     lock = tmp_path / "constraints.txt"
-    lock.write_text(f"# tested\ntorch==2.13.0\nzarr=={md.version('zarr')}\nPyYAML=={md.version('pyyaml')}\n")
+    lock.write_text(f"# tested\ntorch=={TORCH}\nzarr=={md.version('zarr')}\nPyYAML=={md.version('pyyaml')}\n")
     out = version_output(capsys, lock)
-    assert f"zarr {md.version('zarr')}" in out and any(line.startswith("torch 2.13.0") for line in out)
+    assert f"zarr {md.version('zarr')}" in out and any(line.startswith(f"torch {TORCH}") for line in out)
     assert out[-1] == f"tested versions: all 3 packages pinned in {lock} are installed at those versions"
 
-    lock.write_text(f"torch==2.13.0\nzarr==0.0.1\nno-such-package-xyz==1.0\nnumpy=={md.version('numpy')}\n")
+    lock.write_text(f"torch=={TORCH}\nzarr==0.0.1\nno-such-package-xyz==1.0\nnumpy=={md.version('numpy')}\n")
     out = version_output(capsys, lock)
     assert f"zarr {md.version('zarr')}  (tested: 0.0.1)" in out
     assert out[-3:] == [

@@ -1,0 +1,227 @@
+"""Which feature store and which run folder belong to a config: the cache and run layout, in one place.
+
+    <cache.root>/<data.layout>/<split>-<fingerprint>.zarr   one feature store per split (pipeline/store.py)
+    <train.out_dir>/<sweep>/<variant>/                      a run: best/ last/ history.csv train_state.pt
+    <eval.out_dir>/<sweep>/                                 the results: tables, CSVs, figures
+
+`RunContext.of(cfg)` is made once per flow or command: the config, the frozen encoder's identity, and each split's
+fingerprint (computed the first time that split is asked for, then kept). Extraction, training and evaluation take
+it and ask it for store URLs, stores and folders instead of recomputing fingerprints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata as md
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from pipeline import datasets
+from pipeline.config import Config, dump_config
+from pipeline.errors import SpaceClipError
+from pipeline.fingerprint import diff_inputs, fingerprint, fingerprint_inputs
+from pipeline.store import FeatureStore, StoreError, StoreSpec
+from spaceclip.encoder import FrozenEncoder
+
+if TYPE_CHECKING:
+    from pipeline.extract import Plan
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# Recorded with every store and in every table's protocol line.
+VERSIONED_PACKAGES = ("torch", "transformers", "zarr", "numcodecs", "numpy", "pillow")
+
+
+class RunError(SpaceClipError, RuntimeError):
+    """A run folder or checkpoint does not belong to this config (another cache, variant, source or encoder)."""
+
+
+# ---- the encoder and the device -------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@functools.lru_cache(maxsize=2)
+def load_encoder(
+    name: str, revision: str | None = None, device: str = "auto", image_size: int | None = None
+) -> FrozenEncoder:
+    """One encoder per process (Dask workers keep it between chunks)."""
+    return FrozenEncoder.from_name(name, revision, image_size=image_size).to(resolve_device(device))
+
+
+def encoder_for(cfg: Config) -> FrozenEncoder:
+    return load_encoder(cfg.encoder.name, cfg.encoder.revision, cfg.encoder.device, cfg.encoder.image_size)
+
+
+def package_versions(extra: tuple[str, ...] = ()) -> dict:
+    """{package: version or None} of `VERSIONED_PACKAGES` + `extra`, and this project's own version."""
+    from spaceclip import __version__
+
+    out = {}
+    for pkg in VERSIONED_PACKAGES + tuple(extra):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    out["spaceclip"] = __version__
+    return out
+
+
+# ---- files that are trusted once they exist -------------------------------------------------------------------
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a hidden sibling of `path` (a file or a folder) to write; when the block ends it is renamed over `path`.
+    A kill at any moment leaves either the old `path` or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    yield tmp
+    if path.is_dir():  # os.replace cannot replace a non-empty folder
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# ---- the run context ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunContext:
+    """What a flow or command needs to find its stores and folders, computed once: the config, the encoder's
+    identity and (kept after the first ask) each split's fingerprint and its inputs."""
+
+    cfg: Config
+    encoder_identity: dict
+    _fingerprints: dict = field(default_factory=dict, repr=False, compare=False)  # split -> (fp, inputs)
+
+    @classmethod
+    def of(cls, cfg: Config | RunContext) -> RunContext:
+        """The context of a config (loading its encoder once per process); a context is returned as it is."""
+        if isinstance(cfg, RunContext):
+            return cfg
+        return cls(cfg, encoder_for(cfg).identity())
+
+    @property
+    def encoder(self) -> FrozenEncoder:
+        return encoder_for(self.cfg)
+
+    # ---- feature stores -------------------------------------------------------------------------------------
+    def fingerprint_inputs(self, split: str) -> dict:
+        return self._fingerprint(split)[1]
+
+    def fingerprint(self, split: str) -> str:
+        return self._fingerprint(split)[0]
+
+    def _fingerprint(self, split: str) -> tuple[str, dict]:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+        if split not in self._fingerprints:
+            inputs = fingerprint_inputs(self.cfg, split, self.encoder_identity)
+            self._fingerprints[split] = (fingerprint(inputs), inputs)
+        return self._fingerprints[split]
+
+    def store_url(self, split: str) -> str:
+        return f"{self.cfg.cache.root.rstrip('/')}/{self.cfg.data.layout}/{split}-{self.fingerprint(split)}.zarr"
+
+    def reuse_store(self, split: str) -> FeatureStore | None:
+        """The store of this split with this config's fingerprint, finished or not (extraction resumes it)."""
+        url, fp = self.store_url(split), self.fingerprint(split)
+        try:
+            store = FeatureStore.open(url, mode="r+")
+        except StoreError:
+            return None
+        if store.fingerprint != fp:
+            return None
+        state = "complete" if store.complete else f"{len(store.pending_chunks())} chunks to go"
+        log.info("reusing feature store %s (fingerprint %s, %s)", url, fp, state)
+        return store
+
+    def create_store(self, split: str, plan: Plan) -> FeatureStore:
+        """A new, empty store for a planned split (`pipeline.extract.plan_split`), its attributes recording where
+        its bytes come from."""
+        cfg, identity, inputs = self.cfg, self.encoder_identity, self.fingerprint_inputs(split)
+        # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
+        flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
+        spec = StoreSpec(
+            n=len(plan.index["id"]), layers=cfg.cache_layers, grid=identity["grid"], width=identity["width"],
+            dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
+            level=cfg.cache.compression_level, target_hw=plan.target_hw,
+            depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
+            attrs={
+                "fingerprint": self.fingerprint(split), "fingerprint_inputs": inputs, "split": split,
+                "config": dump_config(cfg), "versions": package_versions(), "format_version": inputs["format_version"],
+                "encoder": identity, "skipped_at_planning": plan.skipped,
+                "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
+                "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
+            },
+        )
+        url = self.store_url(split)
+        log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
+        return FeatureStore.create(url, spec, plan.index)
+
+    def open_store(self, split: str) -> FeatureStore:
+        """The complete store this config expects, or a `StoreError` that says what differs from the stores that
+        exist."""
+        url, fp, inputs = self.store_url(split), self.fingerprint(split), self.fingerprint_inputs(split)
+        try:
+            store = FeatureStore.open(url)
+        except StoreError:
+            siblings = sorted(Path(url).parent.glob(f"{split}-*.zarr")) if "://" not in url else []
+            detail = ""
+            for other in siblings[-3:]:
+                try:
+                    found = FeatureStore.open(str(other)).attrs.get("fingerprint_inputs", {})
+                except StoreError:
+                    continue
+                detail += f"\n  {other.name} differs: " + "; ".join(diff_inputs(inputs, found)[:6])
+            raise StoreError(
+                f"no feature store for this config's {split} split (expected fingerprint {fp} at {url}); run "
+                f"`spaceclip extract` with the same config first.{detail}"
+            ) from None
+        if store.fingerprint != fp:  # only possible if someone renamed a store
+            raise StoreError(f"{url} has fingerprint {store.fingerprint}, config expects {fp}: " +
+                             "; ".join(diff_inputs(inputs, store.attrs.get("fingerprint_inputs", {}))))
+        if not store.complete:
+            raise StoreError(f"{url} is incomplete ({len(store.pending_chunks())} chunks missing); run extraction "
+                             "again to finish it")
+        return store
+
+    # ---- runs and results -----------------------------------------------------------------------------------
+    def run_dir(self, variant: str) -> Path:
+        return run_dir(self.cfg, variant)
+
+    def checkpoint_dir(self, variant: str) -> Path:
+        """The checkpoint evaluation reads: `best/` or `last/` (`eval.checkpoint`) of the variant's run."""
+        return self.run_dir(variant) / self.cfg.eval.checkpoint
+
+    @property
+    def results_dir(self) -> Path:
+        return results_dir(self.cfg)
+
+
+# The folders depend on the config alone (no encoder): figures and tables find them from a config.
+def run_dir(cfg: Config, variant: str) -> Path:
+    return Path(cfg.train.out_dir) / cfg.sweep / variant
+
+
+def results_dir(cfg: Config) -> Path:
+    return Path(cfg.eval.out_dir) / cfg.sweep
+
+
+def finalize_store(url: str) -> dict:
+    """Mark a store whose chunks are all done complete, then verify every chunk; a `StoreError` if one fails."""
+    store = FeatureStore.open(url, mode="r+")
+    store.mark_complete()
+    report = store.verify()
+    if not report["ok"]:
+        raise StoreError(f"{url} failed verification: " + "; ".join(report["problems"][:5]))
+    return report
