@@ -1,17 +1,27 @@
 """`train-decoders`: train decoder ablations from one feature cache.
 
-    fingerprint guard (train + val stores match the config) ──► train <variant>: one task per variant, in turn
+    fingerprint guard (train + val stores match the config) ──► train <variant>: one task per variant
                                                                  └──► runs/<sweep>/<variant>/{last,best,history.csv}
+
+Variants train `train.parallel` at a time (`pipeline.train.parallel_plan`: on a CPU one per core, on a GPU one):
+one at a time in the flow's process, several at once in the processes of a Dask LocalCluster (`train-parallel`),
+each with its share of the cores. A variant's result depends on its seed and its thread count only, not on what
+trains beside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect_dask import DaskTaskRunner
+from tqdm.auto import tqdm
 
 from flows.parameters import fail_run_on_user_error, run_config
 from pipeline.layout import RunContext
-from pipeline.train import check_cache, train_variant
+from pipeline.train import HISTORY_NAME, check_cache, parallel_plan, read_history, train_variant
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train {variant}")
@@ -31,6 +41,27 @@ def train_variant_task(ctx: RunContext, variant: str, resume: bool, progress: bo
     return str(result.run_dir)
 
 
+@flow(name="train-parallel")
+def train_parallel(ctx: RunContext, resume: bool, progress: bool = False) -> dict[str, str]:
+    """Every variant of the config as its own task on the flow's (Dask) task runner. All of them run to their end
+    even when one fails (nothing trained is lost); then the first failure is raised."""
+    variants, epochs = ctx.cfg.train.variants, ctx.cfg.train.epochs
+    futures = {v: train_variant_task.submit(ctx, v, resume, False) for v in variants}
+    # The workers' own bars would interleave; this one counts the epochs finished by all of them, from their
+    # history.csv files (which each worker rewrites atomically after every epoch).
+    epochs_done = lambda: sum(min(len(read_history(ctx.run_dir(v) / HISTORY_NAME)), epochs) for v in variants)
+    with tqdm(total=len(variants) * epochs, initial=epochs_done() if resume else 0, desc="train",
+              unit="epoch", disable=not progress) as bar:
+        pending = set(futures.values())
+        while pending:
+            pending -= wait(list(pending), timeout=2).done
+            bar.update(epochs_done() - bar.n)
+    failed = [f for f in futures.values() if f.state.is_failed() or f.state.is_crashed()]
+    if failed:
+        failed[0].result()  # raises the variant's own error
+    return {v: f.result() for v, f in futures.items()}
+
+
 @flow(name="train-decoders")
 @fail_run_on_user_error
 def train_decoders(
@@ -44,7 +75,17 @@ def train_decoders(
 ) -> dict[str, str]:
     """Returns {variant: run folder}. Default variants: the config's `train.variants` (the Table-2 ablations)."""
     ctx = RunContext.of(run_config(config, overrides, sweep, variants=variants, cache_root=cache_root))
+    logger = get_run_logger()
     if ctx.cfg.train.feature_source == "cache":
         stores = check_cache(ctx)  # refuses a cache whose fingerprint does not match, saying what differs
-        get_run_logger().info("training from cache: train %s, val %s", stores["train"], stores["val"])
-    return {variant: train_variant_task(ctx, variant, resume, progress) for variant in ctx.cfg.train.variants}
+        logger.info("training from cache: train %s, val %s", stores["train"], stores["val"])
+    variants = ctx.cfg.train.variants
+    parallel, threads = parallel_plan(ctx.cfg.train, len(variants))
+    if parallel == 1:
+        return {variant: train_variant_task(ctx, variant, resume, progress) for variant in variants}
+    logger.info("training %d variants, %d at a time, %d torch thread(s) each", len(variants), parallel, threads)
+    train = ctx.cfg.train.model_copy(update={"parallel": parallel, "num_threads": threads})
+    ctx = dataclasses.replace(ctx, cfg=ctx.cfg.model_copy(update={"train": train}))
+    runner = DaskTaskRunner(cluster_kwargs=dict(n_workers=parallel, threads_per_worker=1, processes=True,
+                                                dashboard_address=None))
+    return train_parallel.with_options(task_runner=runner)(ctx, resume, progress)

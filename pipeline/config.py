@@ -196,7 +196,11 @@ class TrainConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     shuffle_window: int = Field(4, ge=1)  # chunks mixed together when shuffling
     out_dir: str = "runs"
-    num_threads: int | None = None
+    num_threads: int | None = None  # torch intra-op threads of one training; None: the cores / `parallel`
+    # Variants trained at once, each in its own process (a Dask LocalCluster worker). None: on a CPU as many as
+    # there are cores and variants (a narrow decoder keeps one core busy far better than it splits across two:
+    # the demo's sweep runs 2x faster on 2 cores as 2 x 1 thread than as 1 x 2); on a GPU one.
+    parallel: int | None = Field(None, ge=1)
 
     @field_validator("variants")
     @classmethod

@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from pipeline.config import Config, TrainConfig, dump_config
 from pipeline.extract import plan_split
 from pipeline.layout import RunContext, RunError, replaced_atomically, resolve_device, run_dir
-from pipeline.loader import Batch, Batches, CachedBatches, ImageBatches
+from pipeline.loader import CPU_BUDGET_FRACTION, Batch, Batches, CachedBatches, ImageBatches
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.losses import depth_loss
 from spaceclip.metrics import METRIC_KEYS, compute_metrics, mean_metrics
@@ -100,6 +101,20 @@ def ema_of(model: torch.nn.Module, decay: float) -> AveragedModel:
     return ema
 
 
+def parallel_plan(tc: TrainConfig, n_variants: int, cores: int | None = None) -> tuple[int, int]:
+    """(variants trained at once, torch threads each): `train.parallel` and `train.num_threads` where set; else
+    on a CPU one variant per core (each with cores // parallel threads), on a GPU one at a time."""
+    cores = cores or os.cpu_count() or 1
+    if tc.parallel:
+        parallel = tc.parallel
+    elif resolve_device(tc.device).type == "cuda":
+        parallel = 1
+    else:
+        parallel = max(1, cores // (tc.num_threads or 1))
+    parallel = max(1, min(parallel, n_variants))
+    return parallel, tc.num_threads or max(1, cores // parallel)
+
+
 @contextlib.contextmanager
 def determinism(device: torch.device, threads: int | None):
     """Deterministic kernels on the CPU (for a fixed seed and thread count a run is repeatable bit for bit);
@@ -139,6 +154,10 @@ def build_sources(ctx: RunContext, layers, device: torch.device) -> Sources:
     fingerprints = {split: ctx.fingerprint(split) for split in ("train", "val")}
     if tc.feature_source == "cache":
         stores = {split: ctx.open_store(split) for split in ("train", "val")}
+        if (tc.parallel or 1) > 1 and device.type == "cpu":  # concurrent trainings share the RAM budget
+            import psutil
+
+            common["memory_budget"] = int(psutil.virtual_memory().available * CPU_BUDGET_FRACTION / tc.parallel)
         train = CachedBatches(stores["train"], layers, tc.batch_size, train=True, flip_p=tc.flip_p,
                               cache_device=tc.cache_device, **common)
         val = CachedBatches(stores["val"], layers, cfg.eval.batch_size, train=False, cache_device=tc.cache_device,
