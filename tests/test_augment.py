@@ -142,6 +142,7 @@ def test_rotation_moves_image_and_depth_together_and_is_invalid_outside():
 
 
 # ---- extraction records the parameters and uses them ---------------------------------------------------------------
+@pytest.mark.slow
 def test_augmented_views_are_recorded_and_reproducible_from_the_index(aug_cfg, monkeypatch):
     fed = []  # what the extractor gives the encoder, in order
     real = encoder_for(aug_cfg)
@@ -330,6 +331,7 @@ def test_release_recipe_configs(name, batch, crop):
 
 # ---- raw-vs-EMA selection (the release's eval_both_for_best) --------------------------------------------------------
 @pytest.mark.parametrize("decay", [0.99, 0.3])
+@pytest.mark.slow
 def test_ema_select_better_keeps_the_weights_with_the_lower_validation_abs_rel(fast_cfg, decay):
     from safetensors.torch import load_file
 

@@ -131,6 +131,7 @@ def spaceclip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_help_version_and_config_error():
     out = spaceclip("--help")
     assert out.returncode == 0

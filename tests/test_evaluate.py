@@ -170,6 +170,7 @@ def assert_picture(path: Path) -> None:
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200, f"{path} has almost no distinct colours"
 
 
+@pytest.mark.slow
 def test_evaluate_flow_cli_tables_and_pictures(trained, prefect_harness, capsys, monkeypatch):
     from prefect.artifacts import Artifact
     from prefect.settings import PREFECT_API_URL
@@ -240,6 +241,7 @@ def test_evaluate_flow_cli_tables_and_pictures(trained, prefect_harness, capsys,
     assert "'film'" in err and str(Path(cfg.train.out_dir) / "evaltest" / "film" / "best") in err
 
 
+@pytest.mark.slow
 def test_bad_parameters_fail_with_a_named_error(trained, prefect_harness):
     from flows.evaluate import evaluate
 
@@ -254,6 +256,7 @@ def test_bad_parameters_fail_with_a_named_error(trained, prefect_harness):
         evaluate(config=str(path), overrides=["eval.crop=nyu"], variants=["baseline"])
 
 
+@pytest.mark.slow
 def test_paper_table_reuses_the_cache_and_finished_runs(trained, prefect_harness):
     from flows.paper_table import paper_table
 

@@ -38,6 +38,7 @@ def astronaut_batch(model, n=3):
     return model.preprocess([img, img[:, ::-1].copy(), img[100:400, 50:500].copy()][:n])  # (n, 3, 224, 224)
 
 
+@pytest.mark.slow
 def test_full_model_onnx_matches_pytorch(checkpoint, tmp_path):
     import onnxruntime as ort
 
@@ -59,6 +60,7 @@ def test_full_model_onnx_matches_pytorch(checkpoint, tmp_path):
     assert meta["spaceclip.kind"] == "full" and "tiny-clip" in meta["spaceclip.encoder"]
 
 
+@pytest.mark.slow
 def test_decoder_only_onnx_via_cli_matches_pytorch(checkpoint, tmp_path, monkeypatch, capsys):
     import onnxruntime as ort
 

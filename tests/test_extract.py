@@ -107,6 +107,7 @@ def test_same_config_reuses_and_changed_config_makes_a_new_store(small, tmp_path
     assert "views.seed: config has 7, store has 42" in str(err.value)
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_files_are_named(tmp_path):
     cfg = load_config(write_config(tmp_path))
     datasets.ensure_dataset(cfg.data)

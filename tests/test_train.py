@@ -58,6 +58,7 @@ def learned(fast_cfg):
     return cfg, train_variant(cfg, "baseline", resume=False)
 
 
+@pytest.mark.slow
 def test_short_run_beats_a_constant_depth_predictor(learned):
     """Seen when written (2 CPU threads, seed 42): the constant predictor (train median 18.9 m) scores val AbsRel
     0.664; the decoder reaches 0.33-0.34 after 10 epochs (it starts at 0.98 and overshoots to 2.1 in epoch 1
@@ -74,6 +75,7 @@ def test_short_run_beats_a_constant_depth_predictor(learned):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_run_folder_history_and_best_checkpoint(learned):
     cfg, result = learned
     out = result.run_dir
@@ -94,6 +96,7 @@ def test_run_folder_history_and_best_checkpoint(learned):
     assert SpaceClipDecoder.load_config(out / "last")["epoch"] == 10
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_outputs(learned, tmp_path):
     cfg, result = learned
     model = SpaceClipDecoder.from_pretrained(result.run_dir / "last").eval()
@@ -114,6 +117,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(learned, tmp_path):
     assert validate(best, loader, cfg.data.depth_range)["abs_rel"] == pytest.approx(recorded, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_continues_from_the_saved_epoch(fast_cfg, caplog):
     cfg = derive(fast_cfg, "sweep=resume", "train.epochs=3", "train.schedule=step", "train.lr=3e-3",
                  "train.ema=0.99")
@@ -200,6 +204,7 @@ def test_images_source_sees_what_the_cache_holds(fast_cfg):
     assert np.array_equal(train_images.plan(1).flips, train_cached.plan(1).flips)
 
 
+@pytest.mark.slow
 def test_images_source_trains(fast_cfg):
     cfg = derive(fast_cfg, "sweep=images", "train.epochs=1", "train.feature_source=images")
     result = train_variant(cfg, "film", resume=False)
@@ -209,6 +214,7 @@ def test_images_source_trains(fast_cfg):
     assert meta["feature_source"] == "images" and meta["cache_fingerprint"] == open_for(cfg, "train").fingerprint
 
 
+@pytest.mark.slow
 def test_flow_and_cli(fast_cfg, prefect_harness, tmp_path, capsys, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
