@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.evaluate import Evaluation, Example  # noqa: E402
 from pipeline.train import HISTORY_NAME, run_dir  # noqa: E402
-from pipeline.visualize import DEFAULT_COLORMAP, colorize, colormap, depth_range_of  # noqa: E402
+from pipeline.visualize import DEFAULT_COLORMAP, colorize, colormap, depth_range_of, has_depth  # noqa: E402
 from spaceclip.decoder import VARIANTS  # noqa: E402
 from spaceclip.metrics import crop_mask  # noqa: E402
 
@@ -74,7 +74,7 @@ def crop_box(shape: tuple[int, int], crop: str) -> tuple[int, int, int, int] | N
 
 def shared_range(samples: Sequence[Example]) -> tuple[float, float]:
     """The colour range of the whole figure: the 2nd-98th percentiles of the shown frames' valid GT."""
-    values = np.concatenate([s.gt[s.gt > 0] for s in samples] or [np.zeros(0, np.float32)])
+    values = np.concatenate([s.gt[has_depth(s.gt)] for s in samples] or [np.zeros(0, np.float32)])
     if values.size == 0:  # no GT at all: fall back to the predictions
         values = np.concatenate([p.ravel() for s in samples for p in s.predictions.values()])
     return depth_range_of(values)
@@ -126,7 +126,8 @@ def qualitative_grid(
     for i, sample in enumerate(samples):
         grid = axes[:, i] if wide else axes[i, :]
         gt = sample.gt
-        sparse = (gt > 0).mean() < SPARSE_FRACTION
+        measured = has_depth(gt)
+        sparse = measured.mean() < SPARSE_FRACTION
         any_sparse |= sparse
         radius = max(1, int(round(0.75 * gt.shape[1] / display_px)))
         with Image.open(sample.image_path) as image:
@@ -134,7 +135,7 @@ def qualitative_grid(
         panels = [rgb,
                   colorize(dilate_sparse(gt, radius) if sparse else gt, cmap, (lo, hi))[0],
                   *(colorize(sample.predictions[v], cmap, (lo, hi))[0] for v in variants)]
-        corners = [None, f"{int((gt > 0).sum())} px with depth",
+        corners = [None, f"{int(measured.sum())} px with depth",
                    *(f"AbsRel {m['abs_rel']:.3f}   δ1 {m['d1']:.3f}" if (m := sample.metrics.get(v)) else None
                      for v in variants)]
         for ax, image, corner in zip(grid, panels, corners):

@@ -97,6 +97,27 @@ def test_checkpoint_encoder_record(tmp_path):
         SpaceClip.from_pretrained(wrong, check_encoder=False)
 
 
+# ---- what ONNX export traces (the ONNX round trip itself: tests/test_export.py, slow tier) -----------------------
+def test_decoder_graph_is_the_decoder_with_positional_inputs(model):
+    from pipeline.export import DecoderGraph, example_inputs, metadata
+
+    graph = DecoderGraph(model.decoder).eval()
+    layers = list(model.decoder.layers)
+    assert graph.input_names == [f"tokens_L{k}" for k in layers] + ["global"]  # "full" reads the global vector
+    inputs = example_inputs(model, 2, decoder_only=True)  # the encoder's features of seeded random images
+    g, width = model.encoder.grid, model.encoder.width
+    assert [tuple(x.shape) for x in inputs] == [(2, g, g, width)] * len(layers) + [(2, width)]
+    (pixels,) = example_inputs(model, 2, decoder_only=False)  # the same seed: the images behind those features
+    with torch.inference_mode():
+        got = graph(*inputs)
+        want = model.decoder(model.encoder(pixels, layers=layers))["depth_224"]
+    assert got.shape == (2, 1, 16 * g, 16 * g)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    meta = metadata(model, True, graph.input_names)
+    assert meta["spaceclip.kind"] == "decoder" and json.loads(meta["spaceclip.layers"]) == layers
+    assert json.loads(meta["spaceclip.encoder"])["weights_sha256"] == model.encoder.weights_sha256()
+
+
 # ---- spaceclip predict ----------------------------------------------------------------------------------------
 def run_cli(argv, monkeypatch):
     from flows.cli import main
