@@ -46,7 +46,7 @@ from pipeline.layout import RunContext, package_versions, resolve_device
 from pipeline.loader import Batch, flip_features
 from pipeline.store import FeatureStore
 from spaceclip.decoder import VARIANTS, SpaceClipDecoder, resize
-from spaceclip.metrics import METRIC_KEYS, compute_metrics, crop_mask, mean_metrics
+from spaceclip.metrics import METRIC_KEYS, compute_metrics, crop_mask, mean_metrics, valid_mask
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,9 @@ def decoder_predictor(model: SpaceClipDecoder, device: torch.device) -> Predicto
 
 
 # ---- prediction ---------------------------------------------------------------------------------------------------
-def predict(predictor: Predictor, batch: Batch, flip_tta: bool, mirrored_batch: Batch | None = None) -> torch.Tensor:
+def predict_batch(
+    predictor: Predictor, batch: Batch, flip_tta: bool, mirrored_batch: Batch | None = None
+) -> torch.Tensor:
     """(B, h, w) depth; with `flip_tta` the mean of the prediction and the flipped-back prediction of the mirrored
     input: `mirrored_batch` (the mirrored test images' own features, `eval.flip_tta_source=pixels`) when given,
     else the width-flipped token grids (the global vector unchanged: docs/design.md's feature-space flip)."""
@@ -339,7 +341,7 @@ def evaluate_run(
                     mirrored = Batch({"tokens": {k: t.index_select(0, rel) for k, t in chunk["flipped_tokens"].items()},
                                       "global": chunk["flipped_global"].index_select(0, rel)}, None, pos,
                                      ~unflipped).to(device)
-                preds = {v: predict(fn, batch, ev.flip_tta, mirrored)  # v -> (B, h, w)
+                preds = {v: predict_batch(fn, batch, ev.flip_tta, mirrored)  # v -> (B, h, w)
                          for v, fn in predictors.items()}
                 for j, p in enumerate(pos):
                     row, gt = records[p], next(gts)  # gt: (H, W) metres
@@ -349,7 +351,7 @@ def evaluate_run(
                         continue
                     if gt_size is not None:
                         gt = resize_gt_nearest(gt, gt_size)  # (352, 704): the authors' release protocol
-                    valid = (gt > lo) & (gt < hi) & crop_mask(gt.shape, crop)
+                    valid = valid_mask(gt, lo, hi) & crop_mask(gt.shape, crop)
                     if not valid.any():
                         reason = f"no valid ground-truth pixel in ({lo:g}, {hi:g}) inside crop {crop}"
                         no_valid.append({"id": row["id"], "line": int(row["line"]), "reason": reason})

@@ -248,13 +248,13 @@ def test_pixel_flip_tta_averages_the_mirrored_images_prediction(aug_cfg):
     got = store.read([1], flipped=True)
     torch.testing.assert_close(got["flipped_tokens"][12].float(), ref["tokens"][12], atol=2e-2, rtol=2e-2)
 
-    def predictor(batch):  # positive, position-dependent, and it sees the global vector: not flip-equivariant
-        t = batch.features["tokens"][12].float()  # (B, g, g, C)
+    def probe(features):  # positive, position-dependent, and it sees the global vector: not flip-equivariant
+        t = features["tokens"][12].float()  # (B, g, g, C)
         ramp = torch.linspace(1.0, 2.0, t.shape[2], dtype=torch.float64)
         return (5.0 + 2.0 * torch.sigmoid(t.mean(-1)).double() * ramp
-                + batch.features["global"].float().mean(-1).double()[:, None, None])
+                + features["global"].float().mean(-1).double()[:, None, None])
 
-    result = evaluate_run(cfg, predictors={"probe": predictor})
+    result = evaluate_run(cfg, predictors={"probe": lambda batch: probe(batch.features)})
     per_image = result.per_image.set_index("id")
     index = store.index()
     lo, hi = cfg.data.depth_range
@@ -263,8 +263,8 @@ def test_pixel_flip_tta_averages_the_mirrored_images_prediction(aug_cfg):
         if not r.depth_path:
             continue
         b = store.read([p], flipped=True)
-        plain = predictor({"tokens": b["tokens"], "global": b["global"]})[0]
-        mirrored = predictor({"tokens": b["flipped_tokens"], "global": b["flipped_global"]})[0]
+        plain = probe({"tokens": b["tokens"], "global": b["global"]})[0]
+        mirrored = probe({"tokens": b["flipped_tokens"], "global": b["flipped_global"]})[0]
         averaged = 0.5 * (plain + torch.flip(mirrored, dims=[-1]))  # the flipped-back prediction, averaged in
         gt = np.asarray(Image.open(r.depth_path), np.float64) / 256.0
         full = torch.nn.functional.interpolate(averaged[None, None], size=gt.shape, mode="bilinear",
