@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import config_from_dict, dump_config, load_config  # noqa: E402
 from pipeline.evaluate import evaluate_run  # noqa: E402
-from pipeline.extract import encoder_for, extract_splits, open_for  # noqa: E402
-from pipeline.loader import flip_batch  # noqa: E402
+from pipeline.extract import encoder_for, extract_splits  # noqa: E402
+from pipeline.layout import RunContext  # noqa: E402
+from pipeline.loader import flip_features  # noqa: E402
 from pipeline.train import run_dir, train_variant  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
 
@@ -59,7 +60,7 @@ def test_images(cfg, n: int) -> list[np.ndarray]:
     """The first n test frames as decoded RGB arrays (the full frames the test store was extracted from)."""
     from pipeline.datasets import load_image, sample_from_row
 
-    test = open_for(cfg, "test")
+    test = RunContext.of(cfg).open_store("test")
     return [load_image(sample_from_row(row._asdict(), test.attrs["split_file"]))
             for row in test.index().iloc[:n].itertuples()]
 
@@ -71,7 +72,7 @@ def flip_error(cfg, n: int) -> dict:
     layers = cfg.cache_layers
     plain = encoder(pixels, layers)
     mirrored = encoder(pixels.flip(-1), layers)
-    approx = flip_batch({"tokens": dict(plain["tokens"]), "global": plain["global"]}, torch.ones(n, dtype=torch.bool))
+    approx = flip_features({"tokens": dict(plain["tokens"]), "global": plain["global"]}, torch.ones(n, dtype=torch.bool))
     per_layer = {f"L{k}": round(rel(approx["tokens"][k], mirrored["tokens"][k]), 4) for k in layers}
     # For scale: how different the features of two different frames are (a flip error near this is no better
     # than random), and the global vector (kept unchanged by the feature-space flip).
@@ -111,7 +112,7 @@ def train_and_test(cfg, variant: str = "full") -> dict:
     row = evaluation.summary().set_index("variant").loc[variant]
     return {"test_abs_rel": round(float(row["abs_rel"]), 4), "test_d1": round(float(row["d1"]), 4),
             "test_rmse": round(float(row["rmse"]), 3), "val_abs_rel_last": round(result.history[-1]["val_abs_rel"], 4),
-            "train_samples": open_for(cfg, "train").n, "epochs": result.epochs_done,
+            "train_samples": RunContext.of(cfg).open_store("train").n, "epochs": result.epochs_done,
             "train_s": round(seconds, 1)}
 
 
