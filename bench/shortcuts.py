@@ -72,7 +72,8 @@ def flip_error(cfg, n: int) -> dict:
     layers = cfg.cache_layers
     plain = encoder(pixels, layers)
     mirrored = encoder(pixels.flip(-1), layers)
-    approx = flip_features({"tokens": dict(plain["tokens"]), "global": plain["global"]}, torch.ones(n, dtype=torch.bool))
+    flips = torch.ones(n, dtype=torch.bool)
+    approx = flip_features({"tokens": dict(plain["tokens"]), "global": plain["global"]}, flips)
     per_layer = {f"L{k}": round(rel(approx["tokens"][k], mirrored["tokens"][k]), 4) for k in layers}
     # For scale: how different the features of two different frames are (a flip error near this is no better
     # than random), and the global vector (kept unchanged by the feature-space flip).
