@@ -82,6 +82,8 @@ def cmd_version(args) -> int:
                 if sep:
                     tested[canonicalize_name(name)] = version.strip()
 
+        from pipeline.layout import package_versions
+
         def installed(pkg: str) -> str | None:
             try:
                 return md.version(pkg)
@@ -92,8 +94,10 @@ def cmd_version(args) -> int:
             return version is not None and SpecifierSet(f"=={pin}").contains(version, prereleases=True)
 
         print(f"python {platform.python_version()}")
-        for pkg in ("torch", "transformers", "zarr", "numcodecs", "dask", "prefect", "pandas", "numpy"):
-            version, pin = installed(pkg), tested.get(canonicalize_name(pkg))
+        for pkg, version in package_versions(("dask", "prefect", "pandas")).items():
+            if pkg == "spaceclip":
+                continue
+            pin = tested.get(canonicalize_name(pkg))
             mark = "" if pin is None or matches(version, pin) else f"  (tested: {pin})"
             print(f"{pkg} {version or '(not installed)'}{mark}")
         if not tested:
@@ -141,7 +145,7 @@ def cmd_data_synth(args) -> int:
     import time
     from pathlib import Path
 
-    from pipeline.datasets import parse_split_file
+    from pipeline.datasets import split_statistics
     from pipeline.synth import synthesize
 
     start = time.perf_counter()
@@ -149,11 +153,10 @@ def cmd_data_synth(args) -> int:
     paths = synthesize(args.layout, out, train=args.train, test=args.test, seed=args.seed)
     print(f"synthetic {args.layout} dataset (seed {args.seed}) written to {out} in {time.perf_counter() - start:.1f} s")
     for split in ("train", "test"):
-        samples = parse_split_file(paths[f"{split}_split"], paths["image_root"], paths["depth_root"], args.layout)
-        no_gt = sum(s.depth_path is None for s in samples)
+        stats = split_statistics(paths[f"{split}_split"], paths["image_root"], paths["depth_root"], args.layout)
         unit = "drives" if args.layout == "kitti" else "scenes"
-        print(f"  {split:5s} {len(samples):4d} frames in {len({s.group for s in samples})} {unit}"
-              f"{f', {no_gt} with GT None' if no_gt else ''}: {paths[f'{split}_split']}")
+        no_gt = f", {stats['no_gt']} with GT None" if stats["no_gt"] else ""
+        print(f"  {split:5s} {stats['frames']:4d} frames in {stats['groups']} {unit}{no_gt}: {paths[f'{split}_split']}")
     print(f"  images: {paths['image_root']}\n  depth:  {paths['depth_root']}")
     return 0
 

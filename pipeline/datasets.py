@@ -131,6 +131,13 @@ def parse_split_file(split_file: Path, image_root: Path, depth_root: Path, layou
     return samples
 
 
+def split_statistics(split_file: Path, image_root: Path, depth_root: Path, layout: str) -> dict:
+    """{"frames", "groups" (drives or scenes), "no_gt" (lines whose GT is None)} of one split file."""
+    samples = parse_split_file(split_file, image_root, depth_root, layout)
+    return {"frames": len(samples), "groups": len({s.group for s in samples}),
+            "no_gt": sum(s.depth_path is None for s in samples)}
+
+
 def _group_rank(group: str, seed: int) -> bytes:
     return hashlib.sha256(f"{seed}:{group}".encode()).digest()
 
