@@ -10,3 +10,33 @@ that caught those still do.
 
 class SpaceClipError(Exception):
     """An error whose message says what the user should change; reported in one line, without a traceback."""
+
+
+class DiskFullError(SpaceClipError, OSError):
+    """A write failed because its file system is full. Nothing half-written is kept: the message names the path
+    and says that the same command resumes once there is space."""
+
+
+def is_disk_full(err: BaseException, path=None) -> bool:
+    """Whether `err` (or an error it was raised from) is ENOSPC. torch's and safetensors' writers report it in
+    their own words, or not at all (torch.save to a path: "unexpected pos ..."), so a failed write is also taken
+    as a full disk when the file system at `path` has (almost) no space left."""
+    import errno
+    import os
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    if path is None:
+        return False
+    try:
+        folder = os.fspath(path)
+        while folder and not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        st = os.statvfs(folder or ".")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20

@@ -12,14 +12,22 @@ Layout (N samples, g x g token grid, C channels):
                   view_aug (angle, gamma, brightness, gain R, G, B): every view's parameters, enough to recompute it
 
 Every data array is chunked along N only, with the same chunk length, so one writer owns whole chunks (zarr does
-no locking: two writers touching one chunk corrupt it). A chunk is also the unit of work of extraction.
+no locking: two writers touching one chunk corrupt it). A chunk is also the unit of work of extraction, and the
+unit of ownership: a writer claims a chunk first (`claim_chunk`, a lock file in `.<name>.claims/` beside the store,
+outside the Zarr hierarchy; `pipeline/claims.py`), so concurrent runs of one config share the chunks between them.
+A store is created in a hidden sibling folder and renamed into place, so two creators of one store never see or
+overwrite half of the other's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -28,7 +36,8 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from zarr.core.sync import sync
 
-from pipeline.errors import SpaceClipError
+from pipeline import claims
+from pipeline.errors import DiskFullError, SpaceClipError, is_disk_full
 
 INDEX_FIELDS = ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group", "line", "view_aug")
 # view_aug (N, 6) float64: each view's augmentation (rotation angle in degrees, gamma, brightness, gain R, G, B),
@@ -48,6 +57,23 @@ def flipped_key(name: str) -> str:
 
 def layer_key(k: int) -> str:
     return f"tokens/L{k}"
+
+
+def local_path(url: str) -> Path | None:
+    """The folder of a store on the local file system, or None for another fsspec URL (s3://, gs://, ...)."""
+    if url.startswith("file://"):
+        return Path(url.removeprefix("file://"))
+    return None if "://" in url else Path(url)
+
+
+def disk_full_error(err: BaseException, url: str, doing: str) -> DiskFullError | None:
+    """A one-line `DiskFullError` for a write of `doing` into the store at `url` that failed with ENOSPC, else None."""
+    if not is_disk_full(err, local_path(url)):
+        return None
+    return DiskFullError(
+        f"disk full while {doing} in {url} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): "
+        "nothing half-written is kept; free space on that file system (or set cache.root to a larger one) and run "
+        "the same command again: finished chunks are kept and only the missing ones are extracted")
 
 
 def _compressors(name: str, level: int):
@@ -77,6 +103,9 @@ class StoreSpec:
 
 
 class FeatureStore:
+    created: bool = False  # True on the object `create` returned when this caller made the store
+    verified: frozenset[int] = frozenset()  # chunks `pipeline.extract.prepare_store` found sound (decoded)
+
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
         self.url = url
@@ -92,6 +121,43 @@ class FeatureStore:
     # ---- creation and opening ------------------------------------------------------------------------------
     @classmethod
     def create(cls, url: str, spec: StoreSpec, index: dict[str, np.ndarray]) -> "FeatureStore":
+        """A new store at `url`. On the local file system it is written into a hidden sibling folder and renamed
+        into place: when another process created the same store meanwhile (two runs of one config), that store is
+        returned (`created` False) and this one discarded; an existing store is never overwritten."""
+        folder = local_path(url)
+        if folder is None:  # fsspec URLs: no atomic rename; written in place, as before
+            store = cls._create(zarr.open_group(url, mode="w"), url, spec, index)
+            store.created = True
+            return store
+        tmp = folder.with_name(f".{folder.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            cls._create(zarr.open_group(str(tmp), mode="w"), str(tmp), spec, index)
+            os.rename(tmp, folder)  # atomic; fails when `folder` holds a store (a non-empty folder)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            full = disk_full_error(err, url, "creating the store")
+            if full is not None:
+                raise full from None
+            if not folder.is_dir():
+                raise
+            try:
+                store = cls.open(url, mode="r+")
+            except StoreError:
+                raise StoreError(f"{url} exists but is not a readable feature store; delete it and run again") from None
+            if store.fingerprint != spec.attrs.get("fingerprint"):
+                raise StoreError(f"{url} already holds a store with fingerprint {store.fingerprint}, not "
+                                 f"{spec.attrs.get('fingerprint')}; delete it or choose another cache.root") from None
+            return store  # another process created it first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        store = cls.open(url, mode="r+")
+        store.created = True
+        return store
+
+    @classmethod
+    def _create(cls, group: zarr.Group, url: str, spec: StoreSpec, index: dict[str, np.ndarray]) -> "FeatureStore":
         if "view_aug" not in index:  # no augmentation recorded: every view is un-augmented
             index = {**index, "view_aug": np.tile(np.asarray(IDENTITY_AUG), (spec.n, 1))}
         missing = [f for f in INDEX_FIELDS if f not in index]
@@ -100,7 +166,6 @@ class FeatureStore:
         for name, values in index.items():
             if len(values) != spec.n:
                 raise StoreError(f"index field {name!r} has {len(values)} rows, expected {spec.n}")
-        group = zarr.open_group(url, mode="w")
         n, g, c, cs = spec.n, spec.grid, spec.width, spec.chunk_size
         store_dtype = "uint16" if spec.dtype == "bfloat16" else spec.dtype
         common = dict(compressors=_compressors(spec.compressor, spec.level))
@@ -147,6 +212,9 @@ class FeatureStore:
             group = zarr.open_group(url, mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise StoreError(f"no feature store at {url}") from err
+        except Exception as err:  # its zarr.json truncated or overwritten: nothing to repair from
+            raise StoreError(f"{url} is damaged: its metadata does not load ({type(err).__name__}: {err}); delete "
+                             "it and extract again") from None
         if "n" not in group.attrs:
             raise StoreError(f"{url} is a Zarr group but not a feature store (no 'n' attribute)")
         return cls(group, url)
@@ -162,11 +230,87 @@ class FeatureStore:
         return c * self.chunk_size, min((c + 1) * self.chunk_size, self.n)
 
     def done_flags(self) -> np.ndarray:
-        return self.group["done"][:] if self.n else np.zeros(0, np.uint8)
+        """1 per finished sample. A chunk of `done` whose file does not decode counts as not done (its chunk is then
+        extracted again), so one damaged flag file never makes the whole store unreadable."""
+        return self._done_flags()[0]
+
+    def _done_flags(self) -> tuple[np.ndarray, dict[int, str]]:
+        """(flags, {chunk: why its flags do not decode})."""
+        if not self.n:
+            return np.zeros(0, np.uint8), {}
+        arr = self.group["done"]
+        try:
+            return arr[:], {}
+        except Exception:  # a damaged flag file: read chunk by chunk
+            flags, bad = np.zeros(self.n, np.uint8), {}
+            for c in range(self.n_chunks):
+                a, b = self.chunk_range(c)
+                try:
+                    flags[a:b] = arr[a:b]
+                except Exception as err:
+                    bad[c] = f"{type(err).__name__}: {err}"
+            return flags, bad
+
+    def chunk_done(self, c: int) -> bool:
+        """Whether chunk `c` is finished (its one `done` file read; a damaged one reads as not finished)."""
+        try:
+            return bool(self.group["done"][slice(*self.chunk_range(c))].all())
+        except Exception:
+            return False
 
     def pending_chunks(self) -> list[int]:
         done = self.done_flags()
         return [c for c in range(self.n_chunks) if not done[slice(*self.chunk_range(c))].all()]
+
+    # ---- who writes which chunk ---------------------------------------------------------------------------
+    @property
+    def claims_dir(self) -> Path | None:
+        """Where the chunk claims of this store live: a hidden folder beside it (outside the Zarr hierarchy, so
+        Zarr, the fingerprint and the chunk files never see it); None for a store that is not on a local disk."""
+        folder = local_path(self.url)
+        return None if folder is None else folder.with_name(f".{folder.name}.claims")
+
+    @contextlib.contextmanager
+    def claim_chunk(self, c: int):
+        """Claim chunk `c` for writing (`pipeline.claims`): yields a `Claim` whose `acquired` says whether this
+        caller may write it; a live holder elsewhere keeps it. Files a dead writer of this chunk left half-made
+        (Zarr's `*.partial`) are removed once the claim is held. Not on a local disk: always acquired."""
+        self.chunk_range(c)
+        if self.claims_dir is None:
+            yield claims.Claim(Path(self.url), True, {})
+            return
+        with claims.claimed(self.claims_dir / str(c), f"extracting chunk {c} of {Path(self.url).name}") as claim:
+            if claim.acquired:
+                self._remove_partials(c)
+            yield claim
+
+    def release_claims(self) -> None:
+        """Remove the claim files nobody holds, and their folder once empty (after the store is finished)."""
+        if self.claims_dir is not None:
+            claims.sweep(self.claims_dir)
+
+    def _chunk_file(self, name: str, c: int) -> Path | None:
+        folder = local_path(self.url)
+        if folder is None:
+            return None
+        arr = self.group[name]
+        return folder / arr.path / arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+
+    def _remove_partials(self, c: int) -> None:
+        """Zarr writes every chunk to `<key>.<hex>.partial` and renames it over the key; a writer killed between the
+        two leaves the partial file behind, which nothing reads but which is not part of the store."""
+        for name in self.data_arrays() + ["done"]:
+            path = self._chunk_file(name, c)
+            if path is not None and path.parent.is_dir():
+                for partial in path.parent.glob(f"{path.name}.*.partial"):
+                    partial.unlink(missing_ok=True)
+
+    def reset_chunks(self, chunks: Iterable[int]) -> None:
+        """Mark chunks not done (before they are written again: a kill during the rewrite then leaves them pending)."""
+        for c in chunks:
+            a, b = self.chunk_range(c)
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                self.group["done"][a:b] = np.zeros(b - a, np.uint8)
 
     @property
     def complete(self) -> bool:
@@ -186,8 +330,16 @@ class FeatureStore:
         mirrored images, for a store created with `flipped=True`."""
         # Zarr skips writing chunks equal to the fill value unless told otherwise (the setting is not stored
         # with the array); `verify` relies on every done chunk existing, so write them all.
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            self._write_chunk(c, tokens, cls, depth, skipped, reasons, flipped)
+        try:
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                self._write_chunk(c, tokens, cls, depth, skipped, reasons, flipped)
+        except Exception as err:
+            # Zarr writes each chunk file to a temporary name and renames it, so a full disk leaves the chunk's old
+            # files (or none) and its done flags at 0: the chunk stays pending and is written again next run.
+            full = disk_full_error(err, self.url, f"writing chunk {c}")
+            if full is not None:
+                raise full from None
+            raise
 
     def _write_chunk(self, c, tokens, cls, depth, skipped, reasons, flipped) -> None:
         a, b = self.chunk_range(c)
@@ -226,7 +378,13 @@ class FeatureStore:
         pending = self.pending_chunks()
         if pending:
             raise StoreError(f"{self.url}: chunks {pending[:10]} are not done; cannot mark complete")
-        self.group.attrs["complete"] = True
+        try:
+            self.group.attrs["complete"] = True
+        except Exception as err:
+            full = disk_full_error(err, self.url, "marking the store complete")
+            if full is not None:
+                raise full from None
+            raise
         self.attrs["complete"] = True
 
     # ---- reading ------------------------------------------------------------------------------------------
@@ -300,9 +458,24 @@ class FeatureStore:
             else:
                 cols[name] = values
         df = pd.DataFrame(cols)
-        df["skipped"] = self.group["skipped"][:].astype(bool) if self.n else []
-        df["skip_reason"] = self.group["skip_reason"][:] if self.n else []
+        # A damaged chunk of the skip records reads as "not skipped" (the chunk is extracted again: `verify`).
+        df["skipped"] = self._read_tolerant("skipped", 0).astype(bool) if self.n else []
+        df["skip_reason"] = self._read_tolerant("skip_reason", "") if self.n else []
         return df
+
+    def _read_tolerant(self, name: str, fill) -> np.ndarray:
+        arr = self.group[name]
+        try:
+            return arr[:]
+        except Exception:
+            parts = []
+            for c in range(self.n_chunks):
+                a, b = self.chunk_range(c)
+                try:
+                    parts.append(arr[a:b])
+                except Exception:
+                    parts.append(np.full(b - a, fill, dtype=arr.dtype if fill == 0 else object))
+            return np.concatenate(parts)
 
     # ---- verification ---------------------------------------------------------------------------------------
     def data_arrays(self) -> list[str]:
@@ -311,38 +484,95 @@ class FeatureStore:
             names += [flipped_key(layer_key(k)) for k in self.layers] + [flipped_key("cls")]
         return names + (["depth"] if self.has_depth else [])
 
-    def verify(self) -> dict:
-        """Check that every done chunk of every data array exists and decodes, and that the counts match.
+    def verify(self, chunks: Iterable[int] | None = None) -> dict:
+        """Check that every done chunk of every data array (and of `done`) exists and decodes, that the index arrays
+        decode, and that the counts match. `chunks`: decode only these of the done chunks (the others are checked
+        for existence only); None: all.
 
-        Zarr returns the fill value for a chunk whose file is gone, so existence is checked explicitly."""
+        Zarr returns the fill value for a chunk whose file is gone, so existence is checked explicitly. The report's
+        `damaged_chunks` are the chunks extraction writes again; `damaged_index` the index arrays it rewrites. A
+        changed byte that still decodes is not seen (the stored codecs carry no checksum)."""
         problems: list[str] = []
-        done = self.done_flags()
+        damaged: set[int] = set()
+        done, bad_flags = self._done_flags()
         done_chunks = [c for c in range(self.n_chunks) if done[slice(*self.chunk_range(c))].all()]
+        decode = set(done_chunks if chunks is None else chunks)
+        ids = self._ids()
+
+        def where(c: int) -> str:
+            a, b = self.chunk_range(c)
+            return f"samples ({a}, {b})" + (f": {ids[a]} .. {ids[b - 1]}" if ids is not None and b > a else "")
+
+        for c, why in sorted(bad_flags.items()):
+            problems.append(f"done: chunk {c} does not decode ({where(c)}): {why}")
+            damaged.add(c)
         for name in self.data_arrays() + ["done"]:
-            arr = self.group[name]
+            try:
+                arr = self.group[name]
+            except Exception as err:  # its zarr.json is gone or damaged: extraction cannot repair that
+                problems.append(f"{name}: the array's metadata does not load ({type(err).__name__}: {err}); delete "
+                                f"the store and extract it again")
+                continue
             encoding = arr.metadata.chunk_key_encoding
             for c in done_chunks:
                 key = f"{arr.path}/{encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
                 if not sync(self.group.store.exists(key)):
                     problems.append(f"{name}: chunk {c} (samples {self.chunk_range(c)}) is missing ({key})")
+                    damaged.add(c)
+                    continue
+                if c not in decode:
                     continue
                 try:
                     arr[slice(*self.chunk_range(c))]
                 except Exception as err:  # a truncated or corrupt chunk file
-                    problems.append(f"{name}: chunk {c} does not decode: {type(err).__name__}: {err}")
+                    problems.append(f"{name}: chunk {c} does not decode ({where(c)}; file {key}): "
+                                    f"{type(err).__name__}: {err}")
+                    damaged.add(c)
         n_done = int(done.sum())
-        n_skipped = int(self.group["skipped"][:].sum()) if self.n else 0
+        try:
+            n_skipped = int(self.group["skipped"][:].sum()) if self.n else 0
+        except Exception:  # reported per chunk above
+            n_skipped = -1
         if self.complete and n_done != self.n:
             problems.append(f"store is marked complete but only {n_done} of {self.n} samples are done")
+        damaged_index = []
         for name in INDEX_FIELDS:
-            if f"index/{name}" not in self.group:
-                if name != "view_aug":  # the one field older stores may lack
-                    problems.append(f"index/{name} is missing")
-                continue
-            if self.group[f"index/{name}"].shape[0] != self.n:
-                problems.append(f"index/{name} has {self.group[f'index/{name}'].shape[0]} rows, expected {self.n}")
+            key = f"index/{name}"
+            try:
+                if key not in self.group:
+                    if name != "view_aug":  # the one field older stores may lack
+                        problems.append(f"{key} is missing")
+                    continue
+                arr = self.group[key]
+                if arr.shape[0] != self.n:
+                    problems.append(f"{key} has {arr.shape[0]} rows, expected {self.n}")
+                    continue
+                if self.n:
+                    arr[:]
+            except Exception as err:
+                problems.append(f"{key}: does not decode (samples (0, {self.n}): the whole index column): "
+                                f"{type(err).__name__}: {err}")
+                damaged_index.append(name)
         return {
             "url": self.url, "n": self.n, "done": n_done, "skipped": n_skipped, "chunks": self.n_chunks,
             "done_chunks": len(done_chunks), "complete": self.complete, "fingerprint": self.fingerprint,
             "problems": problems, "ok": not problems and n_done == self.n,
+            "damaged_chunks": sorted(damaged), "damaged_index": damaged_index,
         }
+
+    def _ids(self) -> np.ndarray | None:
+        try:
+            return self.group["index/id"][:] if self.n else None
+        except Exception:
+            return None
+
+    def rewrite_index(self, index: dict[str, np.ndarray], names: Iterable[str]) -> None:
+        """Write the index columns `names` again from a fresh plan of the same split (repair of a damaged column);
+        the plan must have this store's rows."""
+        for name in names:
+            values = np.asarray(index[name])
+            if len(values) != self.n:
+                raise StoreError(f"cannot repair index/{name} of {self.url}: the split now plans {len(values)} "
+                                 f"samples, the store holds {self.n}; delete the store and extract it again")
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                self.group[f"index/{name}"][...] = values
