@@ -137,6 +137,10 @@ def cmd_cache_verify(args) -> int:
               f"fingerprint {report['fingerprint']}")
         for problem in report["problems"]:
             print(f"  - {problem}")
+        if report["damaged_chunks"] or report["damaged_index"]:
+            print(f"  damaged chunks {report['damaged_chunks']}" + (f", index columns {report['damaged_index']}"
+                  if report["damaged_index"] else "") + ": `spaceclip extract` with the store's config extracts "
+                  "exactly those again")
         failed += not report["ok"]
     return 1 if failed else 0
 

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from pipeline import datasets
+from pipeline import claims, datasets
 from pipeline.config import Config, dump_config
-from pipeline.errors import SpaceClipError
+from pipeline.errors import DiskFullError, SpaceClipError, is_disk_full
 from pipeline.fingerprint import diff_inputs, fingerprint, fingerprint_inputs
 from pipeline.store import FeatureStore, StoreError, StoreSpec
 from spaceclip.encoder import FrozenEncoder
@@ -87,10 +87,40 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.is_dir():
         shutil.rmtree(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException as err:  # the half-written copy goes (on a full disk it holds the last free bytes)
+        full = is_disk_full(err, path.parent) if isinstance(err, Exception) else False
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(
+                f"disk full while writing {path} ({type(err).__name__}: {(str(err).splitlines() or [''])[0]}): the "
+                f"previous {path.name} is kept and nothing half-written; free space on that file system and run the "
+                "same command again: training resumes after its last complete epoch") from None
+        raise
     if path.is_dir():  # os.replace cannot replace a non-empty folder
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+# ---- one training per run folder ------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def locked_run_dirs(folders: list[Path]) -> Iterator[None]:
+    """Hold the lock of each run folder (`<run>/.lock`, `pipeline/claims.py`: dropped by the kernel when its holder
+    dies, so a crashed training never blocks the next) for a block; a `RunError` naming the folder and the holder
+    when another live process trains into one of them."""
+    with contextlib.ExitStack() as held:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            claim = held.enter_context(claims.claimed(folder / LOCK_NAME, f"training {folder.name}"))
+            if not claim.acquired:
+                raise RunError(f"{folder} is in use: another training writes it ({claim.describe_holder()}; lock "
+                               f"{folder / LOCK_NAME}); wait for it to finish or stop it, or train into another "
+                               "--sweep")
+        yield
 
 
 # ---- the run context ------------------------------------------------------------------------------------------
@@ -166,7 +196,10 @@ class RunContext:
         )
         url = self.store_url(split)
         log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
-        return FeatureStore.create(url, spec, plan.index)
+        store = FeatureStore.create(url, spec, plan.index)
+        if not store.created:
+            log.info("another process created %s at the same time; extracting its pending chunks together", url)
+        return store
 
     def open_store(self, split: str) -> FeatureStore:
         """The complete store this config expects, or a `StoreError` that says what differs from the stores that
@@ -217,11 +250,13 @@ def results_dir(cfg: Config) -> Path:
     return Path(cfg.eval.out_dir) / cfg.sweep
 
 
-def finalize_store(url: str) -> dict:
-    """Mark a store whose chunks are all done complete, then verify every chunk; a `StoreError` if one fails."""
+def finalize_store(url: str, chunks=None) -> dict:
+    """Mark a store whose chunks are all done complete, then verify it (decoding `chunks`, None: every chunk; the
+    others are checked for existence); a `StoreError` if it fails. Claim files left by dead writers are removed."""
     store = FeatureStore.open(url, mode="r+")
     store.mark_complete()
-    report = store.verify()
+    report = store.verify(chunks)
     if not report["ok"]:
         raise StoreError(f"{url} failed verification: " + "; ".join(report["problems"][:5]))
+    store.release_claims()
     return report

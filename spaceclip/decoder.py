@@ -360,7 +360,11 @@ class SpaceClipDecoder(nn.Module):
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"decoder weights missing: {weights}")
-        loaded = load_file(str(weights), device="cpu")
+        try:
+            loaded = load_file(str(weights), device="cpu")
+        except Exception as e:  # safetensors' own error type: a truncated file, a damaged header, not safetensors
+            raise ValueError(f"{weights}: damaged checkpoint, safetensors cannot read it ({e}); train or copy it "
+                             "again") from None
         try:
             model.load_state_dict(loaded, strict=True)
         except RuntimeError:  # torch's message lists every key; say which one first, in one line
