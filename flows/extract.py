@@ -1,6 +1,10 @@
 """`extract-features`: run the frozen encoder once over every split into fingerprinted Zarr stores.
 
-    plan + create stores (or reuse by fingerprint) ──► extract-shards: one task per pending chunk on Dask ──► verify
+    plan + create stores (or reuse by fingerprint; damaged chunks marked pending) ──► extract-shards: one task per
+    pending chunk on Dask, each under the chunk's claim ──► wait for chunks other runs hold ──► verify
+
+Two runs of one config at once (two deployment runs, two terminals) share the chunks: each extracts the chunks it
+claims first and waits for the others' (pipeline/claims.py).
 """
 
 from __future__ import annotations
@@ -13,15 +17,20 @@ from tqdm.auto import tqdm
 from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.config import Config, ConfigError
 from pipeline.datasets import ensure_dataset
-from pipeline.extract import extract_chunk, prepare_store, torch_threads_per_worker
+from pipeline.extract import extract_claimed_chunk, finish_store, prepare_store, torch_threads_per_worker
 from pipeline.layout import SPLITS, RunContext, finalize_store
 
 
 @task(retries=1, retry_delay_seconds=2, task_run_name="extract {split} chunk {chunk}")
 def extract_chunk_task(cfg: Config, url: str, split: str, chunk: int, torch_threads: int) -> dict:
-    result = extract_chunk(cfg, url, chunk, torch_threads)
-    get_run_logger().info("%s chunk %d: %d samples (%d skipped) -> %s", split, chunk, result["samples"],
-                          result["skipped"], url)
+    result = extract_claimed_chunk(cfg, url, chunk, torch_threads)
+    if "held_by" in result:
+        get_run_logger().info("%s chunk %d: another run is extracting it (%s)", split, chunk, result["held_by"])
+    elif result.get("already_done"):
+        get_run_logger().info("%s chunk %d: finished by another run", split, chunk)
+    else:
+        get_run_logger().info("%s chunk %d: %d samples (%d skipped) -> %s", split, chunk, result["samples"],
+                              result["skipped"], url)
     return result
 
 
@@ -62,18 +71,20 @@ def extract_features(
     logger = get_run_logger()
     ensure_dataset(cfg.data)
     ctx = RunContext.of(cfg)
-    stores, jobs = {}, []
+    stores, jobs, recheck = {}, [], {}
     for split in splits:
         store, reused = prepare_store(ctx, split)
         pending = store.pending_chunks()
         logger.info("%s: %s %s (%d samples, %d of %d chunks to extract)", split,
                     "reusing" if reused else "created", store.url, store.n, len(pending), store.n_chunks)
         stores[split] = store.url
+        recheck[split] = set(range(store.n_chunks)) - store.verified
         jobs += [(split, store.url, c) for c in pending]
     if jobs:
         extract_shards.with_options(task_runner=dask_runner(cfg))(cfg, jobs, torch_threads_per_worker(cfg), progress)
     for split, url in stores.items():
-        report = finalize_store(url)
+        finish_store(cfg, url)  # chunks another run holds: wait for them (or take over those of a dead one)
+        report = finalize_store(url, chunks=recheck[split])
         logger.info("%s: verified %s: %d samples, %d skipped, fingerprint %s", split, url, report["n"],
                     report["skipped"], report["fingerprint"])
     return stores

@@ -8,8 +8,10 @@ data, so a run killed at any moment resumes with exactly the chunks that are mis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,12 +119,89 @@ def _image_size(s: Sample) -> tuple[int, int]:
 
 def prepare_store(ctx: RunContext | Config, split: str) -> tuple[FeatureStore, bool]:
     """The store of this config's split: the existing one with the same fingerprint (finished or resumable), else
-    a new one created from the split's plan. Returns (store, reused)."""
+    a new one created from the split's plan (race-free: two runs creating it at once share one store). Returns
+    (store, reused).
+
+    A reused store is verified first (every done chunk of every array decoded, `FeatureStore.verify`): a damaged
+    chunk is marked pending again, so extraction writes exactly the damaged chunks; a damaged index column is
+    written again from the plan. `store.verified` holds the chunks found sound (`finalize_store` need not decode
+    them again)."""
     ctx = RunContext.of(ctx)
     store = ctx.reuse_store(split)
-    if store is not None:
-        return store, True
-    return ctx.create_store(split, plan_split(ctx.cfg, split)), False
+    if store is None:
+        store = ctx.create_store(split, plan_split(ctx.cfg, split))
+        store.verified = set()
+        return store, not store.created
+    report = store.verify()
+    damaged = report["damaged_chunks"]
+    if report["damaged_index"]:
+        log.warning("%s: repairing index columns %s", store.url, report["damaged_index"])
+        store.rewrite_index(plan_split(ctx.cfg, split).index, report["damaged_index"])
+    if damaged:
+        log.warning("%s: %d damaged chunks %s are extracted again: %s", store.url, len(damaged), damaged[:10],
+                    "; ".join(report["problems"][:3]))
+        if store.complete:
+            store.group.attrs["complete"] = False  # training refuses it until the repair is done
+            store.attrs["complete"] = False
+        for c in damaged:
+            with store.claim_chunk(c) as claim:
+                if claim.acquired:  # else another run is writing it again already
+                    store.reset_chunks([c])
+    done = store.done_flags()
+    store.verified = {c for c in range(store.n_chunks) if c not in damaged and done[slice(*store.chunk_range(c))].all()}
+    return store, True
+
+
+CLAIM_WINDOW = 64  # chunks claimed, and extracted as one pipeline, at a time
+
+
+def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None) -> list[dict]:
+    """`extract_chunks` under each chunk's claim (`FeatureStore.claim_chunk`), so that concurrent runs of one config
+    never write, or redo, each other's chunks. One summary per chunk: `extract_chunk`'s; with `held_by` (nothing
+    written) when a live process holds the chunk; with `already_done` when another run finished it meanwhile."""
+    store = FeatureStore.open(url, mode="r+")
+    results = {}
+    for start in range(0, len(chunks), CLAIM_WINDOW):  # a claim is an open file: a bounded number at a time
+        mine = []
+        with contextlib.ExitStack() as held:
+            for c in chunks[start:start + CLAIM_WINDOW]:
+                claim = held.enter_context(store.claim_chunk(c))
+                if not claim.acquired:
+                    results[c] = {"chunk": c, "samples": 0, "skipped": 0, "held_by": claim.describe_holder()}
+                elif store.chunk_done(c):
+                    results[c] = {"chunk": c, "samples": 0, "skipped": 0, "already_done": True}
+                else:
+                    mine.append(c)
+            if mine:
+                results.update({c: extract_chunk(cfg, url, c, torch_threads) for c in mine})
+    return [results[c] for c in chunks]
+
+
+def extract_claimed_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None) -> dict:
+    """`extract_claimed` of one chunk: the unit the flow maps over Dask workers."""
+    return extract_claimed(cfg, url, [chunk], torch_threads)[0]
+
+
+def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: float = 1.0) -> list[int]:
+    """Return once every chunk of the store is done: pending chunks are extracted here, chunks that another live
+    process holds are waited for (one whose holder dies meanwhile, its claim dropped by the kernel, is extracted
+    here). Returns the chunks this call extracted."""
+    store = FeatureStore.open(url, mode="r+")
+    extracted, polls = [], 0
+    while pending := store.pending_chunks():
+        held = {}
+        for result in extract_claimed(cfg, url, pending, torch_threads):
+            if "held_by" in result:
+                held[result["chunk"]] = result["held_by"]
+            elif not result.get("already_done"):
+                extracted.append(result["chunk"])
+        if held:
+            if polls % max(1, round(60 / poll)) == 0:  # once a minute: who this run is waiting for
+                log.info("%s: waiting for %d chunks that another run is extracting (chunk %d: %s)", url, len(held),
+                         *next(iter(held.items())))
+            polls += 1
+            time.sleep(poll)
+    return extracted
 
 
 # ---- one chunk --------------------------------------------------------------------------------------------------
@@ -231,6 +310,5 @@ def extract_splits(cfg: Config, splits=SPLITS) -> None:
     ctx = RunContext.of(cfg)
     for split in splits:
         store, _ = prepare_store(ctx, split)
-        for chunk in store.pending_chunks():
-            extract_chunk(cfg, store.url, chunk)
-        finalize_store(store.url)
+        finish_store(cfg, store.url)  # under the chunks' claims; waits for chunks another run holds
+        finalize_store(store.url, chunks=set(range(store.n_chunks)) - store.verified)

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -251,7 +252,14 @@ def save_state(path: Path, state: dict) -> None:
 
 def load_state(path: Path) -> dict:
     # weights_only: tensors, numbers, strings and containers only; an arbitrary pickled object fails to load.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # it holds an object that is not plain data: refused as such
+        raise
+    except Exception as err:  # written atomically, so only outside damage truncates or corrupts it
+        why = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        raise RunError(f"{path} cannot be read, it is damaged ({why}); delete it to train this variant again from "
+                       "the start (or --no-resume)") from None
 
 
 def _cpu_state(model: torch.nn.Module) -> dict:
