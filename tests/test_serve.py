@@ -402,3 +402,164 @@ def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px):
             stop_process(proc.pid, grace=10)
     assert_gone(tree)
     assert not port_open(port) and not port_open(dask_port)
+
+
+# ---- cancelled runs and a restarting server (issue 15) ------------------------------------------------------------
+def many_chunk_params(root: Path, encoder: str) -> dict:
+    """`tiny_params` with one sample per chunk and task: a run long enough to be interrupted between chunks."""
+    params = tiny_params(root, encoder)
+    params["overrides"] += ["data.synth.train=20", "cache.chunk_size=1", "encoder.batch_size=1"]
+    return params
+
+
+def start_deployment(name: str, params: dict, env: dict) -> str:
+    """`prefect deployment run` without waiting; returns the flow run's id."""
+    import re
+
+    result = prefect("deployment", "run", name, "--params", json.dumps(params), env=env)
+    assert result.returncode == 0
+    return re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+
+
+def flow_run_state(api: str, run_id: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=5) as response:
+            return json.load(response)["state_type"]
+    except OSError:
+        return None
+
+
+def done_samples(cache_root: Path) -> int:
+    from pipeline.store import FeatureStore
+
+    return sum(int(FeatureStore.open(str(p)).done_flags().sum()) for p in sorted(cache_root.glob("*/*.zarr")))
+
+
+def store_bytes(cache_root: Path) -> dict[str, bytes]:
+    """Every chunk and index file of every store under `cache_root` (the metadata aside), by split and path."""
+    return {f"{p.parent.name}/{p.name.split('-')[0]}/{f.relative_to(p)}": f.read_bytes()
+            for p in sorted(cache_root.glob("*/*.zarr")) for f in sorted(p.rglob("*"))
+            if f.is_file() and f.name != "zarr.json"}
+
+
+def reference_stores(params: dict, root: Path) -> dict[str, bytes]:
+    """The stores of an uninterrupted extraction of the same parameters, in-process into `root`."""
+    from flows.parameters import run_config
+    from pipeline.extract import extract_splits
+
+    extract_splits(run_config("demo", params["overrides"], None, cache_root=str(root)))
+    return store_bytes(root)
+
+
+def run_children(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The flow-run processes of `spaceclip serve` (its children but the server and multiprocessing's helpers)."""
+    try:
+        children = psutil.Process(proc.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in children:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and not any(
+                    word in " ".join(p.cmdline()) for word in ("server", "resource_tracker")):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def start_serve(work: Path, env: dict, log: Path, *args: str) -> subprocess.Popen:
+    work.mkdir(exist_ok=True)
+    with open(log, "w") as out:
+        return subprocess.Popen([SPACECLIP, "serve", *args], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def assert_sound_and_resumable(cache_root: Path) -> None:
+    """Every store there opens, every chunk marked done decodes, and no half-written file lies in it."""
+    from pipeline.store import FeatureStore
+
+    stores = sorted(cache_root.glob("*/*.zarr"))
+    assert stores
+    for path in stores:
+        report = FeatureStore.open(str(path)).verify()
+        assert report["problems"] == [], report["problems"]
+        assert not list(path.rglob("*.partial"))
+
+
+@pytest.mark.slow
+def test_a_cancelled_deployment_run_stops_and_its_store_resumes(tmp_path, encoder_64px):
+    """`prefect flow-run cancel` on a served extract-features run: the run ends Cancelled, its process goes, no chunk
+    is written after that, what was written is sound, and the same deployment run again completes the stores with
+    the bytes of an uninterrupted extraction."""
+    port, home, log = free_port(), tmp_path / "prefect-home", tmp_path / "serve.log"
+    api = f"http://127.0.0.1:{port}/api"
+    serve = start_serve(tmp_path / "work", child_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1"), log,
+                        "--port", str(port))
+    try:
+        wait_until(lambda: api_get(f"{api}/deployments/name/extract-features/demo") == 200, 150, "deployments",
+                   serve, log)
+        env = child_env(home, PREFECT_API_URL=api)
+        params = many_chunk_params(tmp_path, encoder_64px)
+        run_id = start_deployment("extract-features/demo", params, env)
+        cache = tmp_path / "cache"
+        wait_until(lambda: done_samples(cache) >= 2, 240, "two chunks extracted", serve, log)
+        assert prefect("flow-run", "cancel", run_id, env=env).returncode == 0
+        wait_until(lambda: flow_run_state(api, run_id) == "CANCELLED", 120, "the run cancelled", serve, log)
+        wait_until(lambda: not run_children(serve), 60, "the run's process gone", serve, log)
+        stopped_at = done_samples(cache)
+        assert not all(complete_stores(cache).values()), "the run finished before it was cancelled"
+        assert_sound_and_resumable(cache)
+        time.sleep(3)  # nothing of the cancelled run is still writing
+        assert done_samples(cache) == stopped_at
+
+        result = run_deployment("extract-features/demo", params, env)
+        assert result.returncode == 0 and "Completed" in result.stdout
+        assert set(complete_stores(cache).values()) == {True}
+    finally:
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGINT)
+            try:
+                serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                stop_process(serve.pid, grace=5)
+        print(log.read_text()[-3000:])
+    assert store_bytes(cache) == reference_stores(params, tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_the_server_restarting_during_a_run_does_not_corrupt_the_store(tmp_path, encoder_64px):
+    """The Prefect server is stopped in the middle of a served extraction and started again (same port, same
+    database). Whatever becomes of that run, every chunk it marked done is sound, and running the deployment again
+    completes the stores with the bytes of an uninterrupted extraction."""
+    port, home, log = free_port(), tmp_path / "prefect-home", tmp_path / "serve.log"
+    server, api = start_server(port, home)
+    env = child_env(home, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="2")
+    serve = start_serve(tmp_path / "work", env, log)
+    try:
+        wait_until(lambda: "Ctrl-C here stops" in log.read_text(), 150, "serve ready", serve, log)
+        params = many_chunk_params(tmp_path, encoder_64px)
+        run_id = start_deployment("extract-features/demo", params, env)
+        cache = tmp_path / "cache"
+        wait_until(lambda: done_samples(cache) >= 2, 240, "two chunks extracted", serve, log)
+        stop_process(server.pid)  # the server goes away mid-run ...
+        assert not all(complete_stores(cache).values()), "the run finished before the server stopped"
+        server, _ = start_server(port, home)  # ... and comes back on the same port and database
+        wait_until(lambda: flow_run_state(api, run_id) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), 300,
+                   "the interrupted run ended", serve, log)
+        wait_until(lambda: not run_children(serve), 60, "the run's process gone", serve, log)
+        print(f"the run interrupted by the server restart ended {flow_run_state(api, run_id)}")
+        assert_sound_and_resumable(cache)
+
+        result = run_deployment("extract-features/demo", params, env)
+        assert result.returncode == 0 and "Completed" in result.stdout
+        assert set(complete_stores(cache).values()) == {True}
+    finally:
+        if serve.poll() is None:
+            serve.terminate()
+            try:
+                serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                stop_process(serve.pid, grace=5)
+        stop_process(server.pid, grace=10)
+        print(log.read_text()[-3000:])
+    assert store_bytes(cache) == reference_stores(params, tmp_path / "reference")
