@@ -341,7 +341,7 @@ def test_extraction_rewrites_exactly_the_damaged_chunks(extracted, monkeypatch):
         assert store_files(store.url) == clean[split]
 
 
-def test_a_damaged_checkpoint_or_training_state_is_refused_by_path(tmp_path):
+def test_a_damaged_checkpoint_or_training_state_is_refused_by_path(tmp_path, capsys):
     from pipeline.train import load_state, save_state
     from spaceclip.decoder import SpaceClipDecoder
 
@@ -353,6 +353,14 @@ def test_a_damaged_checkpoint_or_training_state_is_refused_by_path(tmp_path):
         weights.write_bytes(damaged)
         with pytest.raises(ValueError, match=f"{weights}: damaged checkpoint"):
             SpaceClipDecoder.from_pretrained(folder)
+    from flows.cli import main as cli
+
+    image = tmp_path / "frame.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 24)).save(image)
+    assert cli(["predict", str(image), "--checkpoint", str(folder), "--out", str(tmp_path / "out")]) == 2
+    assert f"error: {weights}: damaged checkpoint" in capsys.readouterr().err
     state = tmp_path / "train_state.pt"
     save_state(state, {"epoch": 1, "model": {"w": torch.zeros(1000)}})
     state.write_bytes(state.read_bytes()[:300])
