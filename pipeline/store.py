@@ -22,8 +22,10 @@ overwrite half of the other's.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +66,16 @@ def local_path(url: str) -> Path | None:
     if url.startswith("file://"):
         return Path(url.removeprefix("file://"))
     return None if "://" in url else Path(url)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def disk_full_error(err: BaseException, url: str, doing: str) -> DiskFullError | None:
@@ -129,8 +141,13 @@ class FeatureStore:
             store = cls._create(zarr.open_group(url, mode="w"), url, spec, index)
             store.created = True
             return store
-        tmp = folder.with_name(f".{folder.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        host = socket.gethostname()
+        tmp = folder.with_name(f".{folder.name}.creating-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for left in folder.parent.glob(f".{glob.escape(folder.name)}.creating-{glob.escape(host)}-*"):
+            pid = left.name.rsplit("-", 2)[-2]  # a creator of this host killed before its rename
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(left, ignore_errors=True)
         try:
             cls._create(zarr.open_group(str(tmp), mode="w"), str(tmp), spec, index)
             os.rename(tmp, folder)  # atomic; fails when `folder` holds a store (a non-empty folder)

@@ -158,6 +158,21 @@ def test_two_creators_of_one_store_share_it(tmp_path):
         FeatureStore.create(url, _spec(fp="0" * 16), _index())
 
 
+def test_a_creator_killed_before_its_rename_leaves_nothing_behind(tmp_path):
+    """A creator killed mid-creation leaves only its hidden folder; the next creator on that host removes it when
+    its process is gone (and leaves a live creator's alone)."""
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    cache, host = tmp_path / "cache", socket.gethostname()
+    left = cache / f".train-ffff.zarr.creating-{host}-{int(dead.stdout)}-0123abcd"
+    live = cache / f".train-ffff.zarr.creating-{host}-{os.getpid()}-4567cdef"
+    for folder in (left, live):
+        (folder / "index").mkdir(parents=True)
+    FeatureStore.create(str(cache / "train-ffff.zarr"), _spec(), _index())
+    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, "train-ffff.zarr"])
+
+
 def test_concurrent_writers_write_each_chunk_once_and_the_bytes_of_one(tmp_path):
     """Four writer threads over one store, each claiming chunks as the extraction tasks do: every chunk is written
     exactly once and the files equal a single writer's."""
