@@ -438,8 +438,10 @@ def small_disk(tmp_path):
     """A tmpfs mounted at tmp_path/disk, resized with `resize(bytes)`; skipped where mounting is not allowed."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode != 0:
         pytest.skip("mounting a tmpfs needs root (the simulated-ENOSPC tests above cover the logic)")
 
     def resize(size: int) -> None:
