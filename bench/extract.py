@@ -1,14 +1,22 @@
 """Extraction throughput and bytes on disk, printed as one JSON object.
 
-    .venv/bin/python bench/extract.py [--images 32] [--repeats 2] [--encoder clip-vit-b16-random] [--dtype float32]
+    .venv/bin/python bench/extract.py [--images 32] [--repeats 2] [--threads N] [--encoder clip-vit-b16-random]
 
 - `bare_forward_images_per_s`: the encoder alone on images already decoded and preprocessed in memory.
-- `pipeline_images_per_s`: the extraction pipeline on the same images: PNG decode + crop + preprocess (in loader
-  threads) + forward + fp16 conversion + compression + Zarr writes + done flags, chunk by chunk, as each Dask
-  worker runs it (`pipeline.extract.extract_chunk`). The flow adds a fixed start-up cost (Prefect + Dask) on top,
-  reported separately by `--with-flow`.
+- `pipeline_images_per_s`: the extraction pipeline on the same images: PNG decode + crop + preprocess (in the
+  decode pool) + forward + fp16 conversion + compression + Zarr writes + done flags, as `extract_splits` and each
+  Dask worker run it (`pipeline.extract.extract_chunks`). The flow adds a fixed start-up cost (Prefect + Dask).
+- `null_encoder_images_per_s`: the same whole extraction with a zero-cost stand-in encoder: it hands back real
+  activations of the right shapes (the encoder's own output on the first batch, so compression costs what it does
+  on real features) without computing anything. The data path alone.
+- `decode_limit_images_per_s`: `--threads` cores x the single-core rate of decode + view + preprocess + target
+  of one frame (`pipeline.extract._load_row`, timed one frame after another in one thread). The goal is
+  null / limit >= 0.8: the data path scales with the cores and the write hides behind it.
 - `bytes_per_image`: the store's size on disk divided by the number of samples, for the default codec, and
   `codecs`: ratio and write cost of each codec we considered, measured on these activations.
+
+`--threads N` sets torch's threads and the decode pool (default: all cores); `load_avg_1m` says how busy the
+machine was.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import datasets  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store  # noqa: E402
+from pipeline.extract import _load_row, extract_chunks, prepare_store  # noqa: E402
+from pipeline.layout import RunContext, encoder_for, finalize_store  # noqa: E402
 from pipeline.store import FeatureStore, StoreSpec  # noqa: E402
 
 
@@ -38,14 +47,82 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def write_config(tmp: Path, n: int, encoder: str, dtype: str, batch: int, compressor: str = "zstd") -> Path:
+class _Preprocess:
+    """The encoder's preprocessing without the model, for decode worker processes (picklable)."""
+
+    def __init__(self, encoder):
+        self.args = (encoder.image_size, encoder.backbone.mean, encoder.backbone.std)
+
+    def preprocess(self, image):
+        from spaceclip.encoder import preprocess
+
+        return preprocess(image, *self.args)
+
+
+_WORKER = {}
+
+
+def _init_process(url: str, encoder: _Preprocess, layout: str, target_hw) -> None:
+    torch.set_num_threads(1)
+    store = FeatureStore.open(url)
+    _WORKER.update(store=store, rows=list(store.index().itertuples()), encoder=encoder, layout=layout,
+                   target_hw=target_hw)
+
+
+def _load_in_process(i: int):
+    w = _WORKER
+    return _load_row(w["store"], w["rows"][i], w["encoder"], w["layout"], w["target_hw"])
+
+
+def decode_pools(store, encoder, layout: str, workers: int) -> dict:
+    """Images/s of decode + view + preprocess + target over the store's frames: in this thread, in a pool of
+    threads and in a pool of processes (which ship each (3, S, S) float32 frame and its target back)."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    rows = list(store.index().itertuples())
+    target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
+    out = {}
+    t0 = time.perf_counter()
+    for row in rows:
+        _load_row(store, row, encoder, layout, target_hw)
+    out["one_thread"] = len(rows) / (time.perf_counter() - t0)
+    with ThreadPoolExecutor(workers) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(lambda r: _load_row(store, r, encoder, layout, target_hw), rows))
+        out["threads"] = len(rows) / (time.perf_counter() - t0)
+    with ProcessPoolExecutor(workers, initializer=_init_process,
+                             initargs=(store.url, _Preprocess(encoder), layout, target_hw)) as pool:
+        list(pool.map(_load_in_process, range(workers)))  # start-up, untimed
+        t0 = time.perf_counter()
+        list(pool.map(_load_in_process, range(len(rows)), chunksize=2))
+        out["processes"] = len(rows) / (time.perf_counter() - t0)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+class NullEncoder:
+    """A zero-cost stand-in for the frozen encoder: the real one's preprocessing and sizes, and as features the real
+    encoder's output on one batch, sliced to each batch's size (no compute, realistic bytes to compress)."""
+
+    def __init__(self, encoder, pixels: torch.Tensor, layers):
+        self.grid, self.width, self.preprocess = encoder.grid, encoder.width, encoder.preprocess
+        self.feats = encoder(pixels, layers)
+
+    def __call__(self, pixels: torch.Tensor, layers, autocast_dtype=None) -> dict:
+        b = pixels.shape[0]
+        reps = -(-b // self.feats["global"].shape[0])
+        take = lambda t: t if t.shape[0] == b else t.repeat(reps, *[1] * (t.dim() - 1))[:b]
+        return {"tokens": {k: take(self.feats["tokens"][k]) for k in layers}, "global": take(self.feats["global"])}
+
+
+def write_config(tmp: Path, n: int, encoder: str, dtype: str, batch: int, compressor: str = "zstd",
+                 workers: int | None = None) -> Path:
     data = tmp / "data"
     cfg = {
         "data": {"layout": "kitti", "image_root": str(data / "raw"), "depth_root": str(data / "gt"),
                  "train_split": str(data / "splits/eigen_train_files_with_gt.txt"),
                  "test_split": str(data / "splits/eigen_test_files_with_gt.txt"),
                  "synth": {"train": 8, "test": n, "seed": 1}},
-        "encoder": {"name": encoder, "dtype": dtype, "batch_size": batch},
+        "encoder": {"name": encoder, "dtype": dtype, "batch_size": batch, "decode_workers": workers},
         "cache": {"root": str(tmp / f"cache-{compressor}"), "chunk_size": 16, "compressor": compressor},
         "dask": {"processes": False},
     }
@@ -61,12 +138,15 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="cores to use: torch threads and decode pool [all]")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
-    threads = torch.get_num_threads()
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
-        cfg = load_config(write_config(tmp, args.images, args.encoder, args.dtype, args.batch_size))
+        cfg = load_config(write_config(tmp, args.images, args.encoder, args.dtype, args.batch_size, workers=threads))
         datasets.ensure_dataset(cfg.data)
         encoder = encoder_for(cfg)
         samples = [s for s in datasets.read_split(cfg.data, "test")]
@@ -77,19 +157,35 @@ def main() -> None:
         # best of each kept, so that a neighbour's load on the machine does not favour one of them.
         pixels = torch.cat([encoder.preprocess(datasets.load_image(s)) for s in samples])
         encoder(pixels[: args.batch_size], cfg.cache_layers, autocast_dtype=autocast)  # warm-up
-        bare, piped = [], []
+        null = NullEncoder(encoder, pixels[: args.batch_size], cfg.cache_layers)
+        bare, piped, nulled, single = [], [], [], []
         for r in range(args.repeats):
             t0 = time.perf_counter()
             for i in range(0, len(pixels), args.batch_size):
                 encoder(pixels[i : i + args.batch_size], cfg.cache_layers, autocast_dtype=autocast)
             bare.append(time.perf_counter() - t0)
             cfg.cache.root = str(tmp / f"cache-run{r}")  # a fresh store each repeat
-            store, _ = prepare_store(cfg, "test", encoder)
+            store, _ = prepare_store(RunContext.of(cfg), "test")
             t0 = time.perf_counter()
-            for c in store.pending_chunks():
-                extract_chunk(cfg, store.url, c, torch_threads=threads)
+            extract_chunks(cfg, store.url, store.pending_chunks(), torch_threads=threads, encoder=encoder)
             piped.append(time.perf_counter() - t0)
-        bare_s, pipeline_s = min(bare), min(piped)
+            # The data path alone: the same extraction with the zero-cost encoder, into its own store.
+            cfg.cache.root = str(tmp / f"cache-null{r}")
+            null_store, _ = prepare_store(RunContext.of(cfg), "test")
+            t0 = time.perf_counter()
+            extract_chunks(cfg, null_store.url, null_store.pending_chunks(), torch_threads=threads, encoder=null)
+            nulled.append(time.perf_counter() - t0)
+            # One core's rate: decode + view + preprocess + target of each frame in turn, in this thread.
+            rows = list(null_store.index().itertuples())
+            target_hw = tuple(null_store.group["depth"].shape[1:]) if null_store.has_depth else None
+            torch.set_num_threads(1)
+            t0 = time.perf_counter()
+            for row in rows:
+                _load_row(null_store, row, encoder, cfg.data.layout, target_hw)
+            single.append((time.perf_counter() - t0) / len(rows))
+            torch.set_num_threads(threads)
+        bare_s, pipeline_s, null_s, frame_s = min(bare), min(piped), min(nulled), min(single)
+        pools = decode_pools(null_store, encoder, cfg.data.layout, threads)
         finalize_store(store.url)
         store = FeatureStore.open(store.url)
         n = store.n
@@ -118,6 +214,12 @@ def main() -> None:
                 1000 * write_s / m, 2), "read_ms_per_image": round(1000 * read_s / m, 2)}
 
         print(json.dumps({
+            "null_encoder_images_per_s": round(n / null_s, 3),
+            "decode_limit_images_per_s": round(threads / frame_s, 3),
+            "null_over_decode_limit": round(frame_s * n / (threads * null_s), 3),
+            "single_core_ms_per_frame": round(1000 * frame_s, 2),
+            "null_s_runs": [round(x, 3) for x in nulled],
+            "decode_pool_images_per_s": pools,
             "pipeline_images_per_s": round(n / pipeline_s, 3),
             "bare_forward_images_per_s": round(n / bare_s, 3),
             "pipeline_over_bare": round(bare_s / pipeline_s, 3),
@@ -128,7 +230,8 @@ def main() -> None:
             "images": n, "frame_hw": list(datasets.load_image(samples[0]).shape[:2]),
             "encoder": args.encoder, "autocast": args.dtype, "batch_size": args.batch_size,
             "layers": list(store.layers), "store_dtype": store.dtype, "default_codec": "zstd-1",
-            "codecs": codecs, "torch_threads": threads, "cpu_count": os.cpu_count(),
+            "codecs": codecs, "torch_threads": threads, "decode_workers": threads, "cpu_count": os.cpu_count(),
+            "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
             "device": str(next(encoder.model.parameters()).device), "torch": torch.__version__,
         }, indent=1))
     finally:

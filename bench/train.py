@@ -1,6 +1,7 @@
 """Seconds per decoder training step: from the cache, the decoder alone, and with the encoder in the loop.
 
     .venv/bin/python bench/train.py [--variant full] [--batch-size 4] [--warmup 1] [--steps 3] [--rounds 3]
+    .venv/bin/python bench/train.py --data-only --threads 1 [--images 64]
 
 Same variant, batch size, loss and optimiser (`pipeline.train.train_step`) in every mode; `clip-vit-b16-random`
 sizes (ViT-B/16 width 768, 14 x 14 grid, decoder at 224 x 224); CPU unless --device cuda.
@@ -15,6 +16,17 @@ sizes (ViT-B/16 width 768, 14 x 14 grid, decoder at 224 x 224); CPU unless --dev
 - `images_s_per_step` (c): `feature_source: images`: PNG decode + crop + preprocess (prefetch threads) and the
   frozen encoder's forward on every step, then the same decoder step.
 
+The data paths with the decoder taken out (issue 14), `full` layers:
+- `read_limit_samples_per_s`: `--threads` cores x the single-thread rate of reading and decompressing one whole
+  chunk (`FeatureStore.read_chunk`, chunk after chunk in one thread).
+- `stream_samples_per_s`: the streaming loader alone (`cache_device: stream`, `read_workers = --threads`, flips
+  on), an epoch iterated with no decoder. Goal: stream / limit >= 0.8.
+- `bytes_read_per_epoch`: compressed bytes a streamed epoch reads from the store for the four Table-2 variants,
+  one pass each (`separate`) vs `train.shared_pass` (one read of the union of their layers).
+- `projection_h100`: the 4-variant x 10-epoch KITTI sweep (23,158 samples) on one H100, from these figures and
+  the assumptions it lists.
+`--data-only` measures these and skips the step timings below.
+
 Ratios: `cached_over_decoder_only` = a/b (target <= 1.15), `images_over_cached` = c/a. The modes run in
 alternation (`--rounds`, in a rotated order each round; a mode's loader thread runs only while that mode is timed),
 each round timing `--steps` steps after `--warmup`, and
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,8 +51,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.extract import encoder_for, open_for, plan_split, resolve_device  # noqa: E402
-from pipeline.loader import CachedBatches, ImageBatches, batch_to  # noqa: E402
+from pipeline.extract import plan_split  # noqa: E402
+from pipeline.layout import RunContext, encoder_for, resolve_device  # noqa: E402
+from pipeline.loader import CachedBatches, ImageBatches  # noqa: E402
+from pipeline.store import layer_key  # noqa: E402
 from pipeline.train import loss_kwargs_for, train_step  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
 
@@ -65,13 +80,103 @@ def write_config(root: Path, images: int, encoder: str, batch: int, device: str)
 
 def build_store(cfg) -> None:
     from pipeline.datasets import ensure_dataset
-    from pipeline.extract import extract_chunk, finalize_store, prepare_store
+    from pipeline.extract import extract_chunks, prepare_store
+    from pipeline.layout import finalize_store
 
     ensure_dataset(cfg.data)
-    store, reused = prepare_store(cfg, "train", encoder_for(cfg))
-    for chunk in store.pending_chunks():
-        extract_chunk(cfg, store.url, chunk)
+    store, reused = prepare_store(RunContext.of(cfg), "train")
+    extract_chunks(cfg, store.url, store.pending_chunks())
     finalize_store(store.url)
+
+
+def chunk_bytes(store, name: str) -> int:
+    """Compressed bytes of one array's chunk files: what a streamed epoch reads of it."""
+    return sum(p.stat().st_size for p in (Path(store.url) / name).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def data_paths(cfg, store, threads: int, batch: int) -> dict:
+    """The streaming loader against the read limit, and the bytes a 4-variant sweep reads per epoch."""
+    layers = cfg.decoder.layers_of("full")
+    # One thread's rate of read + decompress of whole chunks; best of two passes (the first warms the page cache).
+    per_pass = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for c in range(store.n_chunks):
+            store.read_chunk(c, layers)
+        per_pass.append(time.perf_counter() - t0)
+    read_s = min(per_pass)
+    loader = CachedBatches(store, layers, batch, cache_device="stream", flip_p=0.5, seed=0, read_workers=threads)
+    runs = []
+    for epoch in range(2):
+        t0 = time.perf_counter()
+        samples = sum(len(b.index) for b in loader.epoch(epoch))
+        runs.append(time.perf_counter() - t0)
+    stream_s = min(runs)
+    read_limit = threads * store.n / read_s
+    # Bytes per epoch: each pass reads every chunk of its layers, the CLS vectors and the targets once.
+    fixed = chunk_bytes(store, "cls") + chunk_bytes(store, "depth")
+    per_layer = {k: chunk_bytes(store, f"tokens/{layer_key(k)}") for k in store.layers}
+    variants = ["baseline", "film", "structural", "full"]
+    per_variant = {v: fixed + sum(per_layer[k] for k in cfg.decoder.layers_of(v)) for v in variants}
+    separate = sum(per_variant.values())
+    union = sorted(set().union(*(cfg.decoder.layers_of(v) for v in variants)))
+    shared = fixed + sum(per_layer[k] for k in union)
+    return {
+        "stream_samples_per_s": round(samples / stream_s, 2),
+        "read_limit_samples_per_s": round(read_limit, 2),
+        "stream_over_read_limit": round(samples / stream_s / read_limit, 3),
+        "single_thread_read_ms_per_sample": round(1000 * read_s / store.n, 3),
+        "stream_s_runs": [round(x, 3) for x in runs], "read_s_passes": [round(x, 3) for x in per_pass],
+        "layers": list(layers), "read_workers": threads, "batch_size": batch,
+        "bytes_read_per_epoch": {"separate_4_passes": separate, "shared_pass": shared,
+                                 "ratio": round(separate / shared, 3), "samples": store.n, "per_variant": per_variant,
+                                 "per_sample": {"separate": round(separate / store.n),
+                                                "shared": round(shared / store.n)}},
+    }
+
+
+def decoder_flops(variant: str, width: int, grid: int, target_hw) -> float:
+    """FLOPs of one training step of one sample (forward + backward ~ 3 x forward), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = SpaceClipDecoder(variant, width=width)
+    feats = {"tokens": {k: torch.randn(1, grid, grid, width) for k in model.layers}, "global": torch.randn(1, width)}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(feats, out_size=tuple(target_hw))
+    return 3.0 * counter.get_total_flops()
+
+
+def projection_h100(data: dict, width: int, grid: int, target_hw, epochs: int = 10, samples: int = 23_158) -> dict:
+    """The 4-variant x 10-epoch KITTI sweep on one H100, from the measured data paths; assumptions listed."""
+    peak, mfu, cores = 989e12, 0.25, 16
+    flops = {v: decoder_flops(v, width, grid, target_hw) for v in ("baseline", "film", "structural", "full")}
+    compute_s = sum(flops.values()) * samples * epochs / (peak * mfu)
+    per_core = data["read_limit_samples_per_s"] / data["read_workers"]
+    stream_rate = per_core * cores * data["stream_over_read_limit"]  # samples/s the loader feeds
+    ratio = data["bytes_read_per_epoch"]["ratio"]
+    data_shared_s = samples * epochs / stream_rate
+    data_separate_s = data_shared_s * ratio  # the separate passes read ratio x the bytes (decompress them, too)
+    # A pass is as slow as its slower side when loading and stepping overlap (prefetch, side-stream copies).
+    shared_s = max(compute_s, data_shared_s)
+    read = data["bytes_read_per_epoch"]
+    separate_s = sum(max(samples * epochs * f / (peak * mfu),
+                         data_shared_s * read["per_variant"][v] / read["shared_pass"]) for v, f in flops.items())
+    return {
+        "assumptions": {
+            "gpu": "H100 SXM, 989 TFLOP/s dense bf16 peak", "decoder_mfu": mfu,
+            "training_flops": "3 x forward FLOPs (torch FlopCounterMode, paper decoder at ViT-B/16 widths)",
+            "host_cores": cores, "stream_rate_per_core": "this machine's single-thread read + zstd rate",
+            "cache": "48.6 GB (7 layers fp16) does not fit half an 80 GB H100: streamed",
+            "variants_layers": "baseline/film 4 layers, structural/full 7", "extraction": "not included",
+        },
+        "train_flops_per_sample": {v: round(f / 1e9, 2) for v, f in flops.items()},  # GFLOP
+        "compute_h": round(compute_s / 3600, 2),
+        "stream_samples_per_s_16_cores": round(stream_rate),
+        "data_h_shared_pass": round(data_shared_s / 3600, 2),
+        "data_h_separate_passes": round(data_separate_s / 3600, 2),
+        "sweep_h_shared_pass": round(shared_s / 3600, 2),
+        "sweep_h_separate_passes": round(separate_s / 3600, 2),
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -90,12 +195,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=32, help="synthetic frames in the benchmark store")
     ap.add_argument("--encoder", default="clip-vit-b16-random")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=None, help="torch threads [torch's default]")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads and read workers [all cores]")
+    ap.add_argument("--data-only", action="store_true", help="only the data paths (no decoder steps)")
+    ap.add_argument("--stream-batch", type=int, default=16, help="batch size of the streaming-loader measure")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "spaceclip-bench-train"),
                     help="data + cache folder, reused across runs (the store is found again by fingerprint)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     cfg = load_config(write_config(root, args.images, args.encoder, args.batch_size, args.device))
@@ -104,7 +212,14 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     device = resolve_device(args.device)
     encoder = encoder_for(cfg).to(device)
-    store = open_for(cfg, "train", encoder)
+    store = RunContext.of(cfg).open_store("train")
+    data = data_paths(cfg, store, threads, args.stream_batch)
+    data["projection_h100"] = projection_h100(data, encoder.width, encoder.grid, store.group["depth"].shape[1:])
+    data["load_avg_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+    data["cpu_count"], data["store_samples"], data["chunk_size"] = os.cpu_count(), store.n, store.chunk_size
+    if args.data_only:
+        print(json.dumps(data, indent=1))
+        return
 
     torch.manual_seed(0)
     model = SpaceClipDecoder(args.variant, width=encoder.width).to(device)
@@ -117,12 +232,12 @@ def main() -> None:
 
     resident = CachedBatches(store, model.layers, args.batch_size, cache_device="auto", **kw)
     streamed = CachedBatches(store, model.layers, args.batch_size, cache_device="stream", **kw)
-    plan = plan_split(cfg, "train", encoder)
+    plan = plan_split(cfg, "train")
     images = ImageBatches(plan.index, encoder, model.layers, args.batch_size, split_file=cfg.data.train_split,
                           layout=cfg.data.layout, target_hw=plan.target_hw, chunk_size=cfg.cache.chunk_size,
                           **kw)
     first = resident.epoch(0)
-    fixed = batch_to(next(first), device)  # (b): one batch, kept in memory
+    fixed = next(first).to(device)  # (b): one batch, kept in memory
     first.close()
     loaders = {"decoder_only": None, "cached": resident, "cached_stream": streamed, "images": images}
     if len(resident) < args.warmup + args.steps:
@@ -178,6 +293,7 @@ def main() -> None:
         "store_build_s": build_s,
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "data_paths": data,
     }
     print(json.dumps(result, indent=2))
 

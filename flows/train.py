@@ -1,12 +1,13 @@
 """`train-decoders`: train decoder ablations from one feature cache.
 
-    fingerprint guard (train + val stores match the config) ──► train <variant>: one task per variant
-                                                                 └──► runs/<sweep>/<variant>/{last,best,history.csv}
+    fingerprint guard (train + val stores match the config) ──► train <variants>: one task per pass
+                                                              └──► runs/<sweep>/<variant>/{last,best,history.csv}
 
-Variants train `train.parallel` at a time (`pipeline.train.parallel_plan`: on a CPU one per core, on a GPU one):
-one at a time in the flow's process, several at once in the processes of a Dask LocalCluster (`train-parallel`),
-each with its share of the cores. A variant's result depends on its seed and its thread count only, not on what
-trains beside it.
+A task trains one pass (`pipeline.train.pass_plan`): one variant, or with `train.shared_pass` a group of variants
+that step on every batch read once (on a GPU by default all of them). Passes run `train.parallel` at a time
+(`pipeline.train.parallel_plan`: on a CPU one per core, on a GPU one): one at a time in the flow's process,
+several at once in the processes of a Dask LocalCluster (`train-parallel`), each with its share of the cores. A
+variant's result depends on its seed and its thread count only, not on what trains beside it or in its pass.
 """
 
 from __future__ import annotations
@@ -16,50 +17,57 @@ import dataclasses
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
+from prefect.runtime import task_run
 from prefect_dask import DaskTaskRunner
 from tqdm.auto import tqdm
 
 from flows.parameters import fail_run_on_user_error, run_config
 from pipeline.layout import RunContext
-from pipeline.train import HISTORY_NAME, check_cache, parallel_plan, read_history, train_variant
+from pipeline.train import HISTORY_NAME, check_cache, pass_plan, read_history, train_variants
 
 
-@task(cache_policy=NO_CACHE, task_run_name="train {variant}")
-def train_variant_task(ctx: RunContext, variant: str, resume: bool, progress: bool) -> str:
+def _pass_name() -> str:
+    return "train " + "+".join(task_run.parameters["variants"])
+
+
+@task(cache_policy=NO_CACHE, task_run_name=_pass_name)
+def train_pass_task(ctx: RunContext, variants: list[str], resume: bool, progress: bool) -> dict[str, str]:
     logger = get_run_logger()
 
-    def log_epoch(row: dict) -> None:
+    def log_epoch(variant: str, row: dict) -> None:
         logger.info("%s epoch %d: train loss %.4f, val AbsRel %.4f, RMSE %.3f, d1 %.3f, lr %.2e, %.1f s, "
                     "%.1f img/s, %d skipped", variant, row["epoch"], row["train_loss"], row["val_abs_rel"],
                     row["val_rmse"], row["val_d1"], row["lr"], row["seconds"], row["images_per_s"],
                     row["skipped_batches"])
 
-    result = train_variant(ctx, variant, resume=resume, progress=progress, on_epoch=log_epoch)
-    state = "already trained, skipped" if result.already_done else "trained"
-    logger.info("%s: %s; best val AbsRel %.4f at epoch %d -> %s", variant, state, result.best_abs_rel,
-                result.best_epoch, result.run_dir)
-    return str(result.run_dir)
+    results = train_variants(ctx, variants, resume=resume, progress=progress, on_epoch=log_epoch)
+    for variant, result in results.items():
+        state = "already trained, skipped" if result.already_done else "trained"
+        logger.info("%s: %s; best val AbsRel %.4f at epoch %d -> %s", variant, state, result.best_abs_rel,
+                    result.best_epoch, result.run_dir)
+    return {v: str(r.run_dir) for v, r in results.items()}
 
 
 @flow(name="train-parallel")
-def train_parallel(ctx: RunContext, resume: bool, progress: bool = False) -> dict[str, str]:
-    """Every variant of the config as its own task on the flow's (Dask) task runner. All of them run to their end
-    even when one fails (nothing trained is lost); then the first failure is raised."""
-    variants, epochs = ctx.cfg.train.variants, ctx.cfg.train.epochs
-    futures = {v: train_variant_task.submit(ctx, v, resume, False) for v in variants}
+def train_parallel(ctx: RunContext, groups: list[list[str]], resume: bool, progress: bool = False) -> dict[str, str]:
+    """Every pass as its own task on the flow's (Dask) task runner. All of them run to their end even when one
+    fails (nothing trained is lost); then the first failure is raised."""
+    variants, epochs = [v for g in groups for v in g], ctx.cfg.train.epochs
+    futures = [train_pass_task.submit(ctx, group, resume, False) for group in groups]
     # The workers' own bars would interleave; this one counts the epochs finished by all of them, from their
     # history.csv files (which each worker rewrites atomically after every epoch).
     epochs_done = lambda: sum(min(len(read_history(ctx.run_dir(v) / HISTORY_NAME)), epochs) for v in variants)
     with tqdm(total=len(variants) * epochs, initial=epochs_done() if resume else 0, desc="train",
               unit="epoch", disable=not progress) as bar:
-        pending = set(futures.values())
+        pending = set(futures)
         while pending:
             pending -= wait(list(pending), timeout=2).done
             bar.update(epochs_done() - bar.n)
-    failed = [f for f in futures.values() if f.state.is_failed() or f.state.is_crashed()]
+    failed = [f for f in futures if f.state.is_failed() or f.state.is_crashed()]
     if failed:
-        failed[0].result()  # raises the variant's own error
-    return {v: f.result() for v, f in futures.items()}
+        failed[0].result()  # raises the pass's own error
+    runs = {v: d for f in futures for v, d in f.result().items()}
+    return {v: runs[v] for v in variants}
 
 
 @flow(name="train-decoders")
@@ -80,12 +88,15 @@ def train_decoders(
         stores = check_cache(ctx)  # refuses a cache whose fingerprint does not match, saying what differs
         logger.info("training from cache: train %s, val %s", stores["train"], stores["val"])
     variants = ctx.cfg.train.variants
-    parallel, threads = parallel_plan(ctx.cfg.train, len(variants))
+    groups, parallel, threads = pass_plan(ctx.cfg.train, variants)
+    if any(len(g) > 1 for g in groups):
+        logger.info("shared pass: %s each read the data once", " / ".join("+".join(g) for g in groups))
     if parallel == 1:
-        return {variant: train_variant_task(ctx, variant, resume, progress) for variant in variants}
-    logger.info("training %d variants, %d at a time, %d torch thread(s) each", len(variants), parallel, threads)
+        runs = {v: d for group in groups for v, d in train_pass_task(ctx, group, resume, progress).items()}
+        return {v: runs[v] for v in variants}
+    logger.info("training %d passes, %d at a time, %d torch thread(s) each", len(groups), parallel, threads)
     train = ctx.cfg.train.model_copy(update={"parallel": parallel, "num_threads": threads})
     ctx = dataclasses.replace(ctx, cfg=ctx.cfg.model_copy(update={"train": train}))
     runner = DaskTaskRunner(cluster_kwargs=dict(n_workers=parallel, threads_per_worker=1, processes=True,
                                                 dashboard_address=None))
-    return train_parallel.with_options(task_runner=runner)(ctx, resume, progress)
+    return train_parallel.with_options(task_runner=runner)(ctx, groups, resume, progress)

@@ -78,6 +78,9 @@ class EncoderConfig(_Model):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
     batch_size: int = Field(8, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Threads that decode, view and preprocess frames ahead of the encoder in one extraction worker; None: the
+    # worker's share of the cores (`pipeline.extract.decode_workers_for`). Does not change the stored bytes.
+    decode_workers: int | None = Field(None, ge=1)
 
 
 class DecoderConfig(_Model):
@@ -201,6 +204,14 @@ class TrainConfig(_Model):
     # there are cores and variants (a narrow decoder keeps one core busy far better than it splits across two:
     # the demo's sweep runs 2x faster on 2 cores as 2 x 1 thread than as 1 x 2); on a GPU one.
     parallel: int | None = Field(None, ge=1)
+    # One pass over the data for several variants: each batch is read once and every variant takes its step on it,
+    # each with its own random stream (bit-identical to training it alone). None: on when one process trains
+    # several variants (a GPU: parallel = 1); off where variants train in parallel processes on a CPU, whose
+    # resident cache makes a read ~nothing beside a decoder step (BENCHMARKS.md, issue 14). True with parallel > 1:
+    # each process trains its group of variants in one pass.
+    shared_pass: bool | None = None
+    # Threads that read and decompress chunks ahead of a streaming loader (`cache_device: stream`). None: the cores.
+    read_workers: int | None = Field(None, ge=1)
 
     @field_validator("variants")
     @classmethod

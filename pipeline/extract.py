@@ -173,7 +173,7 @@ def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int
                 else:
                     mine.append(c)
             if mine:
-                results.update({c: extract_chunk(cfg, url, c, torch_threads) for c in mine})
+                results.update({r["chunk"]: r for r in extract_chunks(cfg, url, mine, torch_threads)})
     return [results[c] for c in chunks]
 
 
@@ -245,62 +245,121 @@ def resize_depth(depth: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return depth[rows[:, None], cols[None, :]]
 
 
-def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None) -> dict:
-    """Encode and write one chunk of a store. Image decoding runs in threads ahead of the encoder."""
+def decode_workers_for(cfg: Config) -> int:
+    """Threads that decode, view, preprocess and make targets for one extraction worker: `encoder.decode_workers`,
+    else the worker's share of the cores. Threads rather than processes: Pillow's decode and resize, numpy's
+    arithmetic and zstd release the GIL, and a process would ship every frame back (BENCHMARKS.md, issue 14)."""
+    return cfg.encoder.decode_workers or torch_threads_per_worker(cfg)
+
+
+def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None, encoder=None) -> dict:
+    """Encode and write one chunk of a store (the unit the flow maps over Dask workers)."""
+    return extract_chunks(cfg, url, [chunk], torch_threads, encoder)[0]
+
+
+def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None,
+                   encoder=None) -> list[dict]:
+    """Encode and write chunks of a store as one pipeline:
+
+        decode pool (`decode_workers_for`): image decode + view + preprocess + target, in sample order, running
+            up to a chunk and a batch ahead of the encoder
+        encoder: whole batches (`encoder.batch_size`) from that stream; on CUDA from pinned memory, copied
+            non-blocking, features copied back once per batch
+        writer thread: a finished chunk is converted, compressed and written (data, then its `done` flags) while
+            the next chunk decodes and encodes; at most one chunk waits to be written.
+
+    `encoder`: the frozen encoder (default `encoder_for(cfg)`), or any callable with its interface (the benchmark's
+    zero-cost stand-in). Returns one {"chunk", "samples", "skipped"} per chunk."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
     store = FeatureStore.open(url, mode="r+")
-    a, b = store.chunk_range(chunk)
-    rows = store.index().iloc[a:b]
-    encoder = encoder_for(cfg)
+    index = store.index()
+    encoder = encoder_for(cfg) if encoder is None else encoder
+    device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
+    cuda = device.type == "cuda"
     autocast = None if cfg.encoder.dtype == "float32" else getattr(torch, cfg.encoder.dtype)
     target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
-    layers = store.layers
-    bs = cfg.encoder.batch_size
-    n = b - a
-    skipped = np.zeros(n, bool)
-    reasons = [""] * n
+    layers, bs = store.layers, cfg.encoder.batch_size
     # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
     buf_dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
-    tokens = {k: torch.zeros(n, encoder.grid, encoder.grid, encoder.width, dtype=buf_dtype) for k in layers}
-    cls = torch.zeros(n, encoder.width, dtype=buf_dtype)
-    flipped = None
-    if store.has_flipped:  # views.flip = extract / pixel flip TTA: the mirrored image of every view, encoded too
-        flipped = ({k: torch.zeros_like(t) for k, t in tokens.items()}, torch.zeros_like(cls))
-    depth = np.zeros((n, *target_hw), np.float32) if target_hw else None
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(_load_row, store, row, encoder, cfg.data.layout, target_hw)
-                   for row in rows.itertuples()]
-        for start in range(0, n, bs):
-            batch_pixels, positions = [], []
-            for i in range(start, min(start + bs, n)):
-                try:
-                    pixels, d = futures[i].result()
-                except DatasetError as err:
-                    if cfg.data.on_error == "raise":
-                        raise
-                    skipped[i], reasons[i] = True, str(err)
-                    log.warning("skipping %s: %s", rows.iloc[i].id, err)
+    ranges = [store.chunk_range(c) for c in chunks]
+    rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
+    todo = [(c, i) for (a, b), c in zip(ranges, chunks) for i in range(a, b)]  # (chunk, sample) in order
+    ahead = store.chunk_size + bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
+
+    def encode(pixels: torch.Tensor) -> dict:
+        if cuda:  # pinned host memory: the copy does not block the host
+            pixels = pixels.pin_memory().to(device, non_blocking=True)
+        feats = encoder(pixels, layers, autocast_dtype=autocast)
+        out = {"tokens": {k: t.to(buf_dtype) for k, t in feats["tokens"].items()},
+               "global": feats["global"].to(buf_dtype)}
+        if cuda:  # one copy back per batch and one wait, not one synchronous copy per layer
+            out = {"tokens": {k: t.to("cpu", non_blocking=True) for k, t in out["tokens"].items()},
+                   "global": out["global"].to("cpu", non_blocking=True)}
+            torch.cuda.current_stream(device).synchronize()
+        return out
+
+    results = []
+    with ThreadPoolExecutor(max_workers=decode_workers_for(cfg), thread_name_prefix="decode") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
+        futures: dict[int, object] = {}
+        submitted = 0
+
+        def load(upto: int) -> None:
+            nonlocal submitted
+            for c, i in todo[submitted:min(upto, len(todo))]:
+                futures[i] = pool.submit(_load_row, store, rows[i], encoder, cfg.data.layout, target_hw)
+            submitted = max(submitted, min(upto, len(todo)))
+
+        writing = None
+        done_samples = 0
+        for chunk, (a, b) in zip(chunks, ranges):
+            n = b - a
+            skipped, reasons = np.zeros(n, bool), [""] * n
+            grid, width = encoder.grid, encoder.width
+            tokens = {k: torch.zeros(n, grid, grid, width, dtype=buf_dtype) for k in layers}
+            cls = torch.zeros(n, width, dtype=buf_dtype)
+            flipped = None
+            if store.has_flipped:  # views.flip = extract / pixel flip TTA: the mirrored image of every view, too
+                flipped = ({k: torch.zeros_like(t) for k, t in tokens.items()}, torch.zeros_like(cls))
+            depth = np.zeros((n, *target_hw), np.float32) if target_hw else None
+            for start in range(0, n, bs):
+                load(done_samples + start + bs + ahead)
+                batch_pixels, positions = [], []
+                for i in range(start, min(start + bs, n)):
+                    try:
+                        pixels, d = futures.pop(a + i).result()
+                    except DatasetError as err:
+                        if cfg.data.on_error == "raise":
+                            raise
+                        skipped[i], reasons[i] = True, str(err)
+                        log.warning("skipping %s: %s", rows[a + i].id, err)
+                        continue
+                    batch_pixels.append(pixels)
+                    positions.append(i)
+                    if depth is not None:
+                        depth[i] = d
+                if not positions:
                     continue
-                batch_pixels.append(pixels)
-                positions.append(i)
-                if depth is not None:
-                    depth[i] = d
-            if not positions:
-                continue
-            pixels = torch.stack(batch_pixels)  # (B, 3, S, S)
-            feats = encoder(pixels, layers, autocast_dtype=autocast)
-            for k in layers:
-                tokens[k][positions] = feats["tokens"][k].to("cpu", buf_dtype)
-            cls[positions] = feats["global"].to("cpu", buf_dtype)
-            if flipped is not None:
-                # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
-                feats = encoder(pixels.flip(-1), layers, autocast_dtype=autocast)
+                pixels = torch.stack(batch_pixels)  # (B, 3, S, S)
+                feats = encode(pixels)
                 for k in layers:
-                    flipped[0][k][positions] = feats["tokens"][k].to("cpu", buf_dtype)
-                flipped[1][positions] = feats["global"].to("cpu", buf_dtype)
-    store.write_chunk(chunk, tokens, cls, depth, skipped, reasons, flipped=flipped)
-    return {"chunk": chunk, "samples": n, "skipped": int(skipped.sum())}
+                    tokens[k][positions] = feats["tokens"][k]
+                cls[positions] = feats["global"]
+                if flipped is not None:
+                    # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
+                    feats = encode(pixels.flip(-1))
+                    for k in layers:
+                        flipped[0][k][positions] = feats["tokens"][k]
+                    flipped[1][positions] = feats["global"]
+            done_samples += n
+            if writing is not None:
+                writing.result()  # one chunk in flight: the previous write (and any error it raised) first
+            writing = writer.submit(store.write_chunk, chunk, tokens, cls, depth, skipped, reasons, flipped=flipped)
+            results.append({"chunk": chunk, "samples": n, "skipped": int(skipped.sum())})
+        if writing is not None:
+            writing.result()
+    return results
 
 
 def extract_splits(cfg: Config, splits=SPLITS) -> None:

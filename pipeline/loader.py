@@ -1,9 +1,10 @@
 """Batches for decoder training: from the feature cache (the fast path) or from images (the reference path).
 
     CachedBatches   Zarr store -> Batch(features={"tokens": {k: (B, g, g, C)}, "global": (B, C)},
-                    depth (B, H, W), index, flipped): only the layers the variant reads; whole-chunk reads;
-                    background prefetch; optionally the whole cache resident in RAM or on the GPU
-                    (`train.cache_device`).
+                    depth (B, H, W), index, flipped): only the layers the variant reads; the whole cache
+                    resident in RAM or on the GPU (`train.cache_device`), or streamed: whole-chunk reads,
+                    decompression and batch assembly in a pool of threads, chunks read ahead, batches pinned and
+                    copied to the GPU on a side stream.
     ImageBatches    the same batches, but images are decoded and the frozen encoder runs on every step. It is
                     the honest baseline the cache is measured against, and the place where pixel-space
                     augmentation (colour, rotation) could go.
@@ -24,10 +25,12 @@ this approximates flipping the image, which is what `ImageBatches` does.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -256,6 +259,8 @@ class CachedBatches(Batches):
         prefetch: int = 4,
         memory_budget: int | None = None,
         drop_last: bool = False,
+        read_workers: int | None = None,
+        read_ahead: int | None = None,
     ):
         usable = ~store.group["skipped"][:].astype(bool) if store.n else np.zeros(0, bool)
         super().__init__(store.n, store.chunk_size, layers, batch_size, train=train, flip_p=flip_p, seed=seed,
@@ -269,6 +274,11 @@ class CachedBatches(Batches):
         # A store extracted with views.flip = extract holds the mirrored images' features: flips use those.
         self.exact_flips = bool(train and self.flip_p > 0 and store.has_flipped)
         self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers), self.device, memory_budget)
+        # Streaming: threads that read + decompress chunks (zstd and the copies release the GIL) and assemble
+        # batches; chunks read ahead of the batch being assembled (default: a window more than the threads).
+        self.read_workers = read_workers or os.cpu_count() or 1
+        self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + shuffle_window
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._resident: dict | None = None
         if self.mode in ("cpu", "cuda"):
             self._resident = self._load_all(torch.device(self.mode))
@@ -304,7 +314,7 @@ class CachedBatches(Batches):
                     else None)
         features = flip_features({"tokens": data["tokens"], "global": data["global"]}, flipped, mirrored)
         depth = flip_targets(data["depth"], flipped) if "depth" in data else None
-        return Batch(features, depth, pos, flipped).to(self.device)
+        return self._to_device(Batch(features, depth, pos, flipped))
 
     def _produce(self, plan: EpochPlan, put) -> None:
         if self._resident is not None:
@@ -312,34 +322,94 @@ class CachedBatches(Batches):
                 if not put(self._finish([self._gather(self._resident, torch.from_numpy(pos))], pos, flips)):
                     return
             return
-        # Streaming: read a window of whole chunks, serve its samples, drop it. A batch that straddles two
-        # windows is assembled from both.
-        window_of = np.full(self.store.n, -1, np.int64)
-        row_in = np.zeros(self.store.n, np.int64)
-        for w, win in enumerate(plan.windows):
-            pos = np.concatenate([np.arange(*self.store.chunk_range(int(c))) for c in win])
-            window_of[pos], row_in[pos] = w, np.arange(len(pos))
-        loaded: dict[int, dict] = {}
-        for pos, flips in self._batches(plan):
-            wins = window_of[pos]
-            for w in np.unique(wins):
-                if w not in loaded:
-                    loaded[w] = self._read_chunks(plan.windows[w])
-            parts, start = [], 0
-            while start < len(pos):  # runs of one window, in batch order
-                end = start
-                while end < len(pos) and wins[end] == wins[start]:
-                    end += 1
-                parts.append(self._gather(loaded[wins[start]], torch.from_numpy(row_in[pos[start:end]])))
-                start = end
-            for w in [w for w in loaded if w < wins.min()]:
-                del loaded[w]
-            if not put(self._finish(parts, pos, flips)):
-                return
+        self._stream(plan, put)
+
+    def _stream(self, plan: EpochPlan, put) -> None:
+        """The epoch's chunks, in visiting order, read and decompressed by `read_workers` threads, up to
+        `read_ahead` chunks beyond those the current batch needs; each batch assembled in the same pool once its
+        chunks are in, handed out in order; a chunk dropped after the last batch that uses it."""
+        cs = self.store.chunk_size
+        batches = list(self._batches(plan))
+        last_use = {int(c): b for b, (pos, _) in enumerate(batches) for c in np.unique(pos // cs)}
+        order = [int(c) for win in plan.windows for c in win if int(c) in last_use]  # chunks with a usable sample
+        rank = {c: i for i, c in enumerate(order)}
+        reads: dict[int, Future] = {}
+        assembled: deque[Future] = deque()
+        submitted = 0
+        pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="chunk-read")
+        try:
+            for b, (pos, flips) in enumerate(batches):
+                need = [int(c) for c in np.unique(pos // cs)]
+                horizon = min(max(rank[c] for c in need) + 1 + self.read_ahead, len(order))
+                for c in order[submitted:horizon]:
+                    reads[c] = pool.submit(self.store.read_chunk, c, self.layers, flipped=self.exact_flips)
+                submitted = max(submitted, horizon)
+                parts = {c: reads[c].result() for c in need}
+                for c in need:
+                    if last_use[c] == b:
+                        del reads[c]
+                assembled.append(pool.submit(self._assemble, parts, pos, flips))
+                while assembled and (assembled[0].done() or len(assembled) > self.prefetch):
+                    if not put(assembled.popleft().result()):
+                        return
+            while assembled:
+                if not put(assembled.popleft().result()):
+                    return
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _assemble(self, parts: dict[int, dict], pos: np.ndarray, flips: np.ndarray):
+        """One streamed batch from its chunks' reads: each sample's rows copied once into the batch (pinned when
+        training on CUDA), mirrored on the way where flipped: the values `_finish` gives a resident batch."""
+        pin = self.device.type == "cuda"
+        first = next(iter(parts.values()))
+        rows = lambda t: torch.empty((len(pos), *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
+        tokens = {k: rows(first["tokens"][k]) for k in self.layers}  # (B, g, g, C)
+        glob = rows(first["global"])  # (B, C)
+        depth = rows(first["depth"]) if "depth" in first else None  # (B, H, W)
+        cs = self.store.chunk_size
+        for j, (p, flip) in enumerate(zip(pos, flips)):
+            data, r = parts[int(p) // cs], int(p) % cs
+            mirror = flip and not self.exact_flips  # a feature-space flip: the grid along its width
+            source = "flipped_" if flip and self.exact_flips else ""  # the mirrored image's own features
+            for k in self.layers:
+                t = data[source + "tokens"][k][r]  # (g, g, C)
+                tokens[k][j] = t.flip(1) if mirror else t
+            glob[j] = data[source + "global"][r]
+            if depth is not None:
+                depth[j] = data["depth"][r].flip(1) if flip else data["depth"][r]
+        return self._to_device(Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy())))
+
+    def _to_device(self, batch: Batch):
+        """On CUDA the copy runs on a side stream, so it overlaps the training step; `epoch` makes the consumer's
+        stream wait for it."""
+        if self._copy_stream is None:
+            return batch.to(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            moved = batch.to(self.device)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        return moved, event
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan(epoch)
-        return _prefetched(lambda put: self._produce(plan, put), self.prefetch)
+        items = _prefetched(lambda put: self._produce(plan, put), self.prefetch)
+        if self._copy_stream is None:
+            return items
+        return self._on_current_stream(items)
+
+    def _on_current_stream(self, items) -> Iterator[Batch]:
+        for item in items:
+            if isinstance(item, Batch):  # made on the default stream (resident on the GPU)
+                yield item
+                continue
+            batch, event = item
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for t in [*batch.features["tokens"].values(), batch.features["global"], batch.depth, batch.flipped]:
+                if t is not None and t.is_cuda:
+                    t.record_stream(stream)  # the allocator must not reuse them while this stream reads them
+            yield batch
 
 
 def _concat(parts: list[dict], layers: Sequence[int]) -> dict:

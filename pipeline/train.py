@@ -12,6 +12,9 @@ StepLR: x0.5 every 2 epochs) or `cosine_warmup` (torch's LinearLR warm-up then C
 step), grad-norm clip, non-finite or empty batches skipped and counted, optional EMA (torch's AveragedModel).
 `best/` is chosen on validation AbsRel (a split carved from train by drive), never on test. A run whose `epochs` are
 reached is skipped; a killed run resumes from its last epoch.
+
+`train_variants(ctx, variants)` trains several variants in one pass over the data (`train.shared_pass`): every
+batch is read once and each variant steps on it with its own random stream, bit-identical to training it alone.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -116,6 +120,20 @@ def parallel_plan(tc: TrainConfig, n_variants: int, cores: int | None = None) ->
     return parallel, tc.num_threads or max(1, cores // parallel)
 
 
+def pass_plan(tc: TrainConfig, variants: list[str], cores: int | None = None) -> tuple[list[list[str]], int, int]:
+    """(variant groups, groups trained at once, torch threads each). Each group is one pass over the data
+    (`train_variants`): `train.shared_pass`, by default on where one process trains all variants (`parallel_plan`
+    gives 1: a GPU); off where variants train in parallel processes on a CPU (each variant its own group), where a
+    read from the resident cache is ~nothing beside a decoder step and single-variant tasks balance unequal
+    variants across the workers (BENCHMARKS.md, issue 14). shared_pass=True with parallel > 1: `parallel` groups,
+    variants dealt round-robin."""
+    parallel, threads = parallel_plan(tc, len(variants), cores)
+    shared = tc.shared_pass if tc.shared_pass is not None else parallel == 1
+    if not shared or len(variants) == 1:
+        return [[v] for v in variants], parallel, threads
+    return [list(variants[i::parallel]) for i in range(parallel)], parallel, threads
+
+
 @contextlib.contextmanager
 def determinism(device: torch.device, threads: int | None):
     """Deterministic kernels on the CPU (for a fixed seed and thread count a run is repeatable bit for bit);
@@ -155,6 +173,7 @@ def build_sources(ctx: RunContext, layers, device: torch.device) -> Sources:
     fingerprints = {split: ctx.fingerprint(split) for split in ("train", "val")}
     if tc.feature_source == "cache":
         stores = {split: ctx.open_store(split) for split in ("train", "val")}
+        common["read_workers"] = tc.read_workers
         if (tc.parallel or 1) > 1 and device.type == "cpu":  # concurrent trainings share the RAM budget
             import psutil
 
@@ -187,40 +206,44 @@ def median_target_depth(loader: Batches, depth_range: tuple[float, float], max_s
     return round(float(np.median(valid)), 3)
 
 
-def recompute_bn(model: torch.nn.Module, loader, epoch: int, batches: int) -> None:
-    """`train.bn_recompute`: BatchNorm running statistics recomputed over `batches` training batches (a plain
-    average, torch's `update_bn`) before validation and checkpointing. With a large learning rate the momentum-0.1
-    running averages trail the weights by several steps, so an eval-mode decoder (FiLM variants most: gamma * x
-    rescales the tokens) can predict a different scale than it trains with; seen on the demo as validation AbsRel
-    jumping 0.9 -> 3.0 -> 0.3 between epochs while the training loss fell smoothly."""
-    from itertools import islice
-
+def recompute_bn(model: torch.nn.Module, batches: Iterable[Batch]) -> None:
+    """`train.bn_recompute`: BatchNorm running statistics recomputed over the first training batches of the epoch
+    (a plain average, torch's `update_bn`) before validation and checkpointing. With a large learning rate the
+    momentum-0.1 running averages trail the weights by several steps, so an eval-mode decoder (FiLM variants most:
+    gamma * x rescales the tokens) can predict a different scale than it trains with; seen on the demo as validation
+    AbsRel jumping 0.9 -> 3.0 -> 0.3 between epochs while the training loss fell smoothly."""
     from torch.optim.swa_utils import update_bn
 
-    update_bn(islice(loader.epoch(epoch), batches), model)
+    update_bn(batches, model)
 
 
 # ---- validation -----------------------------------------------------------------------------------------------
-@torch.inference_mode()
 def validate(model: torch.nn.Module, loader: Batches, depth_range: tuple[float, float], autocast: bool = False) -> dict:
     """Mean per-image metrics over the loader's samples: prediction at the target size, valid pixels only, no
     crop, no median scaling (the one metrics function, as everywhere)."""
-    model.eval()
+    return validate_many([model], loader, depth_range, autocast)[0]
+
+
+@torch.inference_mode()
+def validate_many(models: list[torch.nn.Module], loader: Batches, depth_range: tuple[float, float],
+                  autocast: bool = False) -> list[dict]:
+    """`validate` of several models in one pass over the loader (a shared pass validates all its variants)."""
+    for model in models:
+        model.eval()
     lo, hi = depth_range
-    rows = []
+    rows: list[list[dict]] = [[] for _ in models]
     for batch in loader.epoch(0):
         gt = batch.depth  # (B, H, W)
-        with torch.autocast(gt.device.type, dtype=torch.bfloat16, enabled=autocast):
-            pred = model(batch.features, out_size=tuple(gt.shape[-2:]))["depth"][:, 0]  # (B, H, W)
-        pred, gt = pred.float().cpu().numpy(), gt.cpu().numpy()
-        for p, g in zip(pred, gt):
-            try:
-                rows.append(compute_metrics(p, g, crop="none", min_depth=lo, max_depth=hi))
-            except ValueError:  # no valid pixel in this target: nothing to measure
-                continue
-    if not rows:
-        return {k: float("nan") for k in METRIC_KEYS}
-    return mean_metrics(rows)
+        gt_np = gt.cpu().numpy()
+        for model, out in zip(models, rows):
+            with torch.autocast(gt.device.type, dtype=torch.bfloat16, enabled=autocast):
+                pred = model(batch.features, out_size=tuple(gt.shape[-2:]))["depth"][:, 0]  # (B, H, W)
+            for p, g in zip(pred.float().cpu().numpy(), gt_np):
+                try:
+                    out.append(compute_metrics(p, g, crop="none", min_depth=lo, max_depth=hi))
+                except ValueError:  # no valid pixel in this target: nothing to measure
+                    continue
+    return [mean_metrics(r) if r else {k: float("nan") for k in METRIC_KEYS} for r in rows]
 
 
 # ---- files ------------------------------------------------------------------------------------------------------
@@ -307,9 +330,46 @@ def train_variant(
 ) -> TrainResult:
     """Train (or resume, or skip when finished) one decoder variant. `on_epoch(row)` is called after each epoch's
     files are written, with the history row (the flow logs it; tests use it to simulate a kill)."""
+    hook = None if on_epoch is None else (lambda _variant, row: on_epoch(row))
+    return train_variants(ctx, [variant], resume=resume, progress=progress, on_epoch=hook)[variant]
+
+
+def train_variants(
+    ctx: RunContext | Config,
+    variants: list[str],
+    *,
+    resume: bool = True,
+    progress: bool = False,
+    on_epoch: Callable[[str, dict], None] | None = None,
+) -> dict[str, TrainResult]:
+    """Train several variants in one pass over the data (`train.shared_pass`): each batch is read once and every
+    variant takes its optimiser step on it in turn. Each keeps its own model, optimiser, schedule, EMA, run folder
+    and random stream, so its checkpoints and history are bit-identical to training it alone (`train_variant`),
+    timing columns aside. Variants resumed at different epochs join the pass at their own epoch.
+    `on_epoch(variant, row)` after each variant's epoch files are written. Returns {variant: result}."""
     ctx = RunContext.of(ctx)
+    device = resolve_device(ctx.cfg.train.device)
+    opened = {v: open_run(ctx, v, resume) for v in dict.fromkeys(variants)}
+    results = {v: r for v, r in opened.items() if isinstance(r, TrainResult)}
+    todo = [r for r in opened.values() if not isinstance(r, TrainResult)]
+    if todo:
+        with determinism(device, ctx.cfg.train.num_threads):
+            results.update(_train(ctx, todo, device, progress, on_epoch))
+    return {v: results[v] for v in opened}
+
+
+@dataclass
+class OpenRun:
+    variant: str
+    out: Path
+    state: dict | None  # train_state.pt of the run to resume, None to start afresh
+    meta: dict  # what the saved state must match
+
+
+def open_run(ctx: RunContext, variant: str, resume: bool) -> OpenRun | TrainResult:
+    """A variant's run folder, ready to train: the saved state to resume from (checked against this config), or an
+    emptied folder (`resume=False`); a `TrainResult` when the run had already reached its epochs."""
     cfg, tc = ctx.cfg, ctx.cfg.train
-    device = resolve_device(tc.device)
     out = ctx.run_dir(variant)
     state_path = out / STATE_NAME
     meta = {"variant": variant, "cache_fingerprint": ctx.fingerprint("train"), "feature_source": tc.feature_source,
@@ -337,17 +397,60 @@ def train_variant(
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-
-    with determinism(device, tc.num_threads):
-        return _train(ctx, variant, device, out, state, meta, progress, on_epoch)
+    return OpenRun(variant, out, state, meta)
 
 
-def _train(ctx: RunContext, variant, device, out, state, meta, progress, on_epoch) -> TrainResult:
+@dataclass
+class _Run:
+    """One variant inside a pass: everything that is its own, the random stream included."""
+
+    variant: str
+    out: Path
+    meta: dict
+    model: SpaceClipDecoder
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    ema: AveragedModel | None
+    rng: dict  # {"cpu": state[, "cuda": [states]]}: torch's generators as this variant left them
+    ckpt_extra: dict = field(default_factory=dict)
+    start: int = 0  # epochs done before this call
+    best_abs_rel: float = float("inf")
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    # the current epoch's running sums
+    loss_sum: float = 0.0
+    images: int = 0
+    skipped: int = 0
+    lr: float = 0.0
+    busy_s: float = 0.0  # seconds in this variant's own steps
+
+    def batch_view(self, batch: Batch) -> Batch:
+        """The batch with only the layers this variant reads (a pass reads the union of its variants' layers)."""
+        tokens = batch.features["tokens"]
+        return batch._replace(features={"tokens": {k: tokens[k] for k in self.model.layers},
+                                        "global": batch.features["global"]})
+
+
+@contextlib.contextmanager
+def own_random_stream(run: _Run):
+    """Torch's global generators set to this variant's stream for the block, and its stream kept afterwards.
+    nn.Dropout draws its Bernoulli masks from the global generator (a module takes no generator of its own), so
+    variants that share a pass swap generator states: each then draws exactly what it would draw alone."""
+    torch.set_rng_state(run.rng["cpu"])
+    if "cuda" in run.rng:
+        torch.cuda.set_rng_state_all(run.rng["cuda"])
+    try:
+        yield
+    finally:
+        run.rng["cpu"] = torch.get_rng_state()
+        if "cuda" in run.rng:
+            run.rng["cuda"] = torch.cuda.get_rng_state_all()
+
+
+def _start_run(ctx: RunContext, opened: OpenRun, sources: Sources, head_bias, device, steps: int) -> _Run:
     cfg, tc = ctx.cfg, ctx.cfg.train
     cuda = device.type == "cuda"
-    depth_range = cfg.data.depth_range
-    sources = build_sources(ctx, cfg.decoder.layers_of(variant), device)
-    head_bias = median_target_depth(sources.train, depth_range) if cfg.decoder.init_depth == "median" else None
+    variant, state, out = opened.variant, opened.state, opened.out
     torch.manual_seed(tc.seed)
     model = SpaceClipDecoder(variant, width=ctx.encoder_identity["width"], head_bias=head_bias,
                              **cfg.decoder.kwargs())
@@ -355,15 +458,14 @@ def _train(ctx: RunContext, variant, device, out, state, meta, progress, on_epoc
         model = model.to(device, memory_format=torch.channels_last)
     if sources.width != model.width:
         raise RunError(f"the cache holds {sources.width}-channel features but the encoder has width {model.width}")
-    steps = len(sources.train)
     if steps == 0:
         raise RunError(f"{variant}: the train split has no usable samples")
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = lr_scheduler(optimizer, tc, steps)
     ema = ema_of(model, tc.ema) if tc.ema else None
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if cuda else {})}
+    run = _Run(variant, out, opened.meta, model, optimizer, scheduler, ema, rng)
 
-    start, best_abs_rel, best_epoch = 0, float("inf"), 0
-    history: list[dict] = []
     if state is not None:
         model.load_state_dict(state["model"])
         if "scheduler" not in state:  # saved before the scheduler's state was: replay the steps it had taken
@@ -378,17 +480,18 @@ def _train(ctx: RunContext, variant, device, out, state, meta, progress, on_epoc
             if "ema" not in state:
                 raise RunError(f"{out / STATE_NAME} has no EMA weights but train.ema is set; resume=False to restart")
             ema.module.load_state_dict(state["ema"])
-        torch.set_rng_state(state["torch_rng"])
+        run.rng["cpu"] = state["torch_rng"]
         if cuda and "cuda_rng" in state:
-            torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
-        start, best_abs_rel, best_epoch = int(state["epoch"]), float(state["best_abs_rel"]), int(state["best_epoch"])
-        history = [r for r in read_history(out / HISTORY_NAME) if r["epoch"] <= start]
-        log.info("%s: resuming after epoch %d of %d from %s", variant, start, tc.epochs, out)
+            run.rng["cuda"] = list(state["cuda_rng"])
+        run.start, run.best_abs_rel, run.best_epoch = (int(state["epoch"]), float(state["best_abs_rel"]),
+                                                       int(state["best_epoch"]))
+        run.history = [r for r in read_history(out / HISTORY_NAME) if r["epoch"] <= run.start]
+        log.info("%s: resuming after epoch %d of %d from %s", variant, run.start, tc.epochs, out)
 
-    ckpt_extra = {
+    run.ckpt_extra = {
         "variant": variant, "encoder": ctx.encoder_identity, "cache_fingerprint": sources.fingerprints["train"],
         "val_fingerprint": sources.fingerprints["val"], "feature_source": tc.feature_source,
-        "target_size": list(sources.target_hw), "depth_range": list(depth_range), "config": dump_config(cfg),
+        "target_size": list(sources.target_hw), "depth_range": list(cfg.data.depth_range), "config": dump_config(cfg),
     }
     if sources.val.n_usable == 0:
         log.warning("%s: the validation split is empty (data.val_fraction = %s); best/ will follow last/", variant,
@@ -396,69 +499,109 @@ def _train(ctx: RunContext, variant, device, out, state, meta, progress, on_epoc
     log.info("%s: %d parameters, layers %s, %d steps/epoch of %d on %s, source %s (%s)", variant,
              model.count_parameters(), list(model.layers), steps, tc.batch_size, device, tc.feature_source,
              sources.train.mode)
+    return run
+
+
+def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -> dict[str, TrainResult]:
+    cfg, tc = ctx.cfg, ctx.cfg.train
+    cuda = device.type == "cuda"
+    depth_range = cfg.data.depth_range
+    # The pass reads the union of the variants' layers once; each variant is handed the layers it reads.
+    layers = sorted(set().union(*(cfg.decoder.layers_of(o.variant) for o in opened)))
+    sources = build_sources(ctx, layers, device)
+    head_bias = median_target_depth(sources.train, depth_range) if cfg.decoder.init_depth == "median" else None
+    steps = len(sources.train)
+    runs = [_start_run(ctx, o, sources, head_bias, device, steps) for o in opened]
     loss_kwargs = loss_kwargs_for(cfg)
 
-    for epoch in range(start, tc.epochs):
-        model.train()
+    for epoch in range(min(r.start for r in runs), tc.epochs):
+        active = [r for r in runs if r.start <= epoch]
+        for r in active:
+            r.model.train()
+            r.loss_sum, r.images, r.skipped, r.lr, r.busy_s = 0.0, 0, 0, tc.lr, 0.0
         t0 = time.perf_counter()
-        loss_sum, images, skipped, lr = 0.0, 0, 0, tc.lr
-        bar = tqdm(total=steps, desc=f"{variant} epoch {epoch + 1}/{tc.epochs}", unit="step", disable=not progress,
-                   leave=False)
+        bar = tqdm(total=steps, desc=f"{'+'.join(r.variant for r in active)} epoch {epoch + 1}/{tc.epochs}",
+                   unit="step", disable=not progress, leave=False)
         for batch in sources.train.epoch(epoch):
-            lr = optimizer.param_groups[0]["lr"]
-            value = train_step(model, optimizer, batch, loss_kwargs, tc.grad_clip, ema)
-            scheduler.step()  # every batch, a skipped one too: the rate follows the step count
+            losses = {}
+            for r in active:
+                t = time.perf_counter()
+                with own_random_stream(r):
+                    r.lr = r.optimizer.param_groups[0]["lr"]
+                    value = train_step(r.model, r.optimizer, r.batch_view(batch), loss_kwargs, tc.grad_clip, r.ema)
+                    r.scheduler.step()  # every batch, a skipped one too: the rate follows the step count
+                r.busy_s += time.perf_counter() - t
+                if value is None:
+                    r.skipped += 1
+                    continue
+                n = batch.depth.shape[0]
+                r.loss_sum, r.images = r.loss_sum + value * n, r.images + n
+                losses[r.variant] = f"{value:.3f}"
             bar.update(1)
-            if value is None:
-                skipped += 1
-                continue
-            n = batch.depth.shape[0]
-            loss_sum, images = loss_sum + value * n, images + n
-            bar.set_postfix(loss=f"{value:.3f}")
+            bar.set_postfix(losses)
         bar.close()
-        train_s = time.perf_counter() - t0
+        # Each variant's training time: its own steps plus an equal share of the waits for data.
+        wait_s = max(time.perf_counter() - t0 - sum(r.busy_s for r in active), 0.0) / len(active)
 
-        eval_model, weights = (ema.module, "ema") if ema is not None else (model, "raw")
         t1 = time.perf_counter()
         if tc.bn_recompute:
-            for m in [model] + ([ema.module] if ema is not None else []):
-                recompute_bn(m, sources.train, epoch, tc.bn_recompute)
-        metrics = validate(eval_model, sources.val, depth_range, autocast=cuda)
-        if ema is not None and tc.ema_select == "better":  # the release's eval_both_for_best: raw and EMA validated,
-            raw_metrics = validate(model, sources.val, depth_range, autocast=cuda)  # EMA kept only if strictly better
-            if not metrics["abs_rel"] < raw_metrics["abs_rel"]:
-                eval_model, metrics, weights = model, raw_metrics, "raw"
-        val_s = time.perf_counter() - t1
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / images if images else float("nan"),
-               **{f"val_{k}": metrics[k] for k in VAL_KEYS}, "lr": lr, "seconds": train_s + val_s,
-               "val_seconds": val_s, "images_per_s": images / train_s if train_s > 0 else 0.0,
-               "skipped_batches": skipped}
-        history.append(row)
+            bn_batches = list(islice(sources.train.epoch(epoch), tc.bn_recompute))  # read once for all
+            for r in active:
+                with own_random_stream(r):  # train-mode forwards: dropout draws
+                    for m in [r.model] + ([r.ema.module] if r.ema is not None else []):
+                        recompute_bn(m, bn_batches)
+        # (run, model, weights) to validate: the EMA weights or the raw ones, and with ema_select=better both (the
+        # release's eval_both_for_best: EMA kept only if strictly better). One pass over the val split for all.
+        candidates = []
+        for r in active:
+            candidates.append((r, r.model, "raw") if r.ema is None else (r, r.ema.module, "ema"))
+            if r.ema is not None and tc.ema_select == "better":
+                candidates.append((r, r.model, "raw"))
+        scores = validate_many([m for _, m, _ in candidates], sources.val, depth_range, autocast=cuda)
+        val_s = (time.perf_counter() - t1) / len(active)
 
-        # Files, in an order that a kill at any point resumes from: checkpoints, history, then the state.
-        extra = {**ckpt_extra, "epoch": epoch + 1, "val_metric": {"name": "abs_rel", "value": metrics["abs_rel"]},
-                 "val_metrics": metrics, "weights": weights}
-        save_checkpoint(eval_model, out / "last", extra)
-        abs_rel = metrics["abs_rel"]
-        if not math.isfinite(abs_rel) or abs_rel < best_abs_rel:  # no validation pixels: best follows last
-            best_abs_rel, best_epoch = (abs_rel if math.isfinite(abs_rel) else best_abs_rel), epoch + 1
-            save_checkpoint(eval_model, out / "best", extra)
-        write_history(out / HISTORY_NAME, history)
-        state = {
-            "meta": json.dumps(meta), "epoch": epoch + 1, "best_abs_rel": best_abs_rel, "best_epoch": best_epoch,
-            "model": _cpu_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        if ema is not None:
-            state["ema"] = _cpu_state(ema.module)
-        if cuda:
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        save_state(out / STATE_NAME, state)
-        log.info("%s epoch %d/%d: train loss %.4f, val AbsRel %.4f RMSE %.3f d1 %.3f, lr %.2e, %.1f s, %.1f img/s, "
-                 "%d skipped%s%s", variant, epoch + 1, tc.epochs, row["train_loss"], metrics["abs_rel"],
-                 metrics["rmse"], metrics["d1"], lr, row["seconds"], row["images_per_s"], skipped,
-                 f", {weights} weights" if ema is not None else "", " (best)" if best_epoch == epoch + 1 else "")
-        if on_epoch is not None:
-            on_epoch(row)
+        for r in active:
+            (eval_model, weights, metrics), *others = [(m, w, s) for (run, m, w), s in zip(candidates, scores)
+                                                       if run is r]
+            for model, w, s in others:
+                if not metrics["abs_rel"] < s["abs_rel"]:
+                    eval_model, weights, metrics = model, w, s
+            train_s = r.busy_s + wait_s
+            row = {"epoch": epoch + 1, "train_loss": r.loss_sum / r.images if r.images else float("nan"),
+                   **{f"val_{k}": metrics[k] for k in VAL_KEYS}, "lr": r.lr, "seconds": train_s + val_s,
+                   "val_seconds": val_s, "images_per_s": r.images / train_s if train_s > 0 else 0.0,
+                   "skipped_batches": r.skipped}
+            r.history.append(row)
+            _save_epoch(r, epoch, eval_model, weights, metrics, cuda)
+            log.info("%s epoch %d/%d: train loss %.4f, val AbsRel %.4f RMSE %.3f d1 %.3f, lr %.2e, %.1f s, "
+                     "%.1f img/s, %d skipped%s%s", r.variant, epoch + 1, tc.epochs, row["train_loss"],
+                     metrics["abs_rel"], metrics["rmse"], metrics["d1"], r.lr, row["seconds"], row["images_per_s"],
+                     r.skipped, f", {weights} weights" if r.ema is not None else "",
+                     " (best)" if r.best_epoch == epoch + 1 else "")
+            if on_epoch is not None:
+                on_epoch(r.variant, row)
 
-    return TrainResult(variant, out, tc.epochs, best_epoch, best_abs_rel, history=history)
+    return {r.variant: TrainResult(r.variant, r.out, tc.epochs, r.best_epoch, r.best_abs_rel, history=r.history)
+            for r in runs}
+
+
+def _save_epoch(r: _Run, epoch: int, eval_model, weights: str, metrics: dict, cuda: bool) -> None:
+    """Files, in an order that a kill at any point resumes from: checkpoints, history, then the state."""
+    extra = {**r.ckpt_extra, "epoch": epoch + 1, "val_metric": {"name": "abs_rel", "value": metrics["abs_rel"]},
+             "val_metrics": metrics, "weights": weights}
+    save_checkpoint(eval_model, r.out / "last", extra)
+    abs_rel = metrics["abs_rel"]
+    if not math.isfinite(abs_rel) or abs_rel < r.best_abs_rel:  # no validation pixels: best follows last
+        r.best_abs_rel, r.best_epoch = (abs_rel if math.isfinite(abs_rel) else r.best_abs_rel), epoch + 1
+        save_checkpoint(eval_model, r.out / "best", extra)
+    write_history(r.out / HISTORY_NAME, r.history)
+    state = {
+        "meta": json.dumps(r.meta), "epoch": epoch + 1, "best_abs_rel": r.best_abs_rel, "best_epoch": r.best_epoch,
+        "model": _cpu_state(r.model), "optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict(),
+        "torch_rng": r.rng["cpu"],
+    }
+    if r.ema is not None:
+        state["ema"] = _cpu_state(r.ema.module)
+    if cuda:
+        state["cuda_rng"] = r.rng["cuda"]
+    save_state(r.out / STATE_NAME, state)

@@ -191,3 +191,35 @@ def test_exact_flips_take_the_mirrored_images_features(tmp_path):
         assert 0 < n_flipped < n
     # Validation never flips, so it never reads the mirrored copies.
     assert not CachedBatches(st, (1, 3), batch_size=4, train=False).exact_flips
+
+
+@pytest.mark.parametrize("workers, ahead", [(1, 0), (3, 1), (4, 50)])
+def test_streaming_pool_gives_the_resident_batches(store, workers, ahead):
+    """Reads, decompression and batch assembly in a pool, any number of chunks ahead: the same batches, in the
+    same order, as the resident cache."""
+    kw = dict(batch_size=5, flip_p=0.5, seed=4, shuffle_window=2)
+    streamed = CachedBatches(store, LAYERS, cache_device="stream", read_workers=workers, read_ahead=ahead, **kw)
+    a, b = collect(streamed, 2), collect(CachedBatches(store, LAYERS, cache_device="cpu", **kw), 2)
+    assert len(a) == len(b) == len(streamed)
+    for x, y in zip(a, b):
+        assert np.array_equal(x.index, y.index) and torch.equal(x.flipped, y.flipped)
+        assert all(torch.equal(x.features["tokens"][k], y.features["tokens"][k]) for k in LAYERS)
+        assert torch.equal(x.depth, y.depth) and torch.equal(x.features["global"], y.features["global"])
+
+
+def test_streaming_stops_early_and_reraises_a_read_error(store, monkeypatch):
+    loader = CachedBatches(store, (2,), batch_size=2, cache_device="stream", read_workers=2, read_ahead=2)
+    it = loader.epoch(0)
+    next(it)
+    it.close()  # leaving early: the producer and its pool wind down (no hang)
+    calls = []
+
+    def broken(c, *args, **kwargs):
+        calls.append(c)
+        if len(calls) == 3:
+            raise OSError("chunk file unreadable")
+        return FeatureStore.read_chunk(store, c, *args, **kwargs)
+
+    monkeypatch.setattr(store, "read_chunk", broken)
+    with pytest.raises(OSError, match="chunk file unreadable"):
+        collect(loader)
