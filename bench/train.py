@@ -115,7 +115,7 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
     read_limit = threads * store.n / read_s
     # Bytes per epoch: each pass reads every chunk of its layers, the CLS vectors and the targets once.
     fixed = chunk_bytes(store, "cls") + chunk_bytes(store, "depth")
-    per_layer = {k: chunk_bytes(store, f"tokens/{layer_key(k)}") for k in store.layers}
+    per_layer = {k: chunk_bytes(store, layer_key(k)) for k in store.layers}
     variants = ["baseline", "film", "structural", "full"]
     per_variant = {v: fixed + sum(per_layer[k] for k in cfg.decoder.layers_of(v)) for v in variants}
     separate = sum(per_variant.values())
