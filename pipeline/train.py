@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, TrainConfig, dump_config
 from pipeline.extract import plan_split
-from pipeline.layout import RunContext, RunError, replaced_atomically, resolve_device, run_dir
+from pipeline.layout import RunContext, RunError, locked_run_dirs, replaced_atomically, resolve_device, run_dir
 from pipeline.loader import CPU_BUDGET_FRACTION, Batch, Batches, CachedBatches, ImageBatches
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.losses import depth_loss
@@ -348,6 +348,12 @@ def train_variants(
     timing columns aside. Variants resumed at different epochs join the pass at their own epoch.
     `on_epoch(variant, row)` after each variant's epoch files are written. Returns {variant: result}."""
     ctx = RunContext.of(ctx)
+    with locked_run_dirs([ctx.run_dir(v) for v in dict.fromkeys(variants)]):  # one training per run folder
+        return _train_variants(ctx, variants, resume=resume, progress=progress, on_epoch=on_epoch)
+
+
+def _train_variants(ctx: RunContext, variants: list[str], *, resume: bool, progress: bool,
+                    on_epoch: Callable[[str, dict], None] | None) -> dict[str, TrainResult]:
     device = resolve_device(ctx.cfg.train.device)
     opened = {v: open_run(ctx, v, resume) for v in dict.fromkeys(variants)}
     results = {v: r for v, r in opened.items() if isinstance(r, TrainResult)}

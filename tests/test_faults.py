@@ -104,6 +104,25 @@ def test_a_run_folder_lock_has_one_holder_and_a_crashed_holder_never_blocks(tmp_
     assert not (folder / ".lock").exists()
 
 
+def test_a_second_training_into_a_run_folder_is_refused_naming_folder_and_holder(tmp_path):
+    from pipeline.train import train_variant
+
+    cfg = load_config(write_config(tmp_path))
+    cfg.train.out_dir = str(tmp_path / "runs")
+    folder = Path(cfg.train.out_dir) / cfg.sweep / "baseline"
+    folder.mkdir(parents=True)
+    proc = holder_process(folder / ".lock", "training baseline")
+    try:
+        with pytest.raises(RunError) as err:
+            train_variant(cfg, "baseline")  # refused before it reads a store or touches the folder
+        message = str(err.value)
+        assert str(folder) in message and f"pid {proc.pid}" in message and "training baseline" in message
+        assert list(folder.iterdir()) == [folder / ".lock"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 # ---- concurrent extraction ---------------------------------------------------------------------------------------
 def _spec(n=10, cs=2, fp="f" * 16, flipped=False):
     return StoreSpec(n=n, layers=(0, 3), grid=2, width=4, chunk_size=cs, target_hw=(3, 5), flipped=flipped,
