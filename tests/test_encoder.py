@@ -66,11 +66,16 @@ def test_unknown_preset_raises():
 @pytest.fixture
 def network(monkeypatch):
     """Every name lookup and connection fails at once and is recorded. "Fails fast" is then a count, not a clock:
-    without this guard an offline machine sits in huggingface_hub's retry loop for ~25 s."""
-    attempts = []
+    without this guard an offline machine sits in huggingface_hub's retry loop for ~25 s. Only the test's own
+    thread is recorded: a background thread left by an earlier test (seen: one lookup of port 443 during the
+    suite) is refused too, but is not what the encoder did."""
+    import threading
+
+    attempts, me = [], threading.get_ident()
 
     def refuse(*args, **kwargs):
-        attempts.append(args[:2])
+        if threading.get_ident() == me:
+            attempts.append(args[:2])
         raise socket.gaierror("network disabled in this test")
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
