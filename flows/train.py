@@ -1,7 +1,7 @@
 """`train-decoders`: train decoder ablations from one feature cache.
 
     fingerprint guard (train + val stores match the config) ──► train <variants>: one task per pass
-                                                              └──► runs/<sweep>/<variant>/{last,best,history.csv}
+                                                           └──► runs/<sweep>/<variant>/{last,best,history.csv}
 
 A task trains one pass (`pipeline.train.pass_plan`): one variant, or with `train.shared_pass` a group of variants
 that step on every batch read once (on a GPU by default all of them). Passes run `train.parallel` at a time
