@@ -164,9 +164,12 @@ def store_bytes(store: FeatureStore, layers: Sequence[int]) -> int:
     return store.n * per
 
 
-def resolve_cache_device(mode: str, need: int, device: torch.device, budget: int | None = None) -> str:
-    """`auto` -> `cuda` when the cache fits in the GPU budget, else `cpu` when it fits in the RAM budget,
-    else `stream`. Explicit modes are checked for possibility only."""
+def resolve_cache_device(
+    mode: str, need: int, device: torch.device, budget: int | None = None, share: int = 1
+) -> str:
+    """`auto` -> `cuda` when the cache fits in the GPU budget, else `cpu` when it fits in the RAM budget (divided by
+    `share`: concurrent trainings in other processes hold their own copies), else `stream`. Explicit modes are
+    checked for possibility only."""
     if mode == "cuda" and device.type != "cuda":
         raise ValueError("train.cache_device is 'cuda' but training runs on the CPU; use auto, cpu or stream")
     if mode != "auto":
@@ -177,7 +180,7 @@ def resolve_cache_device(mode: str, need: int, device: torch.device, budget: int
             return "cuda"
     import psutil
 
-    ram_budget = budget if budget is not None else int(psutil.virtual_memory().available * CPU_BUDGET_FRACTION)
+    ram_budget = budget if budget is not None else int(psutil.virtual_memory().available * CPU_BUDGET_FRACTION / share)
     return "cpu" if need <= ram_budget else "stream"
 
 
@@ -258,6 +261,7 @@ class CachedBatches(Batches):
         device: torch.device | str = "cpu",
         prefetch: int = 4,
         memory_budget: int | None = None,
+        memory_share: int = 1,
         drop_last: bool = False,
         read_workers: int | None = None,
         read_ahead: int | None = None,
@@ -273,7 +277,8 @@ class CachedBatches(Batches):
                              f"{list(store.layers)} (missing {missing}); add them to cache.layers and extract again")
         # A store extracted with views.flip = extract holds the mirrored images' features: flips use those.
         self.exact_flips = bool(train and self.flip_p > 0 and store.has_flipped)
-        self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers), self.device, memory_budget)
+        self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers), self.device, memory_budget,
+                                         memory_share)
         # Streaming: threads that read + decompress chunks (zstd and the copies release the GIL) and assemble
         # batches; chunks read ahead of the batch being assembled (default: a window more than the threads).
         self.read_workers = read_workers or os.cpu_count() or 1

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from pipeline.config import Config, TrainConfig, dump_config
 from pipeline.extract import plan_split
 from pipeline.layout import RunContext, RunError, locked_run_dirs, replaced_atomically, resolve_device, run_dir
-from pipeline.loader import CPU_BUDGET_FRACTION, Batch, Batches, CachedBatches, ImageBatches
+from pipeline.loader import Batch, Batches, CachedBatches, ImageBatches
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.losses import depth_loss
 from spaceclip.metrics import METRIC_KEYS, compute_metrics, mean_metrics
@@ -174,10 +174,7 @@ def build_sources(ctx: RunContext, layers, device: torch.device) -> Sources:
     if tc.feature_source == "cache":
         stores = {split: ctx.open_store(split) for split in ("train", "val")}
         common["read_workers"] = tc.read_workers
-        if (tc.parallel or 1) > 1 and device.type == "cpu":  # concurrent trainings share the RAM budget
-            import psutil
-
-            common["memory_budget"] = int(psutil.virtual_memory().available * CPU_BUDGET_FRACTION / tc.parallel)
+        common["memory_share"] = tc.parallel or 1  # concurrent trainings share the RAM budget
         train = CachedBatches(stores["train"], layers, tc.batch_size, train=True, flip_p=tc.flip_p,
                               cache_device=tc.cache_device, **common)
         val = CachedBatches(stores["val"], layers, cfg.eval.batch_size, train=False, cache_device=tc.cache_device,
