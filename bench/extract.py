@@ -13,7 +13,8 @@
   of one frame (`pipeline.extract._load_row`, timed one frame after another in one thread). The goal is
   null / limit >= 0.8: the data path scales with the cores and the write hides behind it.
 - `bytes_per_image`: the store's size on disk divided by the number of samples, for the default codec, and
-  `codecs`: ratio and write cost of each codec we considered, measured on these activations.
+  `codecs`: ratio, write and read cost of each codec we considered for the feature arrays, measured on these
+  activations (fp16 in, so only the codec and the file are timed).
 
 `--threads N` sets torch's threads and the decode pool (default: all cores); `load_avg_1m` says how busy the
 machine was.
@@ -101,11 +102,14 @@ def decode_pools(store, encoder, layout: str, workers: int) -> dict:
 
 class NullEncoder:
     """A zero-cost stand-in for the frozen encoder: the real one's preprocessing and sizes, and as features the real
-    encoder's output on one batch, sliced to each batch's size (no compute, realistic bytes to compress)."""
+    encoder's output on one batch, sliced to each batch's size (no compute, realistic bytes to write). The features
+    come in the store's dtype, as from a GPU, where `extract_chunks` converts them on the device before copying
+    them back."""
 
-    def __init__(self, encoder, pixels: torch.Tensor, layers):
+    def __init__(self, encoder, pixels: torch.Tensor, layers, dtype: torch.dtype = torch.float16):
         self.grid, self.width, self.preprocess = encoder.grid, encoder.width, encoder.preprocess
-        self.feats = encoder(pixels, layers)
+        feats = encoder(pixels, layers)
+        self.feats = {"tokens": {k: t.to(dtype) for k, t in feats["tokens"].items()}, "global": feats["global"].to(dtype)}
 
     def __call__(self, pixels: torch.Tensor, layers, autocast_dtype=None) -> dict:
         b = pixels.shape[0]
@@ -114,7 +118,7 @@ class NullEncoder:
         return {"tokens": {k: take(self.feats["tokens"][k]) for k in layers}, "global": take(self.feats["global"])}
 
 
-def write_config(tmp: Path, n: int, encoder: str, dtype: str, batch: int, compressor: str = "zstd",
+def write_config(tmp: Path, n: int, encoder: str, dtype: str, batch: int, compressor: str | None = None,
                  workers: int | None = None) -> Path:
     data = tmp / "data"
     cfg = {
@@ -123,7 +127,8 @@ def write_config(tmp: Path, n: int, encoder: str, dtype: str, batch: int, compre
                  "test_split": str(data / "splits/eigen_test_files_with_gt.txt"),
                  "synth": {"train": 8, "test": n, "seed": 1}},
         "encoder": {"name": encoder, "dtype": dtype, "batch_size": batch, "decode_workers": workers},
-        "cache": {"root": str(tmp / f"cache-{compressor}"), "chunk_size": 16, "compressor": compressor},
+        "cache": {"root": str(tmp / f"cache-{compressor}"), "chunk_size": 16,
+                  **({"compressor": compressor} if compressor else {})},
         "dask": {"processes": False},
     }
     path = tmp / f"bench-{compressor}.yaml"
@@ -204,7 +209,7 @@ def main() -> None:
                    ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group", "line")}
             s = FeatureStore.create(url, spec, idx)
             t0 = time.perf_counter()
-            s.write_chunk(0, {k: v.float() for k, v in batch["tokens"].items()}, batch["global"].float())
+            s.write_chunk(0, batch["tokens"], batch["global"])  # already fp16: the codec's own cost
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             s.read(slice(0, m))
@@ -229,7 +234,7 @@ def main() -> None:
             "bare_s_runs": [round(x, 2) for x in bare], "pipeline_s_runs": [round(x, 2) for x in piped],
             "images": n, "frame_hw": list(datasets.load_image(samples[0]).shape[:2]),
             "encoder": args.encoder, "autocast": args.dtype, "batch_size": args.batch_size,
-            "layers": list(store.layers), "store_dtype": store.dtype, "default_codec": "zstd-1",
+            "layers": list(store.layers), "store_dtype": store.dtype, "default_codec": f"{cfg.cache.compressor}-{cfg.cache.compression_level}",
             "codecs": codecs, "torch_threads": threads, "decode_workers": threads, "cpu_count": os.cpu_count(),
             "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
             "device": str(next(encoder.model.parameters()).device), "torch": torch.__version__,

@@ -49,6 +49,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/extract.py's NullEncoder
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.extract import plan_split  # noqa: E402
@@ -59,7 +60,7 @@ from pipeline.train import loss_kwargs_for, train_step  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
 
 
-def write_config(root: Path, images: int, encoder: str, batch: int, device: str) -> Path:
+def write_config(root: Path, images: int, encoder: str, batch: int, device: str, compressor: str | None = None) -> Path:
     data = root / "data"
     cfg = {
         "name": "bench-train",
@@ -69,7 +70,7 @@ def write_config(root: Path, images: int, encoder: str, batch: int, device: str)
                  "val_fraction": 0.0, "synth": {"train": images, "test": 2, "seed": 5}},
         "encoder": {"name": encoder, "batch_size": 8, "device": device},
         "views": {"views_per_image": 1},
-        "cache": {"root": str(root / "cache"), "chunk_size": 8},
+        "cache": {"root": str(root / "cache"), "chunk_size": 8, **({"compressor": compressor} if compressor else {})},
         "train": {"batch_size": batch, "device": device},
         "dask": {"processes": False},
     }
@@ -78,14 +79,25 @@ def write_config(root: Path, images: int, encoder: str, batch: int, device: str)
     return path
 
 
-def build_store(cfg) -> None:
-    from pipeline.datasets import ensure_dataset
+def build_store(cfg, null_encoder: bool = False) -> None:
+    """The benchmark's training store, extracted by the pipeline. `null_encoder`: with `bench/extract.py`'s
+    zero-cost stand-in (the real encoder's activations on the first batch, repeated), so that a store of
+    hundreds of samples is built in seconds for the data-path figures; the chunks hold real activations to read."""
+    from pipeline import datasets
     from pipeline.extract import extract_chunks, prepare_store
     from pipeline.layout import finalize_store
 
-    ensure_dataset(cfg.data)
+    datasets.ensure_dataset(cfg.data)
     store, reused = prepare_store(RunContext.of(cfg), "train")
-    extract_chunks(cfg, store.url, store.pending_chunks())
+    encoder = None
+    if null_encoder and store.pending_chunks():
+        from extract import NullEncoder  # bench/extract.py
+
+        real = encoder_for(cfg)
+        frames = datasets.read_split(cfg.data, "train")[: cfg.encoder.batch_size]
+        pixels = torch.cat([real.preprocess(datasets.load_image(s)) for s in frames])
+        encoder = NullEncoder(real, pixels, cfg.cache_layers)
+    extract_chunks(cfg, store.url, store.pending_chunks(), encoder=encoder)
     finalize_store(store.url)
 
 
@@ -97,17 +109,18 @@ def chunk_bytes(store, name: str) -> int:
 def data_paths(cfg, store, threads: int, batch: int) -> dict:
     """The streaming loader against the read limit, and the bytes a 4-variant sweep reads per epoch."""
     layers = cfg.decoder.layers_of("full")
-    # One thread's rate of read + decompress of whole chunks; best of two passes (the first warms the page cache).
+    # One thread's rate of reading whole chunks as the loader reads them (file read, checksum, decompression when
+    # the store is compressed; targets as stored); best of three passes (the first warms the page cache).
     per_pass = []
-    for _ in range(2):
+    for _ in range(3):
         t0 = time.perf_counter()
         for c in range(store.n_chunks):
-            store.read_chunk(c, layers)
+            store.read_chunk(c, layers, raw_depth=True)
         per_pass.append(time.perf_counter() - t0)
     read_s = min(per_pass)
     loader = CachedBatches(store, layers, batch, cache_device="stream", flip_p=0.5, seed=0, read_workers=threads)
     runs = []
-    for epoch in range(2):
+    for epoch in range(3):
         t0 = time.perf_counter()
         samples = sum(len(b.index) for b in loader.epoch(epoch))
         runs.append(time.perf_counter() - t0)
@@ -128,6 +141,8 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
         "single_thread_read_ms_per_sample": round(1000 * read_s / store.n, 3),
         "stream_s_runs": [round(x, 3) for x in runs], "read_s_passes": [round(x, 3) for x in per_pass],
         "layers": list(layers), "read_workers": threads, "batch_size": batch,
+        "feature_codec": f"{cfg.cache.compressor}-{cfg.cache.compression_level}" if cfg.cache.compressor != "none"
+        else "none", "bytes_per_sample_on_disk": round(sum(chunk_bytes(store, n) for n in store.data_arrays()) / store.n),
         "bytes_read_per_epoch": {"separate_4_passes": separate, "shared_pass": shared,
                                  "ratio": round(separate / shared, 3), "samples": store.n, "per_variant": per_variant,
                                  "per_sample": {"separate": round(separate / store.n),
@@ -165,7 +180,8 @@ def projection_h100(data: dict, width: int, grid: int, target_hw, epochs: int = 
         "assumptions": {
             "gpu": "H100 SXM, 989 TFLOP/s dense bf16 peak", "decoder_mfu": mfu,
             "training_flops": "3 x forward FLOPs (torch FlopCounterMode, paper decoder at ViT-B/16 widths)",
-            "host_cores": cores, "stream_rate_per_core": "this machine's single-thread read + zstd rate",
+            "host_cores": cores, "stream_rate_per_core": "this machine's single-thread chunk read rate (file read + checksum"
+            " + decompression when compressed) x the stream/limit ratio measured here",
             "cache": "48.6 GB (7 layers fp16) does not fit half an 80 GB H100: streamed",
             "variants_layers": "baseline/film 4 layers, structural/full 7", "extraction": "not included",
         },
@@ -198,6 +214,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads and read workers [all cores]")
     ap.add_argument("--data-only", action="store_true", help="only the data paths (no decoder steps)")
     ap.add_argument("--stream-batch", type=int, default=16, help="batch size of the streaming-loader measure")
+    ap.add_argument("--compressor", default=None, choices=["none", "zstd", "blosc-zstd"],
+                    help="codec of the feature arrays [the config default]")
+    ap.add_argument("--null-store", action="store_true",
+                    help="build the store with the zero-cost stand-in encoder (fast; for --data-only on many --images)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "spaceclip-bench-train"),
                     help="data + cache folder, reused across runs (the store is found again by fingerprint)")
     args = ap.parse_args()
@@ -206,9 +226,9 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(write_config(root, args.images, args.encoder, args.batch_size, args.device))
+    cfg = load_config(write_config(root, args.images, args.encoder, args.batch_size, args.device, args.compressor))
     t0 = time.perf_counter()
-    build_store(cfg)
+    build_store(cfg, null_encoder=args.null_store)
     build_s = time.perf_counter() - t0
     device = resolve_device(args.device)
     encoder = encoder_for(cfg).to(device)

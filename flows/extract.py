@@ -1,7 +1,11 @@
 """`extract-features`: run the frozen encoder once over every split into fingerprinted Zarr stores.
 
     plan + create stores (or reuse by fingerprint; damaged chunks marked pending) ──► extract-shards: one task per
-    pending chunk on Dask, each under the chunk's claim ──► wait for chunks other runs hold ──► verify
+    run of up to `CHUNKS_PER_TASK` pending chunks on Dask, each chunk under its claim ──► wait for chunks other runs
+    hold ──► verify
+
+A task extracts its chunks as one pipeline (`pipeline.extract.extract_chunks`): the write of one chunk overlaps
+the decode and encoding of the next, which a task of one chunk cannot do.
 
 Two runs of one config at once (two deployment runs, two terminals) share the chunks: each extracts the chunks it
 claims first and waits for the others' (pipeline/claims.py).
@@ -17,30 +21,51 @@ from tqdm.auto import tqdm
 from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.config import Config, ConfigError
 from pipeline.datasets import ensure_dataset
-from pipeline.extract import extract_claimed_chunk, finish_store, prepare_store, torch_threads_per_worker
+from pipeline.extract import extract_claimed, finish_store, prepare_store, torch_threads_per_worker
 from pipeline.layout import SPLITS, RunContext, finalize_store
 
 
-@task(retries=1, retry_delay_seconds=2, task_run_name="extract {split} chunk {chunk}")
-def extract_chunk_task(cfg: Config, url: str, split: str, chunk: int, torch_threads: int) -> dict:
-    result = extract_claimed_chunk(cfg, url, chunk, torch_threads)
-    if "held_by" in result:
-        get_run_logger().info("%s chunk %d: another run is extracting it (%s)", split, chunk, result["held_by"])
-    elif result.get("already_done"):
-        get_run_logger().info("%s chunk %d: finished by another run", split, chunk)
-    else:
-        get_run_logger().info("%s chunk %d: %d samples (%d skipped) -> %s", split, chunk, result["samples"],
-                              result["skipped"], url)
-    return result
+CHUNKS_PER_TASK = 4  # at most; fewer when that leaves a worker idle
+
+
+@task(retries=1, retry_delay_seconds=2, task_run_name="extract {split} chunks {chunks}")
+def extract_chunks_task(cfg: Config, url: str, split: str, chunks: list[int], torch_threads: int) -> list[dict]:
+    results = extract_claimed(cfg, url, chunks, torch_threads)  # a retry redoes only the chunks not yet done
+    logger = get_run_logger()
+    for result in results:
+        chunk = result["chunk"]
+        if "held_by" in result:
+            logger.info("%s chunk %d: another run is extracting it (%s)", split, chunk, result["held_by"])
+        elif result.get("already_done"):
+            logger.info("%s chunk %d: finished by another run", split, chunk)
+        else:
+            logger.info("%s chunk %d: %d samples (%d skipped) -> %s", split, chunk, result["samples"],
+                        result["skipped"], url)
+    return results
+
+
+def shard_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
+    """(split, url, chunks) tasks: each store's pending chunks in runs of up to `CHUNKS_PER_TASK`, and at least
+    as many tasks as workers while there are chunks enough."""
+    per_task = max(1, min(CHUNKS_PER_TASK, len(pending) // max(1, n_workers)))
+    shards: list[tuple[str, str, list[int]]] = []
+    for split, url, chunk in pending:
+        if shards and shards[-1][1] == url and len(shards[-1][2]) < per_task:
+            shards[-1][2].append(chunk)
+        else:
+            shards.append((split, url, [chunk]))
+    return shards
 
 
 @flow(name="extract-shards")
 def extract_shards(cfg: Config, jobs: list[tuple[str, str, int]], torch_threads: int, progress: bool = False):
-    futures = [extract_chunk_task.submit(cfg, url, split, chunk, torch_threads) for split, url, chunk in jobs]
-    with tqdm(total=len(futures), desc="extract", unit="chunk", disable=not progress) as bar:
+    shards = shard_jobs(jobs, cfg.dask.n_workers)
+    futures = [extract_chunks_task.submit(cfg, url, split, chunks, torch_threads) for split, url, chunks in shards]
+    size = {id(f): len(chunks) for f, (_, _, chunks) in zip(futures, shards)}
+    with tqdm(total=len(jobs), desc="extract", unit="chunk", disable=not progress) as bar:
         for future in as_completed(futures):
-            future.result()  # raises the chunk's error, naming the file
-            bar.update(1)
+            future.result()  # raises a chunk's error, naming the file
+            bar.update(size[id(future)])
 
 
 def dask_runner(cfg: Config) -> DaskTaskRunner:

@@ -163,7 +163,10 @@ class CacheConfig(_Model):
     layers: tuple[int, ...] | None = None  # None: every layer the decoder config reads (paper: 0,1,2,3,6,9,12)
     dtype: Literal["float16", "bfloat16"] = "float16"
     chunk_size: int = Field(32, ge=1)  # samples per chunk = per shard task; writers own whole chunks
-    compressor: Literal["none", "zstd", "blosc-zstd"] = "zstd"
+    # Codec of the feature arrays (tokens, CLS). fp16 activations are near-incompressible: zstd-1 saves 8 % of the
+    # bytes and costs ~4 ms per sample to decode on every epoch and ~4 ms to encode (BENCHMARKS.md, issue 14), so
+    # they are stored raw by default. The sparse depth targets are always compressed (zstd, ~30x).
+    compressor: Literal["none", "zstd", "blosc-zstd"] = "none"
     compression_level: int = Field(1, ge=0, le=22)
     # Training targets: depth stored at this (H, W); None keeps the view's native resolution.
     target_size: tuple[int, int] | None = None

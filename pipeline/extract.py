@@ -1,9 +1,10 @@
 """Stage 1: run the frozen encoder once over a split and write its features into a feature store.
 
 `plan_split` reads a split file and its images' headers and decides the views; `prepare_store` reuses the store of
-this config's fingerprint or creates it from the plan (the layout is `pipeline/layout.py`'s). `extract_chunk` fills
-one chunk; it is the unit the Prefect flow maps over Dask workers. A chunk's `done` flags are written after its
-data, so a run killed at any moment resumes with exactly the chunks that are missing.
+this config's fingerprint or creates it from the plan (the layout is `pipeline/layout.py`'s). `extract_chunks` fills
+chunks as one pipeline; `extract_claimed` runs it under the chunks' claims, and the Prefect flow maps it over runs of
+chunks on Dask workers. A chunk's `done` flags are written after its data, so a run killed at any moment resumes
+with exactly the chunks that are missing.
 """
 
 from __future__ import annotations
@@ -177,11 +178,6 @@ def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int
     return [results[c] for c in chunks]
 
 
-def extract_claimed_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None) -> dict:
-    """`extract_claimed` of one chunk: the unit the flow maps over Dask workers."""
-    return extract_claimed(cfg, url, [chunk], torch_threads)[0]
-
-
 def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: float = 1.0) -> list[int]:
     """Return once every chunk of the store is done: pending chunks are extracted here, chunks that another live
     process holds are waited for (one whose holder dies meanwhile, its claim dropped by the kernel, is extracted
@@ -253,7 +249,7 @@ def decode_workers_for(cfg: Config) -> int:
 
 
 def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None, encoder=None) -> dict:
-    """Encode and write one chunk of a store (the unit the flow maps over Dask workers)."""
+    """Encode and write one chunk of a store."""
     return extract_chunks(cfg, url, [chunk], torch_threads, encoder)[0]
 
 
@@ -364,7 +360,7 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
 
 def extract_splits(cfg: Config, splits=SPLITS) -> None:
     """Render the dataset if needed and extract the given splits in this process, chunk by chunk (no Prefect, no
-    Dask): what tests and benchmarks use. The flow maps the same `extract_chunk` calls over a Dask cluster."""
+    Dask): what tests and benchmarks use. The flow maps `extract_claimed` over runs of chunks on a Dask cluster."""
     datasets.ensure_dataset(cfg.data)
     ctx = RunContext.of(cfg)
     for split in splits:

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from pipeline.store import FeatureStore, StoreError
+from pipeline.store import FeatureStore, StoreError, depth_metres
 from spaceclip.features import Features
 
 log = logging.getLogger(__name__)
@@ -347,7 +347,8 @@ class CachedBatches(Batches):
                 need = [int(c) for c in np.unique(pos // cs)]
                 horizon = min(max(rank[c] for c in need) + 1 + self.read_ahead, len(order))
                 for c in order[submitted:horizon]:
-                    reads[c] = pool.submit(self.store.read_chunk, c, self.layers, flipped=self.exact_flips)
+                    reads[c] = pool.submit(self.store.read_chunk, c, self.layers, flipped=self.exact_flips,
+                                           raw_depth=True)
                 submitted = max(submitted, horizon)
                 parts = {c: reads[c].result() for c in need}
                 for c in need:
@@ -364,14 +365,18 @@ class CachedBatches(Batches):
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _assemble(self, parts: dict[int, dict], pos: np.ndarray, flips: np.ndarray):
-        """One streamed batch from its chunks' reads: each sample's rows copied once into the batch (pinned when
-        training on CUDA), mirrored on the way where flipped: the values `_finish` gives a resident batch."""
+        """One streamed batch from its chunks' reads (`raw_depth`): each sample's rows copied once into the batch
+        (pinned when training on CUDA), mirrored on the way where flipped (tokens by an `index_select` of the
+        reversed columns straight into the batch row: one pass), the targets converted to metres once for the whole batch: the
+        values `_finish` gives a resident batch, bit for bit."""
         pin = self.device.type == "cuda"
         first = next(iter(parts.values()))
-        rows = lambda t: torch.empty((len(pos), *t.shape[1:]), dtype=t.dtype, pin_memory=pin)
+        rows = lambda t, dtype=None: torch.empty((len(pos), *t.shape[1:]), dtype=dtype or t.dtype, pin_memory=pin)
         tokens = {k: rows(first["tokens"][k]) for k in self.layers}  # (B, g, g, C)
         glob = rows(first["global"])  # (B, C)
-        depth = rows(first["depth"]) if "depth" in first else None  # (B, H, W)
+        raw = torch.empty((len(pos), *first["depth"].shape[1:]), dtype=torch.int16) if "depth" in first else None
+        grid = first["tokens"][self.layers[0]].shape[2]
+        reverse = torch.arange(grid - 1, -1, -1)
         cs = self.store.chunk_size
         for j, (p, flip) in enumerate(zip(pos, flips)):
             data, r = parts[int(p) // cs], int(p) % cs
@@ -379,10 +384,17 @@ class CachedBatches(Batches):
             source = "flipped_" if flip and self.exact_flips else ""  # the mirrored image's own features
             for k in self.layers:
                 t = data[source + "tokens"][k][r]  # (g, g, C)
-                tokens[k][j] = t.flip(1) if mirror else t
-            glob[j] = data[source + "global"][r]
-            if depth is not None:
-                depth[j] = data["depth"][r].flip(1) if flip else data["depth"][r]
+                if mirror:
+                    torch.index_select(t, 1, reverse, out=tokens[k][j])
+                else:
+                    tokens[k][j].copy_(t)
+            glob[j].copy_(data[source + "global"][r])
+            if raw is not None:
+                raw[j].copy_(data["depth"][r].flip(1) if flip else data["depth"][r])
+        depth = None
+        if raw is not None:  # (B, H, W) metres
+            depth = rows(raw, torch.float32)
+            depth_metres(raw.numpy(), self.store.depth_scale, out=depth.numpy())
         return self._to_device(Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy())))
 
     def _to_device(self, batch: Batch):

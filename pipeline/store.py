@@ -32,10 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+import google_crc32c
+import numcodecs
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs.bytes import Endian
+from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.sync import sync
 
 from pipeline import claims
@@ -59,6 +63,12 @@ def flipped_key(name: str) -> str:
 
 def layer_key(k: int) -> str:
     return f"tokens/L{k}"
+
+
+def depth_metres(stored: np.ndarray, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored depth (uint16, or its int16 bits) as float32 metres in one pass: `stored.astype(float32) / scale`,
+    bit for bit."""
+    return np.divide(stored.view(np.uint16), np.float32(scale), dtype=np.float32, out=out)
 
 
 def local_path(url: str) -> Path | None:
@@ -88,13 +98,15 @@ def disk_full_error(err: BaseException, url: str, doing: str) -> DiskFullError |
         "the same command again: finished chunks are kept and only the missing ones are extracted")
 
 
-def _compressors(name: str, level: int):
+def _compressors(name: str, level: int) -> list:
+    """The bytes-to-bytes codecs of a data array: the compressor, then a CRC-32C of the chunk (4 bytes, checked on
+    every read), so that a changed byte is found by `verify` and by every reader, not only a truncation."""
     if name == "none":
-        return None
+        return [Crc32cCodec()]
     if name == "zstd":
-        return [ZstdCodec(level=level)]
+        return [ZstdCodec(level=level), Crc32cCodec()]
     if name == "blosc-zstd":  # byte shuffle groups the fp16 exponent bytes together
-        return [BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.shuffle, typesize=2)]
+        return [BloscCodec(cname="zstd", clevel=level, shuffle=BloscShuffle.shuffle, typesize=2), Crc32cCodec()]
     raise StoreError(f"unknown compressor {name!r}; choose none, zstd or blosc-zstd")
 
 
@@ -106,12 +118,124 @@ class StoreSpec:
     width: int
     dtype: str = "float16"  # or "bfloat16"
     chunk_size: int = 32
-    compressor: str = "zstd"
+    compressor: str = "none"  # of the feature arrays; the depth targets use it too, or zstd-1 when it is none
     level: int = 1
     target_hw: tuple[int, int] | None = None  # None: no depth targets (test splits)
     depth_scale: float = 256.0
     flipped: bool = False  # also store the features of each view's mirrored image (views.flip = "extract")
     attrs: dict = field(default_factory=dict)
+
+
+class _ChunkFiles:
+    """Whole chunks of one array read straight from their files and decoded by numcodecs (the library Zarr's own
+    zstd and blosc codecs call): the values `arr[a:b]` gives, a missing chunk file reading as the fill value as
+    in Zarr, without Zarr's event-loop round trips. Those cost as much as the decompression itself and serialise
+    readers in several threads (BENCHMARKS.md, issue 14). Only for the layouts this module writes on a local disk:
+    a numeric array chunked along its first axis alone, little-endian bytes, then nothing, zstd or blosc, then
+    optionally a CRC-32C; `of` returns None for anything else (Zarr reads it)."""
+
+    def __init__(self, folder: Path, arr: zarr.Array, decoder, checksum: bool, encoder=False):
+        m = arr.metadata
+        self.folder, self.name, self.decoder, self.checksum = folder, arr.path, decoder, checksum
+        # `encoder`: the numcodecs codec Zarr itself builds from the array's metadata (None: raw bytes); False:
+        # no direct writes (blosc: Zarr writes those chunks).
+        self.encoder = encoder
+        self.encode_key = m.chunk_key_encoding.encode_chunk_key
+        self.chunk_shape = tuple(m.chunk_grid.chunk_shape)
+        self.dtype = np.dtype(m.data_type.to_native_dtype())
+        self.fill = m.fill_value
+
+    @classmethod
+    def of(cls, arr: zarr.Array, url: str) -> "_ChunkFiles | None":
+        folder = local_path(url)
+        m = arr.metadata
+        if folder is None or getattr(m, "zarr_format", None) != 3 or not isinstance(m.chunk_grid, RegularChunkGrid):
+            return None
+        if tuple(m.chunk_grid.chunk_shape[1:]) != tuple(arr.shape[1:]):
+            return None
+        dtype = np.dtype(m.data_type.to_native_dtype())
+        if dtype.kind not in "fiub" or dtype.byteorder == ">":
+            return None
+        codecs = tuple(m.codecs)
+        if not codecs or not isinstance(codecs[0], BytesCodec) or codecs[0].endian not in (None, Endian.little):
+            return None
+        checksum = isinstance(codecs[-1], Crc32cCodec)
+        middle = codecs[1:-1] if checksum else codecs[1:]
+        if not middle:
+            return cls(folder, arr, None, checksum, encoder=None)
+        if len(middle) == 1 and isinstance(middle[0], ZstdCodec):
+            zstd = middle[0]
+            return cls(folder, arr, numcodecs.Zstd(), checksum,
+                       encoder=numcodecs.Zstd.from_config({"level": zstd.level, "checksum": zstd.checksum}))
+        if len(middle) == 1 and isinstance(middle[0], BloscCodec):
+            return cls(folder, arr, numcodecs.Blosc(), checksum)
+        return None
+
+    def path(self, c: int) -> Path:
+        return self.folder / self.name / self.encode_key((c,) + (0,) * (len(self.chunk_shape) - 1))
+
+    def write(self, c: int, values: np.ndarray) -> bool:
+        """Chunk `c` from its rows (fewer in the last chunk, padded with the fill value as Zarr pads an edge chunk),
+        encoded as Zarr encodes it, written to a temporary name and renamed over the chunk (Zarr's own way). The
+        same bytes as `arr[a:b] = values`. Returns False, writing nothing, where Zarr must write it (blosc)."""
+        if self.encoder is False:
+            return False
+        values = np.asarray(values, dtype=self.dtype)
+        if values.shape[1:] != self.chunk_shape[1:] or len(values) > self.chunk_shape[0]:
+            raise StoreError(f"chunk {c} of {self.name}: rows of shape {values.shape}, chunk {self.chunk_shape}")
+        if len(values) < self.chunk_shape[0]:
+            full = np.full(self.chunk_shape, self.fill, self.dtype)
+            full[:len(values)] = values
+            values = full
+        data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+        if self.encoder is not None:
+            data = np.frombuffer(self.encoder.encode(data), np.uint8)
+        path = self.path(c)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+        try:
+            with tmp.open("wb") as f:
+                f.write(memoryview(data))
+                if self.checksum:
+                    f.write(np.uint32(google_crc32c.value(data)).tobytes())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return True
+
+    def read(self, c: int, rows: int) -> np.ndarray:
+        """The first `rows` rows of chunk `c` (fewer than the chunk length in the last chunk). An uncompressed chunk
+        is read straight into the array it is returned in (one copy out of the page cache)."""
+        path = self.path(c)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                buf = np.empty(size, np.uint8)
+                got = f.readinto(memoryview(buf))
+        except FileNotFoundError:  # never written: Zarr's fill value
+            return np.full((rows, *self.chunk_shape[1:]), self.fill, self.dtype)
+        try:
+            if got != size:
+                raise ValueError(f"read {got} of its {size} bytes")
+            data = buf
+            if self.checksum:
+                data = buf[:-4]
+                if np.uint32(google_crc32c.value(data)).tobytes() != buf[-4:].tobytes():
+                    raise ValueError("its CRC-32C does not match: the file was changed or cut")
+            nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+            if self.decoder is None:
+                if data.size != nbytes:
+                    raise ValueError(f"{data.size} bytes of data where the chunk has {nbytes}")
+                out = data.view(self.dtype).reshape(self.chunk_shape)
+            else:
+                out = np.empty(self.chunk_shape, self.dtype)
+                self.decoder.decode(data, out=out)
+        except Exception as err:
+            raise StoreError(f"{path}: chunk {c} of {self.name} does not decode ({type(err).__name__}: {err}); "
+                             "`spaceclip cache verify` lists the damage, and the same extraction run again "
+                             "repairs it") from None
+        return out[:rows]
 
 
 class FeatureStore:
@@ -129,6 +253,8 @@ class FeatureStore:
         self.fingerprint: str | None = self.attrs.get("fingerprint")
         self.has_depth: bool = "depth" in group
         self.has_flipped: bool = bool(self.attrs.get("flipped", False))
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: each `group[name]` reads the array's zarr.json
+        self._direct: dict[str, "_ChunkFiles | None"] = {}
 
     # ---- creation and opening ------------------------------------------------------------------------------
     @classmethod
@@ -201,8 +327,10 @@ class FeatureStore:
                                **common)
         if spec.target_hw is not None:
             h, w = spec.target_hw
+            # Sparse targets (LiDAR: ~8 % of pixels valid) compress ~30x and decode in well under a millisecond.
+            targets = common if spec.compressor != "none" else dict(compressors=_compressors("zstd", 1))
             depth = group.create_array("depth", shape=(n, h, w), chunks=(cs, h, w), dtype="uint16", fill_value=0,
-                                       **common)
+                                       **targets)
             depth.attrs["scale"] = spec.depth_scale
         flags = dict(chunks=(cs,))
         group.create_array("skipped", shape=(n,), dtype="uint8", fill_value=0, **flags)
@@ -375,13 +503,13 @@ class FeatureStore:
             writes.update({flipped_key(layer_key(k)): lambda k=k: self._encode(f_tokens[k]) for k in self.layers})
             writes[flipped_key("cls")] = lambda: self._encode(f_cls)
         if self.has_depth:
-            scale = self.group["depth"].attrs["scale"]
+            scale = self.depth_scale
             writes["depth"] = lambda: np.clip(np.round(depth * scale), 0, 65535).astype(np.uint16)
         writes["skipped"] = lambda: np.zeros(b - a, np.uint8) if skipped is None else skipped.astype(np.uint8)
         writes["skip_reason"] = lambda: np.array(reasons if reasons is not None else [""] * (b - a), dtype=str)
 
         def put(name: str) -> None:
-            self.group[name][a:b] = writes[name]()
+            self._put(name, c, writes[name]())
 
         # The arrays are independent files, so they are converted, compressed and written concurrently (numpy,
         # torch and zstd release the GIL): the write phase then uses every core instead of one. Only after all
@@ -389,7 +517,14 @@ class FeatureStore:
         with ThreadPoolExecutor(max_workers=min(len(writes), os.cpu_count() or 1)) as pool:
             for future in [pool.submit(put, name) for name in writes]:
                 future.result()
-        self.group["done"][a:b] = np.ones(b - a, np.uint8)
+        self._put("done", c, np.ones(b - a, np.uint8))
+
+    def _put(self, name: str, c: int, values: np.ndarray) -> None:
+        """Chunk `c` of array `name`: its file written directly (`_ChunkFiles.write`, the bytes Zarr writes, without
+        its event loop), or through Zarr where that cannot be."""
+        direct = self._chunk_files(name)
+        if direct is None or not direct.write(c, values):
+            self.array(name)[slice(*self.chunk_range(c))] = values
 
     def mark_complete(self) -> None:
         pending = self.pending_chunks()
@@ -416,15 +551,38 @@ class FeatureStore:
             return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.ascontiguousarray(arr))
 
+    def array(self, name: str) -> zarr.Array:
+        """The store's array `name`, opened once per `FeatureStore` (its metadata does not change). It writes every
+        chunk, even one equal to the fill value (`verify` relies on every done chunk existing; Zarr takes this
+        setting when an array is opened)."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return arr
+
     def _select(self, name: str, sel):
-        arr = self.group[name]
-        return arr[sel] if isinstance(sel, slice) else arr.oindex[np.asarray(sel)]
+        if isinstance(sel, slice):
+            step_one = sel.step in (None, 1)
+            start = 0 if sel.start is None else sel.start
+            if step_one and start % self.chunk_size == 0 and sel.stop == min(start + self.chunk_size, self.n):
+                direct = self._chunk_files(name)
+                if direct is not None:  # one whole chunk: its file read and decoded here
+                    return direct.read(start // self.chunk_size, sel.stop - start)
+            return self.array(name)[sel]
+        return self.array(name).oindex[np.asarray(sel)]
+
+    def _chunk_files(self, name: str) -> "_ChunkFiles | None":
+        if name not in self._direct:
+            self._direct[name] = _ChunkFiles.of(self.array(name), self.url)
+        return self._direct[name]
 
     def read(self, sel: slice | np.ndarray | Iterable[int], layers: Iterable[int] | None = None,
-             depth: bool = True, flipped: bool = False) -> dict:
+             depth: bool = True, flipped: bool = False, raw_depth: bool = False) -> dict:
         """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, plus
         "depth" (B, H, W) float32 metres (0 = invalid) when the store has targets, and "index" (B,) positions.
         `flipped=True` adds the mirrored images' "flipped_tokens" and "flipped_global" (stores with them only).
+        `raw_depth=True`: "depth" as stored instead, int16 holding the uint16 values (metres x `depth_scale`),
+        for a reader that converts it once, later (the streaming loader converts whole batches).
 
         `sel` is a slice (fastest: whole chunks) or sorted sample positions."""
         layers = self.layers if layers is None else tuple(layers)
@@ -439,8 +597,9 @@ class FeatureStore:
             "index": np.arange(self.n)[sel],
         }
         if depth and self.has_depth:
-            scale = self.group["depth"].attrs["scale"]
-            batch["depth"] = torch.from_numpy(self._select("depth", sel).astype(np.float32) / scale)
+            stored = self._select("depth", sel)
+            batch["depth"] = (torch.from_numpy(np.ascontiguousarray(stored).view(np.int16)) if raw_depth
+                              else torch.from_numpy(depth_metres(stored, self.depth_scale)))
         if flipped:
             if not self.has_flipped:
                 raise StoreError(f"{self.url} holds no mirrored-image features (extracted with views.flip=features)")
@@ -449,8 +608,15 @@ class FeatureStore:
         return batch
 
     def read_chunk(self, c: int, layers: Iterable[int] | None = None, depth: bool = True,
-                   flipped: bool = False) -> dict:
-        return self.read(slice(*self.chunk_range(c)), layers, depth, flipped)
+                   flipped: bool = False, raw_depth: bool = False) -> dict:
+        """`read` of one whole chunk: on a local disk each array's chunk file is read and decoded directly
+        (`_ChunkFiles`), the fastest read there is."""
+        return self.read(slice(*self.chunk_range(c)), layers, depth, flipped, raw_depth)
+
+    @property
+    def depth_scale(self) -> float:
+        """Stored depth values per metre (training splits only)."""
+        return float(self.array("depth").attrs["scale"])
 
     def index(self):
         """The per-sample index as a pandas DataFrame (one row per stored sample)."""
@@ -507,8 +673,9 @@ class FeatureStore:
         for existence only); None: all.
 
         Zarr returns the fill value for a chunk whose file is gone, so existence is checked explicitly. The report's
-        `damaged_chunks` are the chunks extraction writes again; `damaged_index` the index arrays it rewrites. A
-        changed byte that still decodes is not seen (the stored codecs carry no checksum)."""
+        `damaged_chunks` are the chunks extraction writes again; `damaged_index` the index arrays it rewrites. Every
+        chunk of a data array carries a CRC-32C, so a changed byte is found too (stores written before the checksum
+        existed: only a change that breaks decoding)."""
         problems: list[str] = []
         damaged: set[int] = set()
         done, bad_flags = self._done_flags()

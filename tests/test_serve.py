@@ -385,7 +385,7 @@ def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px):
 
         with Client(f"tcp://127.0.0.1:{dask_port}", timeout=20) as client:
             prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
-        assert "extract_chunk_task" in prefixes  # the chunks ran on that cluster
+        assert "extract_chunks_task" in prefixes  # the chunks ran on that cluster
 
         # `spaceclip serve` reusing this server: no second server; SIGTERM leaves the server it did not start.
         serve, serve_log = popen([SPACECLIP, "serve"], "serve", cwd=work)

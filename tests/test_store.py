@@ -60,8 +60,11 @@ def test_chunks_along_n_only_and_files_on_disk(tmp_path):
     assert store.n_chunks == 3 and store.chunk_range(2) == (8, 10)
     # one file per chunk along N, nothing else
     assert sorted(os.listdir(tmp_path / "s.zarr/tokens/L12/c")) == ["0", "1", "2"]
+    # the features raw by default (fp16 activations are near-incompressible), the sparse targets zstd-compressed
     meta = json.loads((tmp_path / "s.zarr/tokens/L12/zarr.json").read_text())
-    assert meta["codecs"][-1]["name"] == "zstd"
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "crc32c"]
+    meta = json.loads((tmp_path / "s.zarr/depth/zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "zstd", "crc32c"]
 
 
 def test_done_flags_follow_data_and_pending_chunks(tmp_path):
@@ -104,3 +107,122 @@ def test_open_errors_name_the_path(tmp_path):
         FeatureStore.open(str(tmp_path / "missing.zarr"))
     with pytest.raises(StoreError, match="layers \\[3\\] are not in"):
         _filled(str(tmp_path / "s.zarr"))[0].read(slice(0, 2), layers=[3])
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd", "blosc-zstd"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_whole_chunk_reads_from_the_files_equal_zarr_reads(tmp_path, compressor, dtype):
+    """`read_chunk` decodes chunk files itself (numcodecs), bypassing Zarr's event loop: every array of every chunk,
+    the short last one included, must equal what Zarr reads, for each codec and dtype."""
+    n, cs, target = 10, 4, (6, 8)
+    spec = StoreSpec(n=n, layers=(0, 12), grid=14, width=8, dtype=dtype, chunk_size=cs, target_hw=target,
+                     compressor=compressor)
+    store = FeatureStore.create(str(tmp_path / "s.zarr"), spec, _index(n))
+    gen = torch.Generator().manual_seed(1)
+    depth = np.random.default_rng(1).uniform(0, 80, (n, *target)).astype(np.float32)
+    depth[:, ::2] = 0  # sparse, as LiDAR targets are
+    for c in range(store.n_chunks):
+        a, b = store.chunk_range(c)
+        store.write_chunk(c, {k: torch.randn(b - a, 14, 14, 8, generator=gen) for k in (0, 12)},
+                          torch.randn(b - a, 8, generator=gen), depth[a:b])
+    store = FeatureStore.open(store.url)
+    for name in ("tokens/L0", "tokens/L12", "cls", "depth"):
+        assert store._chunk_files(name) is not None, name  # the fast path is the one under test
+    # the targets are compressed even when the features are not
+    assert store.group["depth"].metadata.codecs[-2].to_dict()["name"] in ("zstd", "blosc")
+    for c in range(store.n_chunks):
+        a, b = store.chunk_range(c)
+        got = store.read_chunk(c)
+        raw = store.read_chunk(c, raw_depth=True)["depth"]
+        for k in (0, 12):
+            want = store.group[f"tokens/L{k}"][a:b]  # through Zarr
+            assert np.array_equal(got["tokens"][k].view(torch.int16).numpy().view(want.dtype), want)
+        assert np.array_equal(got["global"].view(torch.int16).numpy().view(np.uint16),
+                              store.group["cls"][a:b].view(np.uint16))
+        stored = store.group["depth"][a:b]
+        assert raw.dtype == torch.int16 and np.array_equal(raw.numpy().view(np.uint16), stored)
+        assert np.array_equal(got["depth"].numpy(), stored.astype(np.float32) / 256.0)
+
+
+def test_a_chunk_file_that_does_not_decode_is_named(tmp_path):
+    store, *_ = _filled(str(tmp_path / "s.zarr"), n=10, cs=4)
+    path = store._chunk_file("tokens/L12", 1)
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(StoreError, match=r"chunk 1 of tokens/L12 does not decode") as err:
+        store.read_chunk(1)
+    assert str(path) in str(err.value)
+    store.read_chunk(0)  # the other chunks still read
+
+
+def test_a_missing_chunk_file_reads_as_the_fill_value_as_in_zarr(tmp_path):
+    store, *_ = _filled(str(tmp_path / "s.zarr"), n=10, cs=4)
+    store._chunk_file("cls", 2).unlink()
+    got = store.read_chunk(2)["global"]
+    assert got.shape == (2, 8) and not got.any()
+    assert not store.group["cls"][8:10].any()
+
+
+def test_depth_metres_is_the_division_bit_for_bit():
+    from pipeline.store import depth_metres
+
+    every = np.arange(65536, dtype=np.uint16)
+    for scale in (256.0, 1000.0):  # KITTI, NYU
+        want = every.astype(np.float32) / scale
+        assert np.array_equal(depth_metres(every, scale).view(np.uint32), want.view(np.uint32))
+        assert np.array_equal(depth_metres(every.view(np.int16), scale).view(np.uint32), want.view(np.uint32))
+
+
+def test_a_changed_byte_is_found_by_the_checksum(tmp_path):
+    """A flipped bit of an uncompressed chunk still has the right length; the CRC-32C every data chunk carries
+    finds it, in `verify` (through Zarr) and in the direct reads of training."""
+    store, *_ = _filled(str(tmp_path / "s.zarr"), n=10, cs=4)
+    path = store._chunk_file("tokens/L0", 1)
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0x10
+    path.write_bytes(bytes(data))
+    report = FeatureStore.open(store.url).verify()
+    assert report["damaged_chunks"] == [1]
+    assert report["problems"][0].startswith("tokens/L0: chunk 1 does not decode")
+    with pytest.raises(StoreError, match="CRC-32C does not match"):
+        FeatureStore.open(store.url).read_chunk(1)
+
+
+@pytest.mark.parametrize("compressor", ["none", "zstd", "blosc-zstd"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, compressor, dtype, monkeypatch):
+    """`write_chunk` writes chunk files itself (not through Zarr's event loop); every file of the store, the padded
+    last chunk, the flags and the targets included, must be the bytes Zarr writes for the same values."""
+    import pipeline.store as store_module
+
+    n, cs, target = 10, 4, (6, 8)
+    gen = torch.Generator().manual_seed(2)
+    tokens = {k: torch.randn(n, 14, 14, 8, generator=gen) for k in (0, 12)}
+    cls = torch.randn(n, 8, generator=gen)
+    depth = np.random.default_rng(2).uniform(0, 80, (n, *target)).astype(np.float32)
+    skipped = np.zeros(n, bool)
+    skipped[5] = True
+
+    def build(url):
+        spec = StoreSpec(n=n, layers=(0, 12), grid=14, width=8, dtype=dtype, chunk_size=cs, target_hw=target,
+                         compressor=compressor)
+        store = FeatureStore.create(url, spec, _index(n))
+        for c in range(store.n_chunks):
+            a, b = store.chunk_range(c)
+            store.write_chunk(c, {k: t[a:b] for k, t in tokens.items()}, cls[a:b], depth[a:b], skipped[a:b],
+                              ["unreadable" if s else "" for s in skipped[a:b]])
+        return tmp_path / url
+
+    direct = build(str(tmp_path / "direct.zarr"))
+    wrote = []
+    real_write = store_module._ChunkFiles.write
+    monkeypatch.setattr(store_module._ChunkFiles, "write", lambda self, c, v: wrote.append(self.name) or False)
+    through_zarr = build(str(tmp_path / "zarr.zarr"))
+    monkeypatch.setattr(store_module._ChunkFiles, "write", real_write)
+    files = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    a, b = files(direct), files(through_zarr)
+    assert sorted(a) == sorted(b)
+    assert {"tokens/L0", "cls", "depth", "skipped", "done"} <= set(wrote)  # the direct path was the one replaced
+    for name in sorted(a):
+        if name != "zarr.json":  # the root group's attributes hold no chunk data
+            assert a[name] == b[name], name
+    assert FeatureStore.open(str(direct)).verify()["problems"] == []
