@@ -1,9 +1,17 @@
 """Shared fixtures: a tiny demo dataset with its feature caches built once per session, and a Prefect harness."""
 
+import os
 from pathlib import Path
 
-import pytest
-import yaml
+# The suite never needs the network, and both settings are read when their libraries are imported: set them
+# before anything imports huggingface_hub or Prefect, so that the README's plain `pytest` behaves as `.ci/run` does
+# (which exports them). Without HF_HUB_OFFLINE at import, a lookup of the Hub happens even under
+# local_files_only=True and the offline test of the encoder fails.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 
 def tiny_demo_config(root: Path) -> dict:
