@@ -110,7 +110,8 @@ class NullEncoder:
     def __init__(self, encoder, pixels: torch.Tensor, layers, dtype: torch.dtype = torch.float16):
         self.grid, self.width, self.preprocess = encoder.grid, encoder.width, encoder.preprocess
         feats = encoder(pixels, layers)
-        self.feats = {"tokens": {k: t.to(dtype) for k, t in feats["tokens"].items()}, "global": feats["global"].to(dtype)}
+        self.feats = {"tokens": {k: t.to(dtype) for k, t in feats["tokens"].items()},
+                      "global": feats["global"].to(dtype)}
 
     def __call__(self, pixels: torch.Tensor, layers, autocast_dtype=None) -> dict:
         b = pixels.shape[0]
@@ -243,7 +244,8 @@ def main() -> None:
             "bare_s_runs": [round(x, 2) for x in bare], "pipeline_s_runs": [round(x, 2) for x in piped],
             "images": n, "frame_hw": list(datasets.load_image(samples[0]).shape[:2]),
             "encoder": args.encoder, "autocast": args.dtype, "batch_size": args.batch_size,
-            "layers": list(store.layers), "store_dtype": store.dtype, "default_codec": f"{cfg.cache.compressor}-{cfg.cache.compression_level}",
+            "layers": list(store.layers), "store_dtype": store.dtype,
+            "default_codec": f"{cfg.cache.compressor}-{cfg.cache.compression_level}",
             "codecs": codecs, "torch_threads": threads, "decode_workers": threads, "cpu_count": os.cpu_count(),
             "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
             "device": str(next(encoder.model.parameters()).device), "torch": torch.__version__,

@@ -142,7 +142,8 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
         "stream_s_runs": [round(x, 3) for x in runs], "read_s_passes": [round(x, 3) for x in per_pass],
         "layers": list(layers), "read_workers": threads, "batch_size": batch,
         "feature_codec": f"{cfg.cache.compressor}-{cfg.cache.compression_level}" if cfg.cache.compressor != "none"
-        else "none", "bytes_per_sample_on_disk": round(sum(chunk_bytes(store, n) for n in store.data_arrays()) / store.n),
+        else "none",
+        "bytes_per_sample_on_disk": round(sum(chunk_bytes(store, n) for n in store.data_arrays()) / store.n),
         "bytes_read_per_epoch": {"separate_4_passes": separate, "shared_pass": shared,
                                  "ratio": round(separate / shared, 3), "samples": store.n, "per_variant": per_variant,
                                  "per_sample": {"separate": round(separate / store.n),
@@ -180,8 +181,9 @@ def projection_h100(data: dict, width: int, grid: int, target_hw, epochs: int = 
         "assumptions": {
             "gpu": "H100 SXM, 989 TFLOP/s dense bf16 peak", "decoder_mfu": mfu,
             "training_flops": "3 x forward FLOPs (torch FlopCounterMode, paper decoder at ViT-B/16 widths)",
-            "host_cores": cores, "stream_rate_per_core": "this machine's single-thread chunk read rate (file read + checksum"
-            " + decompression when compressed) x the stream/limit ratio measured here",
+            "host_cores": cores,
+            "stream_rate_per_core": "this machine's single-thread chunk read rate (file read + checksum + "
+                                    "decompression when compressed) x the stream/limit ratio measured here",
             "cache": "48.6 GB (7 layers fp16) does not fit half an 80 GB H100: streamed",
             "variants_layers": "baseline/film 4 layers, structural/full 7", "extraction": "not included",
         },

@@ -367,8 +367,8 @@ class CachedBatches(Batches):
     def _assemble(self, parts: dict[int, dict], pos: np.ndarray, flips: np.ndarray):
         """One streamed batch from its chunks' reads (`raw_depth`): each sample's rows copied once into the batch
         (pinned when training on CUDA), mirrored on the way where flipped (tokens by an `index_select` of the
-        reversed columns straight into the batch row: one pass), the targets converted to metres once for the whole batch: the
-        values `_finish` gives a resident batch, bit for bit."""
+        reversed columns straight into the batch row: one pass), the targets converted to metres once for the
+        whole batch: the values `_finish` gives a resident batch, bit for bit."""
         pin = self.device.type == "cuda"
         first = next(iter(parts.values()))
         rows = lambda t, dtype=None: torch.empty((len(pos), *t.shape[1:]), dtype=dtype or t.dtype, pin_memory=pin)
