@@ -5,7 +5,8 @@
     hold ──► verify
 
 A task extracts its chunks as one pipeline (`pipeline.extract.extract_chunks`): the write of one chunk overlaps
-the decode and encoding of the next, which a task of one chunk cannot do.
+the decode and encoding of the next, which a task of one chunk cannot do. (`shard_jobs` lives in `pipeline.extract`:
+a deployment loads this file as a script, and Dask could not unpickle a helper of an unimportable module.)
 
 Two runs of one config at once (two deployment runs, two terminals) share the chunks: each extracts the chunks it
 claims first and waits for the others' (pipeline/claims.py).
@@ -21,11 +22,8 @@ from tqdm.auto import tqdm
 from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.config import Config, ConfigError
 from pipeline.datasets import ensure_dataset
-from pipeline.extract import extract_claimed, finish_store, prepare_store, torch_threads_per_worker
+from pipeline.extract import extract_claimed, finish_store, prepare_store, shard_jobs, torch_threads_per_worker
 from pipeline.layout import SPLITS, RunContext, finalize_store
-
-
-CHUNKS_PER_TASK = 4  # at most; fewer when that leaves a worker idle
 
 
 @task(retries=1, retry_delay_seconds=2, task_run_name="extract {split} chunks {chunks}")
@@ -42,19 +40,6 @@ def extract_chunks_task(cfg: Config, url: str, split: str, chunks: list[int], to
             logger.info("%s chunk %d: %d samples (%d skipped) -> %s", split, chunk, result["samples"],
                         result["skipped"], url)
     return results
-
-
-def shard_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
-    """(split, url, chunks) tasks: each store's pending chunks in runs of up to `CHUNKS_PER_TASK`, and at least
-    as many tasks as workers while there are chunks enough."""
-    per_task = max(1, min(CHUNKS_PER_TASK, len(pending) // max(1, n_workers)))
-    shards: list[tuple[str, str, list[int]]] = []
-    for split, url, chunk in pending:
-        if shards and shards[-1][1] == url and len(shards[-1][2]) < per_task:
-            shards[-1][2].append(chunk)
-        else:
-            shards.append((split, url, [chunk]))
-    return shards
 
 
 @flow(name="extract-shards")

@@ -178,6 +178,22 @@ def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int
     return [results[c] for c in chunks]
 
 
+CHUNKS_PER_TASK = 4  # chunks one flow task extracts as one pipeline, at most (fewer when a worker would idle)
+
+
+def shard_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
+    """(split, url, chunks) tasks: each store's pending chunks in runs of up to `CHUNKS_PER_TASK`, and at least
+    as many tasks as workers while there are chunks enough."""
+    per_task = max(1, min(CHUNKS_PER_TASK, len(pending) // max(1, n_workers)))
+    shards: list[tuple[str, str, list[int]]] = []
+    for split, url, chunk in pending:
+        if shards and shards[-1][1] == url and len(shards[-1][2]) < per_task:
+            shards[-1][2].append(chunk)
+        else:
+            shards.append((split, url, [chunk]))
+    return shards
+
+
 def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: float = 1.0) -> list[int]:
     """Return once every chunk of the store is done: pending chunks are extracted here, chunks that another live
     process holds are waited for (one whose holder dies meanwhile, its claim dropped by the kernel, is extracted

@@ -186,7 +186,7 @@ def test_sigkill_mid_extraction_then_resume_is_byte_identical(tmp_path):
 def test_the_flow_hands_each_worker_runs_of_chunks():
     """Tasks of several chunks (so a worker overlaps one chunk's write with the next one's decode), never across
     stores, and no fewer tasks than workers while there are chunks enough."""
-    from flows.extract import CHUNKS_PER_TASK, shard_jobs
+    from pipeline.extract import CHUNKS_PER_TASK, shard_jobs
 
     pending = [("train", "a", c) for c in range(10)] + [("val", "b", 0), ("val", "b", 3)]
     shards = shard_jobs(pending, n_workers=1)
