@@ -438,7 +438,7 @@ class FeatureStore:
         folder = local_path(self.url)
         if folder is None:
             return None
-        arr = self.group[name]
+        arr = self.array(name)  # opened once, not its zarr.json read again for every claimed chunk
         return folder / arr.path / arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
 
     def _remove_partials(self, c: int) -> None:
