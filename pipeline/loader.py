@@ -2,9 +2,11 @@
 
     CachedBatches   Zarr store -> Batch(features={"tokens": {k: (B, g, g, C)}, "global": (B, C)},
                     depth (B, H, W), index, flipped): only the layers the variant reads; the whole cache
-                    resident in RAM or on the GPU (`train.cache_device`), or streamed: whole-chunk reads,
-                    decompression and batch assembly in a pool of threads, chunks read ahead, batches pinned and
-                    copied to the GPU on a side stream.
+                    resident in RAM or on the GPU (`train.cache_device`), or streamed by a pool of threads:
+                    uncompressed features a sample row at a time straight from the chunk files into the batch
+                    (one copy; each chunk's CRC-32C checked from its row CRCs before any of its rows is handed
+                    out), compressed ones as whole chunks decompressed, read ahead and copied into batches;
+                    batches pinned and copied to the GPU on a side stream.
     ImageBatches    the same batches, but images are decoded and the frozen encoder runs on every step. It is
                     the honest baseline the cache is measured against, and the place where pixel-space
                     augmentation (colour, rotation) could go.
@@ -37,7 +39,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from pipeline.store import FeatureStore, StoreError, depth_metres
+from pipeline.store import ChunkRows, FeatureStore, StoreError, depth_metres, layer_key
 from spaceclip.features import Features
 
 log = logging.getLogger(__name__)
@@ -279,10 +281,16 @@ class CachedBatches(Batches):
         self.exact_flips = bool(train and self.flip_p > 0 and store.has_flipped)
         self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers), self.device, memory_budget,
                                          memory_share)
-        # Streaming: threads that read + decompress chunks (zstd and the copies release the GIL) and assemble
-        # batches; chunks read ahead of the batch being assembled (default: a window more than the threads).
+        # Streaming: threads that read (+ decompress) and assemble batches (preadv, zstd and the copies release the
+        # GIL); compressed chunks are read `read_ahead` chunks ahead of the batch being assembled (default: a
+        # window more than the threads), row reads assemble up to `prefetch` batches ahead.
         self.read_workers = read_workers or os.cpu_count() or 1
         self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + shuffle_window
+        # Uncompressed features are streamed a sample row at a time straight from the chunk files into the batch
+        # (one copy); compressed ones (and exact flips, which read the mirrored arrays for some rows only) chunk
+        # by chunk, decompressed, then copied into batches.
+        self.row_reads = (self.mode == "stream" and not self.exact_flips
+                          and all(store.reads_rows(layer_key(k)) for k in self.layers))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._resident: dict | None = None
         if self.mode in ("cpu", "cuda"):
@@ -330,6 +338,104 @@ class CachedBatches(Batches):
         self._stream(plan, put)
 
     def _stream(self, plan: EpochPlan, put) -> None:
+        if self.row_reads:
+            return self._stream_rows(plan, put)
+        return self._stream_chunks(plan, put)
+
+    def _stream_rows(self, plan: EpochPlan, put) -> None:
+        """Uncompressed features: each batch assembled by a pool thread reading its samples' token rows straight
+        from the chunk files into the batch (`ChunkRows`; a mirrored row through a one-row scratch buffer and an
+        `index_select` of the reversed columns), the small arrays (CLS vectors, targets) read a whole chunk at a
+        time. A chunk's CRC-32C is checked when the last batch that uses it is assembled (its row CRCs combined),
+        and a batch is handed out only once every chunk it touches has passed, so a damaged chunk stops training
+        before any of its rows reach the decoder. Up to `prefetch` batches are assembled ahead, and as many more as
+        that check needs (the rest of a shuffle window)."""
+        cs = self.store.chunk_size
+        batches = list(self._batches(plan))
+        chunks_of = [[int(c) for c in np.unique(pos // cs)] for pos, _ in batches]
+        users: dict[int, list[int]] = {}  # chunk -> the batches that read it
+        for b, need in enumerate(chunks_of):
+            for c in need:
+                users.setdefault(c, []).append(b)
+        pending = {c: len(bs) for c, bs in users.items()}  # of those, the ones still to be assembled
+        opened: dict[int, _OpenChunk] = {}
+        lock = threading.Lock()
+        local = threading.local()  # each pool thread's one-row scratch buffer (mirrored rows, unread rows)
+
+        def chunk(c: int) -> "_OpenChunk":
+            with lock:
+                if c not in opened:
+                    opened[c] = _OpenChunk(self.store, c, self.layers)
+                return opened[c]
+
+        def assemble(b: int):
+            pos, flips = batches[b]
+            parts = {c: chunk(c) for c in chunks_of[b]}
+            batch = self._assemble_rows(parts, pos, flips, local)
+            for c, part in parts.items():
+                with lock:
+                    pending[c] -= 1
+                    last = pending[c] == 0
+                if last:  # every row of this chunk that the epoch reads is in: check its CRC
+                    part.finish(local)
+            return batch
+
+        assembled: dict[int, Future] = {}
+        submitted = 0
+        pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="row-read")
+        try:
+            for b in range(len(batches)):
+                # b goes out once every batch that reads one of its chunks is assembled (so those chunks are checked)
+                wait = sorted({j for c in chunks_of[b] for j in users[c]})
+                horizon = min(max(b + 1 + self.prefetch, wait[-1] + 1), len(batches))
+                for j in range(submitted, horizon):
+                    assembled[j] = pool.submit(assemble, j)
+                submitted = max(submitted, horizon)
+                for j in wait:
+                    if j >= b:  # (earlier ones were handed out already)
+                        assembled[j].result()  # re-raises a read error or a failed CRC check
+                if not put(assembled.pop(b).result()):
+                    return
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for part in opened.values():
+                part.close()
+
+    def _assemble_rows(self, parts: dict[int, "_OpenChunk"], pos: np.ndarray, flips: np.ndarray, local):
+        """One streamed batch read row by row (`_stream_rows`): the values `_finish` gives a resident batch, bit
+        for bit."""
+        pin = self.device.type == "cuda"
+        first = next(iter(parts.values())).small()
+        g, c_width = int(self.store.attrs["grid"]), int(self.store.attrs["width"])
+        dtype = first["global"].dtype
+        tokens = {k: torch.empty((len(pos), g, g, c_width), dtype=dtype, pin_memory=pin) for k in self.layers}
+        glob = torch.empty((len(pos), c_width), dtype=dtype, pin_memory=pin)
+        depth = (torch.empty((len(pos), *first["depth"].shape[1:]), dtype=torch.float32, pin_memory=pin)
+                 if "depth" in first else None)
+        scale = self.store.depth_scale if depth is not None else None
+        scratch = getattr(local, "row", None)
+        if scratch is None or scratch.dtype != dtype or scratch.shape != (g, g, c_width):
+            scratch = local.row = torch.empty((g, g, c_width), dtype=dtype)
+        reverse = torch.arange(g - 1, -1, -1)
+        into = {k: _bytes(t) for k, t in tokens.items()}  # (B, g, g, 2C) uint8 views: rows are read into these
+        scratch_bytes = _bytes(scratch)
+        cs = self.store.chunk_size
+        for j, (p, flip) in enumerate(zip(pos, flips)):
+            part, r = parts[int(p) // cs], int(p) % cs
+            small = part.small()
+            for k in self.layers:
+                if flip:  # the feature-space flip: the grid along its width
+                    part.rows[k].read_into(r, scratch_bytes)
+                    torch.index_select(scratch, 1, reverse, out=tokens[k][j])
+                else:
+                    part.rows[k].read_into(r, into[k][j])
+            glob[j].copy_(small["global"][r])
+            if depth is not None:  # stored -> metres straight into the batch row, mirrored on the way
+                stored = small["depth"][r].numpy()
+                depth_metres(stored[:, ::-1] if flip else stored, scale, out=depth[j].numpy())
+        return self._to_device(Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy())))
+
+    def _stream_chunks(self, plan: EpochPlan, put) -> None:
         """The epoch's chunks, in visiting order, read and decompressed by `read_workers` threads, up to
         `read_ahead` chunks beyond those the current batch needs; each batch assembled in the same pool once its
         chunks are in, handed out in order; a chunk dropped after the last batch that uses it."""
@@ -427,6 +533,47 @@ class CachedBatches(Batches):
                 if t is not None and t.is_cuda:
                     t.record_stream(stream)  # the allocator must not reuse them while this stream reads them
             yield batch
+
+
+class _OpenChunk:
+    """One chunk being streamed row by row: its token arrays' files open (`ChunkRows`), its small arrays (CLS
+    vectors, raw targets) read whole on first use by whichever thread needs them first."""
+
+    def __init__(self, store: FeatureStore, c: int, layers: Sequence[int]):
+        self.store, self.c, self.layers = store, c, layers
+        self.rows: dict[int, ChunkRows] = {}
+        try:
+            for k in layers:
+                self.rows[k] = store.chunk_rows(layer_key(k), c)
+        except BaseException:
+            self.close()
+            raise
+        self._small: dict | None = None
+        self._lock = threading.Lock()
+
+    def small(self) -> dict:
+        with self._lock:
+            if self._small is None:
+                self._small = self.store.read_chunk(self.c, layers=(), raw_depth=True)
+            return self._small
+
+    def finish(self, local) -> None:
+        """Check every token array's CRC for this chunk (`ChunkRows.finish`), closing the files."""
+        try:
+            for rows in self.rows.values():
+                scratch = getattr(local, "row", None)
+                rows.finish(None if scratch is None else _bytes(scratch))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for rows in self.rows.values():
+            rows.close()
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor (any dtype, bfloat16 included) as a writable uint8 numpy view."""
+    return t.view(torch.uint8).numpy()
 
 
 def _concat(parts: list[dict], layers: Sequence[int]) -> dict:

@@ -22,10 +22,12 @@ overwrite half of the other's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import os
 import shutil
 import socket
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -236,6 +238,118 @@ class _ChunkFiles:
                              "`spaceclip cache verify` lists the damage, and the same extraction run again "
                              "repairs it") from None
         return out[:rows]
+
+
+# ---- CRC-32C of a chunk from the CRCs of its rows -------------------------------------------------------------
+# A chunk's stored CRC covers its rows in order, but the streaming loader reads the rows one at a time, in shuffled
+# order, straight into batches. CRCs are linear, so crc(A || B) = Z_len(B)(crc(A)) ^ crc(B), where Z_n is the
+# (32 x 32, over GF(2)) operator that appends n zero bytes: zlib's crc32_combine, here for the Castagnoli
+# polynomial. All rows of an array have one length, so Z is built once per length and a combine is 32 xors.
+_CASTAGNOLI_REFLECTED = 0x82F63B78
+
+
+def _gf2_times(mat: tuple[int, ...], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _gf2_product(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(_gf2_times(a, col) for col in b)  # a . b: the columns of b mapped by a
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_operator(nbytes: int) -> tuple[int, ...]:
+    """Z_nbytes: the CRC-32C state after appending `nbytes` zero bytes, as a linear map of the state before."""
+    bit = (_CASTAGNOLI_REFLECTED,) + tuple(1 << i for i in range(31))  # one zero bit (reflected CRC)
+    byte = bit
+    for _ in range(3):  # 2 -> 4 -> 8 bits
+        byte = _gf2_product(byte, byte)
+    result = tuple(1 << i for i in range(32))  # identity
+    while nbytes:  # square-and-multiply over the bits of nbytes
+        if nbytes & 1:
+            result = _gf2_product(byte, result)
+        nbytes >>= 1
+        if nbytes:
+            byte = _gf2_product(byte, byte)
+    return result
+
+
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC-32C of A || B from crc(A), crc(B) and len(B) (zlib's crc32_combine, Castagnoli polynomial)."""
+    return _gf2_times(_zeros_operator(len_b), crc_a) ^ crc_b
+
+
+class ChunkRows:
+    """One uncompressed chunk file read a row at a time straight into the caller's memory (a batch row: no
+    intermediate chunk buffer, so the streaming loader copies each sample once), its CRC-32C checked once every
+    row has been read (`finish`): the row CRCs are combined into the chunk's (`crc32c_combine`) and compared with
+    the 4 bytes Zarr's crc32c codec stored. A missing file reads as the fill value, as in Zarr. Thread-safe: the
+    loader's pool reads rows of one chunk for several batches at once."""
+
+    def __init__(self, files: "_ChunkFiles", c: int):
+        self.files, self.c, self.path = files, c, files.path(c)
+        self.rows = files.chunk_shape[0]
+        self.row_bytes = int(np.prod(files.chunk_shape[1:])) * files.dtype.itemsize
+        self.crcs: list[int | None] = [None] * self.rows
+        self._lock = threading.Lock()
+        self.fd: int | None = None
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        size, tail = os.fstat(self.fd).st_size, 4 if files.checksum else 0
+        if size != self.rows * self.row_bytes + tail:
+            self.close()
+            raise self._damaged(f"{size} bytes where the chunk has {self.rows * self.row_bytes}"
+                                + (" and its CRC 4" if tail else ""))
+        self.stored_crc = int(np.frombuffer(os.pread(self.fd, 4, size - 4), "<u4")[0]) if tail else None
+
+    def read_into(self, r: int, out: np.ndarray) -> None:
+        """Row `r` into `out` (C-contiguous, the row's shape and dtype), its CRC noted."""
+        flat = out.reshape(-1).view(np.uint8)
+        if self.fd is None:
+            flat.view(self.files.dtype)[...] = self.files.fill
+            return
+        view = memoryview(flat)
+        got = os.preadv(self.fd, [view], r * self.row_bytes)
+        if got != self.row_bytes:
+            raise self._damaged(f"read {got} of row {r}'s {self.row_bytes} bytes")
+        crc = google_crc32c.value(flat) if self.stored_crc is not None else 0
+        with self._lock:
+            self.crcs[r] = crc
+
+    def finish(self, scratch: np.ndarray | None = None) -> None:
+        """Check the chunk's CRC, reading (into `scratch`, one row's worth) the rows no batch took: padding of
+        the last chunk, skipped samples, the dropped last batch. Closes the file."""
+        try:
+            if self.fd is None or self.stored_crc is None:  # never written, or a store from before checksums
+                return
+            missing = [r for r, crc in enumerate(self.crcs) if crc is None]
+            if missing:
+                scratch = np.empty(self.row_bytes, np.uint8) if scratch is None else scratch
+                for r in missing:
+                    self.read_into(r, scratch.reshape(-1).view(np.uint8)[:self.row_bytes])
+            crc = self.crcs[0]
+            for row_crc in self.crcs[1:]:
+                crc = crc32c_combine(crc, row_crc, self.row_bytes)
+            if crc != self.stored_crc:
+                raise self._damaged("its CRC-32C does not match: the file was changed or cut")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _damaged(self, why: str) -> StoreError:
+        return StoreError(f"{self.path}: chunk {self.c} of {self.files.name} does not decode ({why}); "
+                          "`spaceclip cache verify` lists the damage, and the same extraction run again repairs it")
 
 
 class FeatureStore:
@@ -570,6 +684,18 @@ class FeatureStore:
                     return direct.read(start // self.chunk_size, sel.stop - start)
             return self.array(name)[sel]
         return self.array(name).oindex[np.asarray(sel)]
+
+    def reads_rows(self, name: str) -> bool:
+        """Whether `chunk_rows` can read this array: uncompressed, on a local disk."""
+        files = self._chunk_files(name)
+        return files is not None and files.decoder is None
+
+    def chunk_rows(self, name: str, c: int) -> ChunkRows:
+        """Chunk `c` of an uncompressed array on a local disk (`reads_rows`), for reads of single rows straight
+        into the caller's memory (`ChunkRows`: the streaming loader's path)."""
+        if not self.reads_rows(name):
+            raise StoreError(f"{self.url}/{name} is compressed or not on a local disk: read whole chunks")
+        return ChunkRows(self._chunk_files(name), c)
 
     def _chunk_files(self, name: str) -> "_ChunkFiles | None":
         if name not in self._direct:

@@ -223,3 +223,81 @@ def test_streaming_stops_early_and_reraises_a_read_error(store, monkeypatch):
     monkeypatch.setattr(store, "read_chunk", broken)
     with pytest.raises(OSError, match="chunk file unreadable"):
         collect(loader)
+
+
+def small_store(path, compressor="none", dtype="float16"):
+    """Another store of the module's shape, with a chosen feature codec and dtype."""
+    index = {
+        "id": np.array([f"s{i}" for i in range(N)]), "image_path": np.array([""] * N), "depth_path": np.array([""] * N),
+        "focal": np.ones(N), "orig_hw": np.ones((N, 2), np.int32), "view": np.zeros((N, 5), np.int32),
+        "group": np.array(["g"] * N), "line": np.arange(N, dtype=np.int32),
+    }
+    spec = StoreSpec(n=N, layers=LAYERS, grid=G, width=C, chunk_size=CS, target_hw=HW, compressor=compressor,
+                     dtype=dtype)
+    st = FeatureStore.create(str(path), spec, index)
+    gen = torch.Generator().manual_seed(1)
+    for c in range(st.n_chunks):
+        a, b = st.chunk_range(c)
+        depth = np.random.default_rng(c).uniform(1, 80, (b - a, *HW)).astype(np.float32)
+        st.write_chunk(c, {k: torch.randn(b - a, G, G, C, generator=gen) for k in LAYERS},
+                       torch.randn(b - a, C, generator=gen), depth, np.array([a + i == 5 for i in range(b - a)]),
+                       [""] * (b - a))
+    st.mark_complete()
+    return FeatureStore.open(str(path))
+
+
+@pytest.mark.parametrize("compressor, dtype, rows", [("none", "float16", True), ("none", "bfloat16", True),
+                                                     ("zstd", "float16", False)])
+def test_row_and_chunk_streaming_give_the_resident_batches(tmp_path, compressor, dtype, rows):
+    """Uncompressed features stream a row at a time straight into the batch, compressed ones chunk by chunk: both
+    give the resident cache's batches bit for bit (mirrored rows, targets, CLS vectors, bfloat16 bits)."""
+    st = small_store(tmp_path / "s.zarr", compressor, dtype)
+    kw = dict(batch_size=5, flip_p=0.5, seed=2, shuffle_window=2, read_workers=2)
+    streamed = CachedBatches(st, LAYERS, cache_device="stream", **kw)
+    assert streamed.row_reads is rows
+    a, b = collect(streamed, 1), collect(CachedBatches(st, LAYERS, cache_device="cpu", **kw), 1)
+    assert len(a) == len(b) == len(streamed) and any(x.flipped.any() for x in a)
+    for x, y in zip(a, b):
+        assert np.array_equal(x.index, y.index) and torch.equal(x.flipped, y.flipped)
+        for k in LAYERS:
+            assert x.features["tokens"][k].dtype == getattr(torch, dtype)
+            assert torch.equal(x.features["tokens"][k].view(torch.int16), y.features["tokens"][k].view(torch.int16))
+        assert torch.equal(x.depth, y.depth) and torch.equal(x.features["global"], y.features["global"])
+
+
+def test_crc32c_combine_gives_the_crc_of_the_whole():
+    """The chunk check from row CRCs: folding the rows' CRCs equals google-crc32c over the concatenated bytes."""
+    import google_crc32c
+
+    from pipeline.store import crc32c_combine
+
+    rng = np.random.default_rng(0)
+    for length in (1, 7, 1536, G * G * C * 2):
+        rows = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(5)]
+        crc = google_crc32c.value(rows[0])
+        for row in rows[1:]:
+            crc = crc32c_combine(crc, google_crc32c.value(row), length)
+        assert crc == google_crc32c.value(np.concatenate(rows))
+
+
+@pytest.mark.parametrize("where", ["visited", "skipped", "padding"])
+def test_a_changed_byte_stops_streaming_before_its_chunk_reaches_a_batch(tmp_path, where):
+    """One byte changed in a token chunk file: the row-streaming loader raises an error naming the file, and no
+    batch holding a sample of that chunk was handed out. Rows no batch takes (the skipped sample 5, the padding
+    of the last chunk) are checked as well."""
+    st = small_store(tmp_path / "s.zarr")
+    chunk, row = {"visited": (2, 1), "skipped": (1, 1), "padding": (st.n_chunks - 1, CS - 1)}[where]
+    assert where != "padding" or N % CS and N % CS <= row  # a row past the last sample
+    path = st._chunk_files("tokens/L2").path(chunk)
+    data = bytearray(path.read_bytes())
+    data[row * G * G * C * 2 + 11] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert not FeatureStore.open(st.url).verify()["ok"]
+    loader = CachedBatches(FeatureStore.open(st.url), LAYERS, batch_size=3, flip_p=0.5, seed=0, shuffle_window=2,
+                           cache_device="stream", read_workers=2)
+    assert loader.row_reads
+    seen = []
+    with pytest.raises(StoreError, match=f"{path}.*chunk {chunk} of tokens/L2.*CRC-32C"):
+        for batch in loader.epoch(0):
+            seen += batch.index.tolist()
+    assert not {p // CS for p in seen} & {chunk}
