@@ -376,7 +376,9 @@ class CachedBatches(Batches):
                 with lock:
                     pending[c] -= 1
                     last = pending[c] == 0
-                if last:  # every row of this chunk that the epoch reads is in: check its CRC
+                if last:  # every row of this chunk that the epoch reads is in: check its CRC, then let it go
+                    with lock:
+                        del opened[c]
                     part.finish(local)
             return batch
 
@@ -558,7 +560,7 @@ class _OpenChunk:
             return self._small
 
     def finish(self, local) -> None:
-        """Check every token array's CRC for this chunk (`ChunkRows.finish`), closing the files."""
+        """Check every token array's CRC for this chunk (`ChunkRows.finish`), then release it (`close`)."""
         try:
             for rows in self.rows.values():
                 scratch = getattr(local, "row", None)
@@ -567,8 +569,10 @@ class _OpenChunk:
             self.close()
 
     def close(self) -> None:
+        """Close the files and drop the small arrays: an epoch holds only the chunks its batches in flight read."""
         for rows in self.rows.values():
             rows.close()
+        self._small = None
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:

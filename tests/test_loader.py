@@ -301,3 +301,31 @@ def test_a_changed_byte_stops_streaming_before_its_chunk_reaches_a_batch(tmp_pat
         for batch in loader.epoch(0):
             seen += batch.index.tolist()
     assert not {p // CS for p in seen} & {chunk}
+
+
+def test_row_streaming_holds_only_the_chunks_in_flight(tmp_path, monkeypatch):
+    """A streamed epoch lets each chunk go (files closed, CLS vectors and targets dropped) once its last batch is
+    assembled: a KITTI epoch must not end up holding every chunk's targets in RAM."""
+    import pipeline.loader as loader_module
+
+    st = small_store(tmp_path / "s.zarr")
+    alive, most = set(), []
+
+    class Counted(loader_module._OpenChunk):
+        def __init__(self, store, c, layers):
+            super().__init__(store, c, layers)
+            alive.add(c)
+            most.append(len(alive))
+
+        def close(self):
+            super().close()
+            if self._small is None and all(rows.fd is None for rows in self.rows.values()):
+                alive.discard(self.c)  # released: nothing of it held any more
+
+    monkeypatch.setattr(loader_module, "_OpenChunk", Counted)
+    loader = CachedBatches(st, LAYERS, batch_size=2, flip_p=0.5, seed=0, shuffle_window=1, cache_device="stream",
+                           read_workers=1, prefetch=1)
+    batches = collect(loader)
+    assert loader.row_reads and len(batches) == len(loader)
+    assert len(most) == st.n_chunks and max(most) <= 3 < st.n_chunks  # never more than the chunks in flight
+    assert not alive
