@@ -376,9 +376,9 @@ class CachedBatches(Batches):
                 with lock:
                     pending[c] -= 1
                     last = pending[c] == 0
-                if last:  # every row of this chunk that the epoch reads is in: check its CRC, then let it go
-                    with lock:
+                    if last:
                         del opened[c]
+                if last:  # every row of this chunk that the epoch reads is in: check its CRC, then let it go
                     part.finish(local)
             return batch
 
@@ -422,9 +422,10 @@ class CachedBatches(Batches):
         into = {k: _bytes(t) for k, t in tokens.items()}  # (B, g, g, 2C) uint8 views: rows are read into these
         scratch_bytes = _bytes(scratch)
         cs = self.store.chunk_size
+        smalls = {c: part.small() for c, part in parts.items()}
         for j, (p, flip) in enumerate(zip(pos, flips)):
-            part, r = parts[int(p) // cs], int(p) % cs
-            small = part.small()
+            c, r = divmod(int(p), cs)
+            part, small = parts[c], smalls[c]
             for k in self.layers:
                 if flip:  # the feature-space flip: the grid along its width
                     part.rows[k].read_into(r, scratch_bytes)
@@ -561,9 +562,9 @@ class _OpenChunk:
 
     def finish(self, local) -> None:
         """Check every token array's CRC for this chunk (`ChunkRows.finish`), then release it (`close`)."""
+        scratch = getattr(local, "row", None)
         try:
             for rows in self.rows.values():
-                scratch = getattr(local, "row", None)
                 rows.finish(None if scratch is None else _bytes(scratch))
         finally:
             self.close()

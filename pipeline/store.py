@@ -234,10 +234,12 @@ class _ChunkFiles:
                 out = np.empty(self.chunk_shape, self.dtype)
                 self.decoder.decode(data, out=out)
         except Exception as err:
-            raise StoreError(f"{path}: chunk {c} of {self.name} does not decode ({type(err).__name__}: {err}); "
-                             "`spaceclip cache verify` lists the damage, and the same extraction run again "
-                             "repairs it") from None
+            raise self.damaged(c, f"{type(err).__name__}: {err}") from None
         return out[:rows]
+
+    def damaged(self, c: int, why: str) -> StoreError:
+        return StoreError(f"{self.path(c)}: chunk {c} of {self.name} does not decode ({why}); "
+                          "`spaceclip cache verify` lists the damage, and the same extraction run again repairs it")
 
 
 # ---- CRC-32C of a chunk from the CRCs of its rows -------------------------------------------------------------
@@ -348,8 +350,7 @@ class ChunkRows:
             self.fd = None
 
     def _damaged(self, why: str) -> StoreError:
-        return StoreError(f"{self.path}: chunk {self.c} of {self.files.name} does not decode ({why}); "
-                          "`spaceclip cache verify` lists the damage, and the same extraction run again repairs it")
+        return self.files.damaged(self.c, why)
 
 
 class FeatureStore:
