@@ -21,8 +21,13 @@ The data paths with the decoder taken out (issue 14), `full` layers:
   chunk (`FeatureStore.read_chunk`, chunk after chunk in one pool thread, as the loader reads).
 - `parallel_read_samples_per_s`: the same reads in `--threads` threads at once: what the cores reach together.
 - `stream_samples_per_s`: the streaming loader alone (`cache_device: stream`, `read_workers = --threads`, flips
-  on), an epoch iterated with no decoder. Goal: stream / limit >= 0.8. `streaming_path`: `rows` (uncompressed
-  features read a sample row at a time into the batch) or `chunks` (compressed: whole chunks decompressed).
+  on), an epoch iterated with no decoder: its host work as it runs for a GPU trainer (`device_finish`, the CUDA
+  default: rows handed over as stored, the flips and the conversion of the targets to metres left to the device;
+  `CachedBatches.host_batches`). Goal: stream / limit >= 0.8. `streaming_path`: `rows` (uncompressed features read
+  a sample row at a time into the batch) or `chunks` (compressed: whole chunks decompressed; these finish on the
+  host).
+- `stream_host_finish_samples_per_s`: the same loader as a CPU trainer runs it (`epoch`: flips and metres on the
+  host, in the pool); `device_finish_ms_per_batch_on_this_cpu`: what the device's part costs when it runs here.
 - `bytes_read_per_epoch`: compressed bytes a streamed epoch reads from the store for the four Table-2 variants,
   one pass each (`separate`) vs `train.shared_pass` (one read of the union of their layers).
 - `projection_h100`: the 4-variant x 10-epoch KITTI sweep (23,158 samples) on one H100, from these figures and
@@ -133,13 +138,26 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
             list(pool.map(read_all, [range(i, store.n_chunks, threads) for i in range(threads)]))
             parallel.append(time.perf_counter() - t0)
     read_s = min(per_pass)
-    loader = CachedBatches(store, layers, batch, cache_device="stream", flip_p=0.5, seed=0, read_workers=threads)
-    runs = []
-    for epoch in range(3):
+    kw = dict(cache_device="stream", flip_p=0.5, seed=0, read_workers=threads)
+    for_gpu = CachedBatches(store, layers, batch, device_finish=True, **kw)  # what a CUDA trainer's host does
+    on_host = CachedBatches(store, layers, batch, device_finish=False, **kw)  # what a CPU trainer's loader does
+    epochs = for_gpu.host_batches if for_gpu.device_finish else for_gpu.epoch
+    runs, host_runs = [], []
+    for epoch in range(3):  # alternated, so that drift hits both alike
         t0 = time.perf_counter()
-        samples = sum(len(b.index) for b in loader.epoch(epoch))
+        samples = sum(len(b.index) for b in epochs(epoch))
         runs.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sum(len(b.index) for b in on_host.epoch(epoch))
+        host_runs.append(time.perf_counter() - t0)
     stream_s = min(runs)
+    finish_ms = None
+    if for_gpu.device_finish:  # the device's part (flip + metres) timed on this CPU, for scale
+        raw = list(for_gpu.host_batches(0))[:8]
+        t0 = time.perf_counter()
+        for b in raw:
+            for_gpu._finish_on_device(b, bool(b.flipped.any()))
+        finish_ms = round(1000 * (time.perf_counter() - t0) / len(raw), 2)
     read_limit = threads * store.n / read_s
     # Bytes per epoch: each pass reads every chunk of its layers, the CLS vectors and the targets once.
     fixed = chunk_bytes(store, "cls") + chunk_bytes(store, "depth")
@@ -156,8 +174,13 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
         "single_thread_read_ms_per_sample": round(1000 * read_s / store.n, 3),
         "parallel_read_samples_per_s": round(store.n / min(parallel), 2),
         "stream_over_parallel_read": round(samples / stream_s / (store.n / min(parallel)), 3),
-        "streaming_path": "rows" if loader.row_reads else "chunks",
-        "stream_s_runs": [round(x, 3) for x in runs], "read_s_passes": [round(x, 3) for x in per_pass],
+        "streaming_path": "rows" if for_gpu.row_reads else "chunks",
+        "stream_finish": "device" if for_gpu.device_finish else "host",
+        "stream_host_finish_samples_per_s": round(samples / min(host_runs), 2),
+        "stream_host_finish_over_read_limit": round(samples / min(host_runs) / read_limit, 3),
+        "device_finish_ms_per_batch_on_this_cpu": finish_ms,
+        "stream_s_runs": [round(x, 3) for x in runs], "stream_host_finish_s_runs": [round(x, 3) for x in host_runs],
+        "read_s_passes": [round(x, 3) for x in per_pass],
         "parallel_read_s_passes": [round(x, 3) for x in parallel],
         "layers": list(layers), "read_workers": threads, "batch_size": batch,
         "feature_codec": f"{cfg.cache.compressor}-{cfg.cache.compression_level}" if cfg.cache.compressor != "none"

@@ -267,6 +267,7 @@ class CachedBatches(Batches):
         drop_last: bool = False,
         read_workers: int | None = None,
         read_ahead: int | None = None,
+        device_finish: bool | None = None,
     ):
         usable = ~store.group["skipped"][:].astype(bool) if store.n else np.zeros(0, bool)
         super().__init__(store.n, store.chunk_size, layers, batch_size, train=train, flip_p=flip_p, seed=seed,
@@ -291,6 +292,11 @@ class CachedBatches(Batches):
         # by chunk, decompressed, then copied into batches.
         self.row_reads = (self.mode == "stream" and not self.exact_flips
                           and all(store.reads_rows(layer_key(k)) for k in self.layers))
+        # Row reads for a GPU (default: when training on CUDA) hand over the rows as stored, unflipped, with the
+        # targets as stored (2 bytes a pixel, not 4); the feature-space flip and the conversion to metres run on
+        # the device after the copy (`_finish_on_device`), where they cost microseconds, not host time.
+        self.device_finish = bool(self.row_reads and (self.device.type == "cuda" if device_finish is None
+                                                      else device_finish))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._resident: dict | None = None
         if self.mode in ("cpu", "cuda"):
@@ -342,7 +348,17 @@ class CachedBatches(Batches):
             return self._stream_rows(plan, put)
         return self._stream_chunks(plan, put)
 
-    def _stream_rows(self, plan: EpochPlan, put) -> None:
+    def host_batches(self, epoch: int) -> Iterator[Batch]:
+        """The streamed batches of an epoch as the host hands them to the device copy, before `_to_device`: with
+        `device_finish`, rows as stored and unflipped, `depth` the stored targets' int16 bits (`flipped` says which
+        samples the device mirrors). What bench/train.py times as the loader's host work for a GPU."""
+        if not self.row_reads:
+            raise ValueError("host_batches: only row streaming (mode stream, uncompressed features) hands batches "
+                             "over before the device")
+        plan = self.plan(epoch)
+        return _prefetched(lambda put: self._stream_rows(plan, put, to_device=False), self.prefetch)
+
+    def _stream_rows(self, plan: EpochPlan, put, to_device: bool = True) -> None:
         """Uncompressed features: each batch assembled by a pool thread reading its samples' token rows straight
         from the chunk files into the batch (`ChunkRows`; a mirrored row through a one-row scratch buffer and an
         `index_select` of the reversed columns), the small arrays (CLS vectors, targets) read a whole chunk at a
@@ -371,7 +387,7 @@ class CachedBatches(Batches):
         def assemble(b: int):
             pos, flips = batches[b]
             parts = {c: chunk(c) for c in chunks_of[b]}
-            batch = self._assemble_rows(parts, pos, flips, local)
+            batch = self._assemble_rows(parts, pos, flips, local, to_device)
             for c, part in parts.items():
                 with lock:
                     pending[c] -= 1
@@ -403,17 +419,21 @@ class CachedBatches(Batches):
             for part in opened.values():
                 part.close()
 
-    def _assemble_rows(self, parts: dict[int, "_OpenChunk"], pos: np.ndarray, flips: np.ndarray, local):
+    def _assemble_rows(self, parts: dict[int, "_OpenChunk"], pos: np.ndarray, flips: np.ndarray, local,
+                       to_device: bool = True):
         """One streamed batch read row by row (`_stream_rows`): the values `_finish` gives a resident batch, bit
-        for bit."""
+        for bit (with `device_finish`, once `_finish_on_device` has run)."""
         pin = self.device.type == "cuda"
+        on_host = not self.device_finish  # flip and convert here; else copy the rows as stored
         first = next(iter(parts.values())).small()
         g, c_width = int(self.store.attrs["grid"]), int(self.store.attrs["width"])
         dtype = first["global"].dtype
         tokens = {k: torch.empty((len(pos), g, g, c_width), dtype=dtype, pin_memory=pin) for k in self.layers}
         glob = torch.empty((len(pos), c_width), dtype=dtype, pin_memory=pin)
-        depth = (torch.empty((len(pos), *first["depth"].shape[1:]), dtype=torch.float32, pin_memory=pin)
-                 if "depth" in first else None)
+        depth = None
+        if "depth" in first:
+            depth = torch.empty((len(pos), *first["depth"].shape[1:]), dtype=torch.float32 if on_host
+                                else first["depth"].dtype, pin_memory=pin)
         scale = self.store.depth_scale if depth is not None else None
         scratch = getattr(local, "row", None)
         if scratch is None or scratch.dtype != dtype or scratch.shape != (g, g, c_width):
@@ -426,17 +446,23 @@ class CachedBatches(Batches):
         for j, (p, flip) in enumerate(zip(pos, flips)):
             c, r = divmod(int(p), cs)
             part, small = parts[c], smalls[c]
+            mirror = flip and on_host
             for k in self.layers:
-                if flip:  # the feature-space flip: the grid along its width
+                if mirror:  # the feature-space flip: the grid along its width
                     part.rows[k].read_into(r, scratch_bytes)
                     torch.index_select(scratch, 1, reverse, out=tokens[k][j])
                 else:
                     part.rows[k].read_into(r, into[k][j])
             glob[j].copy_(small["global"][r])
-            if depth is not None:  # stored -> metres straight into the batch row, mirrored on the way
+            if depth is not None and not on_host:
+                depth[j].copy_(small["depth"][r])
+            elif depth is not None:  # stored -> metres straight into the batch row, mirrored on the way
                 stored = small["depth"][r].numpy()
                 depth_metres(stored[:, ::-1] if flip else stored, scale, out=depth[j].numpy())
-        return self._to_device(Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy())))
+        batch = Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy()))
+        if not to_device:
+            return batch
+        return self._to_device(batch, finish=self.device_finish)
 
     def _stream_chunks(self, plan: EpochPlan, put) -> None:
         """The epoch's chunks, in visiting order, read and decompressed by `read_workers` threads, up to
@@ -506,16 +532,38 @@ class CachedBatches(Batches):
             depth_metres(raw.numpy(), self.store.depth_scale, out=depth.numpy())
         return self._to_device(Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy())))
 
-    def _to_device(self, batch: Batch):
+    def _to_device(self, batch: Batch, finish: bool = False):
         """On CUDA the copy runs on a side stream, so it overlaps the training step; `epoch` makes the consumer's
-        stream wait for it."""
+        stream wait for it. `finish`: the batch is as stored (`device_finish`); flip and convert it after the copy."""
         if self._copy_stream is None:
-            return batch.to(self.device)
+            moved = batch.to(self.device)
+            return self._finish_on_device(moved, bool(batch.flipped.any())) if finish else moved
         with torch.cuda.stream(self._copy_stream):
             moved = batch.to(self.device)
+            if finish:
+                moved = self._finish_on_device(moved, bool(batch.flipped.any()))
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         return moved, event
+
+    def _finish_on_device(self, batch: Batch, any_flip: bool) -> Batch:
+        """A batch handed over as stored (`device_finish`) made what the host would have made, bit for bit: the
+        flipped samples' token grids mirrored along their width, the targets' uint16 bits to float32 metres
+        (`/ depth_scale`) and mirrored. Runs where the batch is; `any_flip` comes from the host's flags, so no
+        host sync."""
+        m = batch.flipped
+        tokens = batch.features["tokens"]
+        if any_flip:
+            tokens = {k: torch.where(m[:, None, None, None], t.flip(2), t) for k, t in tokens.items()}
+        depth = batch.depth
+        if depth is not None:
+            metres = (depth.to(torch.int32) & 0xFFFF).to(torch.float32)
+            # A divisor tensor, not a Python scalar: CUDA turns a scalar divisor into a multiply by its reciprocal,
+            # which is not bit-identical to the host's float32 division.
+            metres = torch.div(metres, torch.full((), self.store.depth_scale, dtype=torch.float32,
+                                                  device=metres.device))
+            depth = torch.where(m[:, None, None], metres.flip(2), metres) if any_flip else metres
+        return Batch({"tokens": tokens, "global": batch.features["global"]}, depth, batch.index, batch.flipped)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan(epoch)

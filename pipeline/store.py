@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import google_crc32c
+import crc32c
 import numcodecs
 import numpy as np
 import torch
@@ -199,7 +199,7 @@ class _ChunkFiles:
             with tmp.open("wb") as f:
                 f.write(memoryview(data))
                 if self.checksum:
-                    f.write(np.uint32(google_crc32c.value(data)).tobytes())
+                    f.write(np.uint32(crc32c.crc32c(data)).tobytes())
             tmp.replace(path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -223,7 +223,7 @@ class _ChunkFiles:
             data = buf
             if self.checksum:
                 data = buf[:-4]
-                if np.uint32(google_crc32c.value(data)).tobytes() != buf[-4:].tobytes():
+                if np.uint32(crc32c.crc32c(data)).tobytes() != buf[-4:].tobytes():
                     raise ValueError("its CRC-32C does not match: the file was changed or cut")
             nbytes = int(np.prod(self.chunk_shape)) * self.dtype.itemsize
             if self.decoder is None:
@@ -321,7 +321,7 @@ class ChunkRows:
         got = os.preadv(self.fd, [view], r * self.row_bytes)
         if got != self.row_bytes:
             raise self._damaged(f"read {got} of row {r}'s {self.row_bytes} bytes")
-        crc = google_crc32c.value(flat) if self.stored_crc is not None else 0
+        crc = crc32c.crc32c(flat) if self.stored_crc is not None else 0
         with self._lock:
             self.crcs[r] = crc
 

@@ -238,7 +238,8 @@ def small_store(path, compressor="none", dtype="float16"):
     gen = torch.Generator().manual_seed(1)
     for c in range(st.n_chunks):
         a, b = st.chunk_range(c)
-        depth = np.random.default_rng(c).uniform(1, 80, (b - a, *HW)).astype(np.float32)
+        # up to 200 m: above 128 m the stored uint16 has its high bit set (negative as the int16 bits)
+        depth = np.random.default_rng(c).uniform(1, 200, (b - a, *HW)).astype(np.float32)
         st.write_chunk(c, {k: torch.randn(b - a, G, G, C, generator=gen) for k in LAYERS},
                        torch.randn(b - a, C, generator=gen), depth, np.array([a + i == 5 for i in range(b - a)]),
                        [""] * (b - a))
@@ -246,15 +247,25 @@ def small_store(path, compressor="none", dtype="float16"):
     return FeatureStore.open(str(path))
 
 
-@pytest.mark.parametrize("compressor, dtype, rows", [("none", "float16", True), ("none", "bfloat16", True),
-                                                     ("zstd", "float16", False)])
-def test_row_and_chunk_streaming_give_the_resident_batches(tmp_path, compressor, dtype, rows):
+@pytest.mark.parametrize("compressor, dtype, rows, device_finish", [
+    ("none", "float16", True, False), ("none", "bfloat16", True, False), ("none", "float16", True, True),
+    ("none", "bfloat16", True, True), ("zstd", "float16", False, False)])
+def test_row_and_chunk_streaming_give_the_resident_batches(tmp_path, compressor, dtype, rows, device_finish):
     """Uncompressed features stream a row at a time straight into the batch, compressed ones chunk by chunk: both
-    give the resident cache's batches bit for bit (mirrored rows, targets, CLS vectors, bfloat16 bits)."""
+    give the resident cache's batches bit for bit (mirrored rows, targets, CLS vectors, bfloat16 bits). So do rows
+    handed over as stored and finished where the batch goes (`device_finish`, the CUDA default; here the CPU runs
+    the same torch code the GPU would)."""
     st = small_store(tmp_path / "s.zarr", compressor, dtype)
+    assert st.read_chunk(0, layers=(), raw_depth=True)["depth"].min() < 0  # high-bit targets are in the test
     kw = dict(batch_size=5, flip_p=0.5, seed=2, shuffle_window=2, read_workers=2)
-    streamed = CachedBatches(st, LAYERS, cache_device="stream", **kw)
-    assert streamed.row_reads is rows
+    streamed = CachedBatches(st, LAYERS, cache_device="stream", device_finish=device_finish, **kw)
+    assert streamed.row_reads is rows and streamed.device_finish is device_finish
+    if device_finish:  # what the host hands over: rows as stored, the targets' int16 bits
+        raw = next(iter(streamed.host_batches(1)))
+        assert raw.depth.dtype == torch.int16 and raw.flipped.any()
+        j = int(np.flatnonzero(raw.flipped.numpy())[0])
+        row = st.read_chunk(int(raw.index[j]) // CS, LAYERS)["tokens"][LAYERS[0]][int(raw.index[j]) % CS]
+        assert torch.equal(raw.features["tokens"][LAYERS[0]][j].view(torch.int16), row.view(torch.int16))
     a, b = collect(streamed, 1), collect(CachedBatches(st, LAYERS, cache_device="cpu", **kw), 1)
     assert len(a) == len(b) == len(streamed) and any(x.flipped.any() for x in a)
     for x, y in zip(a, b):
