@@ -348,24 +348,33 @@ class CachedBatches(Batches):
             return self._stream_rows(plan, put)
         return self._stream_chunks(plan, put)
 
-    def host_batches(self, epoch: int) -> Iterator[Batch]:
+    def host_batches(self, epoch: int, recycle: bool = False) -> Iterator[Batch]:
         """The streamed batches of an epoch as the host hands them to the device copy, before `_to_device`: with
         `device_finish`, rows as stored and unflipped, `depth` the stored targets' int16 bits (`flipped` says which
-        samples the device mirrors). What bench/train.py times as the loader's host work for a GPU."""
+        samples the device mirrors). What bench/train.py times as the loader's host work for a GPU.
+
+        `recycle=True`: a batch's buffers are reused for a later batch as soon as the next one is asked for (copy
+        what you keep first), as CUDA's caching host allocator reuses a pinned batch once its copy to the device
+        is done. On a CPU, without it, every batch is assembled in memory the kernel maps in afresh."""
         if not self.row_reads:
             raise ValueError("host_batches: only row streaming (mode stream, uncompressed features) hands batches "
                              "over before the device")
         plan = self.plan(epoch)
-        return _prefetched(lambda put: self._stream_rows(plan, put, to_device=False), self.prefetch)
+        buffers = _Buffers(pin=self.device.type == "cuda") if recycle else None
+        items = _prefetched(lambda put: self._stream_rows(plan, put, to_device=False, buffers=buffers),
+                            self.prefetch)
+        return _given_back(items, buffers) if recycle else items
 
-    def _stream_rows(self, plan: EpochPlan, put, to_device: bool = True) -> None:
+    def _stream_rows(self, plan: EpochPlan, put, to_device: bool = True, buffers: "_Buffers | None" = None) -> None:
         """Uncompressed features: each batch assembled by a pool thread reading its samples' token rows straight
         from the chunk files into the batch (`ChunkRows`; a mirrored row through a one-row scratch buffer and an
         `index_select` of the reversed columns), the small arrays (CLS vectors, targets) read a whole chunk at a
         time. A chunk's CRC-32C is checked when the last batch that uses it is assembled (its row CRCs combined),
         and a batch is handed out only once every chunk it touches has passed, so a damaged chunk stops training
         before any of its rows reach the decoder. Up to `prefetch` batches are assembled ahead, and as many more as
-        that check needs (the rest of a shuffle window)."""
+        that check needs (the rest of a shuffle window). A chunk's small arrays are read (the targets decompressed)
+        by a pool task of their own, queued ahead of the first batch that needs them, so that the threads
+        assembling batches over the same chunks do not wait on one another's decompression."""
         cs = self.store.chunk_size
         batches = list(self._batches(plan))
         chunks_of = [[int(c) for c in np.unique(pos // cs)] for pos, _ in batches]
@@ -387,7 +396,7 @@ class CachedBatches(Batches):
         def assemble(b: int):
             pos, flips = batches[b]
             parts = {c: chunk(c) for c in chunks_of[b]}
-            batch = self._assemble_rows(parts, pos, flips, local, to_device)
+            batch = self._assemble_rows(parts, pos, flips, local, to_device, buffers)
             for c, part in parts.items():
                 with lock:
                     pending[c] -= 1
@@ -400,6 +409,7 @@ class CachedBatches(Batches):
 
         assembled: dict[int, Future] = {}
         submitted = 0
+        small_read: set[int] = set()
         pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="row-read")
         try:
             for b in range(len(batches)):
@@ -407,6 +417,10 @@ class CachedBatches(Batches):
                 wait = sorted({j for c in chunks_of[b] for j in users[c]})
                 horizon = min(max(b + 1 + self.prefetch, wait[-1] + 1), len(batches))
                 for j in range(submitted, horizon):
+                    for c in chunks_of[j]:
+                        if c not in small_read:  # first use of the chunk: its small arrays, ahead of the batch
+                            small_read.add(c)
+                            pool.submit(chunk(c).small)
                     assembled[j] = pool.submit(assemble, j)
                 submitted = max(submitted, horizon)
                 for j in wait:
@@ -420,45 +434,52 @@ class CachedBatches(Batches):
                 part.close()
 
     def _assemble_rows(self, parts: dict[int, "_OpenChunk"], pos: np.ndarray, flips: np.ndarray, local,
-                       to_device: bool = True):
+                       to_device: bool = True, buffers: "_Buffers | None" = None):
         """One streamed batch read row by row (`_stream_rows`): the values `_finish` gives a resident batch, bit
-        for bit (with `device_finish`, once `_finish_on_device` has run)."""
+        for bit (with `device_finish`, once `_finish_on_device` has run). `buffers`: recycled batch memory
+        (`host_batches(recycle=True)`)."""
         pin = self.device.type == "cuda"
+        empty = buffers.take if buffers is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype,
+                                                                                             pin_memory=pin))
         on_host = not self.device_finish  # flip and convert here; else copy the rows as stored
         first = next(iter(parts.values())).small()
         g, c_width = int(self.store.attrs["grid"]), int(self.store.attrs["width"])
         dtype = first["global"].dtype
-        tokens = {k: torch.empty((len(pos), g, g, c_width), dtype=dtype, pin_memory=pin) for k in self.layers}
-        glob = torch.empty((len(pos), c_width), dtype=dtype, pin_memory=pin)
+        tokens = {k: empty((len(pos), g, g, c_width), dtype) for k in self.layers}
+        glob = empty((len(pos), c_width), dtype)
         depth = None
         if "depth" in first:
-            depth = torch.empty((len(pos), *first["depth"].shape[1:]), dtype=torch.float32 if on_host
-                                else first["depth"].dtype, pin_memory=pin)
+            depth = empty((len(pos), *first["depth"].shape[1:]), torch.float32 if on_host else first["depth"].dtype)
         scale = self.store.depth_scale if depth is not None else None
         scratch = getattr(local, "row", None)
         if scratch is None or scratch.dtype != dtype or scratch.shape != (g, g, c_width):
             scratch = local.row = torch.empty((g, g, c_width), dtype=dtype)
-        reverse = torch.arange(g - 1, -1, -1)
+        # Every copy here is numpy's on byte views: one thread, the GIL released. torch's copy_ and index_select
+        # split a large copy over its intra-op OpenMP threads, and two pool threads doing that on two cores spent
+        # more time spinning in OpenMP than copying (BENCHMARKS.md, issue 14).
         into = {k: _bytes(t) for k, t in tokens.items()}  # (B, g, g, 2C) uint8 views: rows are read into these
+        glob_bytes, depth_np = _bytes(glob), (depth.numpy() if depth is not None else None)
         scratch_bytes = _bytes(scratch)
         cs = self.store.chunk_size
         smalls = {c: part.small() for c, part in parts.items()}
+        small_np = {c: (_bytes(sm["global"]), sm["depth"].numpy() if depth is not None else None)
+                    for c, sm in smalls.items()}
         for j, (p, flip) in enumerate(zip(pos, flips)):
             c, r = divmod(int(p), cs)
-            part, small = parts[c], smalls[c]
+            part, (small_glob, small_depth) = parts[c], small_np[c]
             mirror = flip and on_host
             for k in self.layers:
-                if mirror:  # the feature-space flip: the grid along its width
+                if mirror:  # the feature-space flip: the grid along its width (whole channel vectors move)
                     part.rows[k].read_into(r, scratch_bytes)
-                    torch.index_select(scratch, 1, reverse, out=tokens[k][j])
+                    np.copyto(into[k][j], scratch_bytes[:, ::-1])
                 else:
                     part.rows[k].read_into(r, into[k][j])
-            glob[j].copy_(small["global"][r])
+            np.copyto(glob_bytes[j], small_glob[r])
             if depth is not None and not on_host:
-                depth[j].copy_(small["depth"][r])
+                np.copyto(depth_np[j], small_depth[r])
             elif depth is not None:  # stored -> metres straight into the batch row, mirrored on the way
-                stored = small["depth"][r].numpy()
-                depth_metres(stored[:, ::-1] if flip else stored, scale, out=depth[j].numpy())
+                stored = small_depth[r]
+                depth_metres(stored[:, ::-1] if flip else stored, scale, out=depth_np[j])
         batch = Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy()))
         if not to_device:
             return batch
@@ -510,22 +531,20 @@ class CachedBatches(Batches):
         tokens = {k: rows(first["tokens"][k]) for k in self.layers}  # (B, g, g, C)
         glob = rows(first["global"])  # (B, C)
         raw = torch.empty((len(pos), *first["depth"].shape[1:]), dtype=torch.int16) if "depth" in first else None
-        grid = first["tokens"][self.layers[0]].shape[2]
-        reverse = torch.arange(grid - 1, -1, -1)
+        into = {k: _bytes(t) for k, t in tokens.items()}  # byte views, copied by numpy (see `_assemble_rows`)
+        glob_bytes, raw_np = _bytes(glob), (raw.numpy() if raw is not None else None)
         cs = self.store.chunk_size
         for j, (p, flip) in enumerate(zip(pos, flips)):
             data, r = parts[int(p) // cs], int(p) % cs
             mirror = flip and not self.exact_flips  # a feature-space flip: the grid along its width
             source = "flipped_" if flip and self.exact_flips else ""  # the mirrored image's own features
             for k in self.layers:
-                t = data[source + "tokens"][k][r]  # (g, g, C)
-                if mirror:
-                    torch.index_select(t, 1, reverse, out=tokens[k][j])
-                else:
-                    tokens[k][j].copy_(t)
-            glob[j].copy_(data[source + "global"][r])
-            if raw is not None:
-                raw[j].copy_(data["depth"][r].flip(1) if flip else data["depth"][r])
+                row = _bytes(data[source + "tokens"][k][r])  # (g, g, 2C) bytes
+                np.copyto(into[k][j], row[:, ::-1] if mirror else row)
+            np.copyto(glob_bytes[j], _bytes(data[source + "global"][r]))
+            if raw_np is not None:
+                stored = data["depth"][r].numpy()
+                np.copyto(raw_np[j], stored[:, ::-1] if flip else stored)
         depth = None
         if raw is not None:  # (B, H, W) metres
             depth = rows(raw, torch.float32)
@@ -600,12 +619,25 @@ class _OpenChunk:
             self.close()
             raise
         self._small: dict | None = None
+        self._error: BaseException | None = None
         self._lock = threading.Lock()
+        self.closed = False
 
     def small(self) -> dict:
+        """Read once (by the pool task queued ahead, or whichever thread comes first); a failed read fails every
+        later call the same way, so the batch that needs it re-raises what the read raised."""
         with self._lock:
+            if self._error is not None:
+                raise self._error
             if self._small is None:
-                self._small = self.store.read_chunk(self.c, layers=(), raw_depth=True)
+                try:
+                    small = self.store.read_chunk(self.c, layers=(), raw_depth=True)
+                except BaseException as err:
+                    self._error = err
+                    raise
+                if self.closed:  # a read queued ahead that ran after the epoch stopped: keep nothing
+                    return small
+                self._small = small
             return self._small
 
     def finish(self, local) -> None:
@@ -621,7 +653,40 @@ class _OpenChunk:
         """Close the files and drop the small arrays: an epoch holds only the chunks its batches in flight read."""
         for rows in self.rows.values():
             rows.close()
+        self.closed = True
         self._small = None
+
+
+class _Buffers:
+    """Batch memory handed back and taken again (`host_batches(recycle=True)`): free tensors by shape and dtype.
+    Memory a process keeps mapped costs nothing to write again; fresh memory costs the kernel a page fault per
+    4 KiB on first touch, which on this VM made the streaming loader's kernel time twice its reads' (BENCHMARKS.md,
+    issue 14)."""
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((tuple(shape), dtype))
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def give(self, batch: Batch) -> None:
+        with self._lock:
+            for t in [*batch.features["tokens"].values(), batch.features["global"], batch.depth]:
+                if t is not None:
+                    self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+
+def _given_back(items: Iterator[Batch], buffers: _Buffers) -> Iterator[Batch]:
+    """Yield each batch, and hand its memory back once the consumer asks for the next."""
+    for batch in items:
+        yield batch
+        buffers.give(batch)
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:

@@ -1,13 +1,14 @@
 """The cached-batch loader: chunk-aligned shuffling, feature-space flips, cache residency, prefetch."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from pipeline.loader import CachedBatches, _prefetched, epoch_plan, resolve_cache_device, store_bytes
+from pipeline.loader import Batch, CachedBatches, _prefetched, epoch_plan, resolve_cache_device, store_bytes
 from pipeline.store import FeatureStore, StoreError, StoreSpec
 
 N, CS, G, C, HW = 23, 4, 14, 8, (6, 10)
@@ -274,6 +275,29 @@ def test_row_and_chunk_streaming_give_the_resident_batches(tmp_path, compressor,
             assert x.features["tokens"][k].dtype == getattr(torch, dtype)
             assert torch.equal(x.features["tokens"][k].view(torch.int16), y.features["tokens"][k].view(torch.int16))
         assert torch.equal(x.depth, y.depth) and torch.equal(x.features["global"], y.features["global"])
+
+
+def test_recycled_host_batches_reuse_memory_and_give_the_same_values(tmp_path):
+    """`host_batches(recycle=True)`: each batch's memory is taken again for a later batch once the next is asked
+    for (as CUDA's caching host allocator reuses a pinned batch after its copy), and what each batch holds when it
+    is handed out is what the unrecycled epoch gives."""
+    st = small_store(tmp_path / "s.zarr")
+    # 11 batches; in flight at most the CRC window's, one ahead, the queue's and the one held here (well under 11)
+    kw = dict(batch_size=2, flip_p=0.5, seed=3, shuffle_window=1, read_workers=2, prefetch=1)
+    loader = CachedBatches(st, LAYERS, cache_device="stream", device_finish=True, **kw)
+    copies, held = [], []
+    for b in loader.host_batches(2, recycle=True):
+        copies.append(Batch({"tokens": {k: t.clone() for k, t in b.features["tokens"].items()},
+                             "global": b.features["global"].clone()}, b.depth.clone(), b.index, b.flipped))
+        held.append(b.features["tokens"][LAYERS[0]])  # kept alive, so distinct ids are distinct tensors
+        time.sleep(0.01)  # a consumer slower than the loader: it runs ahead to its bound
+    plain = list(loader.host_batches(2))
+    assert len(copies) == len(plain) == len(loader) == 11
+    assert len({id(t) for t in held}) < len(held)  # later batches came in the memory of earlier ones
+    for x, y in zip(copies, plain):
+        assert np.array_equal(x.index, y.index) and torch.equal(x.depth, y.depth)
+        assert torch.equal(x.features["global"], y.features["global"])
+        assert all(torch.equal(x.features["tokens"][k], y.features["tokens"][k]) for k in LAYERS)
 
 
 def test_crc32c_combine_gives_the_crc_of_the_whole():
