@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import imagecodecs
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -172,13 +173,17 @@ def read_split(cfg: DataConfig, split: Literal["train", "val", "test"]) -> list[
 
 
 # ---- images and depth ----------------------------------------------------------------------------------------
-def _open(path: Path, kind: str, sample: Sample) -> Image.Image:
+def _require_file(path: Path, kind: str, sample: Sample) -> None:
     if path.is_dir():
         raise DatasetError(f"{kind} path is a directory, not a file: {path} ({sample.where})")
     if not path.is_file():
         raise DatasetError(f"{kind} file missing: {path} ({sample.where})")
     if path.stat().st_size == 0:
         raise DatasetError(f"{kind} file is empty (0 bytes): {path} ({sample.where})")
+
+
+def _open(path: Path, kind: str, sample: Sample) -> Image.Image:
+    _require_file(path, kind, sample)
     try:
         img = Image.open(path)
         img.load()  # decode now: a truncated or corrupt file fails here, with its name
@@ -200,9 +205,34 @@ def _header_size(path: Path) -> tuple[int, int] | None:
 
 
 def load_image(sample: Sample) -> np.ndarray:
-    """(H, W, 3) uint8 RGB."""
+    """(H, W, 3) uint8 RGB. An 8-bit RGB or RGBA PNG (KITTI's frames, the synthetic ones) is decoded by
+    imagecodecs (libpng with zlib-ng: 9.4 ms for a 375 x 1242 frame where Pillow takes 15.5, the same pixels;
+    BENCHMARKS.md, issue 14) after Pillow has read its header; every other file by Pillow."""
+    pixels = _png_rgb(sample.image_path, sample)
+    if pixels is not None:
+        return pixels
     img = _open(sample.image_path, "image", sample)
     return np.array(img.convert("RGB"))
+
+
+def _png_rgb(path: Path, sample: Sample) -> np.ndarray | None:
+    """The pixels of an 8-bit RGB(A) PNG by imagecodecs, or None for any other file (Pillow decodes it, and
+    names what is wrong with it). Pillow's header read keeps its checks: format, mode, decompression-bomb size."""
+    _require_file(path, "image", sample)
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG" or im.mode not in ("RGB", "RGBA"):
+                return None
+            size = im.size
+    except Exception:  # let Pillow's full decode raise the named error
+        return None
+    try:
+        pixels = imagecodecs.png_decode(path.read_bytes())
+    except Exception as err:
+        raise DatasetError(f"image file unreadable: {path} ({sample.where}): {type(err).__name__}: {err}") from None
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[1::-1] != size or pixels.shape[2] not in (3, 4):
+        return None  # not what the header said: Pillow decides
+    return pixels if pixels.shape[2] == 3 else np.ascontiguousarray(pixels[..., :3])
 
 
 def load_depth(sample: Sample, layout: str) -> np.ndarray | None:

@@ -367,8 +367,8 @@ class CachedBatches(Batches):
 
     def _stream_rows(self, plan: EpochPlan, put, to_device: bool = True, buffers: "_Buffers | None" = None) -> None:
         """Uncompressed features: each batch assembled by a pool thread reading its samples' token rows straight
-        from the chunk files into the batch (`ChunkRows`; a mirrored row through a one-row scratch buffer and an
-        `index_select` of the reversed columns), the small arrays (CLS vectors, targets) read a whole chunk at a
+        from the chunk files into the batch (`ChunkRows`; a mirrored row through a one-row scratch buffer and a copy
+        of its reversed columns), the small arrays (CLS vectors, targets) read a whole chunk at a
         time. A chunk's CRC-32C is checked when the last batch that uses it is assembled (its row CRCs combined),
         and a batch is handed out only once every chunk it touches has passed, so a damaged chunk stops training
         before any of its rows reach the decoder. Up to `prefetch` batches are assembled ahead, and as many more as
@@ -522,8 +522,8 @@ class CachedBatches(Batches):
 
     def _assemble(self, parts: dict[int, dict], pos: np.ndarray, flips: np.ndarray):
         """One streamed batch from its chunks' reads (`raw_depth`): each sample's rows copied once into the batch
-        (pinned when training on CUDA), mirrored on the way where flipped (tokens by an `index_select` of the
-        reversed columns straight into the batch row: one pass), the targets converted to metres once for the
+        (pinned when training on CUDA), mirrored on the way where flipped (tokens by a copy of the reversed
+        columns straight into the batch row: one pass), the targets converted to metres once for the
         whole batch: the values `_finish` gives a resident batch, bit for bit."""
         pin = self.device.type == "cuda"
         first = next(iter(parts.values()))

@@ -109,6 +109,37 @@ def test_deleted_image_raises_with_path_and_line(kitti, tmp_path):
     assert str(sample.image_path) in str(err.value) and "line 2 of" in str(err.value) and "one.txt" in str(err.value)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "I;16"])
+def test_png_frames_decode_to_pillows_pixels(kitti, tmp_path, mode, monkeypatch):
+    """8-bit RGB(A) PNGs are decoded by imagecodecs, every other mode by Pillow: `load_image` gives Pillow's
+    `convert("RGB")` pixels either way, and a truncated RGB PNG is named as unreadable."""
+    import imagecodecs
+    from PIL import Image
+
+    split = _one_line_split(kitti, tmp_path)
+    (sample,) = parse_split_file(split, tmp_path / "raw", tmp_path / "gt", "kitti")
+    rgb = Image.open(sample.image_path).convert("RGB")
+    noisy = np.random.default_rng(0).integers(0, 256, (rgb.size[1], rgb.size[0], 3), dtype=np.uint8)
+    rgb = Image.fromarray(np.where(np.arange(rgb.size[0])[None, :, None] % 7 == 0, noisy, np.array(rgb)))
+    img = {"RGB": rgb, "RGBA": rgb.convert("RGBA"), "P": rgb.quantize(64), "L": rgb.convert("L"),
+           "I;16": rgb.convert("I").point(lambda v: v * 200).convert("I;16")}[mode]
+    img.save(sample.image_path)
+    expected = np.array(Image.open(sample.image_path).convert("RGB"))
+    import pipeline.datasets as ds
+
+    calls, decode = [], imagecodecs.png_decode
+    monkeypatch.setattr(ds.imagecodecs, "png_decode", lambda data: calls.append(1) or decode(data))
+    got = load_image(sample)
+    assert got.dtype == np.uint8 and got.flags.c_contiguous and np.array_equal(got, expected)
+    assert len(calls) == (mode in ("RGB", "RGBA"))  # imagecodecs for 8-bit RGB(A), Pillow for the rest
+    if mode == "RGB":
+        data = sample.image_path.read_bytes()
+        sample.image_path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(DatasetError) as err:
+            load_image(sample)
+        assert str(err.value).startswith(f"image file unreadable: {sample.image_path} (line 2 of")
+
+
 def test_corrupt_depth_raises_with_path_and_line(kitti, tmp_path):
     split = _one_line_split(kitti, tmp_path)
     (sample,) = parse_split_file(split, tmp_path / "raw", tmp_path / "gt", "kitti")
