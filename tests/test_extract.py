@@ -144,13 +144,16 @@ def _chunk_files(url):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_extraction_then_resume_is_byte_identical(tmp_path):
+def test_sigkill_mid_extraction_then_resume_is_byte_identical(tmp_path, prefect_harness):
     """A real `spaceclip extract` process is SIGKILLed after some chunks are done; a second run finishes only the
-    missing chunks and the store ends byte-identical, chunk file by chunk file, to an uninterrupted one."""
+    missing chunks and the store ends byte-identical, chunk file by chunk file, to an uninterrupted one. (Both runs
+    report to the session's Prefect server; `test_two_spaceclip_extract_commands_at_once` covers the temporary
+    server a bare command starts.)"""
     cfg_path = write_config(tmp_path, cache={"chunk_size": 2})
     cfg = load_config(cfg_path)
     datasets.ensure_dataset(cfg.data)
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=prefect_harness)
     cmd = [sys.executable, "-m", "flows.cli", "extract", "--config", str(cfg_path), "--splits", "train"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

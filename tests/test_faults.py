@@ -478,7 +478,7 @@ def _tree_bytes(folder: Path) -> int:
 
 
 @pytest.mark.slow
-def test_extraction_on_a_full_tmpfs_fails_in_one_line_and_resumes(tmp_path, small_disk):
+def test_extraction_on_a_full_tmpfs_fails_in_one_line_and_resumes(tmp_path, small_disk, prefect_harness):
     mount, resize = small_disk
     cfg_path = write_config(tmp_path, cache={"chunk_size": 2})
     cfg = load_config(cfg_path)
@@ -491,9 +491,9 @@ def test_extraction_on_a_full_tmpfs_fails_in_one_line_and_resumes(tmp_path, smal
     resize(need // 2)  # room for about half the store
 
     cfg_path.write_text(cfg_path.read_text().replace(str(tmp_path / "cache"), str(mount / "cache")))
+    # the session's Prefect server, not a temporary one per command (its database is not on the full disk)
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               HF_HUB_OFFLINE="1")
-    env.pop("PREFECT_API_URL", None)
+               HF_HUB_OFFLINE="1", PREFECT_API_URL=prefect_harness)
     cmd = [sys.executable, "-m", "flows.cli", "extract", "--config", str(cfg_path), "--splits", "train"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]

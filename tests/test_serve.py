@@ -264,81 +264,6 @@ def test_server_ui_api_url_follows_the_port(monkeypatch, tmp_path):
     assert seen[-1][1]["PREFECT_UI_API_URL"] == "https://prefect.example.org/api"
 
 
-@pytest.mark.slow
-def test_serve_runs_deployments_and_stops_everything(tmp_path, encoder_64px):
-    port, home, work = free_port(), tmp_path / "prefect-home", tmp_path / "work"
-    work.mkdir()
-    api = f"http://127.0.0.1:{port}/api"
-    log = tmp_path / "serve.log"
-    env = child_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1")
-    start = time.monotonic()
-    with open(log, "w") as out:
-        # Started with SIGINT ignored, as a `cmd &` job of a non-interactive shell (and a test runner started that
-        # way, and all its children) starts: Ctrl-C must still stop serve.
-        serve = subprocess.Popen([SPACECLIP, "serve", "--port", str(port)], cwd=work, env=env, stdout=out,
-                                 stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
-    procs: list[psutil.Process] = []
-    try:
-        for name in ("extract-features/demo", "paper-table/demo", "train-decoders/nyu", "evaluate/kitti"):
-            wait_until(lambda: api_get(f"{api}/deployments/name/{name}") == 200, 150, f"deployment {name}",
-                       serve, log)
-        print(f"serve: server healthy and 12 deployments registered in {time.monotonic() - start:.1f} s")
-        text = log.read_text()
-        assert f"Prefect UI:     http://127.0.0.1:{port}" in text and f"export PREFECT_API_URL={api}" in text
-        assert (home / "prefect.db").exists() and (home / "server.log").exists()  # in the given PREFECT_HOME
-        # The UI served on this port calls the API on this port (not Prefect's default 4200).
-        assert ui_settings(port)["api_url"] == api
-        run_env = child_env(home, PREFECT_API_URL=api)
-
-        t = time.monotonic()
-        result = run_deployment("extract-features/demo", tiny_params(tmp_path, encoder_64px), run_env)
-        assert result.returncode == 0
-        assert "Flow run finished successfully in 'Completed'" in result.stdout
-        assert complete_stores(tmp_path / "cache") == {"test": True, "train": True, "val": True}
-        print(f"extract-features/demo: {time.monotonic() - t:.1f} s")
-
-        t = time.monotonic()
-        result = run_deployment("paper-table/demo", tiny_params(tmp_path, encoder_64px, variants=["baseline"]),
-                                run_env)
-        assert result.returncode == 0
-        results = tmp_path / "results" / "demo"
-        for name in ("table.md", "table.tex", "summary.csv", "per_image.csv"):
-            assert (results / name).stat().st_size > 0, name
-        assert "baseline" in (results / "table.md").read_text()
-        assert (tmp_path / "runs" / "demo" / "baseline" / "best" / "model.safetensors").exists()
-        print(f"paper-table/demo: {time.monotonic() - t:.1f} s")
-
-        # A bad parameter fails the run with the config error's own message, not a traceback.
-        bad = tiny_params(tmp_path, encoder_64px)
-        bad["overrides"].append("train.epoch=3")
-        result = run_deployment("train-decoders/demo", bad, run_env)
-        assert result.returncode == 1
-        assert "unknown key 'train.epoch' in --set train.epoch=3" in result.stdout
-        assert "Traceback" not in result.stdout + result.stderr
-        # ... and an unknown parameter name is refused before a run exists.
-        result = prefect("deployment", "run", "extract-features/demo", "-p", "cache_dir=/tmp", env=run_env)
-        assert result.returncode == 1 and "cache_dir" in result.stdout + result.stderr
-
-        # Ctrl-C: serve stops the runner, then every process it started, by PID.
-        procs = process_tree(serve.pid)[1:]
-        assert any("server" in " ".join(p.cmdline()) for p in procs), [p.cmdline() for p in procs]
-        t = time.monotonic()
-        serve.send_signal(signal.SIGINT)
-        assert serve.wait(timeout=60) == 0
-        print(f"shutdown: {time.monotonic() - t:.1f} s")
-        text = log.read_text()
-        assert "Ctrl-C: stopping the runs in progress and the runner" in text
-        assert "every process `spaceclip serve` started has exited" in text
-        assert_gone(procs)
-        assert not port_open(port)
-    finally:
-        print(log.read_text()[-3000:])
-        if serve.poll() is None:
-            stop_process(serve.pid, grace=5)
-        for p in procs:
-            stop_process(p.pid, grace=5)
-
-
 # ---- the work-pool path --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px):
@@ -486,48 +411,119 @@ def assert_sound_and_resumable(cache_root: Path) -> None:
         assert not list(path.rglob("*.partial"))
 
 
+# ---- served deployments: one `spaceclip serve` for the three tests below ---------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One `spaceclip serve --port` (it starts its own Prefect server), shared by the served-deployment tests below
+    in the order they are written; the last of them stops it with Ctrl-C. Yields once every deployment answers."""
+    root = tmp_path_factory.mktemp("served")
+    port, home, work = free_port(), root / "prefect-home", root / "work"
+    work.mkdir()
+    log = root / "serve.log"
+    env = child_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    start = time.monotonic()
+    with open(log, "w") as out:
+        # Started with SIGINT ignored, as a `cmd &` job of a non-interactive shell (and a test runner started that
+        # way, and all its children) starts: Ctrl-C must still stop serve.
+        proc = subprocess.Popen([SPACECLIP, "serve", "--port", str(port)], cwd=work, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        for name in ("extract-features/demo", "paper-table/demo", "train-decoders/nyu", "evaluate/kitti"):
+            wait_until(lambda: api_get(f"{api}/deployments/name/{name}") == 200, 150, f"deployment {name}",
+                       proc, log)
+        print(f"serve: server healthy and 12 deployments registered in {time.monotonic() - start:.1f} s")
+        yield SimpleNamespace(proc=proc, port=port, api=api, home=home, log=log,
+                              env=child_env(home, PREFECT_API_URL=api))
+    finally:
+        print(log.read_text()[-3000:])
+        if proc.poll() is None:
+            stop_process(proc.pid, grace=5)
+
+
 @pytest.mark.slow
-def test_a_cancelled_deployment_run_stops_and_its_store_resumes(tmp_path, encoder_64px):
+def test_serve_registers_every_deployment_and_runs_them(served, tmp_path, encoder_64px):
+    text = served.log.read_text()
+    assert f"Prefect UI:     http://127.0.0.1:{served.port}" in text and f"export PREFECT_API_URL={served.api}" in text
+    assert (served.home / "prefect.db").exists() and (served.home / "server.log").exists()  # the given PREFECT_HOME
+    # The UI served on this port calls the API on this port (not Prefect's default 4200).
+    assert ui_settings(served.port)["api_url"] == served.api
+    run_env = served.env
+
+    t = time.monotonic()
+    result = run_deployment("extract-features/demo", tiny_params(tmp_path, encoder_64px), run_env)
+    assert result.returncode == 0
+    assert "Flow run finished successfully in 'Completed'" in result.stdout
+    assert complete_stores(tmp_path / "cache") == {"test": True, "train": True, "val": True}
+    print(f"extract-features/demo: {time.monotonic() - t:.1f} s")
+
+    t = time.monotonic()
+    result = run_deployment("paper-table/demo", tiny_params(tmp_path, encoder_64px, variants=["baseline"]), run_env)
+    assert result.returncode == 0
+    results = tmp_path / "results" / "demo"
+    for name in ("table.md", "table.tex", "summary.csv", "per_image.csv"):
+        assert (results / name).stat().st_size > 0, name
+    assert "baseline" in (results / "table.md").read_text()
+    assert (tmp_path / "runs" / "demo" / "baseline" / "best" / "model.safetensors").exists()
+    print(f"paper-table/demo: {time.monotonic() - t:.1f} s")
+
+    # A bad parameter fails the run with the config error's own message, not a traceback.
+    bad = tiny_params(tmp_path, encoder_64px)
+    bad["overrides"].append("train.epoch=3")
+    result = run_deployment("train-decoders/demo", bad, run_env)
+    assert result.returncode == 1
+    assert "unknown key 'train.epoch' in --set train.epoch=3" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    # ... and an unknown parameter name is refused before a run exists.
+    result = prefect("deployment", "run", "extract-features/demo", "-p", "cache_dir=/tmp", env=run_env)
+    assert result.returncode == 1 and "cache_dir" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_cancelled_deployment_run_stops_and_its_store_resumes(served, tmp_path, encoder_64px):
     """`prefect flow-run cancel` on a served extract-features run: the run ends Cancelled, its process goes, no chunk
     is written after that, what was written is sound; two runs of the same deployment at once then both complete
     the stores, with the bytes of an uninterrupted extraction."""
-    port, home, log = free_port(), tmp_path / "prefect-home", tmp_path / "serve.log"
-    api = f"http://127.0.0.1:{port}/api"
-    serve = start_serve(tmp_path / "work", child_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1"), log,
-                        "--port", str(port))
-    try:
-        wait_until(lambda: api_get(f"{api}/deployments/name/extract-features/demo") == 200, 150, "deployments",
-                   serve, log)
-        env = child_env(home, PREFECT_API_URL=api)
-        params = many_chunk_params(tmp_path, encoder_64px)
-        run_id = start_deployment("extract-features/demo", params, env)
-        cache = tmp_path / "cache"
-        wait_until(lambda: done_samples(cache) >= 1, 240, "a chunk extracted", serve, log)
-        assert prefect("flow-run", "cancel", run_id, env=env).returncode == 0
-        wait_until(lambda: flow_run_state(api, run_id) == "CANCELLED", 120, "the run cancelled", serve, log)
-        wait_until(lambda: not run_children(serve), 60, "the run's process gone", serve, log)
-        stopped_at = done_samples(cache)
-        print(f"cancelled after {stopped_at} extracted samples")
-        assert not all(complete_stores(cache).values()), "the run finished before it was cancelled"
-        assert_sound_and_resumable(cache)
-        time.sleep(3)  # nothing of the cancelled run is still writing
-        assert done_samples(cache) == stopped_at
+    serve, api, env, log = served.proc, served.api, served.env, served.log
+    params = many_chunk_params(tmp_path, encoder_64px)
+    run_id = start_deployment("extract-features/demo", params, env)
+    cache = tmp_path / "cache"
+    wait_until(lambda: done_samples(cache) >= 1, 240, "a chunk extracted", serve, log)
+    assert prefect("flow-run", "cancel", run_id, env=env).returncode == 0
+    wait_until(lambda: flow_run_state(api, run_id) == "CANCELLED", 120, "the run cancelled", serve, log)
+    wait_until(lambda: not run_children(serve), 60, "the run's process gone", serve, log)
+    stopped_at = done_samples(cache)
+    print(f"cancelled after {stopped_at} extracted samples")
+    assert not all(complete_stores(cache).values()), "the run finished before it was cancelled"
+    assert_sound_and_resumable(cache)
+    time.sleep(3)  # nothing of the cancelled run is still writing
+    assert done_samples(cache) == stopped_at
 
-        # resumed by two deployment runs at once: they share the remaining chunks and both complete
-        again = [start_deployment("extract-features/demo", params, env) for _ in range(2)]
-        wait_until(lambda: all(flow_run_state(api, r) in ("COMPLETED", "FAILED", "CRASHED") for r in again), 300,
-                   "both runs ended", serve, log)
-        assert [flow_run_state(api, r) for r in again] == ["COMPLETED", "COMPLETED"]
-        assert set(complete_stores(cache).values()) == {True}
-    finally:
-        if serve.poll() is None:
-            serve.send_signal(signal.SIGINT)
-            try:
-                serve.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                stop_process(serve.pid, grace=5)
-        print(log.read_text()[-3000:])
+    # resumed by two deployment runs at once: they share the remaining chunks and both complete
+    again = [start_deployment("extract-features/demo", params, env) for _ in range(2)]
+    wait_until(lambda: all(flow_run_state(api, r) in ("COMPLETED", "FAILED", "CRASHED") for r in again), 300,
+               "both runs ended", serve, log)
+    assert [flow_run_state(api, r) for r in again] == ["COMPLETED", "COMPLETED"]
+    assert set(complete_stores(cache).values()) == {True}
     assert store_bytes(cache) == reference_stores(params, tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_serve_and_everything_it_started(served):
+    """Ctrl-C: serve stops the runner, then every process it started (its Prefect server among them), by PID. The
+    last test of `served`: it ends that serve."""
+    serve = served.proc
+    procs = process_tree(serve.pid)[1:]
+    assert any("server" in " ".join(p.cmdline()) for p in procs), [p.cmdline() for p in procs]
+    t = time.monotonic()
+    serve.send_signal(signal.SIGINT)
+    assert serve.wait(timeout=60) == 0
+    print(f"shutdown: {time.monotonic() - t:.1f} s")
+    text = served.log.read_text()
+    assert "Ctrl-C: stopping the runs in progress and the runner" in text
+    assert "every process `spaceclip serve` started has exited" in text
+    assert_gone(procs)
+    assert not port_open(served.port)
 
 
 @pytest.mark.slow
