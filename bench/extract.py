@@ -12,8 +12,12 @@
 - `decode_limit_images_per_s`: `--threads` cores x the single-core rate of decode + view + preprocess + target
   of one frame (`pipeline.extract._load_row`, timed one frame after another in one thread). The goal is
   null / limit >= 0.8: the data path scales with the cores and the write hides behind it.
-  `decode_and_write_limit_images_per_s`: the same with one core's cost of writing an image's features into new
-  chunk files (default codec) added to the frame's: what the cores can do when every write costs core time.
+  `decode_and_write_limit_images_per_s`: the same with one core's cost (CPU time, user + kernel) of writing an
+  image's features into new chunk files (default codec) added to the frame's: what the cores can do when every
+  write costs core time.
+- `direct_writes`: whether large chunk files were written O_DIRECT (the default; `--no-direct-writes` sends them
+  through the page cache), and `fresh_page_ms_per_mb`: this machine's cost of memory never touched before
+  (`fresh_page_ms_per_mb()`), which every new page-cache page of a buffered write pays.
 - `bytes_per_image`: the store's size on disk divided by the number of samples, for the default codec, and
   `codecs`: ratio, write and read cost of each codec we considered for the feature arrays, measured on these
   activations (fp16 in, so only the codec and the file are timed).
@@ -44,6 +48,7 @@ from pipeline import datasets  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.extract import _load_row, extract_chunks, prepare_store  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, finalize_store  # noqa: E402
+from pipeline import store as store_module  # noqa: E402
 from pipeline.store import FeatureStore, StoreSpec  # noqa: E402
 
 
@@ -140,6 +145,23 @@ def write_config(tmp: Path, n: int, encoder: str, dtype: str, batch: int, compre
     return path
 
 
+def fresh_page_ms_per_mb(mb: int = 256) -> float:
+    """What this machine's kernel takes to hand out memory never touched before: ms per MB to fault in one byte of
+    every page of a new anonymous map. Under a hypervisor that takes freed pages back (free page reporting, as on
+    this VM) it is several ms per MB, and every new page-cache page of a buffered write pays it too."""
+    import mmap
+
+    m = mmap.mmap(-1, mb << 20)
+    try:
+        view = np.frombuffer(m, np.uint8)
+        t0 = time.perf_counter()
+        view[::4096] = 1
+        return round(1000 * (time.perf_counter() - t0) / mb, 3)
+    finally:
+        del view
+        m.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=32)
@@ -149,7 +171,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="cores to use: torch threads and decode pool [all]")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--no-direct-writes", action="store_true",
+                    help="write every chunk file through the page cache (the default writes large ones O_DIRECT)")
     args = ap.parse_args()
+    if args.no_direct_writes:
+        store_module.DIRECT_WRITE_BYTES = 1 << 62
+    fresh_ms_per_mb = fresh_page_ms_per_mb()
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
@@ -219,7 +246,8 @@ def main() -> None:
                 cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 s.write_chunk(0, batch["tokens"], batch["global"])  # already fp16: the codec's own cost
                 wall, cpu = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-                timings.append((wall, cpu.ru_stime - cpu0.ru_stime))
+                timings.append((wall, cpu.ru_stime - cpu0.ru_stime,
+                                cpu.ru_stime - cpu0.ru_stime + cpu.ru_utime - cpu0.ru_utime))
             t0 = time.perf_counter()
             s.read_chunk(0)
             read_s = time.perf_counter() - t0
@@ -227,13 +255,15 @@ def main() -> None:
             ms = lambda x: round(1000 * x / m, 2)
             codecs[f"{name}-{level}"] = {
                 "ratio": round(raw / on_disk, 3), "write_ms_per_image": ms(timings[0][0]),
-                "write_sys_ms_per_image": ms(timings[0][1]), "rewrite_ms_per_image": ms(timings[1][0]),
+                "write_sys_ms_per_image": ms(timings[0][1]), "write_cpu_ms_per_image": ms(timings[0][2]),
+                "rewrite_ms_per_image": ms(timings[1][0]),
                 "rewrite_sys_ms_per_image": ms(timings[1][1]), "read_ms_per_image": ms(read_s)}
 
         # The same limit with one core's cost of writing an image's features into new chunk files of the default
-        # codec added: core time the data path cannot skip on this machine (most of it the kernel's, see codecs).
+        # codec added: the CPU time (user + kernel) of the write, which the data path cannot skip (a direct
+        # write's wait for the disk is not core time, so it is not counted).
         default = "none-0" if cfg.cache.compressor == "none" else f"{cfg.cache.compressor}-{cfg.cache.compression_level}"
-        write_s = codecs[default]["write_ms_per_image"] / 1000
+        write_s = codecs[default]["write_cpu_ms_per_image"] / 1000
         print(json.dumps({
             "null_encoder_images_per_s": round(n / null_s, 3),
             "decode_limit_images_per_s": round(threads / frame_s, 3),
@@ -241,6 +271,7 @@ def main() -> None:
             "decode_and_write_limit_images_per_s": round(threads / (frame_s + write_s), 3),
             "null_over_decode_and_write_limit": round((frame_s + write_s) * n / (threads * null_s), 3),
             "single_core_ms_per_frame": round(1000 * frame_s, 2),
+            "direct_writes": not args.no_direct_writes, "fresh_page_ms_per_mb": fresh_ms_per_mb,
             "null_s_runs": [round(x, 3) for x in nulled],
             "decode_pool_images_per_s": pools,
             "pipeline_images_per_s": round(n / pipeline_s, 3),

@@ -140,8 +140,9 @@ def _index(n=10):
 def _chunk_data(store: FeatureStore, c: int) -> dict:
     a, b = store.chunk_range(c)
     gen = torch.Generator().manual_seed(c)
-    data = dict(tokens={k: torch.randn(b - a, 2, 2, 4, generator=gen) for k in store.layers},
-                cls=torch.randn(b - a, 4, generator=gen),
+    grid, width = store.attrs["grid"], store.attrs["width"]
+    data = dict(tokens={k: torch.randn(b - a, grid, grid, width, generator=gen) for k in store.layers},
+                cls=torch.randn(b - a, width, generator=gen),
                 depth=np.random.default_rng(c).uniform(0, 80, (b - a, 3, 5)).astype(np.float32))
     if store.has_flipped:
         data["flipped"] = ({k: -v for k, v in data["tokens"].items()}, -data["cls"])
@@ -433,6 +434,40 @@ def test_a_full_disk_while_writing_chunks_keeps_nothing_half_written_and_resumes
     monkeypatch.undo()
     assert store.pending_chunks() == [1, 2, 3, 4] and not list(Path(store.url).rglob("*.partial"))
     assert FeatureStore.open(store.url).verify()["problems"] == []  # what is done is sound
+    _write_all(store)
+    assert store_files(store.url) == store_files(reference.url)
+
+
+def test_a_full_disk_during_a_direct_chunk_write_keeps_nothing_half_written_and_resumes(tmp_path, monkeypatch):
+    """The same through `write_file`'s O_DIRECT path (chunk files of 64 KiB, written direct from 4 KiB on here):
+    ENOSPC after part of a chunk file is down gives the one-line error, no partial file, the chunk pending; the
+    resumed store has the bytes of one written wholly through the page cache."""
+    import pipeline.store as store_module
+
+    spec = StoreSpec(n=10, layers=(0, 3), grid=16, width=64, chunk_size=2, target_hw=(3, 5),
+                     attrs={"fingerprint": "f" * 16})
+    monkeypatch.setattr(store_module, "DIRECT_WRITE_BYTES", 1 << 62)
+    reference = FeatureStore.create(str(tmp_path / "ref.zarr"), spec, _index())
+    _write_all(reference)
+    monkeypatch.setattr(store_module, "DIRECT_WRITE_BYTES", 4096)
+    store = FeatureStore.create(str(tmp_path / "s.zarr"), spec, _index())
+    real_write, calls = os.write, []
+
+    def full_after_three(fd, data):
+        calls.append(len(data))
+        if len(calls) > 3:
+            real_write(fd, memoryview(data)[:4096])  # still the aligned buffer
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(store_module.os, "write", full_after_three)
+    with pytest.raises(DiskFullError) as err:
+        _write_all(store)
+    assert "disk full while writing chunk" in str(err.value) and store.url in str(err.value)
+    assert calls[0] >= 4096 and calls[0] % 4096 == 0  # the direct path was taken
+    monkeypatch.setattr(store_module.os, "write", real_write)
+    assert 0 < len(store.pending_chunks()) < 5 and not list(Path(store.url).rglob("*.partial"))
+    assert FeatureStore.open(store.url).verify()["problems"] == []
     _write_all(store)
     assert store_files(store.url) == store_files(reference.url)
 

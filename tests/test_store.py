@@ -226,3 +226,26 @@ def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, compressor, dty
         if name != "zarr.json":  # the root group's attributes hold no chunk data
             assert a[name] == b[name], name
     assert FeatureStore.open(str(direct)).verify()["problems"] == []
+
+
+@pytest.mark.parametrize("size", [1000, (1 << 20) - 1, 1 << 20, (1 << 20) + 4096 * 3, (1 << 20) + 4096 * 3 + 777])
+def test_write_file_gives_the_same_bytes_direct_or_not(tmp_path, size, monkeypatch):
+    """`write_file` writes `data` then `tail`, whether the bulk goes through O_DIRECT (from 1 MiB on, where the
+    filesystem takes it) or not; the staging buffer is reused by the next, smaller file without leaking into it."""
+    import pipeline.store as store
+
+    flags = []
+    real_open = os.open
+    monkeypatch.setattr(store.os, "open", lambda p, f, *a: flags.append(f) or real_open(p, f, *a))
+    rng = np.random.default_rng(size)
+    for n in (size, size - 1000):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        path = tmp_path / f"file-{n}"
+        store.write_file(path, data, b"tail")
+        assert path.read_bytes() == data.tobytes() + b"tail"
+    direct = [bool(f & os.O_DIRECT) for f in flags]
+    if size - size % 4096 >= store.DIRECT_WRITE_BYTES:
+        # tried direct (the test folder's filesystem may refuse it: then a plain open follows)
+        assert direct and direct[0]
+    else:
+        assert not any(direct)
