@@ -393,10 +393,11 @@ def run_children(proc: subprocess.Popen) -> list[psutil.Process]:
     return out
 
 
-def start_serve(work: Path, env: dict, log: Path, *args: str) -> subprocess.Popen:
+def start_serve(work: Path, env: dict, log: Path, *args: str, preexec_fn=None) -> subprocess.Popen:
     work.mkdir(exist_ok=True)
     with open(log, "w") as out:
-        return subprocess.Popen([SPACECLIP, "serve", *args], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([SPACECLIP, "serve", *args], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=preexec_fn)
 
 
 def assert_sound_and_resumable(cache_root: Path) -> None:
@@ -417,16 +418,12 @@ def served(tmp_path_factory):
     """One `spaceclip serve --port` (it starts its own Prefect server), shared by the served-deployment tests below
     in the order they are written; the last of them stops it with Ctrl-C. Yields once every deployment answers."""
     root = tmp_path_factory.mktemp("served")
-    port, home, work = free_port(), root / "prefect-home", root / "work"
-    work.mkdir()
-    log = root / "serve.log"
-    env = child_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1")
+    port, home, log = free_port(), root / "prefect-home", root / "serve.log"
     start = time.monotonic()
-    with open(log, "w") as out:
-        # Started with SIGINT ignored, as a `cmd &` job of a non-interactive shell (and a test runner started that
-        # way, and all its children) starts: Ctrl-C must still stop serve.
-        proc = subprocess.Popen([SPACECLIP, "serve", "--port", str(port)], cwd=work, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
+    # Started with SIGINT ignored, as a `cmd &` job of a non-interactive shell (and a test runner started that way,
+    # and all its children) starts: Ctrl-C must still stop serve.
+    proc = start_serve(root / "work", child_env(home, PREFECT_RUNNER_POLL_FREQUENCY="1"), log, "--port", str(port),
+                       preexec_fn=ignore_sigint)
     api = f"http://127.0.0.1:{port}/api"
     try:
         for name in ("extract-features/demo", "paper-table/demo", "train-decoders/nyu", "evaluate/kitti"):
@@ -514,16 +511,20 @@ def test_ctrl_c_stops_serve_and_everything_it_started(served):
     last test of `served`: it ends that serve."""
     serve = served.proc
     procs = process_tree(serve.pid)[1:]
-    assert any("server" in " ".join(p.cmdline()) for p in procs), [p.cmdline() for p in procs]
-    t = time.monotonic()
-    serve.send_signal(signal.SIGINT)
-    assert serve.wait(timeout=60) == 0
-    print(f"shutdown: {time.monotonic() - t:.1f} s")
-    text = served.log.read_text()
-    assert "Ctrl-C: stopping the runs in progress and the runner" in text
-    assert "every process `spaceclip serve` started has exited" in text
-    assert_gone(procs)
-    assert not port_open(served.port)
+    try:
+        assert any("server" in " ".join(p.cmdline()) for p in procs), [p.cmdline() for p in procs]
+        t = time.monotonic()
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0
+        print(f"shutdown: {time.monotonic() - t:.1f} s")
+        text = served.log.read_text()
+        assert "Ctrl-C: stopping the runs in progress and the runner" in text
+        assert "every process `spaceclip serve` started has exited" in text
+        assert_gone(procs)
+        assert not port_open(served.port)
+    finally:  # what a failed shutdown left behind (the fixture stops only serve's own tree)
+        for p in procs:
+            stop_process(p.pid, grace=5)
 
 
 @pytest.mark.slow
