@@ -264,20 +264,38 @@ def test_server_ui_api_url_follows_the_port(monkeypatch, tmp_path):
     assert seen[-1][1]["PREFECT_UI_API_URL"] == "https://prefect.example.org/api"
 
 
-# ---- the work-pool path --------------------------------------------------------------------------------------------
+# ---- a server the tests start themselves: the work-pool path, then a restarting server ----------------------------
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory):
+    """A `prefect server start` in the test's own hands (what `spaceclip serve` would start), shared by the work-pool
+    test and the restart test after it: one server start fewer (~15 s). The restart test, its last user, replaces `proc`
+    with the server it starts again on the same port and database, and stops it (so that no idle server is left
+    running beside the served tests); the teardown stops whatever is still running and checks the port is free."""
+    port, home = free_port(), tmp_path_factory.mktemp("own-server") / "prefect-home"
+    proc, api = start_server(port, home)
+    ns = SimpleNamespace(proc=proc, port=port, home=home, api=api)
+    try:
+        yield ns
+    finally:
+        tree = process_tree(ns.proc.pid)
+        if ns.proc.poll() is None:
+            stop_process(ns.proc.pid, grace=10)
+        assert_gone(tree)
+        assert not port_open(port)
+
+
 @pytest.mark.slow
-def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px):
+def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px, own_server):
     """`prefect deploy --all` to a process pool, a worker, extraction on an existing Dask scheduler; then
     `spaceclip serve` against that server (PREFECT_API_URL answers): it starts no server and, on SIGTERM, stops
     only what it started."""
-    home, work = tmp_path / "prefect-home", tmp_path / "worker"
+    home, work, port, api = own_server.home, tmp_path / "worker", own_server.port, own_server.api
     work.mkdir()
-    port, dask_port = free_port(), free_port()
+    dask_port = free_port()
     while dask_port == port:
         dask_port = free_port()
-    server, api = start_server(port, home)  # what `spaceclip serve` starts, here in the test's own hands
     env = child_env(home, PREFECT_API_URL=api, PREFECT_WORKER_QUERY_SECONDS="1")
-    started: list[subprocess.Popen] = [server]
+    started: list[subprocess.Popen] = []
     assert ui_settings(port)["api_url"] == api
 
     def popen(args: list[str], name: str, **kwargs) -> tuple[subprocess.Popen, Path]:
@@ -323,13 +341,14 @@ def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px):
         assert api_get(f"{api}/health") == 200
     finally:
         tree = [p for proc in started for p in process_tree(proc.pid)]
-        for proc in reversed(started):  # the worker and Dask first, the server last
+        for proc in reversed(started):  # serve and the worker first, then Dask (the server is the fixture's)
             stop_process(proc.pid, grace=10)
     assert_gone(tree)
-    assert not port_open(port) and not port_open(dask_port)
+    assert not port_open(dask_port)
+    assert api_get(f"{api}/health") == 200
 
 
-# ---- cancelled runs and a restarting server (issue 15) ------------------------------------------------------------
+# ---- cancelled runs and a restarting server (issue 15): helpers ------------------------------------------------
 def many_chunk_params(root: Path, encoder: str) -> dict:
     """`tiny_params` with one sample per chunk and task: a run long enough to be interrupted between chunks."""
     params = tiny_params(root, encoder)
@@ -410,6 +429,44 @@ def assert_sound_and_resumable(cache_root: Path) -> None:
         report = FeatureStore.open(str(path)).verify()
         assert report["problems"] == [], report["problems"]
         assert not list(path.rglob("*.partial"))
+
+
+@pytest.mark.slow
+def test_the_server_restarting_during_a_run_does_not_corrupt_the_store(tmp_path, encoder_64px, own_server):
+    """The Prefect server is stopped in the middle of a served extraction and started again (same port, same
+    database). Whatever becomes of that run, every chunk it marked done is sound, and running the deployment again
+    completes the stores with the bytes of an uninterrupted extraction."""
+    port, home, api, log = own_server.port, own_server.home, own_server.api, tmp_path / "serve.log"
+    env = child_env(home, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="2")
+    serve = start_serve(tmp_path / "work", env, log)
+    try:
+        wait_until(lambda: "Ctrl-C here stops" in log.read_text(), 150, "serve ready", serve, log)
+        params = many_chunk_params(tmp_path, encoder_64px)
+        run_id = start_deployment("extract-features/demo", params, env)
+        cache = tmp_path / "cache"
+        wait_until(lambda: done_samples(cache) >= 1, 240, "a chunk extracted", serve, log)
+        stop_process(own_server.proc.pid)  # the server goes away mid-run ...
+        assert not all(complete_stores(cache).values()), "the run finished before the server stopped"
+        own_server.proc, _ = start_server(port, home)  # ... and comes back on the same port and database
+        wait_until(lambda: flow_run_state(api, run_id) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), 300,
+                   "the interrupted run ended", serve, log)
+        wait_until(lambda: not run_children(serve), 60, "the run's process gone", serve, log)
+        print(f"the run interrupted by the server restart ended {flow_run_state(api, run_id)}")
+        assert_sound_and_resumable(cache)
+
+        result = run_deployment("extract-features/demo", params, env)
+        assert result.returncode == 0 and "Completed" in result.stdout
+        assert set(complete_stores(cache).values()) == {True}
+    finally:
+        if serve.poll() is None:
+            serve.terminate()
+            try:
+                serve.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                stop_process(serve.pid, grace=5)
+        stop_process(own_server.proc.pid, grace=10)  # its last user
+        print(log.read_text()[-3000:])
+    assert store_bytes(cache) == reference_stores(params, tmp_path / "reference")
 
 
 # ---- served deployments: one `spaceclip serve` for the three tests below ---------------------------------------
@@ -525,42 +582,3 @@ def test_ctrl_c_stops_serve_and_everything_it_started(served):
     finally:  # what a failed shutdown left behind (the fixture stops only serve's own tree)
         for p in procs:
             stop_process(p.pid, grace=5)
-
-
-@pytest.mark.slow
-def test_the_server_restarting_during_a_run_does_not_corrupt_the_store(tmp_path, encoder_64px):
-    """The Prefect server is stopped in the middle of a served extraction and started again (same port, same
-    database). Whatever becomes of that run, every chunk it marked done is sound, and running the deployment again
-    completes the stores with the bytes of an uninterrupted extraction."""
-    port, home, log = free_port(), tmp_path / "prefect-home", tmp_path / "serve.log"
-    server, api = start_server(port, home)
-    env = child_env(home, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="2")
-    serve = start_serve(tmp_path / "work", env, log)
-    try:
-        wait_until(lambda: "Ctrl-C here stops" in log.read_text(), 150, "serve ready", serve, log)
-        params = many_chunk_params(tmp_path, encoder_64px)
-        run_id = start_deployment("extract-features/demo", params, env)
-        cache = tmp_path / "cache"
-        wait_until(lambda: done_samples(cache) >= 1, 240, "a chunk extracted", serve, log)
-        stop_process(server.pid)  # the server goes away mid-run ...
-        assert not all(complete_stores(cache).values()), "the run finished before the server stopped"
-        server, _ = start_server(port, home)  # ... and comes back on the same port and database
-        wait_until(lambda: flow_run_state(api, run_id) in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), 300,
-                   "the interrupted run ended", serve, log)
-        wait_until(lambda: not run_children(serve), 60, "the run's process gone", serve, log)
-        print(f"the run interrupted by the server restart ended {flow_run_state(api, run_id)}")
-        assert_sound_and_resumable(cache)
-
-        result = run_deployment("extract-features/demo", params, env)
-        assert result.returncode == 0 and "Completed" in result.stdout
-        assert set(complete_stores(cache).values()) == {True}
-    finally:
-        if serve.poll() is None:
-            serve.terminate()
-            try:
-                serve.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                stop_process(serve.pid, grace=5)
-        stop_process(server.pid, grace=10)
-        print(log.read_text()[-3000:])
-    assert store_bytes(cache) == reference_stores(params, tmp_path / "reference")
