@@ -268,8 +268,8 @@ def test_server_ui_api_url_follows_the_port(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory):
     """A `prefect server start` in the test's own hands (what `spaceclip serve` would start), shared by the work-pool
-    test and the restart test after it: one server start fewer (~15 s). The restart test, its last user, replaces `proc`
-    with the server it starts again on the same port and database, and stops it (so that no idle server is left
+    test and the restart test after it: one server start fewer (5 s saved, measured). The restart test replaces `proc`
+    with the server it starts again on the same port and database and, as its last user, stops it (no idle server left
     running beside the served tests); the teardown stops whatever is still running and checks the port is free."""
     port, home = free_port(), tmp_path_factory.mktemp("own-server") / "prefect-home"
     proc, api = start_server(port, home)
