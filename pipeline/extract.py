@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from pipeline import datasets
 from pipeline.config import Config
 from pipeline.datasets import DatasetError, Sample, View
 from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
-from pipeline.store import FeatureStore, StoreError
+from pipeline.store import FeatureStore, StoreError, byte_view
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,61 @@ def decode_workers_for(cfg: Config) -> int:
     return cfg.encoder.decode_workers or torch_threads_per_worker(cfg)
 
 
+class ChunkBuffers:
+    """The buffers one chunk's features and targets are gathered in, two sets used in turn: while the writer thread
+    writes one chunk from one set, the next chunk fills the other, and a set is taken again only after its write
+    has finished (`extract_chunks` waits for the previous write before it hands the writer the next chunk).
+
+    Allocated once, so the kernel maps their pages in once: every fresh page costs a page fault, and on this VM
+    (free page reporting) 0.6-5 ms per MB, 2.1 MB per image for seven ViT-B/16 layers (BENCHMARKS.md, issue 14).
+    The token buffers are page-aligned `mmap`s, so `pipeline.store.write_file` hands their bulk to an O_DIRECT
+    write as it is, without staging it in an aligned copy."""
+
+    def __init__(self, rows: int, layers, grid: int, width: int, dtype: torch.dtype, target_hw, flipped: bool):
+        def aligned(*shape) -> torch.Tensor:
+            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(*shape)  # page-aligned, zeros
+
+        def one_set():
+            tokens = {k: aligned(rows, grid, grid, width) for k in layers}  # (n, G, G, C)
+            mirrored = ({k: aligned(rows, grid, grid, width) for k in layers}, torch.zeros(rows, width, dtype=dtype)) \
+                if flipped else None  # views.flip = extract / pixel flip TTA: the mirrored image of every view too
+            depth = np.zeros((rows, *target_hw), np.float32) if target_hw else None
+            return tokens, torch.zeros(rows, width, dtype=dtype), mirrored, depth
+
+        self.sets = [one_set(), one_set()]
+        self.turn = 1
+        self.current = None
+
+    def take(self, n: int):
+        """(tokens, cls, flipped, depth) for the next chunk's first `n` rows: views into the next set."""
+        self.turn ^= 1
+        tokens, cls, mirrored, depth = self.sets[self.turn]
+        self.current = ({k: t[:n] for k, t in tokens.items()}, cls[:n],
+                        None if mirrored is None else ({k: t[:n] for k, t in mirrored[0].items()}, mirrored[1][:n]),
+                        None if depth is None else depth[:n])
+        return self.current
+
+    def zero_rows(self, rows: np.ndarray) -> None:
+        """Zeros in the current chunk's `rows`, in every buffer (a skipped sample's rows)."""
+        tokens, cls, mirrored, depth = self.current
+        at = torch.from_numpy(rows)
+        for t in [*tokens.values(), cls, *([*mirrored[0].values(), mirrored[1]] if mirrored else [])]:
+            t[at] = 0
+        if depth is not None:
+            depth[rows] = 0
+
+
+def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
+    """`into[positions] = rows`. Consecutive positions (every batch without a skipped sample) are one numpy copy of
+    the bytes: torch would split it over its OpenMP threads, whose spinning takes the cores from the decode pool
+    (and an index list is torch's slower index_put)."""
+    if positions[-1] - positions[0] == len(positions) - 1:
+        np.copyto(byte_view(into[positions[0]:positions[-1] + 1]), byte_view(rows.contiguous()))
+    else:
+        into[positions] = rows
+
+
 def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None, encoder=None) -> dict:
     """Encode and write one chunk of a store."""
     return extract_chunks(cfg, url, [chunk], torch_threads, encoder)[0]
@@ -300,7 +356,7 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
     ahead = store.chunk_size + bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
 
     def encode(pixels: torch.Tensor) -> dict:
-        if cuda:  # pinned host memory: the copy does not block the host
+        if cuda:  # pinned host memory (`staged`; a mirrored batch is pinned here): the copy does not block the host
             pixels = pixels.pin_memory().to(device, non_blocking=True)
         feats = encoder(pixels, layers, autocast_dtype=autocast)
         out = {"tokens": {k: t.to(buf_dtype) for k, t in feats["tokens"].items()},
@@ -311,6 +367,12 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
             torch.cuda.current_stream(device).synchronize()
         return out
 
+    # Two sets of chunk buffers used in turn (one filled while the other is written), allocated once.
+    buffers = ChunkBuffers(store.chunk_size, layers, encoder.grid, encoder.width, buf_dtype, target_hw,
+                           store.has_flipped)
+    # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
+    # device needs no pinned copy of its own (`encode` returns only after the device is done with it).
+    staged = None
     results = []
     with ThreadPoolExecutor(max_workers=decode_workers_for(cfg), thread_name_prefix="decode") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
@@ -328,13 +390,8 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
         for chunk, (a, b) in zip(chunks, ranges):
             n = b - a
             skipped, reasons = np.zeros(n, bool), [""] * n
-            grid, width = encoder.grid, encoder.width
-            tokens = {k: torch.zeros(n, grid, grid, width, dtype=buf_dtype) for k in layers}
-            cls = torch.zeros(n, width, dtype=buf_dtype)
-            flipped = None
-            if store.has_flipped:  # views.flip = extract / pixel flip TTA: the mirrored image of every view, too
-                flipped = ({k: torch.zeros_like(t) for k, t in tokens.items()}, torch.zeros_like(cls))
-            depth = np.zeros((n, *target_hw), np.float32) if target_hw else None
+            # This chunk's buffers: the set the write before last used (that write has finished; see below).
+            tokens, cls, flipped, depth = buffers.take(n)
             for start in range(0, n, bs):
                 load(done_samples + start + bs + ahead)
                 batch_pixels, positions = [], []
@@ -353,17 +410,23 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
                         depth[i] = d
                 if not positions:
                     continue
-                pixels = torch.stack(batch_pixels)  # (B, 3, S, S)
+                if staged is None or staged.shape[1:] != batch_pixels[0].shape:
+                    staged = torch.empty((bs, *batch_pixels[0].shape), pin_memory=cuda)
+                pixels = staged[:len(batch_pixels)]  # (B, 3, S, S)
+                for j, one in enumerate(batch_pixels):  # numpy's copies, as in `_put_rows`
+                    np.copyto(pixels[j].numpy(), one.numpy())
                 feats = encode(pixels)
                 for k in layers:
-                    tokens[k][positions] = feats["tokens"][k]
-                cls[positions] = feats["global"]
+                    _put_rows(tokens[k], positions, feats["tokens"][k])
+                _put_rows(cls, positions, feats["global"])
                 if flipped is not None:
                     # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
                     feats = encode(pixels.flip(-1))
                     for k in layers:
-                        flipped[0][k][positions] = feats["tokens"][k]
-                    flipped[1][positions] = feats["global"]
+                        _put_rows(flipped[0][k], positions, feats["tokens"][k])
+                    _put_rows(flipped[1], positions, feats["global"])
+            if skipped.any():  # a skipped sample's rows are zeros, not what the buffer held from an earlier chunk
+                buffers.zero_rows(np.flatnonzero(skipped))
             done_samples += n
             if writing is not None:
                 writing.result()  # one chunk in flight: the previous write (and any error it raised) first

@@ -39,7 +39,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from pipeline.store import ChunkRows, FeatureStore, StoreError, depth_metres, layer_key
+from pipeline.store import ChunkRows, FeatureStore, StoreError, byte_view, depth_metres, layer_key
 from spaceclip.features import Features
 
 log = logging.getLogger(__name__)
@@ -457,12 +457,12 @@ class CachedBatches(Batches):
         # Every copy here is numpy's on byte views: one thread, the GIL released. torch's copy_ and index_select
         # split a large copy over its intra-op OpenMP threads, and two pool threads doing that on two cores spent
         # more time spinning in OpenMP than copying (BENCHMARKS.md, issue 14).
-        into = {k: _bytes(t) for k, t in tokens.items()}  # (B, g, g, 2C) uint8 views: rows are read into these
-        glob_bytes, depth_np = _bytes(glob), (depth.numpy() if depth is not None else None)
-        scratch_bytes = _bytes(scratch)
+        into = {k: byte_view(t) for k, t in tokens.items()}  # (B, g, g, 2C) uint8 views: rows are read into these
+        glob_bytes, depth_np = byte_view(glob), (depth.numpy() if depth is not None else None)
+        scratch_bytes = byte_view(scratch)
         cs = self.store.chunk_size
         smalls = {c: part.small() for c, part in parts.items()}
-        small_np = {c: (_bytes(sm["global"]), sm["depth"].numpy() if depth is not None else None)
+        small_np = {c: (byte_view(sm["global"]), sm["depth"].numpy() if depth is not None else None)
                     for c, sm in smalls.items()}
         for j, (p, flip) in enumerate(zip(pos, flips)):
             c, r = divmod(int(p), cs)
@@ -531,17 +531,17 @@ class CachedBatches(Batches):
         tokens = {k: rows(first["tokens"][k]) for k in self.layers}  # (B, g, g, C)
         glob = rows(first["global"])  # (B, C)
         raw = torch.empty((len(pos), *first["depth"].shape[1:]), dtype=torch.int16) if "depth" in first else None
-        into = {k: _bytes(t) for k, t in tokens.items()}  # byte views, copied by numpy (see `_assemble_rows`)
-        glob_bytes, raw_np = _bytes(glob), (raw.numpy() if raw is not None else None)
+        into = {k: byte_view(t) for k, t in tokens.items()}  # byte views, copied by numpy (see `_assemble_rows`)
+        glob_bytes, raw_np = byte_view(glob), (raw.numpy() if raw is not None else None)
         cs = self.store.chunk_size
         for j, (p, flip) in enumerate(zip(pos, flips)):
             data, r = parts[int(p) // cs], int(p) % cs
             mirror = flip and not self.exact_flips  # a feature-space flip: the grid along its width
             source = "flipped_" if flip and self.exact_flips else ""  # the mirrored image's own features
             for k in self.layers:
-                row = _bytes(data[source + "tokens"][k][r])  # (g, g, 2C) bytes
+                row = byte_view(data[source + "tokens"][k][r])  # (g, g, 2C) bytes
                 np.copyto(into[k][j], row[:, ::-1] if mirror else row)
-            np.copyto(glob_bytes[j], _bytes(data[source + "global"][r]))
+            np.copyto(glob_bytes[j], byte_view(data[source + "global"][r]))
             if raw_np is not None:
                 stored = data["depth"][r].numpy()
                 np.copyto(raw_np[j], stored[:, ::-1] if flip else stored)
@@ -645,7 +645,7 @@ class _OpenChunk:
         scratch = getattr(local, "row", None)
         try:
             for rows in self.rows.values():
-                rows.finish(None if scratch is None else _bytes(scratch))
+                rows.finish(None if scratch is None else byte_view(scratch))
         finally:
             self.close()
 
@@ -687,11 +687,6 @@ def _given_back(items: Iterator[Batch], buffers: _Buffers) -> Iterator[Batch]:
     for batch in items:
         yield batch
         buffers.give(batch)
-
-
-def _bytes(t: torch.Tensor) -> np.ndarray:
-    """The bytes of a contiguous CPU tensor (any dtype, bfloat16 included) as a writable uint8 numpy view."""
-    return t.view(torch.uint8).numpy()
 
 
 def _concat(parts: list[dict], layers: Sequence[int]) -> dict:

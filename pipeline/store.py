@@ -75,6 +75,13 @@ def depth_metres(stored: np.ndarray, scale: float, out: np.ndarray | None = None
     return np.divide(stored.view(np.uint16), np.float32(scale), dtype=np.float32, out=out)
 
 
+def byte_view(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor (any dtype, bfloat16 included) as a writable uint8 numpy view: copies
+    between such views are numpy's, in one thread with the GIL released, where torch would split a large copy over
+    its OpenMP threads (BENCHMARKS.md, issue 14)."""
+    return t.view(torch.uint8).numpy()
+
+
 def local_path(url: str) -> Path | None:
     """The folder of a store on the local file system, or None for another fsspec URL (s3://, gs://, ...)."""
     if url.startswith("file://"):
@@ -137,8 +144,8 @@ _direct_buffers = threading.local()
 
 def write_file(path: Path, data: np.ndarray, tail: bytes = b"") -> None:
     """A new file holding `data` (uint8) then `tail`. From `DIRECT_WRITE_BYTES` on, its 4 KiB-aligned bulk goes
-    through O_DIRECT, from a buffer each thread keeps: the disk takes it from that buffer, and the page cache is
-    never filled, which on this VM costs the kernel 1.5-5 ms of CPU per MB of fresh pages (BENCHMARKS.md, issue
+    through O_DIRECT, from `data` itself where it is page-aligned (extraction's `ChunkBuffers`), else from an
+    aligned buffer each thread keeps: the disk takes it from that buffer, and the page cache is never filled, which on this VM costs the kernel 1.5-5 ms of CPU per MB of fresh pages (BENCHMARKS.md, issue
     14), against ~0.25 for the copy into the aligned buffer and the direct write. The rest (under 4 KiB, and
     `tail`) is written normally. A filesystem that refuses O_DIRECT (EINVAL: older tmpfs) and smaller files take
     the plain write; both give the same bytes."""
@@ -154,12 +161,15 @@ def write_file(path: Path, data: np.ndarray, tail: bytes = b"") -> None:
             f.write(tail)
         return
     try:
-        buf = getattr(_direct_buffers, "buf", None)
-        if buf is None or len(buf) < bulk:
-            buf = _direct_buffers.buf = mmap.mmap(-1, bulk)  # page-aligned
-        staged = np.frombuffer(buf, np.uint8, count=bulk)
-        np.copyto(staged, data[:bulk])
-        done = os.write(fd, memoryview(buf)[:bulk])
+        if data.ctypes.data % _ALIGN == 0:  # page-aligned already (extraction's chunk buffers): no staging copy
+            done = os.write(fd, memoryview(data)[:bulk])
+        else:
+            buf = getattr(_direct_buffers, "buf", None)
+            if buf is None or len(buf) < bulk:
+                buf = _direct_buffers.buf = mmap.mmap(-1, bulk)  # page-aligned
+            staged = np.frombuffer(buf, np.uint8, count=bulk)
+            np.copyto(staged, data[:bulk])
+            done = os.write(fd, memoryview(buf)[:bulk])
         # the rest, and whatever a short direct write left (a nearly full disk), through the page cache: a full
         # disk then fails there with ENOSPC, as a plain write does
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
