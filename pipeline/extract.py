@@ -341,7 +341,7 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
     if torch_threads:
         torch.set_num_threads(torch_threads)
     store = FeatureStore.open(url, mode="r+")
-    index = store.index()
+    index = store.index(skips=False)  # the paths and views of the chunks' samples
     encoder = encoder_for(cfg) if encoder is None else encoder
     device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
     cuda = device.type == "cuda"

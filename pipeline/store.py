@@ -795,8 +795,11 @@ class FeatureStore:
         """Stored depth values per metre (training splits only)."""
         return float(self.array("depth").attrs["scale"])
 
-    def index(self):
-        """The per-sample index as a pandas DataFrame (one row per stored sample)."""
+    def index(self, skips: bool = True):
+        """The per-sample index as a pandas DataFrame (one row per stored sample). `skips=False` leaves out the
+        `skipped` and `skip_reason` columns, which extraction writes chunk by chunk: reading them takes a file per
+        chunk (0.22 s of the 0.3 s an index of KITTI's 23,158 training samples takes), and an extraction task,
+        which reads the index for the paths and views of its chunks, need not pay that on every task."""
         import pandas as pd
 
         cols = {}
@@ -818,6 +821,8 @@ class FeatureStore:
             else:
                 cols[name] = values
         df = pd.DataFrame(cols)
+        if not skips:
+            return df
         # A damaged chunk of the skip records reads as "not skipped" (the chunk is extracted again: `verify`).
         df["skipped"] = self._read_tolerant("skipped", 0).astype(bool) if self.n else []
         df["skip_reason"] = self._read_tolerant("skip_reason", "") if self.n else []

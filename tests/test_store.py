@@ -80,6 +80,20 @@ def test_done_flags_follow_data_and_pending_chunks(tmp_path):
         store.write_chunk(0, {0: torch.ones(3, 14, 14, 8)}, torch.ones(3, 8))
 
 
+def test_index_without_the_skip_records_is_the_index_less_those_columns(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    _filled(url, n=10, cs=4)
+    store = FeatureStore.open(url, mode="r+")
+    a, b = store.chunk_range(1)
+    store.write_chunk(1, {k: torch.zeros(b - a, 14, 14, 8) for k in (0, 12)}, torch.zeros(b - a, 8),
+                      np.zeros((b - a, 6, 8), np.float32), np.array([False, True, False, False]), ["", "bad", "", ""])
+    full, lean = store.index(), store.index(skips=False)
+    assert full.skipped.tolist() == [i == 5 for i in range(10)] and full.skip_reason[5] == "bad"
+    assert list(lean.columns) == [c for c in full.columns if c not in ("skipped", "skip_reason")]
+    assert lean.equals(full[lean.columns])
+    assert lean.image_path.tolist() == [f"/img/{i}.png" for i in range(10)]
+
+
 def test_verify_catches_a_deleted_chunk(tmp_path, capsys):
     url = str(tmp_path / "s.zarr")
     _filled(url)
