@@ -20,6 +20,10 @@ The data paths with the decoder taken out (issue 14), `full` layers:
 - `read_limit_samples_per_s`: `--threads` cores x the single-thread rate of reading and decompressing one whole
   chunk (`FeatureStore.read_chunk`, chunk after chunk in one pool thread, as the loader reads).
 - `parallel_read_samples_per_s`: the same reads in `--threads` threads at once: what the cores reach together.
+- `single_thread_read_into_batches_ms_per_sample` (uncompressed stores): the same data read by one thread as the
+  loader must place it: every chunk's rows in order straight into batch-sized buffers used in turn (`ChunkRows`),
+  the CRCs checked, CLS vectors and targets copied into the batch; no shuffle, no pool.
+  `stream_over_read_into_batches_limit`: the loader against `--threads` x that rate.
 - `stream_samples_per_s`: the streaming loader alone (`cache_device: stream`, `read_workers = --threads`, flips
   on), an epoch iterated with no decoder: its host work as it runs for a GPU trainer (`device_finish`, the CUDA
   default: rows handed over as stored, the flips and the conversion of the targets to metres left to the device;
@@ -56,6 +60,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -66,7 +71,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.extract import plan_split  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, resolve_device  # noqa: E402
 from pipeline.loader import CachedBatches, ImageBatches  # noqa: E402
-from pipeline.store import layer_key  # noqa: E402
+from pipeline.store import byte_view, layer_key  # noqa: E402
 from pipeline.train import loss_kwargs_for, train_step  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
 
@@ -128,12 +133,46 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
         for c in chunks:
             store.read_chunk(c, layers, raw_depth=True)
 
-    per_pass, parallel = [], []
+    # The same reads with the loader's destination (uncompressed stores): every chunk's rows in order straight into
+    # batch memory (`ChunkRows`, as the loader reads), two batch-sized buffers used in turn (as recycled batches
+    # are), each chunk's CRC checked, its CLS vectors and targets decoded and copied into the batch. What one
+    # thread can do when the reads must land in batches that leave the core's cache; no shuffle, no pool.
+    g, width = int(store.attrs["grid"]), int(store.attrs["width"])
+    rows_path = all(store.reads_rows(layer_key(k)) for k in layers)
+    into = [{k: np.empty((batch, g, g, 2 * width), np.uint8) for k in layers} for _ in range(2)]
+    small_into = [None, None]
+
+    def read_rows_into_batches() -> None:
+        i = 0
+        for c in range(store.n_chunks):
+            files = {k: store.chunk_rows(layer_key(k), c) for k in layers}
+            small = store.read_chunk(c, layers=(), raw_depth=True)
+            glob, depth = byte_view(small["global"]), small.get("depth")
+            for r in range(store.chunk_range(c)[1] - store.chunk_range(c)[0]):
+                turn, slot = divmod(i, batch)
+                buf = into[turn % 2]
+                for k in layers:
+                    files[k].read_into(r, buf[k][slot])
+                if small_into[turn % 2] is None:
+                    small_into[turn % 2] = (np.empty((batch, glob.shape[1]), np.uint8),
+                                            None if depth is None else np.empty((batch, *depth.shape[1:]), np.int16))
+                np.copyto(small_into[turn % 2][0][slot], glob[r])
+                if depth is not None:
+                    np.copyto(small_into[turn % 2][1][slot], depth[r].numpy())
+                i += 1
+            for rows in files.values():
+                rows.finish()
+
+    per_pass, parallel, into_batches = [], [], []
     for _ in range(3):
         with ThreadPoolExecutor(1) as one:
             t0 = time.perf_counter()
             one.submit(read_all, range(store.n_chunks)).result()
             per_pass.append(time.perf_counter() - t0)
+            if rows_path:
+                t0 = time.perf_counter()
+                one.submit(read_rows_into_batches).result()
+                into_batches.append(time.perf_counter() - t0)
         # What `threads` threads reading at once actually reach here (memory bandwidth and the hypervisor decide):
         # the ceiling any loader on these cores meets, against which the limit's `threads x` is an assumption.
         with ThreadPoolExecutor(threads) as pool:
@@ -184,6 +223,10 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
         "read_limit_samples_per_s": round(read_limit, 2),
         "stream_over_read_limit": round(samples / stream_s / read_limit, 3),
         "single_thread_read_ms_per_sample": round(1000 * read_s / store.n, 3),
+        "single_thread_read_into_batches_ms_per_sample": round(1000 * min(into_batches) / store.n, 3)
+        if into_batches else None,
+        "stream_over_read_into_batches_limit": round(samples / stream_s / (threads * store.n / min(into_batches)), 3)
+        if into_batches else None,
         "parallel_read_samples_per_s": round(store.n / min(parallel), 2),
         "stream_over_parallel_read": round(samples / stream_s / (store.n / min(parallel)), 3),
         "streaming_path": "rows" if for_gpu.row_reads else "chunks",
