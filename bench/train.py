@@ -139,8 +139,11 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
     # thread can do when the reads must land in batches that leave the core's cache; no shuffle, no pool.
     g, width = int(store.attrs["grid"]), int(store.attrs["width"])
     rows_path = all(store.reads_rows(layer_key(k)) for k in layers)
-    into = [{k: np.empty((batch, g, g, 2 * width), np.uint8) for k in layers} for _ in range(2)]
-    small_into = [None, None]
+    target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
+    into = [({k: np.empty((batch, g, g, 2 * width), np.uint8) for k in layers},  # tokens, fp16/bf16 bytes
+             np.empty((batch, 2 * width), np.uint8),  # CLS vectors
+             np.empty((batch, *target_hw), np.int16) if target_hw else None)  # targets as stored
+            for _ in range(2)]
 
     def read_rows_into_batches() -> None:
         i = 0
@@ -148,17 +151,14 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
             files = {k: store.chunk_rows(layer_key(k), c) for k in layers}
             small = store.read_chunk(c, layers=(), raw_depth=True)
             glob, depth = byte_view(small["global"]), small.get("depth")
-            for r in range(store.chunk_range(c)[1] - store.chunk_range(c)[0]):
+            for r in range(len(glob)):
                 turn, slot = divmod(i, batch)
-                buf = into[turn % 2]
+                tokens, glob_into, depth_into = into[turn % 2]
                 for k in layers:
-                    files[k].read_into(r, buf[k][slot])
-                if small_into[turn % 2] is None:
-                    small_into[turn % 2] = (np.empty((batch, glob.shape[1]), np.uint8),
-                                            None if depth is None else np.empty((batch, *depth.shape[1:]), np.int16))
-                np.copyto(small_into[turn % 2][0][slot], glob[r])
+                    files[k].read_into(r, tokens[k][slot])
+                np.copyto(glob_into[slot], glob[r])
                 if depth is not None:
-                    np.copyto(small_into[turn % 2][1][slot], depth[r].numpy())
+                    np.copyto(depth_into[slot], depth[r].numpy())
                 i += 1
             for rows in files.values():
                 rows.finish()

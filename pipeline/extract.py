@@ -289,20 +289,18 @@ class ChunkBuffers:
 
         self.sets = [one_set(), one_set()]
         self.turn = 1
-        self.current = None
 
     def take(self, n: int):
         """(tokens, cls, flipped, depth) for the next chunk's first `n` rows: views into the next set."""
         self.turn ^= 1
         tokens, cls, mirrored, depth = self.sets[self.turn]
-        self.current = ({k: t[:n] for k, t in tokens.items()}, cls[:n],
-                        None if mirrored is None else ({k: t[:n] for k, t in mirrored[0].items()}, mirrored[1][:n]),
-                        None if depth is None else depth[:n])
-        return self.current
+        return ({k: t[:n] for k, t in tokens.items()}, cls[:n],
+                None if mirrored is None else ({k: t[:n] for k, t in mirrored[0].items()}, mirrored[1][:n]),
+                None if depth is None else depth[:n])
 
     def zero_rows(self, rows: np.ndarray) -> None:
-        """Zeros in the current chunk's `rows`, in every buffer (a skipped sample's rows)."""
-        tokens, cls, mirrored, depth = self.current
+        """Zeros in `rows` of the set last taken, in every buffer (a skipped sample's rows)."""
+        tokens, cls, mirrored, depth = self.sets[self.turn]
         at = torch.from_numpy(rows)
         for t in [*tokens.values(), cls, *([*mirrored[0].values(), mirrored[1]] if mirrored else [])]:
             t[at] = 0

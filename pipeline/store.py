@@ -145,8 +145,9 @@ _direct_buffers = threading.local()
 def write_file(path: Path, data: np.ndarray, tail: bytes = b"") -> None:
     """A new file holding `data` (uint8) then `tail`. From `DIRECT_WRITE_BYTES` on, its 4 KiB-aligned bulk goes
     through O_DIRECT, from `data` itself where it is page-aligned (extraction's `ChunkBuffers`), else from an
-    aligned buffer each thread keeps: the disk takes it from that buffer, and the page cache is never filled, which on this VM costs the kernel 1.5-5 ms of CPU per MB of fresh pages (BENCHMARKS.md, issue
-    14), against ~0.25 for the copy into the aligned buffer and the direct write. The rest (under 4 KiB, and
+    aligned buffer each thread keeps: the disk takes it from that buffer, and the page cache is never filled, which
+    on this VM costs the kernel 1.5-5 ms of CPU per MB of fresh pages (BENCHMARKS.md, issue 14), against ~0.25
+    for the copy into the aligned buffer and the direct write. The rest (under 4 KiB, and
     `tail`) is written normally. A filesystem that refuses O_DIRECT (EINVAL: older tmpfs) and smaller files take
     the plain write; both give the same bytes."""
     size = data.nbytes
