@@ -14,7 +14,10 @@ EMA: their `train.py` keeps EMA weights in memory only; when the EMA weights val
 the model before saving, so `"model"` then *is* the EMA state and the file does not say so. A checkpoint that
 carries a separate EMA state dict (`"ema"`, `"ema_state_dict"`, `"model_ema"`, `"ema_model"`, `"ema_shadow"`:
 a full-model state dict, as their `ExponentialMovingAverage.shadow` is) is imported from it by default
-(`weights="auto"`); `weights="model"` / `"ema"` choose explicitly.
+(`weights="auto"`); `weights="model"` / `"ema"` choose explicitly. Their EMA runs over the frozen encoder too, so
+the EMA state's `clip_vision_model.*` is the Hub's weights up to float32 rounding: the encoder is compared element by
+element within that rounding (`spaceclip.encoder.compare_weights`), the difference is recorded in `config.json`
+(`imported.encoder_weights`), and the folder records the loaded encoder's own identity (exact hash).
 
 Nothing is unpickled: the file is read with `torch.load(weights_only=True)`; a checkpoint that needs code to load
 (a pickled `argparse.Namespace`, a model object, ...) is refused with a one-line error naming the file.
@@ -81,13 +84,17 @@ class ImportReport:
     weights: str  # "model" or the EMA key it was read from
     epoch: int | None  # 1-based, as this project counts (their file stores the 0-based loop index)
     encoder: dict
-    encoder_checked: bool  # the named encoder was loaded and its weights hash equals the checkpoint's
+    encoder_checked: bool  # the named encoder was loaded and its weights equal the checkpoint's (within EMA rounding)
     parameters: int
     notes: list[str] = field(default_factory=list)
+    encoder_weights: dict | None = None  # the checkpoint's encoder weights vs the loaded encoder's (compare_weights)
 
     def summary(self) -> str:
         enc = self.encoder
-        check = ("its weights match the checkpoint's clip_vision_model" if self.encoder_checked else
+        diff = self.encoder_weights
+        check = ((f"its weights match the checkpoint's clip_vision_model (max difference {diff['max_abs_diff']:.3g}"
+                  f", {diff['max_rel_diff']:.3g} of the element; tolerance {diff['rtol']:g})" if diff else
+                  "its weights match the checkpoint's clip_vision_model") if self.encoder_checked else
                  "not loaded here: the hash of the checkpoint's own clip_vision_model weights is recorded and "
                  "checked when the folder is loaded")
         lines = [
@@ -282,10 +289,15 @@ def _their_name(ours: str) -> str:
 
 
 # ---- the encoder -----------------------------------------------------------------------------------------------
-def encoder_identity(name: str, encoder_state: dict, path: Path, load: bool = True) -> tuple[dict, bool, list[str]]:
-    """(identity to record, checked, notes). With the encoder's weights in the checkpoint, their hash is what the
-    decoder was trained on; when the named encoder can be loaded here, its hash must equal it."""
-    from spaceclip.encoder import EncoderLoadError, FrozenEncoder
+def encoder_identity(
+    name: str, encoder_state: dict, path: Path, load: bool = True
+) -> tuple[dict, bool, list[str], dict | None]:
+    """(identity to record, checked, notes, difference). With the encoder's weights in the checkpoint, they are what
+    the decoder was trained on; when the named encoder can be loaded here, its weights must equal them within the
+    rounding an EMA over the frozen encoder leaves (`spaceclip.encoder.compare_weights`), and its own identity (its
+    exact hash) is recorded, so loading the folder later checks the encoder exactly. `difference` is that
+    comparison's record (max abs / rel difference), None when nothing was compared."""
+    from spaceclip.encoder import EncoderLoadError, FrozenEncoder, compare_weights
 
     notes: list[str] = []
     stored = encoder_weights_sha256(encoder_state) if encoder_state else None
@@ -301,14 +313,24 @@ def encoder_identity(name: str, encoder_state: dict, path: Path, load: bool = Tr
             notes.append(f"encoder {name!r} could not be loaded here ({str(err).splitlines()[0]})")
     if encoder is not None:
         identity = encoder.identity()
-        if stored is not None and identity["weights_sha256"] != stored:
+        if stored is None:
+            return identity, False, notes, None
+        diff = compare_weights(encoder.model.state_dict(), encoder_state)
+        if not diff.within_tolerance:
             raise CheckpointImportError(
                 f"{path}: its clip_vision_model weights (sha256 {stored[:12]}…) are not those of encoder {name!r} "
-                f"(sha256 {identity['weights_sha256'][:12]}…); name the encoder it was trained with (--encoder)")
-        return identity, stored is not None, notes
+                f"(sha256 {identity['weights_sha256'][:12]}…): {diff.describe()}, beyond the {diff.record()['rtol']:g} "
+                "of each element that rounding by an EMA can explain; name the encoder it was trained with "
+                "(--encoder)")
+        record = {"sha256": stored, **diff.record()}
+        if diff.differing:
+            notes.append(f"the checkpoint's clip_vision_model weights are {name!r}'s up to float32 rounding (as "
+                         f"their EMA over the frozen encoder leaves it): {diff.describe()}; the decoder runs on "
+                         f"{name!r}'s own weights")
+        return identity, True, notes, record
     width = next((int(t.shape[-1]) for k, t in encoder_state.items() if k.endswith("post_layernorm.weight")), None)
     return {"name": name, "revision": None, "width": width, "weights_sha256": stored,
-            "source": f"{ENCODER_PREFIX}* weights of {path.name}"}, False, notes
+            "source": f"{ENCODER_PREFIX}* weights of {path.name}"}, False, notes, None
 
 
 # ---- the whole import ------------------------------------------------------------------------------------------
@@ -382,7 +404,7 @@ def import_checkpoint(
     tc = read_train_config(train_config)
     model, encoder_state, source, epoch = convert(path, variant=variant, weights=weights, train_config=tc)
     name = encoder or tc.get("clip_model_name") or DEFAULT_ENCODER
-    identity, checked, notes = encoder_identity(name, encoder_state, path, load=load_encoder)
+    identity, checked, notes, difference = encoder_identity(name, encoder_state, path, load=load_encoder)
     if source == "model":
         notes.append("their train.py saves the EMA weights as 'model' when EMA validated better; the file does "
                      "not say which these are")
@@ -391,6 +413,8 @@ def import_checkpoint(
         "variant": model.variant, "encoder": identity, "cache_fingerprint": None, "epoch": epoch,
         "imported": {"format": FORMAT, "source": str(path), "sha256": file_sha, "weights": source,
                      "train_config": str(train_config) if train_config else None,
+                     # the checkpoint's own clip_vision_model weights against the encoder recorded above
+                     "encoder_weights": difference,
                      "selection": "the authors' (their best_checkpoint.pt is chosen on the split their config "
                                   "validates on, the test split in their release configs)"},
     }
@@ -398,4 +422,4 @@ def import_checkpoint(
     save_checkpoint(model, out, extra)
     log.info("imported %s (%s, weights %s) into %s", path, model.variant, source, out)
     return ImportReport(path, out, model.variant, source, epoch, identity, checked, model.count_parameters(False),
-                        notes)
+                        notes, difference)

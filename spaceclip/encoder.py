@@ -11,6 +11,7 @@ which is also what the Zarr cache hands back, so the decoder cannot tell the two
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -290,6 +291,81 @@ class FrozenEncoder(nn.Module):
         feats["tokens"] = {k: v.float() for k, v in feats["tokens"].items()}
         feats["global"] = feats["global"].float()
         return feats
+
+
+# ---- comparing weights that went through someone else's training loop ----------------------------------------
+# The authors' train.py keeps an EMA of every floating-point entry of state_dict(), the frozen encoder included
+# (shadow.mul_(d).add_(x, alpha=1 - d)), and saves it as the model when it validated better. With x constant, float32
+# does not keep shadow == x: d and 1 - d rounded to float32 do not add up to 1, so the EMA drifts towards
+# x * (1 + b), b = (fl(d) + fl(1 - d) - 1) / (1 - fl(d)): 2.0e-6 at their 0.996, 1.3e-5 at 0.999, 1.7e-4 at 0.9999,
+# 1.4e-3 at 0.99999 (plus a few ulps of rounding on the way). The tolerance is relative to each element, so it
+# covers these decays at every magnitude, while another encoder (another seed, another training, a fine-tune, which
+# moves the many near-zero elements by far more than 0.2 % of themselves) differs by O(1) of most elements.
+EMA_RTOL = 2e-3
+# Subnormals round in absolute steps (2**-149), not relative ones: the only place an absolute term is needed.
+EMA_ATOL = 1e-30
+
+
+@dataclass(frozen=True)
+class WeightsDifference:
+    """How far another copy of an encoder's state dict is from the reference, element by element (float64)."""
+
+    max_abs: float  # max |other - reference|
+    max_rel: float  # max |other - reference| / |reference| over nonzero reference elements (inf: 0 -> nonzero)
+    differing: int  # elements not bit-equal
+    elements: int
+    worst: str | None  # the key holding max_rel (None when bit-equal)
+    problem: str | None = None  # keys, shapes or integer buffers that differ: not the same encoder at all
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.problem is None and self.max_rel <= EMA_RTOL
+
+    def record(self) -> dict:
+        return {"max_abs_diff": self.max_abs, "max_rel_diff": self.max_rel, "elements_differing": self.differing,
+                "elements": self.elements, "rtol": EMA_RTOL, "atol": EMA_ATOL}
+
+    def describe(self) -> str:
+        if self.problem:
+            return self.problem
+        if not self.differing:
+            return "bit-identical"
+        return (f"{self.differing:,} of {self.elements:,} elements differ, by at most {self.max_abs:.3g} "
+                f"({self.max_rel:.3g} of the element, in {self.worst})")
+
+
+def compare_weights(reference: dict, other: dict) -> WeightsDifference:
+    """`other` (e.g. the encoder weights inside an authors' checkpoint) against `reference` (the encoder loaded
+    here). Passes (`within_tolerance`) when every floating-point element is within EMA_RTOL of itself (EMA_ATOL for
+    subnormals) and everything else is equal."""
+    missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
+    if missing or extra:
+        first = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        return WeightsDifference(math.inf, math.inf, -1, -1, None,
+                                 f"their keys differ ({first}; {len(missing)} missing, {len(extra)} unexpected)")
+    max_abs = max_rel = 0.0
+    differing = elements = 0
+    worst = None
+    for key in sorted(reference):
+        ref, oth = reference[key].detach().cpu(), other[key].detach().cpu()
+        if ref.shape != oth.shape:
+            return WeightsDifference(math.inf, math.inf, -1, -1, key,
+                                     f"{key!r} has shape {tuple(oth.shape)}, expected {tuple(ref.shape)}")
+        elements += ref.numel()
+        if not (ref.is_floating_point() and oth.is_floating_point()):
+            if not torch.equal(ref, oth):
+                return WeightsDifference(math.inf, math.inf, -1, -1, key, f"{key!r} (not floating point) differs")
+            continue
+        ref64, oth64 = ref.double(), oth.double()
+        diff = (oth64 - ref64).abs()
+        differing += int((diff > 0).sum())
+        # relative to the reference element, with the subnormal allowance folded in: passes iff <= EMA_RTOL
+        rel = torch.where(diff <= EMA_ATOL, torch.zeros_like(diff), diff / ref64.abs())  # 0 -> x: inf
+        tensor_abs, tensor_rel = (float(diff.max()), float(rel.max())) if diff.numel() else (0.0, 0.0)
+        max_abs = max(max_abs, tensor_abs)
+        if tensor_rel > max_rel:
+            max_rel, worst = tensor_rel, key
+    return WeightsDifference(max_abs, max_rel, differing, elements, worst)
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:

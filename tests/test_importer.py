@@ -285,3 +285,80 @@ def test_film_hidden_width_is_read_from_the_keys_or_refused(tmp_path, encoder):
     imported = SpaceClipDecoder.from_pretrained(tmp_path / "out").eval()
     assert imported.film[0][0].weight.shape == (32, WIDTH)
     assert torch.equal(imported.film[2][2].bias, state["film_param_generators.2.2.bias"])
+
+
+# ---- EMA over the frozen encoder (issue 27, item 3) -------------------------------------------------------------
+def authors_ema(state: dict, steps: int, decay: float) -> dict:
+    """Their train.py ExponentialMovingAverage, verbatim arithmetic: the shadow starts as a clone of state_dict()
+    and every update runs over every floating-point entry, the frozen clip_vision_model included. The model does
+    not change here (as the frozen encoder does not), so `x` is the same tensor at every step."""
+    shadow = {name: tensor.detach().clone() for name, tensor in state.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 40 k small ops: 0.6 s on one thread, 8 s with threads fighting over 2 cores
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                for name, tensor in state.items():
+                    if tensor.is_floating_point():
+                        shadow[name].mul_(decay).add_(tensor.detach(), alpha=1.0 - decay)
+                    else:
+                        shadow[name] = tensor.detach().clone()
+    finally:
+        torch.set_num_threads(threads)
+    return shadow
+
+
+def test_an_ema_selected_checkpoint_imports_and_another_encoder_is_refused(tmp_path, encoder, capsys):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from spaceclip.encoder import PRESETS
+    from spaceclip.model import SpaceClip
+
+    source = small_decoder("full", seed=3)
+    state = authors_ema(authors_state(source, encoder), steps=200, decay=0.996)  # float32, as they train
+    path = tmp_path / "best_checkpoint.pt"
+    torch.save({"model": state, "optimizer": authors_optimizer_state(source), "epoch": 4}, path)
+
+    hub = {k: v.double().numpy() for k, v in encoder.model.state_dict().items()}
+    ema = {k[len("clip_vision_model."):]: v.double().numpy() for k, v in state.items()
+           if k.startswith("clip_vision_model.")}
+    diffs = {k: np.abs(ema[k] - hub[k]) for k in hub}
+    max_abs = max(float(d.max()) for d in diffs.values())
+    max_rel = max(float((d[hub[k] != 0] / np.abs(hub[k][hub[k] != 0])).max(initial=0.0)) for k, d in diffs.items())
+    n_diff = sum(int((d > 0).sum()) for d in diffs.values())
+    assert 0 < max_abs < 1e-4 and 0 < max_rel < 1e-5 and n_diff > 1000  # the EMA did move the frozen weights
+
+    report = import_checkpoint(path, tmp_path / "out", encoder="tiny-clip")
+    assert report.encoder_checked and report.encoder["weights_sha256"] == encoder.weights_sha256()
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())["imported"]["encoder_weights"]
+    assert recorded["max_abs_diff"] == max_abs and recorded["max_rel_diff"] == max_rel
+    assert recorded["elements_differing"] == n_diff and recorded["elements"] == sum(a.size for a in hub.values())
+    assert recorded["sha256"] != encoder.weights_sha256()  # exact hashing would have refused it
+    assert f"max difference {max_abs:.3g}" in report.summary()
+    SpaceClip.from_pretrained(tmp_path / "out")  # the folder records the loaded encoder: its exact hash checks
+
+    assert main(["import", str(path), "--out", str(tmp_path / "cli"), "--encoder", "tiny-clip"]) == 0
+    assert f"max difference {max_abs:.3g}" in capsys.readouterr().out
+
+    # tiny-clip's architecture from another seed, through the same EMA: refused, with how far it is
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        other = CLIPVisionModel(CLIPVisionConfig(**PRESETS["tiny-clip"]))
+    state = authors_ema({**authors_state(source, None),
+                         **{f"clip_vision_model.{k}": v for k, v in other.state_dict().items()}}, 200, 0.996)
+    path = tmp_path / "other_seed.pt"
+    torch.save({"model": state, "epoch": 4}, path)
+    assert main(["import", str(path), "--out", str(tmp_path / "refused"), "--encoder", "tiny-clip"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not (tmp_path / "refused").exists()
+    assert re.search(r"clip_vision_model weights .* are not those of encoder 'tiny-clip' .*: [\d,]+ of [\d,]+ "
+                     r"elements differ, by at most .* beyond the 0\.002 of each element .*\(--encoder\)$", err), err
+
+    # one element of the EMA'd encoder moved by 1 % of itself: refused too (the check is per element)
+    state = authors_ema(authors_state(source, encoder), 200, 0.996)
+    key = "clip_vision_model.encoder.layers.5.mlp.fc1.weight"
+    state[key][3, 7] *= 1.01
+    path = tmp_path / "one_element.pt"
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointImportError, match=re.escape("in encoder.layers.5.mlp.fc1.weight)")):
+        import_checkpoint(path, tmp_path / "one", encoder="tiny-clip")
