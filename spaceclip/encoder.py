@@ -270,6 +270,11 @@ class FrozenEncoder(nn.Module):
         }
 
     # ---- inference ------------------------------------------------------------------------------------------
+    def model_kwargs(self) -> dict:
+        """What every call of `self.model` needs besides the pixels: at an input side other than the model's own,
+        CLIP and SigLIP interpolate their position embeddings only when asked (DINOv2 always does by itself)."""
+        return {"interpolate_pos_encoding": True} if self._interpolate and self.backbone.interpolate_kwarg else {}
+
     def preprocess(self, images) -> torch.Tensor:
         return preprocess(images, self.image_size, self.backbone.mean, self.backbone.std)
 
@@ -282,9 +287,7 @@ class FrozenEncoder(nn.Module):
         device = next(self.model.parameters()).device
         pixel_values = pixel_values.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            # DINOv2 interpolates its position embeddings by itself whenever the grid differs; CLIP needs asking.
-            kwargs = {"interpolate_pos_encoding": True} if self._interpolate and self.backbone.interpolate_kwarg else {}
-            out = self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+            out = self.model(pixel_values=pixel_values, output_hidden_states=True, **self.model_kwargs())
         feats = features_from_hidden_states(
             out.hidden_states, out.pooler_output, layers, prefix_tokens=self.backbone.prefix_tokens
         )

@@ -13,7 +13,8 @@ re-saved copy of the same weights in another dtype).
 Shared backbone (the paper's plug-in use): a larger model that already ran a Hugging Face vision model with
 `output_hidden_states=True` on `model.preprocess(images)` passes its own outputs and skips a second encoder pass:
 
-    out = clip_vision(pixel_values=model.preprocess(images), output_hidden_states=True)
+    out = clip_vision(pixel_values=model.preprocess(images), output_hidden_states=True,
+                      **model.encoder.model_kwargs())  # interpolate_pos_encoding at a non-native image_size
     depth = model.decode_hidden_states(out.hidden_states, out.pooler_output, out_size=(H, W))  # (B, 1, H, W)
 
 Pure torch/numpy: the only file access is reading the checkpoint in `from_pretrained`.
@@ -162,7 +163,7 @@ class SpaceClip(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed images -> depth (B, 1, S, S) metres at the decoder's native resolution."""
-        out = self.encoder.model(pixel_values=pixel_values, output_hidden_states=True)
+        out = self.encoder.model(pixel_values=pixel_values, output_hidden_states=True, **self.encoder.model_kwargs())
         return self.decode_hidden_states(out.hidden_states, out.pooler_output)  # (B, 1, 16g, 16g)
 
     # ---- images in, arrays out ------------------------------------------------------------------------------

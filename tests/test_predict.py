@@ -97,6 +97,49 @@ def test_checkpoint_encoder_record(tmp_path):
         SpaceClip.from_pretrained(wrong, check_encoder=False)
 
 
+# ---- an encoder at an input side other than its own (issue 27, item 10b) -----------------------------------------
+def checkpoint_at(directory, image_size: int):
+    """A decoder trained (here: initialised) on tiny-clip features at `image_size` px, recorded as training does:
+    `encoder.image_size` in the identity, a (image_size/16)-wide token grid."""
+    encoder = FrozenEncoder.from_name("tiny-clip", image_size=image_size)
+    torch.manual_seed(0)
+    decoder = SpaceClipDecoder("full", width=encoder.width, channels=CHANNELS)
+    decoder.save_pretrained(directory, extra={"encoder": encoder.identity()})
+    return directory
+
+
+def test_predict_at_a_non_native_image_size_matches_the_extraction_path(tmp_path, monkeypatch):
+    ckpt = checkpoint_at(tmp_path / "ckpt112", 112)
+    model = SpaceClip.from_pretrained(ckpt)
+    assert model.image_size == 112 and model.encoder.grid == 7
+    img = photo(40, 90, seed=3)
+    depth = model.infer_image(img)  # tiny-clip's own side is 224: its position embeddings must be interpolated
+    assert depth.shape == (40, 90) and np.isfinite(depth).all()
+    # the same pixels through the encoder as extraction runs it, then the decoder: the same depth
+    pixels = model.preprocess([img])
+    with torch.inference_mode():
+        feats = model.encoder(pixels, layers=model.decoder.layers)
+        want = model.decoder(feats, (40, 90))["depth"][0, 0].numpy()
+        native = model(pixels)
+    assert native.shape == (1, 1, 112, 112)
+    np.testing.assert_allclose(depth, want, rtol=1e-5, atol=1e-6)
+
+    Image.fromarray(img).save(tmp_path / "frame.png")
+    assert run_cli(["predict", str(tmp_path / "frame.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "d"),
+                    "--device", "cpu"], monkeypatch) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "d" / "frame_depth.npy"), depth, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_onnx_export_at_a_non_native_image_size(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from pipeline.export import export_onnx
+
+    report = export_onnx(checkpoint_at(tmp_path / "ckpt112", 112), tmp_path / "full112.onnx")
+    assert report.ok and report.input_shapes == [("B", 3, 112, 112)] and report.output_shape == ("B", 1, 112, 112)
+
+
 # ---- what ONNX export traces (the ONNX round trip itself: tests/test_export.py, slow tier) -----------------------
 def test_decoder_graph_is_the_decoder_with_positional_inputs(model):
     from pipeline.export import DecoderGraph, example_inputs, metadata
