@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # Dask's scheduler/nanny INFO lines would drown the progress bar and the flow's own log lines.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    from pipeline.errors import SpaceClipError  # a config, dataset, store, run or checkpoint the user must fix
+    from pipeline.errors import one_line, user_errors  # a config, dataset, store, run, checkpoint or encoder to fix
 
     # SIGTERM takes the Ctrl-C path: the temporary Prefect server and the Dask cluster are stopped by the `finally`
     # blocks on the way out instead of being orphaned. What was written stays (stores resume, runs resume).
@@ -406,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             config_from_args(args)  # a bad --set fails now, not after the Prefect server has started
         with prefect_api() if args.command in FLOW_COMMANDS else contextlib.nullcontext():
             return int(args.func(args) or 0)
-    except (SpaceClipError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (*user_errors(), FileNotFoundError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished chunks and epochs are kept; the same command resumes", file=sys.stderr)

@@ -19,7 +19,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Failed
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.errors import SpaceClipError
+from pipeline.errors import one_line, user_errors
 
 
 def run_config(
@@ -60,19 +60,20 @@ _DROP_REPORTED = _DropReported()
 
 
 def fail_run_on_user_error(fn):
-    """Inside a flow run, a `SpaceClipError` (a message written for the user: it names the key, file or line to
-    fix; anything else is a bug and keeps its traceback) becomes the run's Failed state with a one-line message (logged,
-    shown by `prefect deployment run --watch` and in the UI). Callers of the flow still get the exception itself:
-    Prefect raises a Failed state's exception when the flow is called in-process or as a subflow."""
+    """Inside a flow run, a user's error (`pipeline.errors.user_errors()`: `SpaceClipError`, an encoder that cannot
+    load; its message names the key, file or line to fix; anything else is a bug and keeps its traceback) becomes the
+    run's Failed state with a one-line message (logged, shown by `prefect deployment run --watch` and in the UI).
+    Callers of the flow still get the exception itself: Prefect raises a Failed state's exception when the flow is
+    called in-process or as a subflow."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SpaceClipError as err:
+        except user_errors() as err:
             if FlowRunContext.get() is None:
                 raise
-            message = f"{type(err).__name__}: {err}"
+            message = f"{type(err).__name__}: {one_line(err)}"
             get_run_logger().error(message)
             err.reported_by_flow = True
             logging.getLogger("prefect.flow_runs").addFilter(_DROP_REPORTED)

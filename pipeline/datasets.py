@@ -169,7 +169,19 @@ def read_split(cfg: DataConfig, split: Literal["train", "val", "test"]) -> list[
     if split == "test":
         return samples
     val = validation_groups([s.group for s in samples], cfg.val_fraction, cfg.val_seed)
+    if not val and cfg.val_fraction > 0 and (split_file, cfg.val_fraction) not in _WARNED_NO_VAL:
+        # Not an error: training then keeps the last epoch as best/ (as with val_fraction 0), but say why.
+        _WARNED_NO_VAL.add((split_file, cfg.val_fraction))
+        groups = sorted({s.group for s in samples})
+        log.warning("no validation split: %s has %d %s (%s), and validation is carved by whole %s so that no frame "
+                    "of it is trained on; best/ will follow last/. Add %s to data.train_split for checkpoint "
+                    "selection, or set data.val_fraction=0 to say there is none", split_file, len(groups),
+                    "drive" if cfg.layout == "kitti" else "scene", ", ".join(groups[:3]),
+                    "drives" if cfg.layout == "kitti" else "scenes", "drives" if cfg.layout == "kitti" else "scenes")
     return [s for s in samples if (s.group in val) == (split == "val")]
+
+
+_WARNED_NO_VAL: set = set()  # (split file, fraction): the warning above once per process, not once per read
 
 
 # ---- images and depth ----------------------------------------------------------------------------------------

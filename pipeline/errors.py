@@ -12,6 +12,22 @@ class SpaceClipError(Exception):
     """An error whose message says what the user should change; reported in one line, without a traceback."""
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What the command and the flows report in one line: `SpaceClipError` and the `spaceclip` library's own errors
+    that are the user's to fix (an encoder that cannot load: its name, its image_size, no Hub; an encoder that is not
+    the one a decoder was trained on). `spaceclip` never imports `pipeline`, so they cannot subclass
+    `SpaceClipError`; imported here when an error is being matched, so that importing this module stays cheap."""
+    from spaceclip.encoder import EncoderLoadError
+    from spaceclip.model import EncoderMismatchError
+
+    return (SpaceClipError, EncoderLoadError, EncoderMismatchError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a message that wraps a lower layer's may hold line breaks)."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip()) or type(err).__name__
+
+
 class DiskFullError(SpaceClipError, OSError):
     """A write failed because its file system is full. Nothing half-written is kept: the message names the path
     and says that the same command resumes once there is space."""

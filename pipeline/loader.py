@@ -311,6 +311,8 @@ class CachedBatches(Batches):
     def _read_chunks(self, chunks: Sequence[int]) -> dict:
         """Whole chunks, concatenated in the given order (the store's unit of compression: large reads)."""
         parts = [self.store.read_chunk(int(c), self.layers, flipped=self.exact_flips) for c in chunks]
+        if not parts:  # an empty store (a train split of one drive has no validation drive): 0-row arrays
+            parts = [self.store.read(slice(0, 0), self.layers, flipped=self.exact_flips)]
         return _concat(parts, self.layers)
 
     def _load_all(self, device: torch.device) -> dict:

@@ -99,7 +99,7 @@ class SpaceClip(nn.Module):
                 encoder = FrozenEncoder.from_name(name, revision, image_size=recorded.get("image_size"))
             except EncoderLoadError as err:
                 raise EncoderLoadError(
-                    f"{err}\n(the decoder in {checkpoint_dir} records encoder {name!r}; if its weights live elsewhere "
+                    f"{err} (the decoder in {checkpoint_dir} records encoder {name!r}; if its weights live elsewhere "
                     "on this machine, pass encoder=<folder> / `--encoder FOLDER`)"
                 ) from None
         else:

@@ -1,0 +1,124 @@
+"""A user's mistake reaches the user as one line that says what to change, whichever layer raises it (issue 27,
+item 10): an encoder that cannot load inside a flow, a train split with one drive (no validation drive to carve)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_demo_config
+
+BAD_SIZE = "encoder 'tiny-clip': image_size 168 is not a multiple of its patch size 16"
+
+
+def small_config(root: Path, **data) -> Path:
+    """The tiny demo config with 6 synthetic frames, rooted in `root`; `data` overrides keys of `data:`."""
+    d = tiny_demo_config(root)
+    d["data"]["synth"] = {"train": 6, "test": 2, "seed": 0}
+    d["data"].update(data)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+# ---- an encoder that cannot load, inside a flow ------------------------------------------------------------------
+def test_an_encoder_that_cannot_load_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    """`spaceclip extract --set encoder.image_size=168` with tiny-clip (patch 16): the flow's own code raises
+    EncoderLoadError; the command prints it in one line (the flow is called as a plain function here, no server)."""
+    import flows.cli
+    import flows.extract
+
+    monkeypatch.setattr(flows.cli, "prefect_api", contextlib.nullcontext)
+    monkeypatch.setattr(flows.extract, "extract_features", flows.extract.extract_features.fn)
+    monkeypatch.setattr(flows.extract, "get_run_logger", lambda: logging.getLogger("test"))
+    for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "DASK_LOGGING__DISTRIBUTED"):
+        monkeypatch.setenv(key, "")  # main() sets defaults with setdefault: keep them out of other tests
+    path = small_config(tmp_path)
+    assert flows.cli.main(["extract", "--config", str(path), "--set", "encoder.image_size=168"]) == 2
+    err = capsys.readouterr().err  # the synthetic dataset's rendering bar, then the error
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "render synthetic" not in line]
+    assert lines == [f"error: {BAD_SIZE}"], err
+
+
+def test_an_encoder_that_cannot_load_fails_the_flow_run_in_one_line(tmp_path, monkeypatch):
+    """Inside a flow run, the same error becomes the run's Failed state with a one-line message (no traceback
+    through Prefect's engine)."""
+    import flows.extract
+    import flows.parameters
+    from prefect.states import State
+
+    from spaceclip.encoder import EncoderLoadError
+
+    logger = logging.getLogger("test-flow-run")
+    monkeypatch.setattr(logger, "propagate", False)  # handlers an earlier main() left on the root logger
+    monkeypatch.setattr(flows.parameters.FlowRunContext, "get", classmethod(lambda cls: object()))
+    monkeypatch.setattr(flows.parameters, "get_run_logger", lambda: logger)
+    monkeypatch.setattr(flows.extract, "get_run_logger", lambda: logger)
+    state = flows.extract.extract_features.fn(config=str(small_config(tmp_path)),
+                                              overrides=["encoder.image_size=168"])
+    assert isinstance(state, State) and state.is_failed()
+    assert state.message == f"EncoderLoadError: {BAD_SIZE}"
+    assert isinstance(state.data, EncoderLoadError) and state.data.reported_by_flow  # the engine logs no traceback
+
+
+def test_every_user_error_prints_one_line(monkeypatch, capsys):
+    """A message that wraps a lower layer's (with its line breaks) still prints as one line."""
+    import flows.cli
+    from pipeline.errors import user_errors
+    from spaceclip.model import EncoderMismatchError
+
+    assert EncoderMismatchError in user_errors()
+
+    def fail(args):
+        raise EncoderMismatchError("first line\n(second line)")
+
+    monkeypatch.setattr(flows.cli, "cmd_version", fail)
+    parser = flows.cli.build_parser()
+    monkeypatch.setattr(flows.cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["version"].set_defaults(func=fail)
+    assert flows.cli.main(["version"]) == 2
+    assert capsys.readouterr().err == "error: first line (second line)\n"
+
+
+# ---- a train split of one drive -------------------------------------------------------------------------------
+def one_drive_config(root: Path) -> Path:
+    """The small config, its train split cut down to the frames of one drive (and data.synth off, so that the
+    cut split is not re-rendered)."""
+    from pipeline.config import load_config
+    from pipeline.datasets import ensure_dataset
+
+    cfg = load_config(small_config(root))
+    ensure_dataset(cfg.data)
+    lines = Path(cfg.data.train_split).read_text().splitlines()
+    drive = lines[0].split("/")[1]
+    split = root / "one_drive.txt"
+    split.write_text("\n".join(line for line in lines if line.split("/")[1] == drive) + "\n")
+    return small_config(root, synth=None, train_split=str(split))
+
+
+def test_a_train_split_of_one_drive_has_an_empty_validation_store_that_loads(tmp_path, caplog):
+    """Validation is carved by whole drives: with one drive there is none. That is no error (training keeps the
+    last epoch, as with data.val_fraction 0), but the empty store must load in memory (cache_device cpu) instead
+    of dying with IndexError, and the log says why there is no validation and what to change."""
+    from pipeline.config import load_config
+    from pipeline.extract import extract_splits
+    from pipeline.loader import CachedBatches
+    from pipeline.store import FeatureStore
+
+    cfg = load_config(one_drive_config(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.datasets"):
+        extract_splits(cfg, ("val",))
+    (url,) = Path(cfg.cache.root).glob("kitti/val-*.zarr")
+    store = FeatureStore.open(str(url))
+    assert store.n == 0
+    for mode in ("cpu", "stream"):
+        batches = CachedBatches(store, (0, 3, 6), 4, train=False, cache_device=mode)
+        assert batches.mode == mode and len(batches) == 0 and list(batches.epoch(0)) == []
+    warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.datasets"]
+    assert len(warned) == 1 and "has 1 drive (2011_09_26_drive_0001_sync)" in warned[0]
+    assert "Add drives to data.train_split" in warned[0] and "data.val_fraction=0" in warned[0]
