@@ -96,7 +96,8 @@ class ImportReport:
                   f", {diff['max_rel_diff']:.3g} of the element; tolerance {diff['rtol']:g})" if diff else
                   "its weights match the checkpoint's clip_vision_model") if self.encoder_checked else
                  "not loaded here: the hash of the checkpoint's own clip_vision_model weights is recorded and "
-                 "checked when the folder is loaded")
+                 "checked exactly when the folder is loaded (weights an EMA went over differ from the Hub's by "
+                 "rounding: import where the encoder loads, so they are compared within it)")
         lines = [
             f"imported {self.source} -> {self.out}",
             f"  decoder: {self.variant} ({self.parameters:,} parameters), weights from {self.weights!r}"
@@ -297,7 +298,7 @@ def encoder_identity(
     rounding an EMA over the frozen encoder leaves (`spaceclip.encoder.compare_weights`), and its own identity (its
     exact hash) is recorded, so loading the folder later checks the encoder exactly. `difference` is that
     comparison's record (max abs / rel difference), None when nothing was compared."""
-    from spaceclip.encoder import EncoderLoadError, FrozenEncoder, compare_weights
+    from spaceclip.encoder import EMA_RTOL, EncoderLoadError, FrozenEncoder, compare_weights
 
     notes: list[str] = []
     stored = encoder_weights_sha256(encoder_state) if encoder_state else None
@@ -319,9 +320,8 @@ def encoder_identity(
         if not diff.within_tolerance:
             raise CheckpointImportError(
                 f"{path}: its clip_vision_model weights (sha256 {stored[:12]}…) are not those of encoder {name!r} "
-                f"(sha256 {identity['weights_sha256'][:12]}…): {diff.describe()}, beyond the {diff.record()['rtol']:g} "
-                "of each element that rounding by an EMA can explain; name the encoder it was trained with "
-                "(--encoder)")
+                f"(sha256 {identity['weights_sha256'][:12]}…): {diff.describe()}, beyond the {EMA_RTOL:g} of each "
+                "element that rounding by an EMA can explain; name the encoder it was trained with (--encoder)")
         record = {"sha256": stored, **diff.record()}
         if diff.differing:
             notes.append(f"the checkpoint's clip_vision_model weights are {name!r}'s up to float32 rounding (as "

@@ -178,14 +178,17 @@ def fake_proxy():
     import threading
 
     server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)  # close() does not wake a blocked accept(): poll the stop flag instead
     seen: list[str] = []
+    stop = threading.Event()
 
     def serve():
-        while True:
+        while not stop.is_set():
             try:
                 conn, _ = server.accept()
-            except OSError:  # closed at the end of the test
-                return
+            except TimeoutError:
+                continue
+            conn.settimeout(10)
             with conn:
                 head = b""
                 while b"\r\n\r\n" not in head and len(head) < 65536:
@@ -199,8 +202,9 @@ def fake_proxy():
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
-    server.close()
+    stop.set()
     thread.join(timeout=5)
+    server.close()
 
 
 def test_hub_probe_goes_through_https_proxy(fake_proxy, monkeypatch):

@@ -122,3 +122,21 @@ def test_a_train_split_of_one_drive_has_an_empty_validation_store_that_loads(tmp
     warned = [r.getMessage() for r in caplog.records if r.name == "pipeline.datasets"]
     assert len(warned) == 1 and "has 1 drive (2011_09_26_drive_0001_sync)" in warned[0]
     assert "Add drives to data.train_split" in warned[0] and "data.val_fraction=0" in warned[0]
+
+
+@pytest.mark.slow
+def test_an_encoder_that_cannot_load_in_a_real_flow_run_has_no_traceback(tmp_path, prefect_harness):
+    """`python -m flows.cli extract` against a Prefect server: the run fails with the one-line message, the engine
+    logs no traceback, the command's last line is the error, exit status 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "extract", "--config", str(small_config(tmp_path)),
+                           "--set", "encoder.image_size=168"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert proc.stderr.splitlines()[-1] == f"error: {BAD_SIZE}"
+    assert f"Finished in state Failed(\"EncoderLoadError: {BAD_SIZE}\")" in proc.stderr
