@@ -25,6 +25,19 @@ def small_config(root: Path, **data) -> Path:
     return path
 
 
+def keep_main_env(monkeypatch) -> None:
+    """main() sets Prefect/Dask defaults in os.environ: undo them after the test."""
+    import os
+
+    for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "DASK_LOGGING__DISTRIBUTED"):
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:  # setenv records that it was unset, so main()'s value is removed afterwards
+            monkeypatch.setenv(key, "")
+            monkeypatch.delenv(key)
+
+
 # ---- an encoder that cannot load, inside a flow ------------------------------------------------------------------
 def test_an_encoder_that_cannot_load_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
     """`spaceclip extract --set encoder.image_size=168` with tiny-clip (patch 16): the flow's own code raises
@@ -35,9 +48,7 @@ def test_an_encoder_that_cannot_load_is_one_line_from_the_cli(tmp_path, monkeypa
     monkeypatch.setattr(flows.cli, "prefect_api", contextlib.nullcontext)
     monkeypatch.setattr(flows.extract, "extract_features", flows.extract.extract_features.fn)
     monkeypatch.setattr(flows.extract, "get_run_logger", lambda: logging.getLogger("test"))
-    for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "DASK_LOGGING__DISTRIBUTED"):
-        monkeypatch.setenv(key, "")  # main() sets defaults with setdefault: keep them out of other tests
+    keep_main_env(monkeypatch)
     path = small_config(tmp_path)
     assert flows.cli.main(["extract", "--config", str(path), "--set", "encoder.image_size=168"]) == 2
     err = capsys.readouterr().err  # the synthetic dataset's rendering bar, then the error
@@ -77,10 +88,8 @@ def test_every_user_error_prints_one_line(monkeypatch, capsys):
     def fail(args):
         raise EncoderMismatchError("first line\n(second line)")
 
-    monkeypatch.setattr(flows.cli, "cmd_version", fail)
-    parser = flows.cli.build_parser()
-    monkeypatch.setattr(flows.cli, "build_parser", lambda: parser)
-    parser._subparsers._group_actions[0].choices["version"].set_defaults(func=fail)
+    monkeypatch.setattr(flows.cli, "cmd_version", fail)  # main() builds its parser after this
+    keep_main_env(monkeypatch)
     assert flows.cli.main(["version"]) == 2
     assert capsys.readouterr().err == "error: first line (second line)\n"
 
@@ -140,3 +149,19 @@ def test_an_encoder_that_cannot_load_in_a_real_flow_run_has_no_traceback(tmp_pat
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert proc.stderr.splitlines()[-1] == f"error: {BAD_SIZE}"
     assert f"Finished in state Failed(\"EncoderLoadError: {BAD_SIZE}\")" in proc.stderr
+
+
+@pytest.mark.slow
+def test_training_on_a_train_split_of_one_drive_keeps_the_last_epoch(tmp_path):
+    """The whole path the issue saw die with IndexError: extract train + val, train with the features in memory.
+    It trains; with no validation, best/ is the last epoch."""
+    from pipeline.config import config_from_dict, dump_config, load_config
+    from pipeline.extract import extract_splits
+    from pipeline.train import train_variants
+
+    cfg = load_config(one_drive_config(tmp_path))
+    cfg = config_from_dict(dump_config(cfg), overrides=["train.epochs=1", "train.cache_device=cpu"])
+    extract_splits(cfg, ("train", "val"))
+    result = train_variants(cfg, ["baseline"])["baseline"]
+    assert result.epochs_done == 1 and result.best_epoch == 1
+    assert (result.run_dir / "best" / "model.safetensors").is_file()
