@@ -359,7 +359,7 @@ def compare_weights(reference: dict, other: dict) -> WeightsDifference:
                 return WeightsDifference(math.inf, math.inf, -1, -1, key, f"{key!r} (not floating point) differs")
             continue
         ref64, oth64 = ref.double(), oth.double()
-        diff = (oth64 - ref64).abs()
+        diff = (oth64 - ref64).abs().nan_to_num(nan=math.inf)  # a NaN where the reference has a number: refused
         differing += int((diff > 0).sum())
         # relative to the reference element, with the subnormal allowance folded in: passes iff <= EMA_RTOL
         rel = torch.where(diff <= EMA_ATOL, torch.zeros_like(diff), diff / ref64.abs())  # 0 -> x: inf

@@ -251,3 +251,31 @@ def test_hub_probe_is_any_answer_of_the_session(monkeypatch):
     assert _hub_reachable(timeout=1.5) is True and asked == [("https://hub.example", 1.5)]
     monkeypatch.setattr(constants, "ENDPOINT", "https://down.example")
     assert _hub_reachable() is False
+
+
+def test_compare_weights_per_element_and_what_is_not_the_same_encoder():
+    from spaceclip.encoder import EMA_RTOL, compare_weights
+
+    ref = {"w": torch.tensor([1.0, -0.5, 0.0, 1e-40, 3.0]), "ids": torch.arange(3)}
+    same = compare_weights(ref, {k: v.clone() for k, v in ref.items()})
+    assert same.within_tolerance and same.differing == 0 and same.max_abs == 0 and same.describe() == "bit-identical"
+    # within EMA_RTOL of each element (and a subnormal moved by one step): passes, with the exact figures
+    w = torch.tensor([1.0 + 1e-3, -0.5, 0.0, 2e-40, 3.0 - 3e-3])
+    near = compare_weights(ref, {"w": w, "ids": torch.arange(3)})
+    want_abs = float((w.double() - ref["w"].double()).abs().max())
+    assert near.within_tolerance and near.differing == 3 and near.max_abs == want_abs
+    w64, r64 = w.double(), ref["w"].double()
+    # the subnormal's move (1e-40 -> 2e-40) is within EMA_ATOL: it counts as differing, not in max_rel
+    want_rel = max(float(abs(w64[0] - r64[0]) / abs(r64[0])), float(abs(w64[4] - r64[4]) / abs(r64[4])))
+    assert near.max_rel == want_rel and 0.9e-3 < want_rel < 1.1e-3 and near.worst == "w"
+    # beyond it, 0 -> nonzero, NaN, an integer buffer, a shape, a key: refused
+    for other, problem in [
+        ({"w": ref["w"] * (1 + 2 * EMA_RTOL), "ids": ref["ids"]}, None),
+        ({"w": torch.tensor([1.0, -0.5, 1e-20, 1e-40, 3.0]), "ids": ref["ids"]}, None),
+        ({"w": torch.tensor([1.0, float("nan"), 0.0, 1e-40, 3.0]), "ids": ref["ids"]}, None),
+        ({"w": ref["w"], "ids": torch.tensor([0, 1, 3])}, "'ids' (not floating point) differs"),
+        ({"w": ref["w"][:4], "ids": ref["ids"]}, "'w' has shape (4,), expected (5,)"),
+        ({"w": ref["w"]}, "their keys differ (missing 'ids'; 1 missing, 0 unexpected)"),
+    ]:
+        diff = compare_weights(ref, other)
+        assert not diff.within_tolerance and diff.problem == problem
