@@ -973,9 +973,9 @@ class FeatureStore:
         `quick=True` (what extraction does with a store it reuses, `cache.verify: quick`) reads a small part of the
         store: the `done` flags; each done chunk file of an uncompressed array checked by its size (a cut or
         missing file is found, a changed byte is not: every reader checks the chunk's CRC-32C and names the
-        file); compressed arrays other than the features (depth targets, flags: a few % of the store) decoded;
-        the index arrays' shapes; and every array of the chunks a killed writer may have left behind (a claim file
-        or a `*.partial` file beside the chunk) decoded. `chunks` is ignored.
+        file); compressed arrays other than the features (depth targets, flags, the index: a few % of the store)
+        decoded; and every array of the chunks a killed writer may have left behind (a claim file or a `*.partial`
+        file beside the chunk) decoded. `chunks` is ignored.
 
         Zarr returns the fill value for a chunk whose file is gone, so existence is checked explicitly. The report's
         `damaged_chunks` are the chunks extraction writes again; `damaged_index` the index arrays it rewrites. Every
@@ -1061,7 +1061,7 @@ class FeatureStore:
                 if arr.shape[0] != self.n:
                     problems.append(f"{key} has {arr.shape[0]} rows, expected {self.n}")
                     continue
-                if self.n and not quick:
+                if self.n:
                     arr[:]
             except Exception as err:
                 problems.append(f"{key}: does not decode (samples (0, {self.n}): the whole index column): "
