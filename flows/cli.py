@@ -186,6 +186,7 @@ def cmd_data_check(args) -> int:
     if report.ok:  # what extraction would write, and whether it fits (`pipeline.extract.space_needed`)
         from pipeline.errors import SpaceClipError
         from pipeline.extract import DiskSpaceError, check_space, space_needed
+        from spaceclip.encoder import EncoderLoadError
 
         try:
             need, _ = space_needed(cfg)
@@ -195,7 +196,7 @@ def cmd_data_check(args) -> int:
         except DiskSpaceError as err:
             print(f"cache: {err}")
             fits = False
-        except SpaceClipError as err:
+        except (SpaceClipError, EncoderLoadError) as err:  # the grid and width come from the encoder
             print(f"cache: size not estimated ({err})")
     return 0 if report.ok and fits else 1
 

@@ -274,11 +274,14 @@ class SpaceNeeded:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+    return _size(n, n)
 
 
 def _size(low: int, high: int) -> str:
-    return _gb(high) if low == high else f"{_gb(low)} to {_gb(high)}"
+    """"1.20 to 1.45 GB", in GB from 1 GB on, else MB; one figure where both read the same."""
+    scale, unit = (1e9, "GB") if high >= 1e9 else (1e6, "MB")
+    a, b = f"{low / scale:.2f}", f"{high / scale:.2f}"
+    return f"{b} {unit}" if a == b else f"{a} to {b} {unit}"
 
 
 def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, dict[str, Plan]]:
