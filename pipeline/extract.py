@@ -216,6 +216,8 @@ def _reextract_changed(cfg: Config, split: str, store: FeatureStore) -> list[int
     changes = source_changes(cfg, split, store)
     if store.sources() is None:  # a store from before signatures: record what is there now
         store.record_sources(changes["now"])
+        if not store.attrs.get("data_roots"):
+            store.group.attrs["data_roots"] = store.attrs["data_roots"] = data_roots(cfg, split)
         return []
     rows, keep = changes["rows"], cfg.cache.on_data_change == "keep"
     what = []
