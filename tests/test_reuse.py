@@ -176,3 +176,20 @@ def test_another_data_root_is_refused_naming_it_or_kept_on_request(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="pipeline.extract"):
         store, reused = prepare_store(kept, "train")
     assert reused and store.complete and "cache.on_data_change is keep" in caplog.text
+
+
+def test_a_store_from_before_the_signatures_is_reused_and_gets_them(complete):
+    """A store written before `sources/` existed (they and `data_roots` removed here) is reused as it is, nothing
+    extracted again, and records its files then."""
+    ctx, store = complete
+    recorded = store.sources()
+    shutil.rmtree(Path(store.url) / "sources")
+    group = FeatureStore.open(store.url, mode="r+").group
+    del group.attrs["data_roots"]
+    old = FeatureStore.open(store.url)
+    assert old.sources() is None and "data_roots" not in old.attrs
+    reused, _ = prepare_store(ctx, "train")
+    assert reused.complete and reused.pending_chunks() == []
+    again = FeatureStore.open(store.url)
+    assert all(np.array_equal(again.sources()[k], recorded[k]) for k in recorded)
+    assert again.attrs["data_roots"] == store.attrs["data_roots"]
