@@ -300,7 +300,8 @@ def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, 
         if store is None:
             plan = plans[split] = plan_split(cfg, split)
             spec = ctx.store_spec(split, plan)
-            est, what = estimate_bytes(spec, plan.index), f"new: {spec.n} samples in {-(-spec.n // spec.chunk_size)} chunks"
+            est = estimate_bytes(spec, plan.index)
+            what = f"new: {spec.n} samples in {-(-spec.n // spec.chunk_size)} chunks"
         elif store.complete:
             est, what = SizeEstimate(), "complete"
         else:

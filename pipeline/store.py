@@ -206,7 +206,8 @@ def estimate_bytes(spec: StoreSpec, index: dict[str, np.ndarray] | None = None,
             exact = files * _blocks(raw + 4) + folders
             out.add(part, exact, exact)
         else:
-            out.add(part, files * _blocks(max(1, raw * min_ratio)) + folders, files * _blocks(_frame_bytes(raw)) + folders)
+            out.add(part, files * _blocks(max(1, raw * min_ratio)) + folders,
+                    files * _blocks(_frame_bytes(raw)) + folders)
 
     features = MIN_FEATURE_RATIO if spec.compressor != "none" else None
     for _ in range(2 if spec.flipped else 1):
@@ -1084,7 +1085,8 @@ class FeatureStore:
         folder = local_path(self.url)
         if folder is not None:
             for partial in folder.rglob("*.partial"):
-                rel = partial.relative_to(folder).parts  # <array>/c/<i>/0/0/0.<hex>.partial, <array>/c/<i>.<hex>.partial
+                # <array>/c/<i>/0/0/0.<hex>.partial, or <array>/c/<i>.<hex>.partial for a 1-D array
+                rel = partial.relative_to(folder).parts
                 if "c" in rel[:-1]:
                     head = rel[rel.index("c") + 1].split(".")[0]
                     if head.isdigit():
