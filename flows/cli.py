@@ -22,6 +22,14 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that extract: each one a `--set` of its config key."""
+    p.add_argument("--ignore-disk-space", dest="overrides", action="append_const", const="cache.check_space=false",
+                   help="extract even when the stores do not fit the free space of cache.root's file system")
+    p.add_argument("--verify-cache", dest="overrides", action="append_const", const="cache.verify=full",
+                   help="decode every chunk of a reused store first (default: a quick check of its file sizes)")
+
+
 def config_from_args(args):
     from pipeline.config import load_config
 
@@ -130,7 +138,7 @@ def cmd_cache_verify(args) -> int:
 
     failed = 0
     for path in args.paths:
-        report = FeatureStore.open(path).verify()
+        report = FeatureStore.open(path).verify(quick=args.quick)
         status = "ok" if report["ok"] else "FAILED"
         print(f"{status}  {path}: {report['done']}/{report['n']} samples done, {report['skipped']} skipped, "
               f"{report['done_chunks']}/{report['chunks']} chunks, complete={report['complete']}, "
@@ -174,7 +182,23 @@ def cmd_data_check(args) -> int:
         print(line)
     if not report.ok and cfg.data.synth is not None:
         print("note: data.synth is set, so `spaceclip run` / `extract` would generate this synthetic dataset")
-    return 0 if report.ok else 1
+    fits = True
+    if report.ok:  # what extraction would write, and whether it fits (`pipeline.extract.space_needed`)
+        from pipeline.errors import SpaceClipError
+        from pipeline.extract import DiskSpaceError, check_space, space_needed
+        from spaceclip.encoder import EncoderLoadError
+
+        try:
+            need, _ = space_needed(cfg)
+            for line in need.lines():
+                print(line)
+            check_space(need, cfg)
+        except DiskSpaceError as err:
+            print(f"cache: {err}")
+            fits = False
+        except (SpaceClipError, EncoderLoadError) as err:  # the grid and width come from the encoder
+            print(f"cache: size not estimated ({err})")
+    return 0 if report.ok and fits else 1
 
 
 def cmd_train(args) -> int:
@@ -304,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--splits", default="train,val,test", help="comma-separated splits [train,val,test]")
     p.add_argument("--dask-address", default=None, help="an existing Dask scheduler (tcp://host:8786)")
+    add_cache_args(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train", help="train decoder variants from the feature cache (the train-decoders flow)")
@@ -321,12 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--variants", default=None, help="comma-separated variants [the config's train.variants]")
     p.add_argument("--dask-address", default=None, help="an existing Dask scheduler for extraction")
+    add_cache_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("cache", help="feature-store tools")
     cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
     q = cache_sub.add_parser("verify", help="check every done chunk is present and readable, and counts match")
     q.add_argument("paths", nargs="+", metavar="PATH")
+    q.add_argument("--quick", action="store_true", help="the check extraction makes of a store it reuses: chunk "
+                   "file sizes, no decode of the features (default: every chunk decoded, its CRC checked)")
     q.set_defaults(func=cmd_cache_verify)
     p = sub.add_parser("predict", help="depth for your own images: 16-bit PNG, .npy, colour PNG [, side-by-side, PLY]")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.config import Config, ConfigError
 from pipeline.datasets import ensure_dataset
-from pipeline.extract import extract_claimed, finish_store, prepare_store, shard_jobs, torch_threads_per_worker
+from pipeline.extract import extract_claimed, finish_store, prepare_stores, shard_jobs, torch_threads_per_worker
 from pipeline.layout import SPLITS, RunContext, finalize_store
 
 
@@ -82,8 +82,7 @@ def extract_features(
     ensure_dataset(cfg.data)
     ctx = RunContext.of(cfg)
     stores, jobs, recheck = {}, [], {}
-    for split in splits:
-        store, reused = prepare_store(ctx, split)
+    for split, (store, reused) in prepare_stores(ctx, splits).items():  # refused before writing if it cannot fit
         pending = store.pending_chunks()
         logger.info("%s: %s %s (%d samples, %d of %d chunks to extract)", split,
                     "reusing" if reused else "created", store.url, store.n, len(pending), store.n_chunks)

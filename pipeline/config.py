@@ -170,6 +170,15 @@ class CacheConfig(_Model):
     compression_level: int = Field(1, ge=0, le=22)
     # Training targets: depth stored at this (H, W); None keeps the view's native resolution.
     target_size: tuple[int, int] | None = None
+    # Refuse to start extracting when the file system of `root` lacks the room for the stores still to be written
+    # (`--ignore-disk-space` on extract / run sets it false).
+    check_space: bool = True
+    # A reused store's check: "quick" (done flags, chunk file sizes, compressed targets and flags decoded, the chunks
+    # killed writers left behind decoded) or "full" (every chunk decoded: `--verify-cache`, `spaceclip cache verify`).
+    verify: Literal["quick", "full"] = "quick"
+    # When a sample's files changed since its store was extracted (size or modification time), or appeared where a
+    # sample was skipped: "extract" the chunks holding them again; "keep" the store as it is (said in the log).
+    on_data_change: Literal["extract", "keep"] = "extract"
 
 
 class TrainConfig(_Model):

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import mmap
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,8 +26,10 @@ from PIL import Image
 from pipeline import datasets
 from pipeline.config import Config
 from pipeline.datasets import DatasetError, Sample, View
+from pipeline.fingerprint import data_roots, file_signature
 from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
-from pipeline.store import FeatureStore, StoreError, byte_view
+from pipeline.store import (FeatureStore, SizeEstimate, StoreError, byte_view, estimate_bytes, local_path,
+                            nearest_existing)
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +122,26 @@ def _image_size(s: Sample) -> tuple[int, int]:
         raise DatasetError(f"image file unreadable: {s.image_path} {where}: {err}") from None
 
 
-def prepare_store(ctx: RunContext | Config, split: str) -> tuple[FeatureStore, bool]:
+def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None) -> tuple[FeatureStore, bool]:
     """The store of this config's split: the existing one with the same fingerprint (finished or resumable), else
-    a new one created from the split's plan (race-free: two runs creating it at once share one store). Returns
-    (store, reused).
+    a new one created from the split's plan (`plan`, when the caller made it already; race-free: two runs creating
+    it at once share one store). Returns (store, reused).
 
-    A reused store is verified first (every done chunk of every array decoded, `FeatureStore.verify`): a damaged
-    chunk is marked pending again, so extraction writes exactly the damaged chunks; a damaged index column is
-    written again from the plan. `store.verified` holds the chunks found sound (`finalize_store` need not decode
-    them again)."""
+    A reused store is checked first (`FeatureStore.verify`, quick unless `cache.verify: full`): a damaged chunk is
+    marked pending again, so extraction writes exactly the damaged chunks; a damaged index column is written again
+    from the plan. Then its samples' files are compared with those it was extracted from (`source_changes`): the
+    chunks of samples whose files changed, or appeared where a sample was skipped, are marked pending too.
+    `store.verified` holds the chunks found sound (`finalize_store` need not decode them again)."""
     ctx = RunContext.of(ctx)
     store = ctx.reuse_store(split)
     if store is None:
-        store = ctx.create_store(split, plan_split(ctx.cfg, split))
+        plan = plan_split(ctx.cfg, split) if plan is None else plan
+        store = ctx.create_store(split, plan)
+        if store.created:
+            store.record_sources(file_signatures(plan.index))
         store.verified = set()
         return store, not store.created
-    report = store.verify()
+    report = store.verify(quick=ctx.cfg.cache.verify == "quick")
     damaged = report["damaged_chunks"]
     if report["damaged_index"]:
         log.warning("%s: repairing index columns %s", store.url, report["damaged_index"])
@@ -142,16 +149,202 @@ def prepare_store(ctx: RunContext | Config, split: str) -> tuple[FeatureStore, b
     if damaged:
         log.warning("%s: %d damaged chunks %s are extracted again: %s", store.url, len(damaged), damaged[:10],
                     "; ".join(report["problems"][:3]))
+    changed = _reextract_changed(ctx.cfg, split, store)
+    again = sorted(set(damaged) | set(changed))
+    if again:
         if store.complete:
             store.group.attrs["complete"] = False  # training refuses it until the repair is done
             store.attrs["complete"] = False
-        for c in damaged:
+        for c in again:
             with store.claim_chunk(c) as claim:
                 if claim.acquired:  # else another run is writing it again already
                     store.reset_chunks([c])
     done = store.done_flags()
-    store.verified = {c for c in range(store.n_chunks) if c not in damaged and done[slice(*store.chunk_range(c))].all()}
+    store.verified = {c for c in range(store.n_chunks) if c not in again and done[slice(*store.chunk_range(c))].all()}
     return store, True
+
+
+# ---- the files a store was extracted from ---------------------------------------------------------------------
+def file_signatures(index) -> dict[str, np.ndarray]:
+    """{"image", "depth"}: each row's files by (size, mtime) (`pipeline.fingerprint.file_signature`)."""
+    return {"image": file_signature(index["image_path"]), "depth": file_signature(index["depth_path"])}
+
+
+def source_changes(cfg: Config, split: str, store: FeatureStore) -> dict:
+    """What differs between the files `store` was extracted from and those there now: {"roots": [(key, then,
+    now)], "rows": positions whose image or depth file changed (size or mtime) or appeared or went, "examples":
+    a few "path: what" lines, "new_frames": frames skipped at planning (image missing or unreadable) whose image
+    is now there, "now": the current signatures}. `rows` is empty for a store that records no signatures."""
+    out = {"roots": [], "rows": np.zeros(0, np.int64), "examples": [], "new_frames": [], "now": None}
+    recorded_roots = store.attrs.get("data_roots")
+    if recorded_roots:
+        now_roots = data_roots(cfg, split)
+        out["roots"] = [(k, recorded_roots.get(k), v) for k, v in now_roots.items() if recorded_roots.get(k) != v]
+    index = store.index(skips=False)
+    now = out["now"] = file_signatures(index)
+    then = store.sources()
+    if then is not None:
+        rows = set()
+        for kind, column in (("image", "image_path"), ("depth", "depth_path")):
+            differ = np.flatnonzero((then[kind] != now[kind]).any(axis=1))
+            rows.update(differ.tolist())
+            for i in differ[:3]:
+                out["examples"].append(f"{index[column].iloc[i]}: {_describe(then[kind][i], now[kind][i])}")
+        out["rows"] = np.array(sorted(rows), np.int64)
+    at_planning = {s["id"] for s in store.attrs.get("skipped_at_planning") or []}
+    if at_planning:
+        for sample in datasets.read_split(cfg.data, split):
+            if sample.id in at_planning and Path(sample.image_path).is_file():
+                out["new_frames"].append(f"{sample.id} ({sample.image_path})")
+    return out
+
+
+def _describe(then: np.ndarray, now: np.ndarray) -> str:
+    if then[0] < 0:
+        return f"now there ({now[0]} bytes), missing at extraction"
+    if now[0] < 0:
+        return "gone"
+    if then[0] != now[0]:
+        return f"{then[0]} -> {now[0]} bytes"
+    return "modified (same size, another modification time)"
+
+
+def _reextract_changed(cfg: Config, split: str, store: FeatureStore) -> list[int]:
+    """The chunks to extract again because their samples' files changed (`source_changes`), their new signatures
+    recorded; a `StoreError` when the store cannot follow the change in place (other data roots, frames it has no
+    row for), unless `cache.on_data_change: keep`."""
+    changes = source_changes(cfg, split, store)
+    if store.sources() is None:  # a store from before signatures: record what is there now
+        store.record_sources(changes["now"])
+        if not store.attrs.get("data_roots"):
+            store.group.attrs["data_roots"] = store.attrs["data_roots"] = data_roots(cfg, split)
+        return []
+    rows, keep = changes["rows"], cfg.cache.on_data_change == "keep"
+    what = []
+    if changes["roots"]:
+        what.append("; ".join(f"data.{k} was {a} and is now {b}" for k, a, b in changes["roots"]))
+    if len(rows):
+        what.append(f"{len(rows)} of its {store.n} samples' files changed since it was extracted (e.g. "
+                    + "; ".join(changes["examples"][:3]) + ")")
+    if changes["new_frames"]:
+        what.append(f"{len(changes['new_frames'])} frames skipped at planning now have their image (e.g. "
+                    + ", ".join(changes["new_frames"][:3]) + ")")
+    if not what:
+        return []
+    said = f"{store.url} ({split}): " + "; ".join(what)
+    if keep:
+        log.warning("%s; cache.on_data_change is keep: the store is used as it is", said)
+        return []
+    if changes["roots"] or changes["new_frames"]:
+        raise StoreError(f"{said}. The store was extracted from other files and cannot follow this change in place: "
+                         f"delete {store.url} (or set another cache.root) to extract the split again, or set "
+                         "cache.on_data_change=keep to use it as it is")
+    chunks = sorted({int(r) // store.chunk_size for r in rows})
+    log.warning("%s: extracting the %d chunks that hold them again", said, len(chunks))
+    store.record_sources(changes["now"])  # a kill before the chunks are written leaves them pending: no loss
+    return chunks
+
+
+# ---- room on the disk -----------------------------------------------------------------------------------------
+class DiskSpaceError(StoreError):
+    """The file system of `cache.root` has not the room for the stores still to be extracted."""
+
+
+@dataclass
+class SpaceNeeded:
+    """The bytes the stores of a run still need (`estimate_bytes`), and the room where they go."""
+
+    root: str
+    where: Path | None  # the existing folder whose file system was asked; None: not a local path
+    free: int | None
+    splits: dict  # split -> (SizeEstimate, what: "new, N samples" / "K of M chunks to go" / "complete")
+    total: SizeEstimate
+
+    @property
+    def fits(self) -> bool:
+        return self.free is None or self.total.low <= self.free
+
+    def lines(self) -> list[str]:
+        out = []
+        for split, (est, what) in self.splits.items():
+            parts = ", ".join(f"{k} {_size(lo, hi)}" for k, (lo, hi) in est.parts.items() if hi)
+            out.append(f"cache {split}: {_size(est.low, est.high)} to write ({what}){': ' + parts if parts else ''}")
+        room = "unknown (not a local path)" if self.free is None else f"{_gb(self.free)} free on {self.where}"
+        out.append(f"cache total: {_size(self.total.low, self.total.high)} to write under cache.root {self.root}; "
+                   f"{room}")
+        return out
+
+
+def _gb(n: int) -> str:
+    return _size(n, n)
+
+
+def _size(low: int, high: int) -> str:
+    """"1.20 to 1.45 GB", in GB from 1 GB on, else MB; one figure where both read the same."""
+    scale, unit = (1e9, "GB") if high >= 1e9 else (1e6, "MB")
+    a, b = f"{low / scale:.2f}", f"{high / scale:.2f}"
+    return f"{b} {unit}" if a == b else f"{a} to {b} {unit}"
+
+
+def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, dict[str, Plan]]:
+    """What the splits' stores still need on disk: a new store all of it (from the split's plan, returned for
+    `prepare_store`), a partial one its pending chunks (what is written counts as done), a complete one nothing."""
+    ctx = RunContext.of(ctx)
+    cfg, plans, per_split, total = ctx.cfg, {}, {}, SizeEstimate()
+    for split in splits:
+        try:
+            store = FeatureStore.open(ctx.store_url(split))
+            store = store if store.fingerprint == ctx.fingerprint(split) else None
+        except StoreError:
+            store = None
+        if store is None:
+            plan = plans[split] = plan_split(cfg, split)
+            spec = ctx.store_spec(split, plan)
+            est = estimate_bytes(spec, plan.index)
+            what = f"new: {spec.n} samples in {-(-spec.n // spec.chunk_size)} chunks"
+        elif store.complete:
+            est, what = SizeEstimate(), "complete"
+        else:
+            pending = len(store.pending_chunks())
+            est, what = estimate_bytes(store.spec(), chunks=pending), f"{pending} of {store.n_chunks} chunks to go"
+        per_split[split] = (est, what)
+        total += est
+    folder = local_path(cfg.cache.root)
+    where = None if folder is None else nearest_existing(folder)
+    free = None if where is None else shutil.disk_usage(where).free
+    return SpaceNeeded(cfg.cache.root, where, free, per_split, total), plans
+
+
+def check_space(need: SpaceNeeded, cfg: Config) -> None:
+    """A `DiskSpaceError` with the numbers and the knobs when the stores cannot fit (`cache.check_space: false`:
+    a warning only); a warning when they fit only if the compressed arrays compress."""
+    if need.fits:
+        if need.free is not None and need.total.high > need.free:
+            log.warning("cache.root %s: %s free, the stores need %s: they fit only if their compressed arrays "
+                        "compress", need.root, _gb(need.free), _size(need.total.low, need.total.high))
+        return
+    per = "; ".join(f"{split} {_size(est.low, est.high)}" for split, (est, _) in need.splits.items() if est.high)
+    message = (
+        f"not enough disk space for the feature cache: extraction would write {_size(need.total.low, need.total.high)}"
+        f" ({per}) under cache.root {need.root}, and its file system ({need.where}) has {_gb(need.free)} free. "
+        f"Free space there, or set cache.root to a larger file system, or store less: views.views_per_image "
+        f"(now {cfg.views.views_per_image}) and cache.layers (now {list(cfg.cache_layers)}) scale it, "
+        f"cache.dtype ({cfg.cache.dtype}) takes 2 bytes a value; --ignore-disk-space (cache.check_space=false) "
+        "goes on anyway")
+    if cfg.cache.check_space:
+        raise DiskSpaceError(message)
+    log.warning("%s (cache.check_space is false: going on)", message)
+
+
+def prepare_stores(ctx: RunContext | Config, splits=SPLITS) -> dict[str, tuple[FeatureStore, bool]]:
+    """`prepare_store` for each split, after checking that what they still need fits on the disk (`space_needed`,
+    `check_space`): nothing is written when it does not."""
+    ctx = RunContext.of(ctx)
+    need, plans = space_needed(ctx, splits)
+    for line in need.lines():
+        log.info("%s", line)
+    check_space(need, ctx.cfg)
+    return {split: prepare_store(ctx, split, plans.get(split)) for split in splits}
 
 
 CLAIM_WINDOW = 64  # chunks claimed, and extracted as one pipeline, at a time
@@ -439,8 +632,6 @@ def extract_splits(cfg: Config, splits=SPLITS) -> None:
     """Render the dataset if needed and extract the given splits in this process, chunk by chunk (no Prefect, no
     Dask): what tests and benchmarks use. The flow maps `extract_claimed` over runs of chunks on a Dask cluster."""
     datasets.ensure_dataset(cfg.data)
-    ctx = RunContext.of(cfg)
-    for split in splits:
-        store, _ = prepare_store(ctx, split)
+    for store, _ in prepare_stores(cfg, splits).values():
         finish_store(cfg, store.url)  # under the chunks' claims; waits for chunks another run holds
         finalize_store(store.url, chunks=set(range(store.n_chunks)) - store.verified)

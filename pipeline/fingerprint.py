@@ -2,13 +2,21 @@
 
 A different config never reads a stale cache; the same config never recomputes one. The inputs are kept in the
 store's attrs so that a refusal can say *what* differs, not just that the hashes do.
+
+The dataset files themselves are not hashed (reading 95 GB of KITTI to name a cache would cost more than the
+cache saves). Instead a store records the data roots it was extracted from (`data_roots`) and each sample's
+files by size and modification time (`file_signature`, in the store's `sources/` arrays): a reuse compares them
+and says what changed (`pipeline.extract.source_changes`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.config import Config
 
@@ -77,4 +85,33 @@ def diff_inputs(expected: dict, found: dict, prefix: str = "") -> list[str]:
             out += diff_inputs(a, b, f"{prefix}{key}.")
         elif a != b:
             out.append(f"{prefix}{key}: config has {a!r}, store has {b!r}")
+    return out
+
+
+def data_roots(cfg: Config, split: str) -> dict[str, str]:
+    """The absolute data roots a split's files are read from (what a store records; the test split may have its
+    own, `data.test_image_root` / `data.test_depth_root`)."""
+    image_root, depth_root = cfg.data.roots(split)
+    return {"image_root": os.path.abspath(image_root), "depth_root": os.path.abspath(depth_root)}
+
+
+MISSING = (-1, -1)  # the signature of a file that is not there (or a sample without ground truth)
+
+
+def file_signature(paths) -> np.ndarray:
+    """(N, 2) int64: (size in bytes, modification time in ns) of each file, `MISSING` where there is none ("": no
+    file). One `stat` a file, no read: a KITTI split's 46 k files take a fraction of a second."""
+    out = np.full((len(paths), 2), MISSING, np.int64)
+    seen: dict[str, tuple[int, int]] = {}  # the views of one frame share its files
+    for i, path in enumerate(paths):
+        path = str(path)
+        if not path:
+            continue
+        if path not in seen:
+            try:
+                st = os.stat(path)
+                seen[path] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                seen[path] = MISSING
+        out[i] = seen[path]
     return out

@@ -26,7 +26,7 @@ import torch
 from pipeline import claims, datasets
 from pipeline.config import Config, dump_config
 from pipeline.errors import DiskFullError, SpaceClipError, is_disk_full
-from pipeline.fingerprint import diff_inputs, fingerprint, fingerprint_inputs
+from pipeline.fingerprint import data_roots, diff_inputs, fingerprint, fingerprint_inputs
 from pipeline.store import FeatureStore, StoreError, StoreSpec
 from spaceclip.encoder import FrozenEncoder
 
@@ -178,6 +178,16 @@ class RunContext:
     def create_store(self, split: str, plan: Plan) -> FeatureStore:
         """A new, empty store for a planned split (`pipeline.extract.plan_split`), its attributes recording where
         its bytes come from."""
+        spec = self.store_spec(split, plan)
+        url = self.store_url(split)
+        log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
+        store = FeatureStore.create(url, spec, plan.index)
+        if not store.created:
+            log.info("another process created %s at the same time; extracting its pending chunks together", url)
+        return store
+
+    def store_spec(self, split: str, plan: Plan) -> StoreSpec:
+        """The spec `create_store` creates a planned split's store from (its shapes: `store.estimate_bytes`)."""
         cfg, identity, inputs = self.cfg, self.encoder_identity, self.fingerprint_inputs(split)
         # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
         flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
@@ -192,14 +202,10 @@ class RunContext:
                 "encoder": identity, "skipped_at_planning": plan.skipped,
                 "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
                 "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
+                "data_roots": data_roots(cfg, split),  # compared on reuse (`pipeline.extract.source_changes`)
             },
         )
-        url = self.store_url(split)
-        log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
-        store = FeatureStore.create(url, spec, plan.index)
-        if not store.created:
-            log.info("another process created %s at the same time; extracting its pending chunks together", url)
-        return store
+        return spec
 
     def open_store(self, split: str) -> FeatureStore:
         """The complete store this config expects, or a `StoreError` that says what differs from the stores that

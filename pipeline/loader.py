@@ -156,10 +156,11 @@ def _prefetched(produce: Callable[[Callable[[object], bool]], None], depth: int)
 
 
 # ---- from the cache -----------------------------------------------------------------------------------------
-def store_bytes(store: FeatureStore, layers: Sequence[int]) -> int:
-    """Bytes a resident copy of these layers + global vector + float32 targets takes."""
+def store_bytes(store: FeatureStore, layers: Sequence[int], flipped: bool = False) -> int:
+    """Bytes a resident copy of these layers + global vector + float32 targets takes (`flipped`: and the mirrored
+    images' layers and global vector)."""
     g, c = int(store.attrs["grid"]), int(store.attrs["width"])
-    per = (len(layers) * g * g * c + c) * 2
+    per = (len(layers) * g * g * c + c) * 2 * (2 if flipped else 1)
     if store.has_depth:
         h, w = store.group["depth"].shape[1:]
         per += h * w * 4
@@ -184,6 +185,34 @@ def resolve_cache_device(
 
     ram_budget = budget if budget is not None else int(psutil.virtual_memory().available * CPU_BUDGET_FRACTION / share)
     return "cpu" if need <= ram_budget else "stream"
+
+
+class CacheMemoryError(StoreError):
+    """A cache held resident (`train.cache_device: cpu / cuda`) does not fit in the memory it would be loaded into."""
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def check_resident_memory(url: str, need: int, device: torch.device, chunk: int) -> None:
+    """Before a cache of `need` bytes is loaded onto `device` (a chunk at a time, `chunk` bytes): host RAM for it
+    (the RAM available now, `psutil.virtual_memory().available`; on CUDA only a chunk and its pinned copy pass
+    through the host) and, on CUDA, the device's free memory. A `CacheMemoryError` with the sizes and the knob."""
+    import psutil
+
+    advice = ("set train.cache_device: stream (reads it from disk batch by batch, any size), or train on fewer "
+              "layers (cache.layers) or a smaller split")
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            raise CacheMemoryError(f"loading {url} onto {device} needs {_gb(need)} of GPU memory, {_gb(free)} is "
+                                   f"free: {advice}")
+    host = 2 * chunk if device.type == "cuda" else need + chunk
+    available = psutil.virtual_memory().available
+    if host > available:
+        raise CacheMemoryError(f"loading {url} into host RAM needs {_gb(host)} (the cache {_gb(need)}), "
+                               f"{_gb(available)} is available: {advice}")
 
 
 # ---- one base for both sources ------------------------------------------------------------------------------
@@ -316,11 +345,41 @@ class CachedBatches(Batches):
         return _concat(parts, self.layers)
 
     def _load_all(self, device: torch.device) -> dict:
-        data = self._read_chunks(range(self.store.n_chunks))  # position p sits at row p
-        if device.type != "cpu":
-            data = {k: ({j: t.to(device) for j, t in v.items()} if isinstance(v, dict) else v.to(device))
-                    for k, v in data.items()}
-        return data
+        """The whole store (these layers) in tensors on `device`, position p at row p: allocated once, at their
+        full size, and filled chunk by chunk (on CUDA through one pinned chunk), so the memory it takes is the
+        cache's plus a chunk, not twice the cache's as reading every chunk and concatenating them would be.
+        Checked first (`check_resident_memory`): a cache that cannot fit fails with the sizes, not by the kernel's
+        out-of-memory killer."""
+        store, cuda = self.store, device.type == "cuda"
+        need = store_bytes(store, self.layers, self.exact_flips)
+        check_resident_memory(store.url, need, device, -(-need // max(1, store.n_chunks)))
+        data = staging = None
+
+        def alike(part: dict, rows: int, **kwargs) -> dict:
+            return {k: ({j: torch.empty((rows, *t.shape[1:]), dtype=t.dtype, **kwargs) for j, t in v.items()}
+                        if isinstance(v, dict) else torch.empty((rows, *v.shape[1:]), dtype=v.dtype, **kwargs))
+                    for k, v in part.items()}
+
+        def pairs(dst: dict, src: dict):
+            for k, v in src.items():
+                yield from ((dst[k][j], t) for j, t in v.items()) if isinstance(v, dict) else [(dst[k], v)]
+
+        for c in range(store.n_chunks):
+            part = store.read_chunk(c, self.layers, flipped=self.exact_flips)
+            del part["index"]
+            if data is None:
+                data = alike(part, store.n, device=device)
+                staging = alike(part, store.chunk_size, pin_memory=True) if cuda else None
+            a, b = store.chunk_range(c)
+            if cuda:  # host chunk -> pinned chunk -> its rows on the device; the pinned chunk is reused after the wait
+                for (dst, src), (pinned, _) in zip(pairs(data, part), pairs(staging, part)):
+                    pinned[:b - a].copy_(src)
+                    dst[a:b].copy_(pinned[:b - a], non_blocking=True)
+                torch.cuda.current_stream(device).synchronize()
+            else:
+                for dst, src in pairs(data, part):
+                    np.copyto(byte_view(dst[a:b]), byte_view(src.contiguous()))  # numpy's copy, as `_put_rows`
+        return data if data is not None else {}
 
     @staticmethod
     def _gather(data: dict, rows: torch.Tensor) -> dict:

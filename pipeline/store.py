@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import functools
 import glob
+import json
 import mmap
 import os
 import shutil
@@ -135,6 +136,111 @@ class StoreSpec:
     depth_scale: float = 256.0
     flipped: bool = False  # also store the features of each view's mirrored image (views.flip = "extract")
     attrs: dict = field(default_factory=dict)
+
+
+# ---- what a store costs on disk, from its spec alone --------------------------------------------------------------
+BLOCK = 4096  # the allocation unit of the usual local file systems (ext4, xfs, tmpfs pages): a file takes whole blocks
+# A compressed feature array is counted at no less than this fraction of its raw bytes: the mantissa bits of fp16 /
+# bf16 activations are noise that no codec removes (zstd-1 saves ~8 % of fp16 ViT tokens).
+MIN_FEATURE_RATIO = 0.5
+
+
+@dataclass
+class SizeEstimate:
+    """Bytes a store (or the part of it still to be written) takes on disk, whole blocks per file and folder:
+    `low` <= what lands <= `high`. Uncompressed arrays (the features by default) are exact; a compressed array is
+    counted at its raw size plus the codec's framing in `high` and at `MIN_FEATURE_RATIO` (features) or nothing
+    (targets, flags, index) in `low`. `parts`: {what: (low, high)}."""
+
+    low: int = 0
+    high: int = 0
+    parts: dict = field(default_factory=dict)
+
+    def add(self, part: str, low: int, high: int) -> None:
+        lo, hi = self.parts.get(part, (0, 0))
+        self.parts[part] = (lo + low, hi + high)
+        self.low += low
+        self.high += high
+
+    def __iadd__(self, other: "SizeEstimate") -> "SizeEstimate":
+        for part, (lo, hi) in other.parts.items():
+            self.add(part, lo, hi)
+        return self
+
+
+def _blocks(nbytes: int | float) -> int:
+    return -(-int(nbytes) // BLOCK) * BLOCK
+
+
+def _frame_bytes(raw: int) -> int:
+    """The most a zstd frame (or a blosc buffer) of `raw` bytes takes: a stored (raw) block of up to 128 KiB with a
+    3-byte header each, the frame header, the CRC-32C the store appends."""
+    return raw + 3 * (raw // (128 << 10) + 1) + 32 + 4
+
+
+def estimate_bytes(spec: StoreSpec, index: dict[str, np.ndarray] | None = None,
+                   chunks: int | None = None) -> SizeEstimate:
+    """What `FeatureStore.create(url, spec, index)` and the extraction of its chunks write, from the shapes `_create`
+    gives the arrays: every chunk file holds a whole chunk (the last one padded, as Zarr pads an edge chunk), one
+    file per chunk and array, in Zarr v3's nested chunk folders (`c/<i>/0/0/0`: ndim - 1 folders a chunk).
+
+    `chunks`: only that many chunks (the pending ones of a partial store, whose index and metadata exist; `index`
+    is then None). A chunk of n = chunk_size samples, g x g grid, C channels, L layers:
+
+        tokens/L*  L x n x g x g x C x 2 B + a 4-byte CRC each (twice with mirrored features)
+        cls        n x C x 2 B + 4
+        depth      n x H x W x 2 B, zstd (sparse LiDAR compresses ~30x: `low` counts none of it)
+        done, skipped, skip_reason   n + n + 4n B, zstd"""
+    out = SizeEstimate()
+    n, g, c, cs = spec.n, spec.grid, spec.width, spec.chunk_size
+    n_chunks = -(-n // cs) if chunks is None else chunks
+    new = index is not None
+    arrays = 0
+
+    def array(part: str, ndim: int, raw: int, min_ratio: float | None, files: int = n_chunks) -> None:
+        """`files` chunk files of `raw` bytes each before the codec; min_ratio None: stored raw (+ CRC), exact."""
+        nonlocal arrays
+        arrays += 1
+        folders = files * (ndim - 1) * BLOCK + (3 * BLOCK if new else 0)  # + the array's folder, zarr.json, c/
+        if min_ratio is None:
+            exact = files * _blocks(raw + 4) + folders
+            out.add(part, exact, exact)
+        else:
+            out.add(part, files * _blocks(max(1, raw * min_ratio)) + folders,
+                    files * _blocks(_frame_bytes(raw)) + folders)
+
+    features = MIN_FEATURE_RATIO if spec.compressor != "none" else None
+    for _ in range(2 if spec.flipped else 1):
+        for _k in spec.layers:
+            array("features", 4, cs * g * g * c * 2, features)
+        array("features", 2, cs * c * 2, features)
+    if spec.target_hw is not None:
+        h, w = spec.target_hw
+        array("depth targets", 3, cs * h * w * 2, 0.0)
+    array("flags", 1, cs, 0.0)  # done
+    array("flags", 1, cs, 0.0)  # skipped
+    array("flags", 1, cs * 4, 0.0)  # skip_reason: empty strings, longer for skipped samples
+    if new:
+        for name in INDEX_FIELDS:  # one chunk each
+            values = np.asarray(index[name]) if name in index else np.zeros((n, len(IDENTITY_AUG)))
+            raw = (sum(len(str(v).encode()) + 4 for v in values) if values.dtype.kind in "UOT" else values.nbytes)
+            array("index and metadata", values.ndim, raw, 0.0, files=1)
+        for _k in FeatureStore.SOURCES:  # (N, 2) int64 each, `record_sources`
+            array("index and metadata", 2, n * 16, 0.0, files=1)
+        # the store's folder and zarr.json (the attrs: config, versions, fingerprint inputs, indented), and a folder
+        # and a zarr.json for each group: tokens/, index/, sources/ (+ flipped/, flipped/tokens/)
+        attrs = len(json.dumps(spec.attrs, default=str))
+        groups = BLOCK + 2 * BLOCK * (3 + 2 * spec.flipped)
+        out.add("index and metadata", groups + _blocks(attrs + 512), groups + _blocks(2 * attrs + 1024))
+    return out
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (where a store not yet created will be)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 DIRECT_WRITE_BYTES = 1 << 20  # files at least this large are written with O_DIRECT where the filesystem allows
@@ -290,7 +396,8 @@ class _ChunkFiles:
 
     def damaged(self, c: int, why: str) -> StoreError:
         return StoreError(f"{self.path(c)}: chunk {c} of {self.name} does not decode ({why}); "
-                          "`spaceclip cache verify` lists the damage, and the same extraction run again repairs it")
+                          "`spaceclip cache verify` lists the damage, and the same extraction run again with "
+                          "--verify-cache (cache.verify=full) repairs it")
 
 
 # ---- CRC-32C of a chunk from the CRCs of its rows -------------------------------------------------------------
@@ -529,6 +636,15 @@ class FeatureStore:
         if "n" not in group.attrs:
             raise StoreError(f"{url} is a Zarr group but not a feature store (no 'n' attribute)")
         return cls(group, url)
+
+    def spec(self) -> StoreSpec:
+        """The shapes this store was created with (for `estimate_bytes` of its pending chunks)."""
+        codecs = self.array(layer_key(self.layers[0])).metadata.codecs
+        return StoreSpec(n=self.n, layers=self.layers, grid=int(self.attrs["grid"]), width=int(self.attrs["width"]),
+                         dtype=self.dtype, chunk_size=self.chunk_size,
+                         compressor="none" if len(codecs) <= 2 else "zstd",  # bytes (+ crc32c): raw
+                         target_hw=tuple(self.group["depth"].shape[1:]) if self.has_depth else None,
+                         flipped=self.has_flipped)
 
     # ---- chunks -------------------------------------------------------------------------------------------
     @property
@@ -850,10 +966,17 @@ class FeatureStore:
             names += [flipped_key(layer_key(k)) for k in self.layers] + [flipped_key("cls")]
         return names + (["depth"] if self.has_depth else [])
 
-    def verify(self, chunks: Iterable[int] | None = None) -> dict:
+    def verify(self, chunks: Iterable[int] | None = None, quick: bool = False) -> dict:
         """Check that every done chunk of every data array (and of `done`) exists and decodes, that the index arrays
         decode, and that the counts match. `chunks`: decode only these of the done chunks (the others are checked
         for existence only); None: all.
+
+        `quick=True` (what extraction does with a store it reuses, `cache.verify: quick`) reads a small part of the
+        store: the `done` flags; each done chunk file of an uncompressed array checked by its size (a cut or
+        missing file is found, a changed byte is not: every reader checks the chunk's CRC-32C and names the
+        file); compressed arrays other than the features (depth targets, flags, the index: a few % of the store)
+        decoded; and every array of the chunks a killed writer may have left behind (a claim file or a `*.partial`
+        file beside the chunk) decoded. `chunks` is ignored.
 
         Zarr returns the fill value for a chunk whose file is gone, so existence is checked explicitly. The report's
         `damaged_chunks` are the chunks extraction writes again; `damaged_index` the index arrays it rewrites. Every
@@ -863,8 +986,11 @@ class FeatureStore:
         damaged: set[int] = set()
         done, bad_flags = self._done_flags()
         done_chunks = [c for c in range(self.n_chunks) if done[slice(*self.chunk_range(c))].all()]
+        if quick:
+            chunks = self._left_behind()
         decode = set(done_chunks if chunks is None else chunks)
         ids = self._ids()
+        folder = local_path(self.url)
 
         def where(c: int) -> str:
             a, b = self.chunk_range(c)
@@ -881,13 +1007,35 @@ class FeatureStore:
                                 f"the store and extract it again")
                 continue
             encoding = arr.metadata.chunk_key_encoding
+            files = _ChunkFiles.of(arr, self.url) if quick else None
+            # quick: a raw chunk file has one size; compressed features are only looked at; the rest is decoded
+            size = (int(np.prod(files.chunk_shape)) * files.dtype.itemsize + 4 * files.checksum
+                    if files is not None and files.decoder is None else None)
+            decode_all = quick and size is None and not (name.startswith("tokens/") or "/tokens/" in name
+                                                         or name.endswith("cls"))
             for c in done_chunks:
                 key = f"{arr.path}/{encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
-                if not sync(self.group.store.exists(key)):
+                if folder is not None:
+                    try:
+                        found = os.stat(folder / key).st_size
+                    except FileNotFoundError:
+                        found = None
+                else:
+                    found = 0 if sync(self.group.store.exists(key)) else None
+                if found is None:
                     problems.append(f"{name}: chunk {c} (samples {self.chunk_range(c)}) is missing ({key})")
                     damaged.add(c)
                     continue
-                if c not in decode:
+                if quick and size is not None and found != size and c not in decode:
+                    problems.append(f"{name}: chunk {c} ({where(c)}; file {key}) has {found} bytes where the chunk "
+                                    f"has {size}")
+                    damaged.add(c)
+                    continue
+                if quick and folder is not None and size is None and not decode_all and found <= 4:
+                    problems.append(f"{name}: chunk {c} ({where(c)}; file {key}) is empty ({found} bytes)")
+                    damaged.add(c)
+                    continue
+                if c not in decode and not decode_all:
                     continue
                 try:
                     arr[slice(*self.chunk_range(c))]
@@ -927,11 +1075,52 @@ class FeatureStore:
             "damaged_chunks": sorted(damaged), "damaged_index": damaged_index,
         }
 
+    def _left_behind(self) -> set[int]:
+        """Chunks a writer may not have finished cleanly: those with a claim file beside the store (a claim is
+        removed when its chunk is written; one that stays belongs to a writer that died, or is writing now) or a
+        `*.partial` file of Zarr's or `_ChunkFiles.write`'s beside a chunk file."""
+        out: set[int] = set()
+        if self.claims_dir is not None and self.claims_dir.is_dir():
+            out |= {int(p.name) for p in self.claims_dir.iterdir() if p.name.isdigit()}
+        folder = local_path(self.url)
+        if folder is not None:
+            for partial in folder.rglob("*.partial"):
+                # <array>/c/<i>/0/0/0.<hex>.partial, or <array>/c/<i>.<hex>.partial for a 1-D array
+                rel = partial.relative_to(folder).parts
+                if "c" in rel[:-1]:
+                    head = rel[rel.index("c") + 1].split(".")[0]
+                    if head.isdigit():
+                        out.add(int(head))
+        return {c for c in out if 0 <= c < self.n_chunks}
+
     def _ids(self) -> np.ndarray | None:
         try:
             return self.group["index/id"][:] if self.n else None
         except Exception:
             return None
+
+    # ---- the files the samples came from --------------------------------------------------------------------
+    SOURCES = ("image", "depth")
+
+    def sources(self) -> dict[str, np.ndarray] | None:
+        """{"image", "depth"}: (N, 2) int64 (size, mtime in ns) of each sample's files when it was extracted
+        (`pipeline.fingerprint.file_signature`); None for a store written before they were recorded (or whose
+        record does not decode: it is then recorded again)."""
+        try:
+            return {k: self.group[f"sources/{k}"][:] for k in self.SOURCES} if "sources" in self.group else None
+        except Exception:
+            return None
+
+    def record_sources(self, signatures: dict[str, np.ndarray]) -> None:
+        """Record (or replace) the files' signatures: arrays beside the index, not part of the fingerprint, so a
+        store without them (older) is reused as before and gets them then."""
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for k in self.SOURCES:
+                values = np.asarray(signatures[k], np.int64).reshape(self.n, 2)
+                arr = self.group.create_array(f"sources/{k}", shape=values.shape, dtype="int64",
+                                              chunks=(max(self.n, 1), 2), overwrite=True)
+                if self.n:
+                    arr[...] = values
 
     def rewrite_index(self, index: dict[str, np.ndarray], names: Iterable[str]) -> None:
         """Write the index columns `names` again from a fresh plan of the same split (repair of a damaged column);

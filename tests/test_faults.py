@@ -531,6 +531,10 @@ def test_extraction_on_a_full_tmpfs_fails_in_one_line_and_resumes(tmp_path, smal
                HF_HUB_OFFLINE="1", PREFECT_API_URL=prefect_harness)
     cmd = [sys.executable, "-m", "flows.cli", "extract", "--config", str(cfg_path), "--splits", "train"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 2 and "error: not enough disk space" in result.stderr, result.stderr[-3000:]
+    assert not [p for p in mount.rglob("*") if p.is_file()]  # refused before writing (issue 27)
+    cmd.append("--ignore-disk-space")  # goes on: the real ENOSPC
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "disk full while" in errors[0] and str(mount / "cache") in errors[0]
