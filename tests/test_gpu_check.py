@@ -19,7 +19,7 @@ def test_gpu_check_runs_every_check_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--frames", "16", "--encoder",
-         "tiny-clip", "--batches", "2", "4", "--json", str(out), "--keep", str(tmp_path / "work")],
+         "tiny-clip-64", "--batches", "2", "4", "--json", str(out), "--keep", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     report = json.loads(proc.stdout)
     assert report == json.loads(out.read_text())
