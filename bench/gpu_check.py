@@ -96,7 +96,8 @@ def same_batches(a, b) -> bool:
     import torch
 
     for x, y in zip(a, b, strict=True):
-        if not (np.array_equal(np.asarray(x.index), np.asarray(y.index)) and torch.equal(x.flipped.cpu(), y.flipped)):
+        index = x.index.cpu().numpy() if isinstance(x.index, torch.Tensor) else np.asarray(x.index)
+        if not (np.array_equal(index, np.asarray(y.index)) and torch.equal(x.flipped.cpu(), y.flipped)):
             return False
         for k, t in y.features["tokens"].items():
             if not torch.equal(x.features["tokens"][k].cpu().view(torch.int16), t.view(torch.int16)):
@@ -186,11 +187,12 @@ def check_syncs(cfg, device) -> dict:
         model = SpaceClipDecoder(variant, width=int(store.attrs["width"]), **cfg.decoder.kwargs).to(device).train()
         loader = CachedBatches(store, model.layers, batch_size=cfg.train.batch_size, cache_device="stream",
                                device=device)
-        batches = iter(loader.epoch(0))
+        # The whole epoch first: the loader's reading thread has stopped, so only the step's syncs are counted
+        # (warnings are caught process-wide).
+        warm, batch = list(loader.epoch(0))[:2]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         kw = loss_kwargs_for(cfg)
-        train_step(model, opt, next(batches), kw, cfg.train.grad_clip)  # warm-up: first-use allocations
-        batch = next(batches)
+        train_step(model, opt, warm, kw, cfg.train.grad_clip)  # warm-up: first-use allocations
         torch.cuda.synchronize(device)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -353,7 +355,10 @@ def check_importer(cfg, device, tmp: Path) -> dict:
     image = [Image.open(s.image_path).convert("RGB") for s in read_split(cfg.data, "test")][:2]
     a, b = imported.predict(image), source.predict(image)
     diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
-    return {"ok": diff == 0.0, "variant": report.variant, "encoder_checked": report.encoder_checked, "max_depth_diff": diff}
+    scale = max(float(np.abs(y).max()) for y in b)
+    # the same weights on the same device: equal, up to a kernel choice between two model instances
+    return {"ok": diff <= 1e-5 * max(1.0, scale), "variant": report.variant,
+            "encoder_checked": report.encoder_checked, "max_depth_diff": diff}
 
 
 def main() -> int:
@@ -424,10 +429,9 @@ def main() -> int:
 
 def finish(report: dict, started: float, path: str | None) -> int:
     report["seconds"] = round(time.perf_counter() - started, 2)
-    text = json.dumps(report, indent=1, default=str)
     if path:
-        Path(path).write_text(text + "\n")
-    print(text)
+        Path(path).write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(json.dumps(report, default=str))  # one line: the end of a device call's output holds it whole
     return 0 if report["ok"] else 1
 
 

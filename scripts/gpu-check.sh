@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu_check.py on a machine with no network whose python already holds a CUDA torch, transformers, numpy,
 # pandas, pillow, ... but not the project's other dependencies: a venv that sees that python's packages, the
-# carried wheels (scripts/fetch-gpu-wheels.sh; pip --no-index, nothing fetched), the project with --no-deps, then
+# carried wheels (scripts/fetch-gpu-wheels.sh; pip --no-index, nothing fetched), the project (no deps), then
 # the check, whose JSON is the last thing printed. Arguments go to bench/gpu_check.py.
 #
 #   bash scripts/gpu-check.sh --json "$OUT/gpu_check.json"
@@ -12,7 +12,7 @@ py=${PYTHON:-python3}
 wheels=${WHEELS:-.whl}
 venv=${GPU_CHECK_VENV:-/tmp/spaceclip-gpu-check}
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-ls "$wheels"/*.whl > /dev/null || { echo "gpu-check: no wheels in $wheels (run scripts/fetch-gpu-wheels.sh)" >&2; exit 2; }
+ls "$wheels"/*.whl > /dev/null || { echo "gpu-check: no wheels in $wheels (scripts/fetch-gpu-wheels.sh)" >&2; exit 2; }
 rm -rf "$venv"
 "$py" -m venv --system-site-packages "$venv"
 # A venv made from another venv (as the GPU image's python is) sees the base interpreter's packages, not that
@@ -21,5 +21,7 @@ site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("pureli
 "$py" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' \
   > "$site/_gpu_check_base.pth"
 "$venv/bin/python" -m pip install -q --no-index --no-deps --no-cache-dir "$wheels"/*.whl
-"$venv/bin/python" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir -e .
+# The project itself as a path in the venv: what `pip install -e . --no-deps` amounts to, without the build backend
+# (setuptools, wheel) that an offline editable install would need from the machine.
+pwd > "$site/_spaceclip_project.pth"
 exec "$venv/bin/python" bench/gpu_check.py "$@"

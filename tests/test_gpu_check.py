@@ -22,7 +22,7 @@ def test_gpu_check_runs_every_check_on_the_cpu(tmp_path):
          "tiny-clip-64", "--batches", "2", "4", "--json", str(out), "--keep", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     report = json.loads(proc.stdout)
-    assert report == json.loads(out.read_text())
+    assert report == json.loads(out.read_text()) and len(proc.stdout.splitlines()) == 1
     assert proc.returncode == 0, (report.get("failed"), proc.stderr[-3000:])
     assert list(report["checks"]) == CHECKS and report["failed"] == [] and report["ok"] is True
     assert (report["device"], report["frames"], report["gpu"]) == ("cpu", 16, None)
