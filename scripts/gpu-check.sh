@@ -14,13 +14,14 @@ venv=${GPU_CHECK_VENV:-/tmp/spaceclip-gpu-check}
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 ls "$wheels"/*.whl > /dev/null || { echo "gpu-check: no wheels in $wheels (scripts/fetch-gpu-wheels.sh)" >&2; exit 2; }
 rm -rf "$venv"
-"$py" -m venv --system-site-packages "$venv"
+# No pip in the venv (a system python may lack ensurepip): the creating python's pip installs into it (--target).
+"$py" -m venv --system-site-packages --without-pip "$venv"
 # A venv made from another venv (as the GPU image's python is) sees the base interpreter's packages, not that
 # venv's: name the creating python's site-packages in a .pth, after the venv's own.
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
-"$py" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' \
+"$py" -c 'import site; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' \
   > "$site/_gpu_check_base.pth"
-"$venv/bin/python" -m pip install -q --no-index --no-deps --no-cache-dir "$wheels"/*.whl
+"$py" -m pip install -q --no-index --no-deps --no-cache-dir --no-compile --target "$site" "$wheels"/*.whl
 # The project itself as a path in the venv: what `pip install -e . --no-deps` amounts to, without the build backend
 # (setuptools, wheel) that an offline editable install would need from the machine.
 pwd > "$site/_spaceclip_project.pth"
