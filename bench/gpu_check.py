@@ -1,7 +1,7 @@
 """Every CUDA path of the pipeline in one run, printed as one JSON object (the pipeline's functions, no Prefect).
 
     bash scripts/gpu-check.sh                                  # on a GPU machine with no network (carried wheels)
-    .venv/bin/python bench/gpu_check.py --device cpu --frames 16 --encoder tiny-clip   # a rehearsal on a CPU
+    .venv/bin/python bench/gpu_check.py --device cpu --frames 16 --encoder tiny-clip-64 --batches 2 4  # on a CPU
 
 On a synthetic KITTI (`--frames` train frames, a quarter as many test frames) and a random CLIP ViT-B/16
 (`clip-vit-b16-random`), each check in its own try, so that one failure does not hide the others:
@@ -12,7 +12,7 @@ On a synthetic KITTI (`--frames` train frames, a quarter as many test frames) an
 - `loader`: the train store's batches on the device, streamed and resident, against the batches the host finishes
   (`cache_device=cpu` on the CPU): `torch.equal` of every tensor of two epochs.
 - `syncs`: host-device synchronisations in one training step (`torch.cuda.set_sync_debug_mode("warn")`, warnings
-  counted), after a warm-up step.
+  counted), after a warm-up step (on the CPU the steps run and nothing is counted).
 - `shared_pass`: two variants trained in one pass against each trained alone: checkpoint bytes equal, else the
   max weight difference (on CUDA bilinear interpolation's backward is not deterministic).
 - `resume`: a training killed after its first epoch and resumed, against an uninterrupted one.
@@ -22,8 +22,10 @@ On a synthetic KITTI (`--frames` train frames, a quarter as many test frames) an
 - `importer`: a trained decoder written in the authors' checkpoint format, imported, and run on the device
   against the source checkpoint.
 
-Top-level keys: `device`, `gpu`, `torch`, `cuda`, `frames`, `encoder`, `seconds`, `checks` ({name: {"ok": bool,
-"seconds", figures..., or "error"}}), `failed` (names), `ok`.
+`--only NAME ...` runs some checks; `resume`, `two_passes`, `evaluate`, `predict` and `importer` compare with or
+read the runs that `shared_pass` trains alone. Top-level keys: `device`, `gpu`, `torch`, `cuda`, `python`,
+`frames`, `encoder`, `render_s`, `extract_all_s`, `seconds`, `checks` ({name: {"ok": bool, "seconds", figures...,
+or "error" and "traceback"}}), `failed` (names), `ok`.
 """
 
 from __future__ import annotations
