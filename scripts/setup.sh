@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the project into it: torch==2.13.0 first, so nothing pulls CUDA wheels,
-# then every other package at the version the suite was tested with (constraints.txt; refresh it with
-# scripts/refresh-constraints.sh).
+# Creates .venv (if missing) and installs the project into it: torch==2.13.0 first, the build chosen by
+# scripts/torch_install.py (SPACECLIP_TORCH=auto|cpu|cuda: the CUDA build where an NVIDIA GPU is visible), so that
+# nothing else picks torch; then every other package at the version the suite was tested with (constraints.txt;
+# refresh it with scripts/refresh-constraints.sh); then a check that torch is still that build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+args=$(python3 scripts/torch_install.py pip-args)
 python3 -m venv .venv
-.venv/bin/python -m pip install -q torch==2.13.0
+# shellcheck disable=SC2086  # one argument a line, none with spaces
+.venv/bin/python -m pip install -q $args
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,onnx]"
-# Guard: the project must never upgrade torch or bring CUDA packages.
-.venv/bin/python - <<'PY'
-import importlib.metadata as md, sys
-torch = md.version("torch")
-cuda = sorted(d.metadata["Name"] for d in md.distributions() if d.metadata["Name"].lower().startswith("nvidia-"))
-if not torch.startswith("2.13.0") or cuda:
-    sys.exit(f"setup: expected torch 2.13.0 without CUDA packages, got torch {torch}, {cuda}")
-print(f"setup: torch {torch}, no CUDA packages")
-PY
+.venv/bin/python scripts/torch_install.py check
