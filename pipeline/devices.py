@@ -167,13 +167,11 @@ def local_cluster(plan: WorkerPlan, asynchronous: bool = False, **_):
     return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=40)
 
 
-def _probe() -> dict:
-    """What a worker may use, as it sees it (runs in each worker of an existing scheduler)."""
+def _probe(dask_worker) -> dict:
+    """What a worker may use, as it sees it (`Client.run` calls it in every worker, passing the worker)."""
     import socket
 
-    from distributed import get_worker
-
-    return {"host": socket.gethostname(), "cores": usable_cores(), "nthreads": get_worker().state.nthreads,
+    return {"host": socket.gethostname(), "cores": usable_cores(), "nthreads": dask_worker.state.nthreads,
             "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
             "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
 

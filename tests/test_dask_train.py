@@ -1,6 +1,7 @@
 """Training passes on an existing Dask scheduler (`dask.address`): a real `dask scheduler` and two `dask worker`
 processes on loopback train two passes, and each variant's checkpoints are the bytes one process writes."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from distributed import Client
 
 from pipeline.config import config_from_dict, dump_config
 
@@ -32,9 +34,6 @@ def scheduler(tmp_path, prefect_harness):
             procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
                                            str(file), "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1"],
                                           env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        from distributed import Client
-
-        import json
         address = json.loads(file.read_text())["address"]
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=30)
@@ -58,11 +57,11 @@ def test_passes_on_an_existing_scheduler_equal_one_process(fast_cfg, scheduler, 
     plan = plan_on_scheduler(scheduler)
     assert plan.n_workers == 2 and plan.threads >= 1
     derive = lambda cfg, *o: config_from_dict(dump_config(cfg), overrides=list(o))
-    cfg = derive(fast_cfg, f"train.out_dir={tmp_path / 'runs'}", "train.epochs=2", "sweep=remote",
+    cfg = derive(fast_cfg, f"train.out_dir={tmp_path / 'runs'}", "train.epochs=1", "sweep=remote",
                  "train.num_threads=null")
     path = tmp_path / "remote.yaml"
     path.write_text(yaml.safe_dump(dump_config(cfg)))
-    variants = ["baseline", "full"]
+    variants = ["baseline", "film"]  # two passes, one on each worker
     runs = train_decoders(config=str(path), variants=variants, dask_address=scheduler)
     assert runs == {v: str(tmp_path / "runs" / "remote" / v) for v in variants}
 

@@ -266,3 +266,20 @@ def test_features_gathered_per_chunk_on_the_device_are_the_same_bytes(tmp_path):
     assert files[0] == files[1] and len(files[0]) > 10
     store = FeatureStore.open(store.url)
     assert store.index().skipped.tolist() == [i == bad for i in range(store.n)]
+
+
+def test_the_extraction_flow_starts_one_worker_per_gpu(gpus, host):
+    """`extract-features` on a 2-GPU host: two worker processes, each seeing its own GPU, half the cores each; with
+    `dask.processes: false` threads of the flow's process (they share its devices)."""
+    from flows.extract import dask_runner, workers_for
+
+    host(16)
+    gpus(2)
+    cfg = config_from_dict({})
+    plan = workers_for(cfg)
+    assert plan == WorkerPlan(("0", "1"), threads=8, device_share=1, host_share=2)
+    runner = dask_runner(cfg, plan)
+    assert runner.cluster_class is devices.local_cluster and runner.cluster_kwargs == {"plan": plan}
+    threads = dask_runner(config_from_dict({"dask": {"processes": False}}), plan)
+    assert threads.cluster_kwargs["processes"] is False and threads.cluster_kwargs["n_workers"] == 2
+    assert workers_for(config_from_dict({"encoder": {"device": "cpu"}})) == WorkerPlan((None,), 16, 1, 1)
