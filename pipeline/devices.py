@@ -159,10 +159,10 @@ def local_cluster(plan: WorkerPlan, asynchronous: bool = False, **_):
     from distributed import Nanny, Scheduler, SpecCluster
     from distributed.worker_memory import parse_memory_limit
 
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": None}}
     memory = parse_memory_limit("auto", 1, plan.n_workers, logger=log)  # the RAM shared out, as a LocalCluster
     workers = {f"worker-{i}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": plan.env(i),
-                                                         "memory_limit": memory}}
+                                                         "memory_limit": memory, "dashboard": False}}
                for i in range(plan.n_workers)}
     return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=40)
 
