@@ -159,12 +159,14 @@ def local_cluster(plan: WorkerPlan, asynchronous: bool = False, **_):
     from distributed import Nanny, Scheduler, SpecCluster
     from distributed.worker_memory import parse_memory_limit
 
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": None}}
+    # The scheduler's HTTP server runs whatever `dashboard` says: on a free port, not on 8787 that another may hold.
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": ":0"}}
     memory = parse_memory_limit("auto", 1, plan.n_workers, logger=log)  # the RAM shared out, as a LocalCluster
     workers = {f"worker-{i}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": plan.env(i),
-                                                         "memory_limit": memory, "dashboard": False}}
+                                                         "memory_limit": memory, "dashboard": False,
+                                                         "silence_logs": logging.WARN}}
                for i in range(plan.n_workers)}
-    return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=40)
+    return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=logging.WARN)
 
 
 def _probe(dask_worker) -> dict:
