@@ -64,6 +64,9 @@ def test_passes_on_an_existing_scheduler_equal_one_process(fast_cfg, scheduler, 
     variants = ["baseline", "film"]  # two passes, one on each worker
     runs = train_decoders(config=str(path), variants=variants, dask_address=scheduler)
     assert runs == {v: str(tmp_path / "runs" / "remote" / v) for v in variants}
+    with Client(scheduler, timeout=30) as client:
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert "train_pass_task" in prefixes  # the passes ran on that scheduler's workers
 
     alone = derive(cfg, "train.parallel=1", f"train.num_threads={plan.threads}", "sweep=alone")
     for v in variants:
