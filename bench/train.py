@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/extract.py's NullEncoder
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.devices import encoder_settings  # noqa: E402
 from pipeline.extract import plan_split  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, resolve_device  # noqa: E402
 from pipeline.loader import CachedBatches, ImageBatches  # noqa: E402
@@ -110,7 +111,7 @@ def build_store(cfg, null_encoder: bool = False) -> None:
         from extract import NullEncoder  # bench/extract.py
 
         real = encoder_for(cfg)
-        frames = datasets.read_split(cfg.data, "train")[: cfg.encoder.batch_size]
+        frames = datasets.read_split(cfg.data, "train")[: encoder_settings(cfg.encoder).batch_size]
         pixels = torch.cat([real.preprocess(datasets.load_image(s)) for s in frames])
         encoder = NullEncoder(real, pixels, cfg.cache_layers)
     extract_chunks(cfg, store.url, store.pending_chunks(), encoder=encoder)

@@ -1,8 +1,11 @@
 """`extract-features`: run the frozen encoder once over every split into fingerprinted Zarr stores.
 
-    plan + create stores (or reuse by fingerprint; damaged chunks marked pending) ──► extract-shards: one task per
-    run of up to `CHUNKS_PER_TASK` pending chunks on Dask, each chunk under its claim ──► wait for chunks other runs
-    hold ──► verify
+    plan + create stores (or reuse by fingerprint; damaged chunks marked pending) ──► extract-shards: a few tasks
+    per worker (`TASKS_PER_WORKER`), each a run of a store's pending chunks, each chunk under its claim ──► wait for
+    chunks other runs hold ──► verify
+
+Workers (`pipeline.devices`): on a host with several GPUs one process per GPU, each seeing only its own
+(CUDA_VISIBLE_DEVICES), each with its share of the usable cores; or the workers of an existing scheduler.
 
 A task extracts its chunks as one pipeline (`pipeline.extract.extract_chunks`): the write of one chunk overlaps
 the decode and encoding of the next, which a task of one chunk cannot do. (`shard_jobs` lives in `pipeline.extract`:
@@ -22,7 +25,8 @@ from tqdm.auto import tqdm
 from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.config import Config, ConfigError
 from pipeline.datasets import ensure_dataset
-from pipeline.extract import extract_claimed, finish_store, prepare_stores, shard_jobs, torch_threads_per_worker
+from pipeline.devices import WorkerPlan, encoder_settings, local_cluster, plan_on_scheduler, with_encoder_settings
+from pipeline.extract import extract_claimed, finish_store, prepare_stores, shard_jobs, worker_plan
 from pipeline.layout import SPLITS, RunContext, finalize_store
 
 
@@ -43,8 +47,8 @@ def extract_chunks_task(cfg: Config, url: str, split: str, chunks: list[int], to
 
 
 @flow(name="extract-shards")
-def extract_shards(cfg: Config, jobs: list[tuple[str, str, int]], torch_threads: int, progress: bool = False):
-    shards = shard_jobs(jobs, cfg.dask.n_workers)
+def extract_shards(cfg: Config, jobs: list[tuple[str, str, int]], plan: WorkerPlan, progress: bool = False):
+    shards, torch_threads = shard_jobs(jobs, plan.n_workers), plan.threads
     futures = [extract_chunks_task.submit(cfg, url, split, chunks, torch_threads) for split, url, chunks in shards]
     size = {id(f): len(chunks) for f, (_, _, chunks) in zip(futures, shards)}
     with tqdm(total=len(jobs), desc="extract", unit="chunk", disable=not progress) as bar:
@@ -53,11 +57,25 @@ def extract_shards(cfg: Config, jobs: list[tuple[str, str, int]], torch_threads:
             bar.update(size[id(future)])
 
 
-def dask_runner(cfg: Config) -> DaskTaskRunner:
+def dask_runner(cfg: Config, plan: WorkerPlan) -> DaskTaskRunner:
+    """The existing scheduler at `dask.address`, else a cluster of the planned workers on this host: processes,
+    each seeing its own GPU (`pipeline.devices.local_cluster`), or threads of this process (`dask.processes`
+    false: they share its devices)."""
     if cfg.dask.address:
         return DaskTaskRunner(address=cfg.dask.address)
-    return DaskTaskRunner(cluster_kwargs=dict(n_workers=cfg.dask.n_workers, threads_per_worker=1,
-                                              processes=cfg.dask.processes, dashboard_address=None))
+    if not cfg.dask.processes:
+        return DaskTaskRunner(cluster_kwargs=dict(n_workers=plan.n_workers, threads_per_worker=1, processes=False,
+                                                  dashboard_address=None))
+    return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"plan": plan})
+
+
+def workers_for(cfg: Config) -> WorkerPlan:
+    """The extraction's workers: those of the scheduler at `dask.address` as they report themselves, else the
+    local plan (`pipeline.extract.worker_plan`)."""
+    if cfg.dask.address:
+        check_scheduler(cfg.dask.address)
+        return plan_on_scheduler(cfg.dask.address, cfg.dask.torch_threads)
+    return worker_plan(cfg)
 
 
 @flow(name="extract-features")
@@ -72,13 +90,16 @@ def extract_features(
     progress: bool = False,
 ) -> dict[str, str]:
     """Returns {split: store url}. Existing stores with the same fingerprint are reused; unfinished ones resume."""
-    cfg = run_config(config, overrides, sweep, dask_address=dask_address, cache_root=cache_root)
+    # 'auto' encoder settings resolved here, where the stores are fingerprinted: every worker runs what it says.
+    cfg = with_encoder_settings(run_config(config, overrides, sweep, dask_address=dask_address,
+                                           cache_root=cache_root))
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ConfigError(f"unknown splits {unknown}; valid splits: {list(SPLITS)}")
-    if cfg.dask.address:
-        check_scheduler(cfg.dask.address)
+    plan = workers_for(cfg)
     logger = get_run_logger()
+    logger.info("encoder %s; %d worker(s)%s, %d torch thread(s) each", encoder_settings(cfg.encoder).describe(),
+                plan.n_workers, f" on GPUs {list(plan.gpus)}" if any(plan.gpus) else "", plan.threads)
     ensure_dataset(cfg.data)
     ctx = RunContext.of(cfg)
     stores, jobs, recheck = {}, [], {}
@@ -90,7 +111,7 @@ def extract_features(
         recheck[split] = set(range(store.n_chunks)) - store.verified
         jobs += [(split, store.url, c) for c in pending]
     if jobs:
-        extract_shards.with_options(task_runner=dask_runner(cfg))(cfg, jobs, torch_threads_per_worker(cfg), progress)
+        extract_shards.with_options(task_runner=dask_runner(cfg, plan))(cfg, jobs, plan, progress)
     for split, url in stores.items():
         finish_store(cfg, url)  # chunks another run holds: wait for them (or take over those of a dead one)
         report = finalize_store(url, chunks=recheck[split])

@@ -37,5 +37,5 @@ def paper_table(
     shared = dict(config=config, overrides=list(overrides or []) + [f"cache.root={cache_root}"] * bool(cache_root),
                   sweep=sweep, progress=progress)
     extract_features(**shared, dask_address=dask_address)
-    train_decoders(**shared, variants=variants)
+    train_decoders(**shared, variants=variants, dask_address=dask_address)
     return evaluate(**shared, variants=variants)

@@ -4,10 +4,12 @@
                                                            └──► runs/<sweep>/<variant>/{last,best,history.csv}
 
 A task trains one pass (`pipeline.train.pass_plan`): one variant, or with `train.shared_pass` a group of variants
-that step on every batch read once (on a GPU by default all of them). Passes run `train.parallel` at a time
-(`pipeline.train.parallel_plan`: on a CPU one per core, on a GPU one): one at a time in the flow's process,
-several at once in the processes of a Dask LocalCluster (`train-parallel`), each with its share of the cores. A
-variant's result depends on its seed and its thread count only, not on what trains beside it or in its pass.
+that step on every batch read once (on GPUs by default one group per GPU). Passes run `train.parallel` at a time
+(`pipeline.train.parallel_plan`: on a CPU one per usable core, on GPUs one per GPU): one at a time in the flow's
+process, several at once in the processes of a local Dask cluster (`train-parallel`), each with its share of the
+cores and its own GPU (`pipeline.devices.local_cluster`), or on the workers of an existing scheduler
+(`dask.address`). A variant's result depends on its seed and its thread count only, not on what trains beside it,
+in its pass, or on which worker.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from prefect.runtime import task_run
 from prefect_dask import DaskTaskRunner
 from tqdm.auto import tqdm
 
-from flows.parameters import fail_run_on_user_error, run_config
+from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
+from pipeline.devices import local_cluster, plan_on_scheduler, plan_workers
 from pipeline.layout import RunContext
 from pipeline.train import HISTORY_NAME, check_cache, pass_plan, read_history, train_variants
 
@@ -80,23 +83,39 @@ def train_decoders(
     resume: bool = True,
     cache_root: str | None = None,
     progress: bool = False,
+    dask_address: str | None = None,
 ) -> dict[str, str]:
-    """Returns {variant: run folder}. Default variants: the config's `train.variants` (the Table-2 ablations)."""
-    ctx = RunContext.of(run_config(config, overrides, sweep, variants=variants, cache_root=cache_root))
+    """Returns {variant: run folder}. Default variants: the config's `train.variants` (the Table-2 ablations).
+    `dask_address` (= `dask.address`): train the passes on that scheduler's workers."""
+    ctx = RunContext.of(run_config(config, overrides, sweep, variants=variants, cache_root=cache_root,
+                                   dask_address=dask_address))
     logger = get_run_logger()
     if ctx.cfg.train.feature_source == "cache":
         stores = check_cache(ctx)  # refuses a cache whose fingerprint does not match, saying what differs
         logger.info("training from cache: train %s, val %s", stores["train"], stores["val"])
-    variants = ctx.cfg.train.variants
-    groups, parallel, threads = pass_plan(ctx.cfg.train, variants)
+    variants, tc = ctx.cfg.train.variants, ctx.cfg.train
+    if ctx.cfg.dask.address:  # the scheduler's workers, as they report themselves, say how many and what each has
+        check_scheduler(ctx.cfg.dask.address)
+        workers = plan_on_scheduler(ctx.cfg.dask.address, tc.num_threads)
+        tc = tc.model_copy(update={"parallel": min(tc.parallel or workers.n_workers, len(variants)),
+                                   "num_threads": workers.threads})
+    groups, parallel, threads = pass_plan(tc, variants)
     if any(len(g) > 1 for g in groups):
         logger.info("shared pass: %s each read the data once", " / ".join("+".join(g) for g in groups))
-    if parallel == 1:
+    if parallel == 1 and not ctx.cfg.dask.address:
         runs = {v: d for group in groups for v, d in train_pass_task(ctx, group, resume, progress).items()}
         return {v: runs[v] for v in variants}
-    logger.info("training %d passes, %d at a time, %d torch thread(s) each", len(groups), parallel, threads)
-    train = ctx.cfg.train.model_copy(update={"parallel": parallel, "num_threads": threads})
+    if ctx.cfg.dask.address:
+        runner = DaskTaskRunner(address=ctx.cfg.dask.address)
+        share = tc.device_share or workers.device_share
+    else:  # one process per pass, each on its own GPU where there are several
+        workers = plan_workers(tc.device, parallel, threads)
+        runner = DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"plan": workers})
+        share = tc.device_share or workers.device_share
+    logger.info("training %d passes, %d at a time, %d torch thread(s) each%s", len(groups), parallel, threads,
+                f", GPUs {list(workers.gpus)}" if any(workers.gpus) else "")
+    # The workers train with these: every pass the same thread count, and the memory budgets divided among the
+    # passes that share the host (RAM) and the GPU.
+    train = tc.model_copy(update={"parallel": parallel, "num_threads": threads, "device_share": share})
     ctx = dataclasses.replace(ctx, cfg=ctx.cfg.model_copy(update={"train": train}))
-    runner = DaskTaskRunner(cluster_kwargs=dict(n_workers=parallel, threads_per_worker=1, processes=True,
-                                                dashboard_address=None))
     return train_parallel.with_options(task_runner=runner)(ctx, groups, resume, progress)

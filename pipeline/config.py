@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import SpaceClipError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 class ConfigError(SpaceClipError, ValueError):
@@ -75,9 +76,12 @@ class EncoderConfig(_Model):
     revision: str | None = None
     # Square input side; None: the model's own (CLIP B/16: 224). Position embeddings are interpolated otherwise.
     image_size: int | None = Field(None, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype of the forward pass
-    batch_size: int = Field(8, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Autocast dtype of the forward pass and images a batch. "auto": bfloat16 and 64 on CUDA, float32 and 8 on a CPU
+    # (`pipeline.devices.encoder_settings`); the resolved dtype is in the fingerprint, the features are stored at
+    # cache.dtype either way.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto | cpu | cuda | cuda:N
     # Threads that decode, view and preprocess frames ahead of the encoder in one extraction worker; None: the
     # worker's share of the cores (`pipeline.extract.decode_workers_for`). Does not change the stored bytes.
     decode_workers: int | None = Field(None, ge=1)
@@ -208,7 +212,11 @@ class TrainConfig(_Model):
     aux_weights: tuple[float, float, float] = (0.10, 0.05, 0.0)
     feature_source: Literal["cache", "images"] = "cache"
     cache_device: Literal["auto", "cpu", "cuda", "stream"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto | cpu | cuda (each pass its own GPU) | cuda:N
+    # Passes training at once on one GPU, whose memory budget for a resident cache they share. None: as planned
+    # (`pipeline.devices.plan_workers`: train.parallel spread over the GPUs); set it for an existing scheduler
+    # whose workers share GPUs.
+    device_share: int | None = Field(None, ge=1)
     shuffle_window: int = Field(4, ge=1)  # chunks mixed together when shuffling
     out_dir: str = "runs"
     num_threads: int | None = None  # torch intra-op threads of one training; None: the cores / `parallel`
@@ -253,7 +261,9 @@ class EvalConfig(_Model):
 
 class DaskConfig(_Model):
     address: str | None = None  # an existing scheduler (tcp://host:8786); None starts a LocalCluster
-    n_workers: int = Field(1, ge=1)  # LocalCluster workers; each runs one chunk at a time
+    # LocalCluster workers, each with its own GPU where there are several (CUDA_VISIBLE_DEVICES); None: one per GPU
+    # on a GPU host (encoder.device auto or cuda), else 1
+    n_workers: int | None = Field(None, ge=1)
     processes: bool = True  # LocalCluster workers as processes (False: threads in the flow's process)
     # torch intra-op threads per worker (Dask sets OMP_NUM_THREADS=1 in workers); None: cores / n_workers
     torch_threads: int | None = None

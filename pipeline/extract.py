@@ -27,6 +27,7 @@ from pipeline import datasets
 from pipeline.config import Config
 from pipeline.datasets import DatasetError, Sample, View
 from pipeline.fingerprint import data_roots, file_signature
+from pipeline.devices import WorkerPlan, encoder_settings, plan_workers
 from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
 from pipeline.store import (FeatureStore, SizeEstimate, StoreError, byte_view, estimate_bytes, local_path,
                             nearest_existing)
@@ -45,10 +46,16 @@ def view_config_for(cfg: Config, split: str):
     return cfg.views
 
 
+def worker_plan(cfg: Config) -> WorkerPlan:
+    """The local extraction workers (`pipeline.devices.plan_workers`): `dask.n_workers` (default one per GPU, else
+    one), each on its own GPU where there are several, with `dask.torch_threads` or its share of the usable cores."""
+    return plan_workers(cfg.encoder.device, cfg.dask.n_workers, cfg.dask.torch_threads)
+
+
 def torch_threads_per_worker(cfg: Config) -> int:
-    """torch intra-op threads of one extraction worker: `dask.torch_threads`, else the cores shared among the
-    workers (Dask sets OMP_NUM_THREADS=1 in its workers, so torch would otherwise use one)."""
-    return cfg.dask.torch_threads or max(1, (os.cpu_count() or 1) // cfg.dask.n_workers)
+    """torch intra-op threads of one extraction worker: `dask.torch_threads`, else the usable cores shared among
+    the workers (Dask sets OMP_NUM_THREADS=1 in its workers, so torch would otherwise use one)."""
+    return worker_plan(cfg).threads
 
 
 # ---- planning -------------------------------------------------------------------------------------------------
@@ -372,19 +379,21 @@ def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int
     return [results[c] for c in chunks]
 
 
-CHUNKS_PER_TASK = 4  # chunks one flow task extracts as one pipeline, at most (fewer when a worker would idle)
+TASKS_PER_WORKER = 2  # flow tasks per worker and store: few (each builds a decode pool, buffers and claims), but
+# more than one, so that a worker that finishes early takes over part of a slower one's share
 
 
 def shard_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
-    """(split, url, chunks) tasks: each store's pending chunks in runs of up to `CHUNKS_PER_TASK`, and at least
-    as many tasks as workers while there are chunks enough."""
-    per_task = max(1, min(CHUNKS_PER_TASK, len(pending) // max(1, n_workers)))
-    shards: list[tuple[str, str, list[int]]] = []
+    """(split, url, chunks) tasks: each store's pending chunks in `TASKS_PER_WORKER` runs per worker, of
+    ceil(chunks / (workers x TASKS_PER_WORKER)) chunks each (KITTI's ~1300 train chunks on 8 GPUs: 16 tasks of 82,
+    not 325 of 4). A task extracts its chunks as one pipeline; a retry redoes only those not yet done."""
+    stores: dict[str, list] = {}
     for split, url, chunk in pending:
-        if shards and shards[-1][1] == url and len(shards[-1][2]) < per_task:
-            shards[-1][2].append(chunk)
-        else:
-            shards.append((split, url, [chunk]))
+        stores.setdefault(url, [split, []])[1].append(chunk)
+    shards: list[tuple[str, str, list[int]]] = []
+    for url, (split, chunks) in stores.items():
+        per_task = -(-len(chunks) // (max(1, n_workers) * TASKS_PER_WORKER))
+        shards += [(split, url, chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
     return shards
 
 
@@ -502,13 +511,36 @@ class ChunkBuffers:
 
 
 def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
-    """`into[positions] = rows`. Consecutive positions (every batch without a skipped sample) are one numpy copy of
-    the bytes: torch would split it over its OpenMP threads, whose spinning takes the cores from the decode pool
-    (and an index list is torch's slower index_put)."""
+    """`into[positions] = rows`. Consecutive positions (every batch without a skipped sample) are one copy: on the
+    host a numpy copy of the bytes (torch would split it over its OpenMP threads, whose spinning takes the cores
+    from the decode pool, and an index list is torch's slower index_put), on a GPU one slice copy."""
     if positions[-1] - positions[0] == len(positions) - 1:
-        np.copyto(byte_view(into[positions[0]:positions[-1] + 1]), byte_view(rows.contiguous()))
+        if into.device.type == "cpu":
+            np.copyto(byte_view(into[positions[0]:positions[-1] + 1]), byte_view(rows.contiguous()))
+        else:
+            into[positions[0]:positions[-1] + 1].copy_(rows)
     else:
-        into[positions] = rows
+        into[torch.tensor(positions, device=into.device)] = rows
+
+
+class DeviceChunk:
+    """One chunk's features gathered where the encoder runs, copied to the host buffers once the chunk is encoded:
+    the host waits for the GPU once a chunk, not once a batch, and the encoder's next batches queue meanwhile."""
+
+    def __init__(self, rows: int, layers, grid: int, width: int, dtype: torch.dtype, device, flipped: bool):
+        def one():
+            return ({k: torch.empty(rows, grid, grid, width, dtype=dtype, device=device) for k in layers},
+                    torch.empty(rows, width, dtype=dtype, device=device))
+
+        self.plain, self.mirrored = one(), one() if flipped else None
+
+    def copy_to(self, tokens: dict, cls: torch.Tensor, flipped) -> None:
+        n = cls.shape[0]
+        for (src_tokens, src_cls), (dst_tokens, dst_cls) in [(self.plain, (tokens, cls))] + (
+                [(self.mirrored, flipped)] if flipped is not None else []):
+            for k, t in dst_tokens.items():
+                t.copy_(src_tokens[k][:n])  # to pageable host memory: waits for the encoder's queued work
+            dst_cls.copy_(src_cls[:n])
 
 
 def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None, encoder=None) -> dict:
@@ -516,14 +548,27 @@ def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None =
     return extract_chunks(cfg, url, [chunk], torch_threads, encoder)[0]
 
 
+@contextlib.contextmanager
+def _tf32(on: bool):
+    """fp32 matmuls and convolutions as TF32 (what autocast leaves in fp32, or a float32 run); restored after."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if on:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None,
-                   encoder=None) -> list[dict]:
+                   encoder=None, device_chunks: bool | None = None) -> list[dict]:
     """Encode and write chunks of a store as one pipeline:
 
         decode pool (`decode_workers_for`): image decode + view + preprocess + target, in sample order, running
             up to a chunk and a batch ahead of the encoder
-        encoder: whole batches (`encoder.batch_size`) from that stream; on CUDA from pinned memory, copied
-            non-blocking, features copied back once per batch
+        encoder: whole batches (`encoder.batch_size`, 'auto': `pipeline.devices.encoder_settings`) from that
+            stream; on CUDA from pinned memory, copied non-blocking, the features gathered on the device and copied
+            back once per chunk (`device_chunks`, default on CUDA: no wait for the GPU per batch)
         writer thread: a finished chunk is converted, compressed and written (data, then its `done` flags) while
             the next chunk decodes and encodes; at most one chunk waits to be written.
 
@@ -536,36 +581,35 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
     encoder = encoder_for(cfg) if encoder is None else encoder
     device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
     cuda = device.type == "cuda"
-    autocast = None if cfg.encoder.dtype == "float32" else getattr(torch, cfg.encoder.dtype)
+    settings = encoder_settings(cfg.encoder)
+    autocast, bs = settings.autocast, settings.batch_size
     target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
-    layers, bs = store.layers, cfg.encoder.batch_size
+    layers = store.layers
     # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
     buf_dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
     ranges = [store.chunk_range(c) for c in chunks]
     rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
     todo = [(c, i) for (a, b), c in zip(ranges, chunks) for i in range(a, b)]  # (chunk, sample) in order
     ahead = store.chunk_size + bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
+    on_device = cuda if device_chunks is None else device_chunks
 
-    def encode(pixels: torch.Tensor) -> dict:
-        if cuda:  # pinned host memory (`staged`; a mirrored batch is pinned here): the copy does not block the host
-            pixels = pixels.pin_memory().to(device, non_blocking=True)
+    def encode(pixels: torch.Tensor) -> dict:  # pixels on the encoder's device
         feats = encoder(pixels, layers, autocast_dtype=autocast)
-        out = {"tokens": {k: t.to(buf_dtype) for k, t in feats["tokens"].items()},
-               "global": feats["global"].to(buf_dtype)}
-        if cuda:  # one copy back per batch and one wait, not one synchronous copy per layer
-            out = {"tokens": {k: t.to("cpu", non_blocking=True) for k, t in out["tokens"].items()},
-                   "global": out["global"].to("cpu", non_blocking=True)}
-            torch.cuda.current_stream(device).synchronize()
-        return out
+        return {"tokens": {k: t.to(buf_dtype) for k, t in feats["tokens"].items()},
+                "global": feats["global"].to(buf_dtype)}
 
     # Two sets of chunk buffers used in turn (one filled while the other is written), allocated once.
     buffers = ChunkBuffers(store.chunk_size, layers, encoder.grid, encoder.width, buf_dtype, target_hw,
                            store.has_flipped)
+    gathered = DeviceChunk(store.chunk_size, layers, encoder.grid, encoder.width, buf_dtype, device,
+                           store.has_flipped) if on_device else None
     # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
-    # device needs no pinned copy of its own (`encode` returns only after the device is done with it).
-    staged = None
+    # device needs no pinned copy of its own. It is refilled once the device has read it (`copied`), not when the
+    # encoder is done.
+    staged, copied = None, None
     results = []
-    with ThreadPoolExecutor(max_workers=decode_workers_for(cfg), thread_name_prefix="decode") as pool, \
+    with _tf32(cuda and settings.tf32), \
+            ThreadPoolExecutor(max_workers=decode_workers_for(cfg), thread_name_prefix="decode") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
         futures: dict[int, object] = {}
         submitted = 0
@@ -583,6 +627,8 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
             skipped, reasons = np.zeros(n, bool), [""] * n
             # This chunk's buffers: the set the write before last used (that write has finished; see below).
             tokens, cls, flipped, depth = buffers.take(n)
+            into_tokens, into_cls, into_flipped = (
+                (gathered.plain[0], gathered.plain[1], gathered.mirrored) if on_device else (tokens, cls, flipped))
             for start in range(0, n, bs):
                 load(done_samples + start + bs + ahead)
                 batch_pixels, positions = [], []
@@ -603,19 +649,27 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
                     continue
                 if staged is None or staged.shape[1:] != batch_pixels[0].shape:
                     staged = torch.empty((bs, *batch_pixels[0].shape), pin_memory=cuda)
+                if copied is not None:
+                    copied.synchronize()  # the device has read the previous batch out of `staged`
                 pixels = staged[:len(batch_pixels)]  # (B, 3, S, S)
                 for j, one in enumerate(batch_pixels):  # numpy's copies, as in `_put_rows`
                     np.copyto(pixels[j].numpy(), one.numpy())
+                pixels = pixels.to(device, non_blocking=True)
+                if cuda:
+                    copied = torch.cuda.Event()
+                    copied.record(torch.cuda.current_stream(device))
                 feats = encode(pixels)
                 for k in layers:
-                    _put_rows(tokens[k], positions, feats["tokens"][k])
-                _put_rows(cls, positions, feats["global"])
+                    _put_rows(into_tokens[k], positions, feats["tokens"][k])
+                _put_rows(into_cls, positions, feats["global"])
                 if flipped is not None:
                     # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
                     feats = encode(pixels.flip(-1))
                     for k in layers:
-                        _put_rows(flipped[0][k], positions, feats["tokens"][k])
-                    _put_rows(flipped[1], positions, feats["global"])
+                        _put_rows(into_flipped[0][k], positions, feats["tokens"][k])
+                    _put_rows(into_flipped[1], positions, feats["global"])
+            if on_device:
+                gathered.copy_to(tokens, cls, flipped)  # the chunk's one wait for the device
             if skipped.any():  # a skipped sample's rows are zeros, not what the buffer held from an earlier chunk
                 buffers.zero_rows(np.flatnonzero(skipped))
             done_samples += n

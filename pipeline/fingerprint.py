@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.devices import encoder_settings
 
 FORMAT_VERSION = 1
 
@@ -40,7 +41,7 @@ def fingerprint_inputs(cfg: Config, split: str, encoder_identity: dict) -> dict:
         "encoder": {k: encoder_identity[k] for k in ("name", "revision", "weights_sha256", "width", "grid")},
         "preprocess": {"resize": "bicubic-squash", "image_size": encoder_identity["image_size"],
                        "mean": encoder_identity.get("mean"), "std": encoder_identity.get("std")},
-        "autocast_dtype": cfg.encoder.dtype,
+        "autocast_dtype": encoder_settings(cfg.encoder).dtype,  # 'auto' resolved: the dtype that runs
         "layers": list(cfg.cache_layers),
         "dtype": cfg.cache.dtype,
         "chunk_size": cfg.cache.chunk_size,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from pipeline import claims, datasets
+from pipeline import claims, datasets, devices
 from pipeline.config import Config, dump_config
 from pipeline.errors import DiskFullError, SpaceClipError, is_disk_full
 from pipeline.fingerprint import data_roots, diff_inputs, fingerprint, fingerprint_inputs
@@ -45,12 +45,9 @@ class RunError(SpaceClipError, RuntimeError):
 
 
 # ---- the encoder and the device -------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA device")
-    return torch.device(name)
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """`auto` | `cpu` | `cuda` | `cuda:N` -> a torch device that exists here (`pipeline.devices.resolve_device`)."""
+    return devices.resolve_device(name, key)
 
 
 @functools.lru_cache(maxsize=2)
@@ -58,7 +55,7 @@ def load_encoder(
     name: str, revision: str | None = None, device: str = "auto", image_size: int | None = None
 ) -> FrozenEncoder:
     """One encoder per process (Dask workers keep it between chunks)."""
-    return FrozenEncoder.from_name(name, revision, image_size=image_size).to(resolve_device(device))
+    return FrozenEncoder.from_name(name, revision, image_size=image_size).to(resolve_device(device, "encoder.device"))
 
 
 def encoder_for(cfg: Config) -> FrozenEncoder:
@@ -203,6 +200,7 @@ class RunContext:
                 "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
                 "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
                 "data_roots": data_roots(cfg, split),  # compared on reuse (`pipeline.extract.source_changes`)
+                "extraction": devices.encoder_settings(cfg.encoder).describe(),  # device, batch, autocast, TF32
             },
         )
         return spec

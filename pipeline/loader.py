@@ -39,6 +39,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from pipeline.devices import usable_cores
 from pipeline.store import ChunkRows, FeatureStore, StoreError, byte_view, depth_metres, layer_key
 from spaceclip.features import Features
 
@@ -168,17 +169,18 @@ def store_bytes(store: FeatureStore, layers: Sequence[int], flipped: bool = Fals
 
 
 def resolve_cache_device(
-    mode: str, need: int, device: torch.device, budget: int | None = None, share: int = 1
+    mode: str, need: int, device: torch.device, budget: int | None = None, share: int = 1, device_share: int = 1
 ) -> str:
-    """`auto` -> `cuda` when the cache fits in the GPU budget, else `cpu` when it fits in the RAM budget (divided by
-    `share`: concurrent trainings in other processes hold their own copies), else `stream`. Explicit modes are
-    checked for possibility only."""
+    """`auto` -> `cuda` when the cache fits in the GPU budget (divided by `device_share`: the trainings on this GPU),
+    else `cpu` when it fits in the RAM budget (divided by `share`: concurrent trainings in other processes hold
+    their own copies), else `stream`. Explicit modes are checked for possibility only."""
     if mode == "cuda" and device.type != "cuda":
         raise ValueError("train.cache_device is 'cuda' but training runs on the CPU; use auto, cpu or stream")
     if mode != "auto":
         return mode
     if device.type == "cuda":
-        gpu_budget = budget if budget is not None else int(torch.cuda.mem_get_info(device)[0] * GPU_BUDGET_FRACTION)
+        gpu_budget = budget if budget is not None else int(
+            torch.cuda.mem_get_info(device)[0] * GPU_BUDGET_FRACTION / device_share)
         if need <= gpu_budget:
             return "cuda"
     import psutil
@@ -293,6 +295,7 @@ class CachedBatches(Batches):
         prefetch: int = 4,
         memory_budget: int | None = None,
         memory_share: int = 1,
+        device_share: int = 1,
         drop_last: bool = False,
         read_workers: int | None = None,
         read_ahead: int | None = None,
@@ -310,11 +313,11 @@ class CachedBatches(Batches):
         # A store extracted with views.flip = extract holds the mirrored images' features: flips use those.
         self.exact_flips = bool(train and self.flip_p > 0 and store.has_flipped)
         self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers), self.device, memory_budget,
-                                         memory_share)
+                                         memory_share, device_share)
         # Streaming: threads that read (+ decompress) and assemble batches (preadv, zstd and the copies release the
         # GIL); compressed chunks are read `read_ahead` chunks ahead of the batch being assembled (default: a
         # window more than the threads), row reads assemble up to `prefetch` batches ahead.
-        self.read_workers = read_workers or os.cpu_count() or 1
+        self.read_workers = read_workers or usable_cores()
         self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + shuffle_window
         # Uncompressed features are streamed a sample row at a time straight from the chunk files into the batch
         # (one copy); compressed ones (and exact flips, which read the mirrored arrays for some rows only) chunk

@@ -793,10 +793,12 @@ class FeatureStore:
         def put(name: str) -> None:
             self._put(name, c, writes[name]())
 
+        from pipeline.devices import usable_cores
+
         # The arrays are independent files, so they are converted, compressed and written concurrently (numpy,
         # torch and zstd release the GIL): the write phase then uses every core instead of one. Only after all
         # of them have landed are the chunk's `done` flags written, so a kill mid-write leaves the chunk pending.
-        with ThreadPoolExecutor(max_workers=min(len(writes), os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=min(len(writes), usable_cores())) as pool:
             for future in [pool.submit(put, name) for name in writes]:
                 future.result()
         self._put("done", c, np.ones(b - a, np.uint8))

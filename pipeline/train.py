@@ -40,6 +40,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, TrainConfig, dump_config
+from pipeline.devices import encoder_settings, usable_cores, visible_gpus
 from pipeline.extract import plan_split
 from pipeline.layout import RunContext, RunError, locked_run_dirs, replaced_atomically, resolve_device, run_dir
 from pipeline.loader import Batch, Batches, CachedBatches, ImageBatches
@@ -107,13 +108,14 @@ def ema_of(model: torch.nn.Module, decay: float) -> AveragedModel:
 
 
 def parallel_plan(tc: TrainConfig, n_variants: int, cores: int | None = None) -> tuple[int, int]:
-    """(variants trained at once, torch threads each): `train.parallel` and `train.num_threads` where set; else
-    on a CPU one variant per core (each with cores // parallel threads), on a GPU one at a time."""
-    cores = cores or os.cpu_count() or 1
+    """(passes trained at once, torch threads each): `train.parallel` and `train.num_threads` where set; else on a
+    CPU one variant per usable core (each with cores // parallel threads), on GPUs one pass per GPU
+    (`device: auto` or `cuda`; `cuda:N`: one)."""
+    cores = cores or usable_cores()
     if tc.parallel:
         parallel = tc.parallel
     elif resolve_device(tc.device).type == "cuda":
-        parallel = 1
+        parallel = len(visible_gpus()) if ":" not in tc.device else 1
     else:
         parallel = max(1, cores // (tc.num_threads or 1))
     parallel = max(1, min(parallel, n_variants))
@@ -123,12 +125,13 @@ def parallel_plan(tc: TrainConfig, n_variants: int, cores: int | None = None) ->
 def pass_plan(tc: TrainConfig, variants: list[str], cores: int | None = None) -> tuple[list[list[str]], int, int]:
     """(variant groups, groups trained at once, torch threads each). Each group is one pass over the data
     (`train_variants`): `train.shared_pass`, by default on where one process trains all variants (`parallel_plan`
-    gives 1: a GPU); off where variants train in parallel processes on a CPU (each variant its own group), where a
-    read from the resident cache is ~nothing beside a decoder step and single-variant tasks balance unequal
-    variants across the workers (BENCHMARKS.md, issue 14). shared_pass=True with parallel > 1: `parallel` groups,
-    variants dealt round-robin."""
+    gives 1) and on GPUs (one group per GPU); off where variants train in parallel processes on a CPU (each
+    variant its own group), where a read from the resident cache is ~nothing beside a decoder step and
+    single-variant tasks balance unequal variants across the workers (BENCHMARKS.md, issue 14).
+    shared_pass=True with parallel > 1: `parallel` groups, variants dealt round-robin."""
     parallel, threads = parallel_plan(tc, len(variants), cores)
-    shared = tc.shared_pass if tc.shared_pass is not None else parallel == 1
+    shared = tc.shared_pass if tc.shared_pass is not None else (
+        parallel == 1 or resolve_device(tc.device).type == "cuda")
     if not shared or len(variants) == 1:
         return [[v] for v in variants], parallel, threads
     return [list(variants[i::parallel]) for i in range(parallel)], parallel, threads
@@ -175,6 +178,7 @@ def build_sources(ctx: RunContext, layers, device: torch.device) -> Sources:
         stores = {split: ctx.open_store(split) for split in ("train", "val")}
         common["read_workers"] = tc.read_workers
         common["memory_share"] = tc.parallel or 1  # concurrent trainings share the RAM budget
+        common["device_share"] = tc.device_share or 1  # and those on one GPU its memory
         train = CachedBatches(stores["train"], layers, tc.batch_size, train=True, flip_p=tc.flip_p,
                               cache_device=tc.cache_device, **common)
         val = CachedBatches(stores["val"], layers, cfg.eval.batch_size, train=False, cache_device=tc.cache_device,
@@ -182,7 +186,7 @@ def build_sources(ctx: RunContext, layers, device: torch.device) -> Sources:
         return Sources(train, val, train.target_hw, fingerprints, int(stores["train"].attrs["width"]))
     # The reference path: the frozen encoder runs on every step, on the same samples and views as the cache.
     encoder = ctx.encoder.to(device)
-    autocast = None if cfg.encoder.dtype == "float32" else getattr(torch, cfg.encoder.dtype)
+    autocast = encoder_settings(cfg.encoder).autocast
     loaders = {}
     for split, train in (("train", True), ("val", False)):
         plan = plan_split(cfg, split)

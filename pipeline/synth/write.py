@@ -76,7 +76,9 @@ def synthesize_to(
     image_root, depth_root = Path(image_root), Path(depth_root)
     train_split, test_split = Path(train_split), Path(test_split)
     plans = plan_dataset(layout, train, test, seed)
-    workers = workers or min(8, os.cpu_count() or 1)
+    from pipeline.devices import usable_cores
+
+    workers = workers or min(8, usable_cores())
     from tqdm.auto import tqdm
 
     with ThreadPoolExecutor(max_workers=workers) as pool:  # numpy, zlib and libjpeg release the GIL

@@ -1,0 +1,246 @@
+"""Which cores and GPUs this process may use, and how the workers of a flow share them.
+
+    usable_cores()                  the cores this process may run on (affinity, cgroup quota): every thread count
+    resolve_device(name)            auto | cpu | cuda | cuda:N  ->  torch.device (a bad name: one line naming it)
+    plan_workers(device, n)         local workers: the GPU each sees (CUDA_VISIBLE_DEVICES), torch threads each,
+                                    how many share one GPU (its memory budget is divided among them)
+    local_cluster(plan)             a Dask cluster of those workers, each process with its own environment
+    plan_on_scheduler(address)      the same plan for the workers of an existing scheduler, as they report it
+    encoder_settings(encoder)       the extraction's batch size, autocast dtype and TF32, 'auto' resolved
+
+A worker given one GPU sees it as `cuda:0` (CUDA_VISIBLE_DEVICES holds that one entry), so `device: auto` and
+`device: cuda` mean "my GPU" in every worker. `device: cuda:N` pins every worker to GPU N instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import DEVICE_PATTERN, Config, ConfigError, EncoderConfig
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")  # "0::/the/process/cgroup" (v2)
+
+
+# ---- cores --------------------------------------------------------------------------------------------------------
+def cgroup_cpu_limit(root: Path | None = None, proc_cgroup: Path | None = None) -> float | None:
+    """The CPU quota (in cores) of this process's cgroup and its parents, the smallest one; None when unlimited.
+    cgroup v2: `cpu.max` ("max 100000" or "<quota> <period>"); v1: `cpu.cfs_quota_us` / `cpu.cfs_period_us`."""
+    root, proc_cgroup = root or CGROUP_ROOT, proc_cgroup or PROC_CGROUP
+    limits = []
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    own = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), "/")
+    path = root / own.lstrip("/")
+    while True:  # v2: the process's own cgroup up to the root (a parent's quota caps its children)
+        limits.append(_read_quota(path / "cpu.max"))
+        if path == root or root not in path.parents:
+            break
+        path = path.parent
+    for v1 in ("cpu", "cpu,cpuacct"):
+        try:
+            quota = int((root / v1 / "cpu.cfs_quota_us").read_text())
+            period = int((root / v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        if quota > 0 and period > 0:
+            limits.append(quota / period)
+    limits = [x for x in limits if x is not None]
+    return min(limits) if limits else None
+
+
+def _read_quota(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores(affinity: set[int] | None = None, quota: float | None = -1.0) -> int:
+    """The cores this process may keep busy: the CPUs it may run on (`os.sched_getaffinity`: taskset, a batch
+    scheduler's cpuset), capped by its cgroup's CPU quota (a container's `--cpus`), at least 1. `os.cpu_count()`
+    counts the host's cores, which a job given 4 of 64 would oversubscribe 16 times."""
+    if affinity is None and quota == -1.0:
+        return _own_cores()
+    if affinity is None:
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    quota = cgroup_cpu_limit() if quota == -1.0 else quota
+    cores = len(affinity)
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))  # 1.5 cores of quota keep one thread busy, not two
+    return max(1, cores)
+
+
+@functools.lru_cache(maxsize=1)
+def _own_cores() -> int:  # read once a process: callers ask per chunk written
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    return usable_cores(affinity, cgroup_cpu_limit())
+
+
+# ---- devices ------------------------------------------------------------------------------------------------------
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """`auto` -> the first visible GPU if any, else the CPU; `cuda` / `cuda:N` checked against the GPUs torch sees."""
+    if not re.match(DEVICE_PATTERN, name):
+        raise ConfigError(f"{key} {name!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key} is {name!r} but torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                              f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); set {key}=cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else None
+        if index is not None and index >= count:
+            raise ConfigError(f"{key} is {name!r} but torch sees {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return torch.device(name)
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA_VISIBLE_DEVICES entries a worker may be given, one per GPU this process sees: the entries of this
+    process's own CUDA_VISIBLE_DEVICES where it is set (a worker must stay inside it), else 0..count-1."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    own = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return own[:count] if len(own) >= count else [str(i) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Workers of one flow and what each may use."""
+
+    gpus: tuple[str | None, ...]  # per worker: its CUDA_VISIBLE_DEVICES, or None (inherits this process's)
+    threads: int  # torch intra-op threads of each worker
+    device_share: int  # workers that share one GPU (its memory budget is divided among them); 1 on a CPU
+    host_share: int  # workers that share this host's RAM
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.gpus)
+
+    def env(self, worker: int) -> dict[str, str]:
+        gpu = self.gpus[worker]
+        return {} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
+
+
+def plan_workers(device: str, n_workers: int | None = None, threads: int | None = None,
+                 cores: int | None = None) -> WorkerPlan:
+    """Local workers for `device`. `auto`/`cuda` on a host with k GPUs: `n_workers` (default k) dealt round-robin
+    over the GPUs, each worker seeing only its own; `cuda:N`: every worker on GPU N; `cpu` or no GPU: `n_workers`
+    (default 1) on the CPU. Threads: `threads`, else the usable cores shared among the workers."""
+    cores = cores or usable_cores()
+    gpus = visible_gpus() if resolve_device(device).type == "cuda" and ":" not in device else []
+    if gpus:
+        n = n_workers or len(gpus)
+        assigned = tuple(gpus[i % len(gpus)] for i in range(n))
+        share = math.ceil(n / len(gpus))
+    else:
+        n = n_workers or 1
+        assigned = (None,) * n
+        share = n if device.startswith("cuda") else 1  # cuda:N: all of them on that one GPU
+    return WorkerPlan(assigned, threads or max(1, cores // n), share, n)
+
+
+def local_cluster(plan: WorkerPlan, asynchronous: bool = False, **_):
+    """A Dask cluster on this host with one single-threaded worker process per planned worker, each started with
+    its own environment (its GPU): a LocalCluster gives every worker the same one. dask-cuda's LocalCUDACluster
+    would do the same, but it pins its own dask release and pulls in the CUDA Python bindings and NVML."""
+    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed.worker_memory import parse_memory_limit
+
+    # The scheduler's HTTP server runs whatever `dashboard` says: on a free port, not on 8787 that another may hold.
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": ":0"}}
+    memory = parse_memory_limit("auto", 1, plan.n_workers, logger=log)  # the RAM shared out, as a LocalCluster
+    workers = {f"worker-{i}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": plan.env(i),
+                                                         "memory_limit": memory, "dashboard": False,
+                                                         "silence_logs": logging.WARN}}
+               for i in range(plan.n_workers)}
+    return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=logging.WARN)
+
+
+def _probe(dask_worker) -> dict:
+    """What a worker may use, as it sees it (`Client.run` calls it in every worker, passing the worker)."""
+    import socket
+
+    return {"host": socket.gethostname(), "cores": usable_cores(), "nthreads": dask_worker.state.nthreads,
+            "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def plan_on_scheduler(address: str, threads: int | None = None) -> WorkerPlan:
+    """The plan for the workers of the scheduler at `address`, from what each reports: every worker the same
+    thread count (the fewest any one gets: a host's usable cores shared among that host's worker threads, so that
+    results do not depend on the worker a task lands on), GPU and RAM shares the most workers on one GPU / host."""
+    from distributed import Client
+
+    with Client(address, timeout=10) as client:
+        seen = list(client.run(_probe).values())
+    if not seen:
+        raise ConfigError(f"the Dask scheduler at dask.address {address!r} has no workers; start some with "
+                          f"`dask worker {address}`")
+    per_host: dict[str, int] = {}
+    per_gpu: dict[tuple, int] = {}
+    for w in seen:
+        per_host[w["host"]] = per_host.get(w["host"], 0) + w["nthreads"]
+        if w["gpus"]:  # workers that see the same GPUs all run on the first of them
+            key = (w["host"], w["visible"])
+            per_gpu[key] = per_gpu.get(key, 0) + w["nthreads"]  # all on its first visible GPU
+    fewest = min(max(1, w["cores"] // per_host[w["host"]]) for w in seen)
+    slots = sum(w["nthreads"] for w in seen)
+    return WorkerPlan((None,) * slots, threads or fewest, max(per_gpu.values(), default=1),
+                      max(per_host.values()))
+
+
+# ---- the extraction's encoder settings ----------------------------------------------------------------------------
+# On a GPU the frozen encoder runs in bf16 autocast, 64 images a batch, TF32 for what stays fp32; the features are
+# stored at the store's dtype (fp16) either way. On a CPU: fp32 (bf16 matmuls are slow there), 8 a batch.
+CUDA_DEFAULTS = {"batch_size": 64, "dtype": "bfloat16"}
+CPU_DEFAULTS = {"batch_size": 8, "dtype": "float32"}
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    device: str  # "cpu", "cuda", "cuda:N"
+    batch_size: int
+    dtype: str  # autocast dtype ("float32": none); it changes the stored bytes, so it is in the fingerprint
+    tf32: bool  # fp32 matmuls as TF32 on CUDA
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return None if self.dtype == "float32" else getattr(torch, self.dtype)
+
+    def describe(self) -> dict:
+        return {"device": self.device, "batch_size": self.batch_size, "autocast_dtype": self.dtype,
+                "tf32": self.tf32}
+
+
+def encoder_settings(encoder: EncoderConfig) -> EncoderSettings:
+    """`encoder.batch_size` and `encoder.dtype` with 'auto' resolved for the device the encoder runs on. Asks no more
+    of the device than its kind, so that a process without the GPU (training on another host) computes the
+    fingerprint of a cache that a GPU extracted."""
+    device = encoder.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    defaults = CUDA_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    batch = defaults["batch_size"] if encoder.batch_size == "auto" else encoder.batch_size
+    dtype = defaults["dtype"] if encoder.dtype == "auto" else encoder.dtype
+    return EncoderSettings(device, batch, dtype, device.startswith("cuda"))
+
+
+def with_encoder_settings(cfg: Config) -> Config:
+    """`cfg` with `encoder.batch_size` and `encoder.dtype` resolved here, in the process that fingerprints the
+    stores: workers on another host then run what the fingerprint says, whatever device they have."""
+    settings = encoder_settings(cfg.encoder)
+    encoder = cfg.encoder.model_copy(update={"batch_size": settings.batch_size, "dtype": settings.dtype})
+    return cfg.model_copy(update={"encoder": encoder})
