@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.config import TrainConfig
 from pipeline.loader import Batch
@@ -277,3 +278,31 @@ def test_cuda_deterministic_warns_when_cuda_was_used_before_the_workspace_settin
 def test_train_deterministic_config_key():
     assert TrainConfig().deterministic is None
     assert TrainConfig(deterministic=True).deterministic is True
+
+
+def test_deterministic_bilinear_has_torch_forward_and_its_gradient():
+    # The decoder's resize on a GPU under train.deterministic: run here on the CPU by calling the Function itself.
+    from spaceclip.decoder import _DeterministicBilinear
+
+    g = torch.Generator().manual_seed(0)
+    for (h, w), size in [((32, 32), (24, 28)), ((7, 9), (40, 56)), ((16, 16), (16, 40))]:
+        x = torch.randn(2, 3, h, w, generator=g, requires_grad=True)
+        up = torch.randn(2, 3, *size, generator=g)
+        want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        (want_grad,) = torch.autograd.grad((want * up).sum(), x)
+        got = _DeterministicBilinear.apply(x, size)
+        (got_grad,) = torch.autograd.grad((got * up).sum(), x)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_resize_takes_the_deterministic_backward_only_on_a_gpu_under_deterministic_algorithms(monkeypatch):
+    from spaceclip import decoder
+
+    x = torch.randn(1, 1, 8, 8, requires_grad=True)
+    with determinism(torch.device("cpu"), None):  # the CPU's own kernel is deterministic: kept
+        assert decoder.resize(x, (12, 12)).grad_fn.name() == "UpsampleBilinear2DBackward0"
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda t: torch.device("cuda")))  # what resize reads
+    with determinism(torch.device("cuda"), None, deterministic=True):
+        assert decoder.resize(x, (12, 12)).grad_fn.name() == "_DeterministicBilinearBackward"
+    assert decoder.resize(x, (12, 12)).grad_fn.name() == "UpsampleBilinear2DBackward0"  # the GPU's default
