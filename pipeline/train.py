@@ -348,7 +348,7 @@ def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch:
     `taken` is False where the batch was skipped (a non-finite loss or gradient, or no valid target pixel), and
     then weights, AdamW's moments and step count and the EMA are exactly as they were. With `make_optimizer`'s
     fused AdamW (a GPU) the decision stays on the device, so a step queues its kernels without waiting for the ones
-    before it (a host read would: one per step, and a dozen more in the losses before they were masked sums);
+    before it (a host read would: two a step here, and eleven in the losses before they were masked sums);
     read the results when the numbers are needed (`_train`: once an epoch). With any other optimiser (a CPU, where
     nothing waits) the skip flag is read on the host. bf16 autocast on CUDA; the loss itself in float32."""
     gt = batch.depth[:, None]  # (B, 1, H, W)
@@ -404,7 +404,8 @@ def train_variants(
     """Train several variants in one pass over the data (`train.shared_pass`): each batch is read once and every
     variant takes its optimiser step on it in turn. Each keeps its own model, optimiser, schedule, EMA, run folder
     and random stream, so its checkpoints and history are bit-identical to training it alone (`train_variant`),
-    timing columns aside, wherever runs are deterministic (`determinism`); within float rounding elsewhere. Variants resumed at different epochs join the pass at their own epoch.
+    timing columns aside, wherever runs are deterministic (`determinism`); within float rounding elsewhere.
+    Variants resumed at different epochs join the pass at their own epoch.
     `on_epoch(variant, row)` after each variant's epoch files are written. Returns {variant: result}."""
     ctx = RunContext.of(ctx)
     with locked_run_dirs([ctx.run_dir(v) for v in dict.fromkeys(variants)]):  # one training per run folder

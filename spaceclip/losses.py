@@ -6,8 +6,9 @@ Every term is a masked sum over the full map divided by the valid count, never a
 `if mask.any()`: both read a value back to the host, which on a GPU waits for every kernel queued before it
 (eleven such waits a step with two aux terms, before). No valid pixel in the whole batch: every term is exactly 0
 with zero gradients (the count is clamped to 1 and the term selected away with `torch.where`, so `backward()`
-works and the gradients are a no-op, as in the reference release). `depth_loss` also reports `valid_pixels` so a trainer can
-skip such a batch instead of letting AdamW's weight decay and momentum move the weights on a zero-gradient step.
+works and the gradients are a no-op, as in the reference release). `depth_loss` also reports `valid_pixels` so a
+trainer can skip such a batch instead of letting AdamW's weight decay and momentum move the weights on a
+zero-gradient step.
 """
 
 from __future__ import annotations
