@@ -225,11 +225,18 @@ class TrainConfig(_Model):
     # the demo's sweep runs 2x faster on 2 cores as 2 x 1 thread than as 1 x 2); on a GPU one.
     parallel: int | None = Field(None, ge=1)
     # One pass over the data for several variants: each batch is read once and every variant takes its step on it,
-    # each with its own random stream (bit-identical to training it alone). None: on when one process trains
+    # each with its own random stream (bit-identical to training it alone where runs are deterministic: a CPU, or a
+    # GPU with `deterministic`; within float rounding otherwise). None: on when one process trains
     # several variants (a GPU: parallel = 1); off where variants train in parallel processes on a CPU, whose
     # resident cache makes a read ~nothing beside a decoder step (BENCHMARKS.md, issue 14). True with parallel > 1:
     # each process trains its group of variants in one pass.
     shared_pass: bool | None = None
+    # torch's deterministic algorithms while training (pipeline/train.py `determinism`). None: on for a CPU, off for
+    # a GPU. On a CPU a run then repeats bit for bit for a thread count on one machine; on a GPU, true also sets
+    # CUBLAS_WORKSPACE_CONFIG=:4096:8 and cuDNN's deterministic mode, and a run repeats bit for bit on one GPU model,
+    # driver and torch build, at some cost in speed. Off on a GPU, runs (and a shared pass against training alone)
+    # agree within float rounding, not bit for bit.
+    deterministic: bool | None = None
     # Threads that read and decompress chunks ahead of a streaming loader (`cache_device: stream`). None: the cores.
     read_workers: int | None = Field(None, ge=1)
 

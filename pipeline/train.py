@@ -14,7 +14,8 @@ step), grad-norm clip, non-finite or empty batches skipped and counted, optional
 reached is skipped; a killed run resumes from its last epoch.
 
 `train_variants(ctx, variants)` trains several variants in one pass over the data (`train.shared_pass`): every
-batch is read once and each variant steps on it with its own random stream, bit-identical to training it alone.
+batch is read once and each variant steps on it with its own random stream, bit-identical to training it alone
+wherever runs are deterministic (`determinism`: a CPU, or a GPU with `train.deterministic`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 HISTORY_NAME = "history.csv"
 STATE_NAME = "train_state.pt"
+PROGRESS_EVERY = 50  # steps between the progress bar's loss readings (each a host read of device values)
 # history.csv columns, in order: the headline metrics first, then the rest of the one metrics function's keys.
 VAL_KEYS = ("abs_rel", "rmse", "d1") + tuple(k for k in METRIC_KEYS if k not in ("abs_rel", "rmse", "d1"))
 HISTORY_COLUMNS = (("epoch", "train_loss") + tuple(f"val_{k}" for k in VAL_KEYS)
@@ -137,20 +139,42 @@ def pass_plan(tc: TrainConfig, variants: list[str], cores: int | None = None) ->
     return [list(variants[i::parallel]) for i in range(parallel)], parallel, threads
 
 
+CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's documented deterministic workspace setting
+
+
 @contextlib.contextmanager
-def determinism(device: torch.device, threads: int | None):
-    """Deterministic kernels on the CPU (for a fixed seed and thread count a run is repeatable bit for bit);
-    the global torch settings are restored afterwards."""
-    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+def determinism(device: torch.device, threads: int | None, deterministic: bool | None = None):
+    """torch's deterministic algorithms for the block (`train.deterministic`; None: on for a CPU, off for a GPU);
+    the global torch settings are restored afterwards.
+
+    CPU: a fixed seed and thread count repeat a run bit for bit on one machine. CUDA with `deterministic`: also
+    `CUBLAS_WORKSPACE_CONFIG` (set here when absent; torch reads it once, at the process's first cuBLAS call, so a
+    process that used CUDA before should be started with it) and cuDNN's deterministic algorithms without
+    benchmarking: a run repeats bit for bit on one GPU model, driver and torch build, slower. Without it a GPU run
+    differs from the last one within float rounding (atomics in some backward kernels), and so does a variant of
+    a shared pass from the same variant trained alone."""
+    cuda = device.type == "cuda"
+    on = (not cuda) if deterministic is None else deterministic
+    before = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
     if threads:
         torch.set_num_threads(threads)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+    if on and cuda:
+        if before[4] is None and torch.cuda.is_initialized():
+            log.warning("train.deterministic: this process used CUDA before CUBLAS_WORKSPACE_CONFIG was set; if "
+                        "torch refuses a cuBLAS call, start it with CUBLAS_WORKSPACE_CONFIG=%s", CUBLAS_DETERMINISTIC)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(on)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.set_num_threads(before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+        if before[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 # ---- data -----------------------------------------------------------------------------------------------------
@@ -291,27 +315,65 @@ def _cpu_state(model: torch.nn.Module) -> dict:
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW of the recipe. On a GPU torch's fused kernel: it takes the step's skip flag as a device tensor
+    (`found_inf`, as GradScaler hands it over) and leaves weights, moments and step count untouched where it is
+    set, so `train_step` never waits for the GPU to learn whether to step. On the CPU, where nothing waits, torch's
+    default AdamW as before: the fused CPU kernel rounds some updates differently (1 ulp), which would end the CPU's
+    bit-for-bit repeatability of earlier runs (`tests/test_train_syncs.py`)."""
+    return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                             fused=True if device.type == "cuda" else None)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """`optimizer.load_state_dict(saved)` keeping this optimizer's kernel choice: torch takes the saved groups'
+    options wholesale, and a state saved by a non-fused AdamW would switch the fused one back off."""
+    kernel = ("fused", "foreach", "capturable", "differentiable")
+    groups = [{**g, **{k: o[k] for k in kernel if k in o}} for g, o in zip(saved["param_groups"],
+                                                                          optimizer.param_groups)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
+
+
+@torch.no_grad()
+def _ema_update_where(ema: AveragedModel, model: torch.nn.Module, ok: torch.Tensor) -> None:
+    """`ema.update_parameters(model)` where `ok` holds, a no-op where it does not, `ok` never read on the host.
+    Where it holds this is AveragedModel's own update (`ema_of`'s EMA function on the same tensors, the buffers
+    copied); elsewhere the EMA is lerped toward itself, which leaves it exactly as it was."""
+    ema_params = [p.detach() for p in ema.module.parameters()]
+    targets = [torch.where(ok, p.detach(), e) for p, e in zip(model.parameters(), ema_params, strict=True)]
+    ema.multi_avg_fn(ema_params, targets, ema.n_averaged)
+    for b_ema, b in zip(ema.module.buffers(), model.buffers(), strict=True):  # BatchNorm statistics: copied
+        b_ema.copy_(torch.where(ok, b.detach(), b_ema))
+
+
 def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch: Batch, loss_kwargs: dict,
-               grad_clip: float, ema: AveragedModel | None = None) -> float | None:
-    """One optimiser step on one batch; returns the loss, or None when the batch was skipped (a non-finite loss or
-    gradient, or no valid target pixel). bf16 autocast on CUDA; the loss itself is computed in float32."""
+               grad_clip: float, ema: AveragedModel | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on one batch -> (loss, taken), two tensors on the batch's device that nothing here reads:
+    `taken` is False where the batch was skipped (a non-finite loss or gradient, or no valid target pixel), and
+    then weights, AdamW's moments and step count and the EMA are exactly as they were. With `make_optimizer`'s
+    fused AdamW (a GPU) the decision stays on the device, so a step queues its kernels without waiting for the ones
+    before it (a host read would: two a step here, and eleven in the losses before they were masked sums);
+    read the results when the numbers are needed (`_train`: once an epoch). With any other optimiser (a CPU, where
+    nothing waits) the skip flag is read on the host. bf16 autocast on CUDA; the loss itself in float32."""
     gt = batch.depth[:, None]  # (B, 1, H, W)
     with torch.autocast(gt.device.type, dtype=torch.bfloat16, enabled=gt.device.type == "cuda"):
         outputs = model(batch.features, out_size=tuple(gt.shape[-2:]))
     loss, parts = depth_loss(outputs, gt, **loss_kwargs)
-    value, valid = torch.stack([loss.detach().float(), parts["valid_pixels"].float()]).tolist()  # one sync
-    if not math.isfinite(value) or valid == 0:
-        return None
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
-        return None
-    optimizer.step()
+    loss.backward()  # a non-finite loss gives non-finite gradients; the step is skipped below
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # no host read (error_if_nonfinite off)
+    taken = torch.isfinite(loss.detach()) & (parts["valid_pixels"] > 0) & torch.isfinite(grad_norm)
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~taken).float()  # read by the fused kernel on the device
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif taken.item():  # the one host read, free where the tensors live on the host
+        optimizer.step()
     if ema is not None:
-        ema.update_parameters(model)
-    return value
+        _ema_update_where(ema, model, taken)
+    return loss.detach(), taken
 
 
 def loss_kwargs_for(cfg: Config) -> dict:
@@ -346,7 +408,8 @@ def train_variants(
     """Train several variants in one pass over the data (`train.shared_pass`): each batch is read once and every
     variant takes its optimiser step on it in turn. Each keeps its own model, optimiser, schedule, EMA, run folder
     and random stream, so its checkpoints and history are bit-identical to training it alone (`train_variant`),
-    timing columns aside. Variants resumed at different epochs join the pass at their own epoch.
+    timing columns aside, wherever runs are deterministic (`determinism`); within float rounding elsewhere.
+    Variants resumed at different epochs join the pass at their own epoch.
     `on_epoch(variant, row)` after each variant's epoch files are written. Returns {variant: result}."""
     ctx = RunContext.of(ctx)
     with locked_run_dirs([ctx.run_dir(v) for v in dict.fromkeys(variants)]):  # one training per run folder
@@ -360,7 +423,7 @@ def _train_variants(ctx: RunContext, variants: list[str], *, resume: bool, progr
     results = {v: r for v, r in opened.items() if isinstance(r, TrainResult)}
     todo = [r for r in opened.values() if not isinstance(r, TrainResult)]
     if todo:
-        with determinism(device, ctx.cfg.train.num_threads):
+        with determinism(device, ctx.cfg.train.num_threads, ctx.cfg.train.deterministic):
             results.update(_train(ctx, todo, device, progress, on_epoch))
     return {v: results[v] for v in opened}
 
@@ -424,7 +487,8 @@ class _Run:
     best_abs_rel: float = float("inf")
     best_epoch: int = 0
     history: list[dict] = field(default_factory=list)
-    # the current epoch's running sums
+    # the current epoch's running sums [loss x images, images, skipped batches], on the device: read at its end
+    totals: torch.Tensor | None = None
     loss_sum: float = 0.0
     images: int = 0
     skipped: int = 0
@@ -467,7 +531,7 @@ def _start_run(ctx: RunContext, opened: OpenRun, sources: Sources, head_bias, de
         raise RunError(f"the cache holds {sources.width}-channel features but the encoder has width {model.width}")
     if steps == 0:
         raise RunError(f"{variant}: the train split has no usable samples")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(model, tc, device)
     scheduler = lr_scheduler(optimizer, tc, steps)
     ema = ema_of(model, tc.ema) if tc.ema else None
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if cuda else {})}
@@ -481,7 +545,7 @@ def _start_run(ctx: RunContext, opened: OpenRun, sources: Sources, head_bias, de
             state["scheduler"] = scheduler.state_dict()
             state["optimizer"]["param_groups"] = [{**g, "lr": o["lr"], "initial_lr": o["initial_lr"]} for g, o in
                                                   zip(state["optimizer"]["param_groups"], optimizer.param_groups)]
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             if "ema" not in state:
@@ -525,28 +589,31 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
         active = [r for r in runs if r.start <= epoch]
         for r in active:
             r.model.train()
-            r.loss_sum, r.images, r.skipped, r.lr, r.busy_s = 0.0, 0, 0, tc.lr, 0.0
+            r.totals = torch.zeros(3, dtype=torch.float64, device=device)
+            r.lr, r.busy_s = tc.lr, 0.0
         t0 = time.perf_counter()
         bar = tqdm(total=steps, desc=f"{'+'.join(r.variant for r in active)} epoch {epoch + 1}/{tc.epochs}",
                    unit="step", disable=not progress, leave=False)
-        for batch in sources.train.epoch(epoch):
-            losses = {}
+        for i, batch in enumerate(sources.train.epoch(epoch), 1):
             for r in active:
                 t = time.perf_counter()
                 with own_random_stream(r):
                     r.lr = r.optimizer.param_groups[0]["lr"]
-                    value = train_step(r.model, r.optimizer, r.batch_view(batch), loss_kwargs, tc.grad_clip, r.ema)
+                    loss, taken = train_step(r.model, r.optimizer, r.batch_view(batch), loss_kwargs, tc.grad_clip,
+                                             r.ema)
                     r.scheduler.step()  # every batch, a skipped one too: the rate follows the step count
+                n = batch.depth.shape[0]  # in float64, as a Python sum of the loss values would be
+                r.totals += torch.stack([torch.where(taken, loss.double() * n, 0.0), taken.double() * n,
+                                         (~taken).double()])
                 r.busy_s += time.perf_counter() - t
-                if value is None:
-                    r.skipped += 1
-                    continue
-                n = batch.depth.shape[0]
-                r.loss_sum, r.images = r.loss_sum + value * n, r.images + n
-                losses[r.variant] = f"{value:.3f}"
             bar.update(1)
-            bar.set_postfix(losses)
+            if progress and i % PROGRESS_EVERY == 0:  # the running mean losses: a host read, so not every step
+                bar.set_postfix({r.variant: f"{s / max(k, 1):.3f}" for r, (s, k, _) in
+                                 zip(active, torch.stack([r.totals for r in active]).tolist())})
         bar.close()
+        # The epoch's sums, read once for all its variants (on a GPU this waits for their queued steps).
+        for r, (loss_sum, images, skipped) in zip(active, torch.stack([r.totals for r in active]).tolist()):
+            r.loss_sum, r.images, r.skipped = loss_sum, int(images), int(skipped)
         # Each variant's training time: its own steps plus an equal share of the waits for data.
         wait_s = max(time.perf_counter() - t0 - sum(r.busy_s for r in active), 0.0) / len(active)
 

@@ -82,7 +82,35 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if x.requires_grad and x.device.type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        return _DeterministicBilinear.apply(x, tuple(size))  # torch has no deterministic CUDA backward of its own
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _linear_weights(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): 1-D linear interpolation (align_corners=False) as a matrix, read off torch's own kernel applied
+    to the identity. Bilinear is this along H times this along W."""
+    eye = torch.eye(n_in, device=like.device, dtype=torch.float32)[None]  # (1, n_in, n_in): basis vectors as channels
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[0].T
+
+
+class _DeterministicBilinear(torch.autograd.Function):
+    """`F.interpolate(x, size, "bilinear")` with the same forward and a backward of two matrix products with the
+    interpolation weights, instead of CUDA's atomic scatter-add, whose summation order varies from run to run (torch
+    refuses it under `torch.use_deterministic_algorithms`: `train.deterministic` on a GPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        ctx.in_hw = tuple(x.shape[-2:])
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h, w), (H, W) = ctx.in_hw, grad.shape[-2:]
+        a_h, a_w = _linear_weights(h, H, grad), _linear_weights(w, W, grad)  # (H, h), (W, w)
+        with torch.autocast(grad.device.type, enabled=False):
+            dx = a_h.T @ grad.float() @ a_w  # (h, H) @ (B, C, H, W) @ (W, w) -> (B, C, h, w)
+        return dx.to(grad.dtype), None
 
 
 def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,13 @@
 
 Targets may be sparse (KITTI LiDAR: 0 = no measurement); only pixels with min_depth < gt < max_depth count.
 
-No valid pixel in the whole batch: every term returns `pred.sum() * 0`, a zero that stays attached to the graph
-(so `backward()` works and the step is a no-op for the gradients, as in the reference release). `depth_loss`
-also reports `valid_pixels` so a trainer can skip such a batch outright instead of letting AdamW's weight
-decay and momentum move the weights on a zero-gradient step.
+Every term is a masked sum over the full map divided by the valid count, never a boolean-mask gather or an
+`if mask.any()`: both read a value back to the host, which on a GPU waits for every kernel queued before it
+(eleven such waits a step with two aux terms, before). No valid pixel in the whole batch: every term is exactly 0
+with zero gradients (the count is clamped to 1 and the term selected away with `torch.where`, so `backward()`
+works and the gradients are a no-op, as in the reference release). `depth_loss` also reports `valid_pixels` so a
+trainer can skip such a batch instead of letting AdamW's weight decay and momentum move the weights on a
+zero-gradient step.
 """
 
 from __future__ import annotations
@@ -50,12 +53,18 @@ def silog_loss(
     1e-7 so sqrt never sees 0 and its gradient stays finite when prediction and target agree exactly.
     """
     pred, gt = _check_pair(pred, gt)
-    valid = valid_mask(gt, min_depth, max_depth)
-    if not valid.any():
-        return pred.sum() * 0.0
-    g = torch.log(pred[valid].clamp(min=LOG_EPS)) - torch.log(gt[valid])  # (N,)
-    d = (g**2).mean() - variance_focus * g.mean() ** 2
-    return 10.0 * torch.sqrt(d.clamp(min=LOG_EPS))
+    return _silog(pred, gt, valid_mask(gt, min_depth, max_depth), variance_focus)
+
+
+def _silog(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, variance_focus: float = 0.85) -> torch.Tensor:
+    """SILog of float32 (B, 1, H, W) maps over the bool mask `valid`, as masked sums (no host read)."""
+    # Invalid pixels enter as ln 1 - ln 1 = 0, selected before the log: their gradient is exactly 0 even where the
+    # prediction is NaN or the target 0 (a product with the mask would give 0 * inf = NaN there).
+    g = torch.log(torch.where(valid, pred, 1.0).clamp(min=LOG_EPS)) - torch.log(torch.where(valid, gt, 1.0))
+    n = valid.sum()
+    count = n.clamp(min=1).to(g.dtype)
+    d = (g**2).sum() / count - variance_focus * (g.sum() / count) ** 2
+    return torch.where(n > 0, 10.0 * torch.sqrt(d.clamp(min=LOG_EPS)), 0.0)
 
 
 def _gaussian_window(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -99,8 +108,6 @@ def ssim_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torc
     valid = _as_b1hw(valid, "valid").to(torch.bool)
     if valid.shape != gt.shape:
         raise ValueError(f"valid mask {tuple(valid.shape)} does not match gt {tuple(gt.shape)}")
-    if not valid.any():
-        return pred.sum() * 0.0
     inf = torch.tensor(float("inf"), device=gt.device)
     lo = torch.where(valid, gt, inf).amin(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
     hi = torch.where(valid, gt, -inf).amax(dim=(1, 2, 3), keepdim=True)
@@ -108,8 +115,12 @@ def ssim_loss(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> torc
     lo, hi = torch.where(has_valid, lo, 0.0), torch.where(has_valid, hi, 1.0)  # samples without valid pixels
     scale = (hi - lo).clamp(min=1e-6)
     norm_pred = ((pred - lo) / scale).clamp(0, 1)
-    norm_gt = ((gt - lo) / scale).clamp(0, 1)
-    return 1.0 - ssim_map(norm_pred, norm_gt)[valid].mean()
+    # A NaN target is an invalid pixel (valid_mask) but would spread through the 11x11 window into valid ones: as 0,
+    # it normalises to 0 like a missing LiDAR return (inf already clamps to 1, -inf to 0).
+    norm_gt = ((torch.nan_to_num(gt, nan=0.0) - lo) / scale).clamp(0, 1)
+    n = valid.sum()
+    ssim = torch.where(valid, ssim_map(norm_pred, norm_gt), 0.0).sum() / n.clamp(min=1)
+    return torch.where(n > 0, 1.0 - ssim, 0.0)
 
 
 def depth_loss(
@@ -135,12 +146,12 @@ def depth_loss(
         )
     valid = valid_mask(gt, min_depth, max_depth)
 
-    silog = silog_loss(depth, gt, min_depth, max_depth)
+    silog = _silog(depth, gt, valid)
     ssim = ssim_loss(depth, gt, valid)
-    aux_total = depth.sum() * 0.0
+    aux_total = torch.zeros((), device=depth.device)
     for w, pred in zip(aux_weights, aux):
         if w > 0:  # a zero weight (stage 2 in the release) costs nothing and adds nothing
-            aux_total = aux_total + w * silog_loss(pred, gt, min_depth, max_depth)
+            aux_total = aux_total + w * _silog(*_check_pair(pred, gt), valid)
     total = silog_weight * silog + ssim_weight * ssim + aux_total
     parts = {
         "silog": silog.detach(), "ssim": ssim.detach(), "aux": aux_total.detach(), "total": total.detach(),
