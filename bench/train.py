@@ -73,7 +73,7 @@ from pipeline.extract import plan_split  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, resolve_device  # noqa: E402
 from pipeline.loader import CachedBatches, ImageBatches  # noqa: E402
 from pipeline.store import byte_view, layer_key  # noqa: E402
-from pipeline.train import loss_kwargs_for, train_step  # noqa: E402
+from pipeline.train import loss_kwargs_for, make_optimizer, train_step  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
 
 
@@ -348,7 +348,7 @@ def main() -> None:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    optimizer = make_optimizer(model, cfg.train, device)  # the trainer's: fused on a GPU (no host read a step)
     loss_kwargs = loss_kwargs_for(cfg)
     kw = dict(flip_p=0.5, seed=0, device=device)
 
