@@ -138,9 +138,9 @@ def check_extraction(cfg, device, tmp: Path, batches: tuple[int, int], frames_te
     for dtype in ("float32", "bfloat16"):
         for bs in batches:
             tag = f"{device.type}-{dtype}-b{bs}"
-            extract(tag + "-warm", f"encoder.device={device.type}", f"encoder.dtype={dtype}",
+            extract(tag + "-warm", f"encoder.device={device}", f"encoder.dtype={dtype}",
                     f"encoder.batch_size={bs}")  # first use: kernels, autotuning, allocator
-            store, s = extract(tag, f"encoder.device={device.type}", f"encoder.dtype={dtype}",
+            store, s = extract(tag, f"encoder.device={device}", f"encoder.dtype={dtype}",
                                f"encoder.batch_size={bs}")
             diff = max_token_diff(store, ref)
             out[tag] = {"images_per_s": round(frames_test / s, 2),
@@ -397,7 +397,7 @@ def main() -> int:
             device = torch.device(args.device)
             report.update(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                           gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-            cfg = base_config(tmp, args.frames, args.encoder, device.type, args.batches[0], args.epochs)
+            cfg = base_config(tmp, args.frames, args.encoder, str(device), args.batches[0], args.epochs)
             t0 = time.perf_counter()
             datasets.ensure_dataset(cfg.data)
             report["render_s"] = round(time.perf_counter() - t0, 2)
