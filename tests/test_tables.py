@@ -55,19 +55,19 @@ def test_kitti_table_quotes_paper_tables_1_and_2_with_sources(tmp_path):
     paths = write_tables(evaluation("kitti"), tmp_path)
     md = paths["table_md"].read_text()
     rows = md_rows(md)
-    assert rows[0][4:] == [h for _, h, _, _ in COLUMNS]
+    assert rows[0][4:] == ["n"] + [h for _, h, _, _ in COLUMNS]
     published = {row[1]: row for row in rows if row[0].startswith("published [")}
 
     t1 = published["SPACE-CLIP (paper Table 1)"]
-    assert t1[2:4] == ["✓", "✓"] and t1[4:] == PAPER_TABLE1
+    assert t1[2:4] == ["✓", "✓"] and t1[4:] == ["1"] + PAPER_TABLE1
     labels = {"baseline": "baseline (paper Table 2, #1)", "film": "baseline + FiLM (paper Table 2, #2)",
               "structural": "baseline + structural (paper Table 2, #3)", "full": "SPACE-CLIP full (paper Table 2, #4)"}
     for variant, label in labels.items():
         assert published[label][2:4] == MARKS[variant], label
-        assert published[label][4:] == PAPER_TABLE2[variant], label
+        assert published[label][4:] == ["1"] + PAPER_TABLE2[variant], label
     # the abstract's figure and the release run stay, each with its own provenance
-    assert published["SPACE-CLIP (abstract v2)"][4:] == ["0.0901"] + ["—"] * 6
-    assert published["SPACE-CLIP (release run)"][4:] == ["0.0901", "0.4701", "3.845", "0.1528", "0.9088", "0.9812",
+    assert published["SPACE-CLIP (abstract v2)"][5:] == ["0.0901"] + ["—"] * 6
+    assert published["SPACE-CLIP (release run)"][5:] == ["0.0901", "0.4701", "3.845", "0.1528", "0.9088", "0.9812",
                                                          "0.9945"]
 
     # footnotes: the number in each row's Source cell points at the right source line
@@ -84,18 +84,18 @@ def test_kitti_table_quotes_paper_tables_1_and_2_with_sources(tmp_path):
     # LaTeX: the same figures, one line per published row
     tex = paths["table_tex"].read_text()
     t1_line = next(line for line in tex.splitlines() if "SPACE-CLIP (paper Table 1)" in line)
-    assert [c.strip().rstrip("\\").strip() for c in t1_line.split("&")][4:] == PAPER_TABLE1
+    assert [c.strip().rstrip("\\").strip() for c in t1_line.split("&")][5:] == PAPER_TABLE1
     for variant, label in labels.items():
         line = next(line for line in tex.splitlines()
                     if "&" in line and line.split("&")[1].strip() == label.replace("#", r"\#"))
-        assert [c.strip().rstrip("\\").strip() for c in line.split("&")][4:] == PAPER_TABLE2[variant]
+        assert [c.strip().rstrip("\\").strip() for c in line.split("&")][5:] == PAPER_TABLE2[variant]
     assert sum(line.startswith(r"published\textsuperscript") for line in tex.splitlines()) == 7
     assert r"Table 2 (decoder ablations on KITTI)" in tex and r"\url{https://arxiv.org/abs/2601.17657}" in tex
 
 
 def test_nyu_table_keeps_the_abstract_and_release_rows_and_no_kitti_rows(tmp_path):
     md = write_tables(evaluation("nyu", crop="nyu", depth_range=[1e-3, 10.0]), tmp_path)["table_md"].read_text()
-    published = {row[1]: row[4:] for row in md_rows(md) if row[0].startswith("published [")}
+    published = {row[1]: row[5:] for row in md_rows(md) if row[0].startswith("published [")}
     assert published["SPACE-CLIP (abstract v2)"][0] == "0.1042"
     assert published["SPACE-CLIP (release run)"][0] == "0.1042"
     assert not any("Table" in label for label in published)  # the paper's tables are KITTI only
