@@ -36,6 +36,27 @@ def config_from_args(args):
     return load_config(args.config, args.overrides, sweep=args.sweep)
 
 
+def add_seed_args(p: argparse.ArgumentParser, partial: bool = False) -> None:
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="train/evaluate N seeds per variant: train.seed, train.seed + 1, ... (= --set train.seeds=[...])")
+    if partial:
+        p.add_argument("--allow-partial", action="store_true",
+                       help="evaluate a sweep whose seeds are not all trained (= --set eval.allow_partial=true)")
+
+
+def seed_overrides(args) -> None:
+    """`--seeds N` and `--allow-partial` as the overrides they stand for, appended to `args.overrides`."""
+    if getattr(args, "seeds", None) is not None:
+        if args.seeds < 1:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"--seeds {args.seeds}: give at least 1 seed")
+        first = config_from_args(args).train.seed
+        args.overrides.append(f"train.seeds={list(range(first, first + args.seeds))}")
+    if getattr(args, "allow_partial", False):
+        args.overrides.append("eval.allow_partial=true")
+
+
 def variants_from_args(args) -> list[str] | None:
     """`--variants a,b` -> ["a", "b"]; None (the config's `train.variants`) when not given."""
     return [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
@@ -217,7 +238,7 @@ def print_results(paths: dict[str, str]) -> None:
 
     print(Path(paths["table_md"]).read_text())
     print(f"results in {paths['results']}/")
-    for name in ("table_md", "table_tex", "summary", "per_image", "skipped", "protocol", "qualitative",
+    for name in ("table_md", "table_tex", "summary", "per_image", "pairwise", "skipped", "protocol", "qualitative",
                  "training_curves"):
         if name in paths:
             print(f"  {name:16s}{paths[name]}")
@@ -335,18 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--variants", default=None, help="comma-separated variants [the config's train.variants]")
     p.add_argument("--no-resume", action="store_true", help="retrain from scratch, overwriting existing runs")
+    add_seed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="full-image metrics on the test split, tables and pictures (evaluate flow)")
     add_config_args(p)
     p.add_argument("--variants", default=None, help="comma-separated variants [the config's train.variants]")
+    add_seed_args(p, partial=True)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("run", help="the main job: extract -> train -> evaluate -> table + pictures (paper-table)")
     add_config_args(p)
     p.add_argument("--variants", default=None, help="comma-separated variants [the config's train.variants]")
-    p.add_argument("--dask-address", default=None, help="an existing Dask scheduler for extraction")
+    p.add_argument("--dask-address", default=None, help="an existing Dask scheduler (tcp://host:8786) for extraction and training")
     add_cache_args(p)
+    add_seed_args(p, partial=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("cache", help="feature-store tools")
@@ -431,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if args.command in FLOW_COMMANDS:
+            seed_overrides(args)
             config_from_args(args)  # a bad --set fails now, not after the Prefect server has started
         with prefect_api() if args.command in FLOW_COMMANDS else contextlib.nullcontext():
             return int(args.func(args) or 0)

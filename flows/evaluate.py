@@ -1,8 +1,11 @@
 """`evaluate`: full-image metrics of the trained decoder variants on the test split, then tables and pictures.
 
     preflight (variants, crop, test cache, checkpoints) ──► evaluate test split ──► tables ──► figures
-        └──► results/<sweep>/{table.md, table.tex, summary.csv, per_image.csv, skipped.csv, protocol.json,
-                              qualitative.png, training_curves.png}, and the table as Prefect artifacts
+        └──► results/<sweep>/{table.md, table.tex, summary.csv, per_image.csv, pairwise.csv, skipped.csv,
+                              protocol.json, qualitative.png, training_curves.png}, and the table as Prefect artifacts
+
+With several `train.seeds` every (variant, seed) run is evaluated (task "evaluate test split: 4 variants x 3
+seeds"); a missing or unfinished run fails the preflight unless `eval.allow_partial` is set.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
 
 from flows.parameters import fail_run_on_user_error, run_config
 from pipeline.config import Config
@@ -22,7 +26,13 @@ from pipeline.layout import RunContext
 from pipeline.tables import artifact_rows, protocol_line, write_tables
 
 
-@task(cache_policy=NO_CACHE, task_run_name="evaluate test split")
+def _evaluate_name() -> str:
+    tc = task_run.parameters["ctx"].cfg.train
+    return "evaluate test split" + (f": {len(tc.variants)} variants x {len(tc.seed_list)} seeds" if tc.multi_seed
+                                    else "")
+
+
+@task(cache_policy=NO_CACHE, task_run_name=_evaluate_name)
 def evaluate_task(ctx: RunContext, progress: bool) -> Evaluation:
     logger = get_run_logger()
 
@@ -67,7 +77,7 @@ def evaluate(
     cache_root: str | None = None,
     progress: bool = False,
 ) -> dict[str, str]:
-    """Returns {"results": folder, "table_md": ..., "table_tex": ..., "summary": ..., "per_image": ...,
+    """Returns {"results": folder, "table_md": ..., "table_tex": ..., "summary": ..., "per_image": ..., "pairwise": ...,
     "qualitative": ..., "training_curves": ...}: paths of what was written."""
     ctx = RunContext.of(run_config(config, overrides, sweep, variants=variants, cache_root=cache_root))
     preflight(ctx)  # a bad crop, cache or checkpoint fails here, in one line

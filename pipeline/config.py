@@ -203,6 +203,11 @@ class TrainConfig(_Model):
     # eval_both_for_best); the checkpoint records which ("weights": "raw" / "ema").
     ema_select: Literal["ema", "better"] = "ema"
     seed: int = 42
+    # Seeds as a sweep axis: every variant is trained once per seed from the same cache (the seed sets the decoder's
+    # initialisation, dropout and the data order), into runs/<sweep>/<variant>/seed-<s>/ when there are several;
+    # tables then give mean +- sd over seeds and intervals (pipeline/stats.py). None: one run with `seed`, in
+    # runs/<sweep>/<variant>/ as before.
+    seeds: list[int] | None = None
     # Training batches over which BatchNorm statistics are recomputed before each validation (0: off, as the
     # reference: the running averages of training are kept). See pipeline/train.py recompute_bn.
     bn_recompute: int = Field(0, ge=0)
@@ -245,6 +250,29 @@ class TrainConfig(_Model):
     def _each_once(cls, variants: list[str]) -> list[str]:
         return list(dict.fromkeys(variants))
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_distinct(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is None:
+            return None
+        if not seeds:
+            raise ValueError("an empty seed list trains nothing; give at least one seed, or leave train.seeds unset "
+                             "for one run with train.seed")
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:  # a repeat would train the same bytes twice and count them as two independent seeds
+            raise ValueError(f"seed(s) {repeated} listed more than once; each seed must appear once")
+        return seeds
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds to train: `seeds`, or `[seed]`."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    @property
+    def multi_seed(self) -> bool:
+        """Several seeds: each (variant, seed) run has its own seed-<s> folder."""
+        return len(self.seed_list) > 1
+
 
 class EvalConfig(_Model):
     crop: Literal["garg", "eigen", "none", "nyu"] | None = None  # None: garg for kitti, nyu for nyu
@@ -264,6 +292,12 @@ class EvalConfig(_Model):
     out_dir: str = "results"
     batch_size: int = Field(8, ge=1)
     qualitative: int = Field(4, ge=0)  # images in the Figure-3-style grid
+    # The row every variant's difference (and its 95 % interval) is measured from; None: baseline, else the first
+    # variant of the sweep.
+    reference: Variant | None = None
+    # With several seeds, evaluate although some runs are missing or unfinished (each cell then states its n);
+    # by default such a sweep is refused, naming the runs.
+    allow_partial: bool = False
 
 
 class DaskConfig(_Model):

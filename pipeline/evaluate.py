@@ -1,7 +1,7 @@
 """Stage 3: full-image evaluation of trained decoder variants on the test split, read from the test feature cache.
 
     evaluate_run(ctx, ["baseline", "full"])  ->  Evaluation      (ctx: a `RunContext`, or a config)
-        per_image    one row per (variant, image): every metric of `spaceclip.metrics.compute_metrics`
+        per_image    one row per (variant, seed, image): every metric of `spaceclip.metrics.compute_metrics`
         counts       test lines, evaluated, skipped with GT `None`, unreadable, without a valid GT pixel
         protocol     what every table states (docs/design.md): dataset, split, crop, range, options, checkpoints,
                      provenance
@@ -26,6 +26,7 @@ pixel inside the crop. The mean over images is `mean_metrics` (each image weighs
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -77,36 +78,63 @@ class Checkpoint:
     val_abs_rel: float | None
     train_fingerprint: str | None
     imported: dict | None = None  # `spaceclip import` of an authors' checkpoint: not trained from our cache
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """One trained run of a sweep: a variant and its seed. `label` names it in tables, logs and dict keys: the
+    variant, or `<variant>/seed-<s>` (its folder below the sweep) when the sweep has several seeds."""
+
+    variant: str
+    seed: int
+    label: str
+
+
+def sweep_runs(cfg: Config, variants: Sequence[str] | None = None) -> list[RunKey]:
+    """Every (variant, seed) run to evaluate, variant by variant (`train.variants` x `train.seeds`)."""
+    from pipeline.train import run_label
+
+    tc = cfg.train
+    return [RunKey(v, s, run_label(tc, v, s)) for v in dict.fromkeys(variants or tc.variants) for s in tc.seed_list]
 
 
 @dataclass
 class Example:
-    """One qualitative example: the input, its GT and each variant's prediction at GT resolution (metres)."""
+    """One qualitative example: the input, its GT and each run's prediction at GT resolution (metres)."""
 
     id: str
     image_path: str
     gt: np.ndarray  # (H, W) float32, 0 = no measurement
-    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> (H, W) float32
-    metrics: dict[str, dict] = field(default_factory=dict)  # variant -> metrics of this image
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # run label -> (H, W) float32
+    metrics: dict[str, dict] = field(default_factory=dict)  # run label -> metrics of this image
 
 
 @dataclass
 class Evaluation:
-    per_image: pd.DataFrame  # one row per (variant, image)
+    per_image: pd.DataFrame  # one row per (variant, seed, image)
     counts: dict
     protocol: dict
-    checkpoints: dict[str, dict]  # variant -> {"path", "epoch", "val_abs_rel", "train_fingerprint"}
+    checkpoints: dict[str, dict]  # run label -> {"variant", "seed", "path", "epoch", "val_abs_rel", ...}
     samples: list[Example]  # the qualitative examples
     skipped: pd.DataFrame  # id, line, reason of every test line that was not evaluated
+    # runs of the sweep that were not evaluated (`eval.allow_partial`): label -> why (missing / unfinished)
+    missing_runs: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if "seed" not in self.per_image:  # made by hand without seeds: one run per variant, the sweep's seed
+            self.per_image = self.per_image.copy()
+            self.per_image.insert(1, "seed", (self.protocol.get("seeds") or [0])[0])
 
     def summary(self) -> pd.DataFrame:
-        """The mean over images per variant, through the one `mean_metrics`."""
+        """The mean over images per (variant, seed) run, through the one `mean_metrics`."""
         rows = []
-        for variant, group in self.per_image.groupby("variant", sort=False):
+        for (variant, seed), group in self.per_image.groupby(["variant", "seed"], sort=False, dropna=False):
             film, structural = VARIANTS.get(variant, (None, None))
-            ckpt = self.checkpoints.get(variant, {})
+            ckpt = next((c for c in self.checkpoints.values() if (c.get("variant"), c.get("seed")) == (variant, seed)),
+                        self.checkpoints.get(variant, {}))
             rows.append({
-                "variant": variant, "film": film, "structural": structural, "n_images": len(group),
+                "variant": variant, "seed": seed, "film": film, "structural": structural, "n_images": len(group),
                 **mean_metrics(group[list(METRIC_KEYS)].to_dict("records")),
                 "checkpoint_epoch": ckpt.get("epoch"), "checkpoint_val_abs_rel": ckpt.get("val_abs_rel"),
             })
@@ -159,18 +187,60 @@ def lstsq_align(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> tuple[np
     return s * pred.astype(np.float64) + t, float(s), float(t)
 
 
-def load_checkpoints(ctx: RunContext, variants: Sequence[str]) -> dict[str, Checkpoint]:
-    """The `best/` (or `last/`) checkpoint of each variant, checked against this config: it must have been trained
-    on features of this encoder, from this config's training cache."""
+def unfinished_runs(ctx: RunContext, runs: Sequence[RunKey]) -> dict[str, str]:
+    """The runs of a several-seed sweep that cannot be averaged yet: label -> why (no checkpoint, or training not
+    finished: its `last/` checkpoint is of an earlier epoch than `train.epochs`)."""
+    cfg, out = ctx.cfg, {}
+    for run in runs:
+        folder = ctx.run_dir(run.variant, run.seed)
+        if not (folder / cfg.eval.checkpoint / "model.safetensors").is_file():
+            out[run.label] = f"no checkpoint at {folder / cfg.eval.checkpoint}"
+            continue
+        last = folder / "last" / "config.json"
+        epoch = json.loads(last.read_text()).get("epoch") if last.is_file() else None
+        if epoch is not None and int(epoch) < cfg.train.epochs:
+            out[run.label] = f"trained {epoch} of {cfg.train.epochs} epochs ({folder})"
+    return out
+
+
+def runs_to_evaluate(ctx: RunContext, variants: Sequence[str] | None = None) -> tuple[list[RunKey], dict[str, str]]:
+    """(the runs to evaluate, the sweep's runs left out and why). With several seeds, a missing or unfinished run
+    fails here, naming each (a mean over fewer seeds than the sweep has is never taken silently), unless
+    `eval.allow_partial` is set: then the finished runs are evaluated and each table cell states its n."""
+    cfg = ctx.cfg
+    runs = sweep_runs(cfg, variants)
+    if not cfg.train.multi_seed:
+        return runs, {}
+    left = unfinished_runs(ctx, runs)
+    if left and not cfg.eval.allow_partial:
+        raise EvaluationError(
+            f"{len(left)} of the {len(runs)} runs of sweep {cfg.sweep!r} (seeds {cfg.train.seed_list}) are not "
+            "finished: " + "; ".join(f"{k}: {why}" for k, why in left.items()) + ". Train them first (`spaceclip "
+            f"train --config {cfg.name}` resumes them), or evaluate what exists with --allow-partial "
+            "(eval.allow_partial=true): each cell then states its number of seeds")
+    kept = [r for r in runs if r.label not in left]
+    if not kept:
+        raise EvaluationError(f"no finished run in sweep {cfg.sweep!r}: " + "; ".join(f"{k}: {why}" for k, why in
+                                                                                    left.items()))
+    return kept, left
+
+
+def load_checkpoints(ctx: RunContext, variants: Sequence[str] | Sequence[RunKey]) -> dict[str, Checkpoint]:
+    """The `best/` (or `last/`) checkpoint of each run (a variant name: its run with the config's first seed),
+    keyed by run label, checked against this config: it must have been trained on features of this encoder, from
+    this config's training cache."""
     cfg, encoder = ctx.cfg, ctx.encoder_identity
     weights = encoder["weights_sha256"]
     train_fp = ctx.fingerprint("train")
     out = {}
-    for variant in variants:
-        path = ctx.checkpoint_dir(variant)
+    for run in variants:
+        if isinstance(run, str):
+            run = sweep_runs(cfg, [run])[0]
+        variant = run.variant
+        path = ctx.checkpoint_dir(variant, run.seed)
         if not (path / "model.safetensors").is_file():
             raise EvaluationError(
-                f"no {cfg.eval.checkpoint!r} checkpoint for variant {variant!r} at {path}; train it first "
+                f"no {cfg.eval.checkpoint!r} checkpoint for run {run.label!r} at {path}; train it first "
                 f"(`spaceclip train --config {cfg.name} --variants {variant}`, or `spaceclip run` for the whole DAG)"
             )
         try:
@@ -194,9 +264,9 @@ def load_checkpoints(ctx: RunContext, variants: Sequence[str]) -> dict[str, Chec
                 f"(`spaceclip train --config {cfg.name} --variants {variant} --no-resume`) or use another --sweep"
             )
         metric = (extra.get("val_metric") or {}).get("value")
-        out[variant] = Checkpoint(variant, path, model.eval(), extra.get("epoch"),
-                                  None if metric is None else float(metric), extra.get("cache_fingerprint"),
-                                  extra.get("imported"))
+        out[run.label] = Checkpoint(variant, path, model.eval(), extra.get("epoch"),
+                                    None if metric is None else float(metric), extra.get("cache_fingerprint"),
+                                    extra.get("imported"), run.seed)
     return out
 
 
@@ -206,7 +276,7 @@ def preflight(ctx: RunContext) -> None:
     `EvaluationError`."""
     resolve_protocol(ctx.cfg)
     ctx.open_store("test")
-    load_checkpoints(ctx, ctx.cfg.train.variants)
+    load_checkpoints(ctx, runs_to_evaluate(ctx)[0])
 
 
 def resolve_protocol(cfg: Config) -> tuple[str, str, tuple[int, int] | None]:
@@ -269,12 +339,13 @@ def evaluate_run(
     ctx: RunContext | Config,
     variants: Sequence[str] | None = None,
     *,
-    predictors: dict[str, Predictor] | None = None,
+    predictors: dict[str | tuple[str, int], Predictor] | None = None,
     progress: bool = False,
     on_variant: Callable[[str, dict], None] | None = None,
 ) -> Evaluation:
-    """Evaluate each variant's checkpoint (or the given `predictors`, variant name -> predictor) on every test frame
-    with ground truth (default variants: `train.variants`). `on_variant(variant, mean_metrics)` is called at the
+    """Evaluate each run's checkpoint, every variant (default: `train.variants`) with every seed of `train.seeds`
+    (or the given `predictors`: variant name, or (variant, seed), -> predictor) on every test frame with ground
+    truth. `on_variant(run label, mean_metrics)` is called at the
     end, once per variant."""
     started = time.perf_counter()
     ctx = RunContext.of(ctx)
@@ -285,11 +356,14 @@ def evaluate_run(
     store = ctx.open_store("test")  # refuses a store whose fingerprint does not match, saying what differs
     device = resolve_device(cfg.train.device)
     if predictors is None:
-        variants = list(dict.fromkeys(variants or cfg.train.variants))
-        checkpoints = load_checkpoints(ctx, variants)
-        predictors = {v: decoder_predictor(c.model, device) for v, c in checkpoints.items()}
+        runs, missing = runs_to_evaluate(ctx, variants)
+        checkpoints = load_checkpoints(ctx, runs)
+        predictors = {r.label: decoder_predictor(checkpoints[r.label].model, device) for r in runs}
     else:
-        variants, checkpoints = list(predictors), {}
+        runs = [RunKey(k[0], k[1], f"{k[0]}/seed-{k[1]}") if isinstance(k, tuple) else
+                RunKey(k, cfg.train.seed_list[0], k) for k in predictors]
+        predictors, checkpoints, missing = {r.label: fn for r, fn in zip(runs, predictors.values())}, {}, {}
+    variants = [r.label for r in runs]
     layers = sorted(set().union(*(getattr(p, "layers", store.layers) for p in predictors.values())))
     pixel_flips = cfg.pixel_flip_tta
     if pixel_flips and not store.has_flipped:  # the fingerprint says it has them; a renamed store might not
@@ -358,13 +432,14 @@ def evaluate_run(
                         log.warning("skipping %s: %s", row["id"], reason)
                         continue
                     example = Example(row["id"], row["image_path"], gt) if int(p) in shown else None
-                    for v in variants:
+                    for run in runs:
+                        v = run.label
                         full = to_gt_resolution(preds[v][j], gt.shape)  # (H, W)
                         if alignment == "lstsq":
                             full = lstsq_align(full, gt, valid)[0]
                         m = compute_metrics(full, gt, crop=crop, min_depth=lo, max_depth=hi,
                                             median_scaling=alignment == "median")
-                        rows.append({"variant": v, "id": row["id"], "line": int(row["line"]), "gt_h": gt.shape[0],
+                        rows.append({"variant": run.variant, "seed": run.seed, "id": row["id"], "line": int(row["line"]), "gt_h": gt.shape[0],
                                      "gt_w": gt.shape[1], "valid_px": int(valid.sum()), **m})
                         if example is not None:
                             example.predictions[v] = full.astype(np.float32)
@@ -374,7 +449,7 @@ def evaluate_run(
                 bar.update(len(pos))
     bar.close()
 
-    per_image = pd.DataFrame(rows, columns=["variant", "id", "line", "gt_h", "gt_w", "valid_px", *METRIC_KEYS])
+    per_image = pd.DataFrame(rows, columns=["variant", "seed", "id", "line", "gt_h", "gt_w", "valid_px", *METRIC_KEYS])
     planning = store.attrs.get("skipped_at_planning") or []
     skipped = pd.DataFrame(
         [{"id": r["id"], "line": int(r["line"]), "reason": "GT None in the split file"}
@@ -392,18 +467,18 @@ def evaluate_run(
     }
     if counts["evaluated"] == 0:
         raise EvaluationError(f"no test frame could be evaluated: {counts} ({split_file})")
-    checkpoint_info = {v: {"path": str(c.path), "epoch": c.epoch, "val_abs_rel": c.val_abs_rel,
+    checkpoint_info = {v: {"variant": c.variant, "seed": c.seed, "path": str(c.path), "epoch": c.epoch, "val_abs_rel": c.val_abs_rel,
                            "train_fingerprint": c.train_fingerprint, "imported": c.imported}
                        for v, c in checkpoints.items()}
     seconds = time.perf_counter() - started
     protocol = protocol_of(cfg, store, ctx.encoder_identity, crop, counts, checkpoint_info, seconds)
-    evaluation = Evaluation(per_image, counts, protocol, checkpoint_info, examples, skipped)
-    for record in evaluation.summary().to_dict("records"):
+    evaluation = Evaluation(per_image, counts, protocol, checkpoint_info, examples, skipped, missing)
+    for run, record in zip(runs, evaluation.summary().to_dict("records")):
         log.info("%s: AbsRel %.4f  SqRel %.4f  RMSE %.3f  RMSE log %.4f  d1 %.4f  d2 %.4f  d3 %.4f  (%d images)",
-                 record["variant"], *(record[k] for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "d1", "d2", "d3")),
+                 run.label, *(record[k] for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "d1", "d2", "d3")),
                  record["n_images"])
         if on_variant is not None:
-            on_variant(record["variant"], {k: record[k] for k in METRIC_KEYS} | {"n_images": record["n_images"]})
+            on_variant(run.label, {k: record[k] for k in METRIC_KEYS} | {"n_images": record["n_images"]})
     return evaluation
 
 
@@ -451,5 +526,5 @@ def protocol_of(cfg: Config, store: FeatureStore, encoder: dict, crop: str, coun
         "training": training_summary(cfg), "test_cache": store.url, "test_fingerprint": store.fingerprint,
         "train_fingerprints": train_fps, "versions": versions, "git": git_commit(),
         "imported": {v: c["imported"]["source"] for v, c in checkpoints.items() if c.get("imported")},
-        "seconds": round(seconds, 2),
+        "seeds": cfg.train.seed_list, "reference": cfg.eval.reference, "seconds": round(seconds, 2),
     }

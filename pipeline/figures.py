@@ -1,9 +1,11 @@
 """Pictures of an evaluation, written beside its tables.
 
     qualitative.png      like the paper's Figure 3: input, ground truth and one prediction per variant for a few
-                         test frames, all colour-mapped with ONE shared depth scale and a colour bar
+                         test frames, all colour-mapped with ONE shared depth scale and a colour bar; with several
+                         seeds, each variant's run is the seed whose test AbsRel is nearest the variant's mean (named)
     training_curves.png  validation AbsRel (and training loss) per epoch per variant, from each run's history.csv,
-                         with the epoch of the evaluated checkpoint marked
+                         with the epoch of the evaluated checkpoint marked; with several seeds, the mean over seeds
+                         (line), their min-max (band) and each seed (thin lines)
 
 Colour convention as in `pipeline.visualize`: near = the colormap's high end (red for turbo), invalid = black.
 Sparse ground truth (KITTI's projected LiDAR, about 5 % of the pixels) would vanish when a 1242-pixel-wide frame
@@ -13,6 +15,7 @@ is drawn a few hundred pixels wide, so its points are dilated for display (never
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline.config import Config  # noqa: E402
 from pipeline.evaluate import Evaluation, Example  # noqa: E402
-from pipeline.train import HISTORY_NAME, run_dir  # noqa: E402
+from pipeline.train import HISTORY_NAME  # noqa: E402
 from pipeline.visualize import DEFAULT_COLORMAP, colorize, colormap, depth_range_of, has_depth  # noqa: E402
 from spaceclip.decoder import VARIANTS  # noqa: E402
 from spaceclip.metrics import crop_mask  # noqa: E402
@@ -107,8 +110,10 @@ def qualitative_grid(
     title: str = "",
     cmap: str = DEFAULT_COLORMAP,
     depth_range: tuple[float, float] | None = None,
+    seeds: dict[str, int] | None = None,
 ) -> Path:
-    """Input | GT | one prediction per variant for each sample, one shared colour scale and a colour bar."""
+    """Input | GT | one prediction per variant for each sample, one shared colour scale and a colour bar.
+    `seeds`: variant -> the seed of the run shown, named beside the variant."""
     if not samples:
         raise ValueError("no samples to draw (eval.qualitative = 0, or no test frame has ground truth)")
     lo, hi = depth_range or shared_range(samples)
@@ -146,7 +151,7 @@ def qualitative_grid(
             grid[1].add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, fill=False, edgecolor="white",
                                         linestyle="--", linewidth=1.0))
     names = ["input", "ground truth" + ("\n(sparse: dilated\nfor display)" if any_sparse else ""),
-             *(variant_label(v) for v in variants)]
+             *(variant_label(v) + (f"\nseed {seeds[v]}" if seeds and v in seeds else "") for v in variants)]
     ids = [s.id if len(s.id) <= 44 else "…" + s.id[-43:] for s in samples]
     col_labels, row_labels = (ids, names) if wide else (names, ids)
     for ax, label in zip(axes[0, :], col_labels):
@@ -167,35 +172,50 @@ def qualitative_grid(
 
 
 def training_curves(
-    histories: dict[str, pd.DataFrame],
+    histories: dict[str, pd.DataFrame | dict[int, pd.DataFrame]],
     out_path: str | Path,
     *,
-    selected: dict[str, int | None] | None = None,
+    selected: dict[str, int | None | dict[int, int | None]] | None = None,
     title: str = "",
 ) -> Path:
-    """Validation AbsRel (left) and training loss (right) per epoch, one line per variant; a star marks the
-    epoch of the checkpoint that was evaluated (`selected`, variant -> epoch)."""
+    """Validation AbsRel (left) and training loss (right) per epoch, one colour per variant; a star marks the
+    epoch of the checkpoint that was evaluated (`selected`, variant -> epoch). A variant with several seeds
+    (variant -> {seed: history}, `selected` variant -> {seed: epoch}) is drawn as the mean over its seeds (line),
+    their min-max (band) and each seed's own curve (thin), a star per seed."""
     if not histories:
         raise ValueError("no training history to draw")
-    colors = variant_colors(list(histories))
+    runs = {v: (h if isinstance(h, dict) else {None: h}) for v, h in histories.items()}
+    chosen = {v: (e if isinstance(e, dict) else {None: e}) for v, e in (selected or {}).items()}
+    colors = variant_colors(list(runs))
+    several = any(len(r) > 1 for r in runs.values())
     fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), dpi=DPI)
-    for variant, h in histories.items():
+    for variant, by_seed in runs.items():
         color = colors[variant]
-        ax_val.plot(h["epoch"], h["val_abs_rel"], marker="o", markersize=3, color=color, label=variant)
-        ax_loss.plot(h["epoch"], h["train_loss"], marker="o", markersize=3, color=color, label=variant)
-        epoch = (selected or {}).get(variant)
-        if epoch is not None and (h["epoch"] == epoch).any():
-            at = h.loc[h["epoch"] == epoch, "val_abs_rel"].iloc[0]
-            ax_val.plot([epoch], [at], marker="*", markersize=14, color=color, markeredgecolor="black",
-                        linestyle="none")
+        n = len(by_seed)
+        for ax, column in ((ax_val, "val_abs_rel"), (ax_loss, "train_loss")):
+            table = pd.concat({s: h.set_index("epoch")[column] for s, h in by_seed.items()}, axis=1)  # epoch x seed
+            label = f"{variant} (mean of {n} seeds)" if n > 1 else variant
+            if n > 1:
+                for seed in table.columns:
+                    ax.plot(table.index, table[seed], color=color, linewidth=0.6, alpha=0.35)
+                ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=color, alpha=0.15,
+                                linewidth=0)
+            ax.plot(table.index, table.mean(axis=1), marker="o", markersize=3, color=color, label=label)
+        for seed, h in by_seed.items():
+            epoch = chosen.get(variant, {}).get(seed)
+            if epoch is not None and (h["epoch"] == epoch).any():
+                at = h.loc[h["epoch"] == epoch, "val_abs_rel"].iloc[0]
+                ax_val.plot([epoch], [at], marker="*", markersize=14 if n == 1 else 9, color=color,
+                            markeredgecolor="black", linestyle="none")
     for ax, column in ((ax_val, "val_abs_rel"), (ax_loss, "train_loss")):
-        values = pd.concat([h[column] for h in histories.values()]).dropna()
+        values = pd.concat([h[column] for r in runs.values() for h in r.values()]).dropna()
         if len(values) and values.min() > 0 and values.max() / values.min() > 5:
             ax.set_yscale("log")  # an early overshoot would flatten the rest of the curves on a linear axis
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(FuncFormatter(  # label the 2s and 5s of each decade
                 lambda v, _: f"{v:g}" if round(v / 10 ** np.floor(np.log10(v))) in (2, 5) else ""))
-    ax_val.set_title("validation AbsRel (★ = evaluated checkpoint)", fontsize=10)
+    spread = "; line = mean over seeds, band = min-max, thin = each seed" if several else ""
+    ax_val.set_title(f"validation AbsRel (★ = evaluated checkpoint{', per seed' if several else ''})", fontsize=10)
     ax_loss.set_title("training loss (0.5 SILog + 0.5 SSIM + aux)", fontsize=10)
     for ax in (ax_val, ax_loss):
         ax.set_xlabel("epoch")
@@ -204,7 +224,7 @@ def training_curves(
     ax_val.set_ylabel("AbsRel ↓")
     ax_loss.set_ylabel("loss")
     ax_val.legend(fontsize=9, frameon=False)
-    fig.suptitle(title or "Training curves", fontsize=12)
+    fig.suptitle((title or "Training curves") + spread, fontsize=12 if not several else 10)
     fig.tight_layout()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -213,32 +233,60 @@ def training_curves(
     return out
 
 
-def read_histories(cfg: Config, variants: Sequence[str]) -> dict[str, pd.DataFrame]:
-    """Each variant's history.csv (variants without one are left out: e.g. injected predictors in tests)."""
-    out = {}
-    for variant in variants:
-        path = run_dir(cfg, variant) / HISTORY_NAME
+def read_histories(evaluation: Evaluation) -> dict[str, dict[int, pd.DataFrame]]:
+    """Each evaluated run's history.csv beside its checkpoint folder, variant -> {seed: history} (runs without one
+    are left out: injected predictors, imported checkpoints)."""
+    out: dict[str, dict[int, pd.DataFrame]] = {}
+    for info in evaluation.checkpoints.values():
+        path = Path(info["path"]).parent / HISTORY_NAME
         if path.is_file():
-            out[variant] = pd.read_csv(path)
+            out.setdefault(info["variant"], {})[info["seed"]] = pd.read_csv(path)
+    return out
+
+
+def representative_seeds(per_image: pd.DataFrame, metric: str = "abs_rel") -> dict[str, int]:
+    """Per variant, the seed whose run's mean `metric` over the test images is nearest the variant's mean over
+    seeds (the lower seed on a tie): the run a qualitative figure shows."""
+    runs = per_image.groupby(["variant", "seed"], sort=False)[metric].mean()
+    out = {}
+    for variant, group in runs.groupby(level="variant", sort=False):
+        distance = (group - group.mean()).abs().droplevel("variant")
+        out[variant] = int(min(distance.index, key=lambda s: (distance[s], s)))
     return out
 
 
 def write_figures(evaluation: Evaluation, cfg: Config, out_dir: str | Path) -> dict[str, Path]:
     """qualitative.png (when there are samples) and training_curves.png (when there are histories)."""
     out, p = Path(out_dir), evaluation.protocol
-    variants = list(evaluation.per_image["variant"].drop_duplicates())
+    per_image = evaluation.per_image
+    variants = list(per_image["variant"].drop_duplicates())
     where = f"{p['config']} / {p['sweep']}, {p['dataset'].upper()} test"
+    several = per_image.groupby("variant")["seed"].nunique().max() > 1
     paths = {}
     if evaluation.samples:
-        lo, hi = shared_range(evaluation.samples)
+        shown = representative_seeds(per_image)
+        label = {(c["variant"], c["seed"]): run for run, c in evaluation.checkpoints.items()}
+        first = evaluation.samples[0].predictions
+
+        def key(v: str) -> str:  # the shown run's label (injected predictors: "<v>/seed-<s>" or the variant)
+            return label.get((v, shown[v])) or next(k for k in (f"{v}/seed-{shown[v]}", v) if k in first)
+
+        samples = [dataclasses.replace(s, predictions={v: s.predictions[key(v)] for v in variants},
+                                       metrics={v: s.metrics[key(v)] for v in variants if key(v) in s.metrics})
+                   for s in evaluation.samples]
+        lo, hi = shared_range(samples)
+        which = (f"; one run per variant: the seed nearest its mean test AbsRel ("
+                 + ", ".join(f"{v} seed {shown[v]}" for v in variants) + ")") if several else ""
         paths["qualitative"] = qualitative_grid(
-            evaluation.samples, out / "qualitative.png", variants=variants, crop=p["crop"],
+            samples, out / "qualitative.png", variants=variants, crop=p["crop"],
             title=f"SPACE-CLIP depth, {where}: input, ground truth and each variant "
-                  f"(shared scale {lo:.1f}-{hi:.1f} m; dashed box = evaluation crop {p['crop']})",
-            depth_range=(lo, hi))
-    histories = read_histories(cfg, variants)
+                  f"(shared scale {lo:.1f}-{hi:.1f} m; dashed box = evaluation crop {p['crop']}){which}",
+            depth_range=(lo, hi), seeds=shown if several else None)
+    histories = read_histories(evaluation)
     if histories:
-        selected = {v: evaluation.checkpoints.get(v, {}).get("epoch") for v in histories}
+        selected = {c["variant"]: {} for c in evaluation.checkpoints.values()}
+        for c in evaluation.checkpoints.values():
+            selected[c["variant"]][c["seed"]] = c.get("epoch")
         paths["training_curves"] = training_curves(
             histories, out / "training_curves.png", selected=selected,
             title=f"Training curves, {p['config']} / {p['sweep']} (checkpoint: {p['checkpoint']})")

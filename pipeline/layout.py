@@ -2,6 +2,7 @@
 
     <cache.root>/<data.layout>/<split>-<fingerprint>.zarr   one feature store per split (pipeline/store.py)
     <train.out_dir>/<sweep>/<variant>/                      a run: best/ last/ history.csv train_state.pt
+    <train.out_dir>/<sweep>/<variant>/seed-<s>/             the run of seed s, when `train.seeds` lists several
     <eval.out_dir>/<sweep>/                                 the results: tables, CSVs, figures
 
 `RunContext.of(cfg)` is made once per flow or command: the config, the frozen encoder's identity, and each split's
@@ -233,12 +234,12 @@ class RunContext:
         return store
 
     # ---- runs and results -----------------------------------------------------------------------------------
-    def run_dir(self, variant: str) -> Path:
-        return run_dir(self.cfg, variant)
+    def run_dir(self, variant: str, seed: int | None = None) -> Path:
+        return run_dir(self.cfg, variant, seed)
 
-    def checkpoint_dir(self, variant: str) -> Path:
+    def checkpoint_dir(self, variant: str, seed: int | None = None) -> Path:
         """The checkpoint evaluation reads: `best/` or `last/` (`eval.checkpoint`) of the variant's run."""
-        return self.run_dir(variant) / self.cfg.eval.checkpoint
+        return self.run_dir(variant, seed) / self.cfg.eval.checkpoint
 
     @property
     def results_dir(self) -> Path:
@@ -246,8 +247,11 @@ class RunContext:
 
 
 # The folders depend on the config alone (no encoder): figures and tables find them from a config.
-def run_dir(cfg: Config, variant: str) -> Path:
-    return Path(cfg.train.out_dir) / cfg.sweep / variant
+def run_dir(cfg: Config, variant: str, seed: int | None = None) -> Path:
+    """<out_dir>/<sweep>/<variant>, and /seed-<s> below it when `train.seeds` lists several seeds (`seed`: None =
+    `train.seed`, the seed a one-seed config trains)."""
+    out = Path(cfg.train.out_dir) / cfg.sweep / variant
+    return out / f"seed-{cfg.train.seed if seed is None else seed}" if cfg.train.multi_seed else out
 
 
 def results_dir(cfg: Config) -> Path:

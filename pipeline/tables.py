@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.evaluate import Evaluation
+from pipeline.evaluate import Evaluation, EvaluationError
+from pipeline.stats import CONFIDENCE, HIGHER_IS_BETTER, best_variant, describe, pairwise
 from spaceclip.decoder import VARIANTS
 
 # (metric key, Markdown header, LaTeX header, format): the columns of the paper's tables, in its order.
@@ -36,7 +37,6 @@ COLUMNS = (
     ("d2", "δ<1.25²↑", r"$\delta{<}1.25^2\uparrow$", "{:.4f}"),
     ("d3", "δ<1.25³↑", r"$\delta{<}1.25^3\uparrow$", "{:.4f}"),
 )
-HIGHER_IS_BETTER = {"d1", "d2", "d3"}
 MISSING = "—"
 PAPER_ENCODER = "openai/clip-vit-base-patch16"
 
@@ -58,17 +58,21 @@ class PublishedRow:
     variant: str  # the Table-2 configuration it corresponds to (its FiLM / Structural marks)
     source: Source
     metrics: dict = field(default_factory=dict)  # only figures a stored source gives; the rest print as "—"
+    n: int = 1  # seeds behind each figure: 1 for a single published run
+    spread: dict = field(default_factory=dict)  # the source's standard deviation over those seeds, where it gives one
 
     def value(self, key: str) -> float | None:
         """The figure as a number (None when no source gives it)."""
         return None if key not in self.metrics else float(self.metrics[key])
 
     def cell(self, key: str, fmt: str) -> str:
-        """The figure as printed: a paper's own text as it stands, a float in this table's format, else "—"."""
+        """The figure as printed: a paper's own text as it stands, a float in this table's format (± the source's
+        spread over seeds where it gives one), else "—"."""
         if key not in self.metrics:
             return MISSING
         figure = self.metrics[key]
-        return figure if isinstance(figure, str) else fmt.format(figure)
+        text = figure if isinstance(figure, str) else fmt.format(figure)
+        return f"{text} ± {fmt.format(self.spread[key])}" if key in self.spread else text
 
 
 PAPER_ABSTRACT = Source(
@@ -86,7 +90,8 @@ RELEASE_RECORD = Source(
 )
 CONTROLLED_NYU = Source(
     "authors' repository taewan2002/SPACE-CLIP, results/nyu_component_ablation/component_comparison.json @71615ce "
-    "(summaries.all; `main_only` = FiLM without structural pathway, `early` = full), mean of seeds 42-46",
+    "(summaries.all; `main_only` = FiLM without structural pathway, `early` = full), mean and sample_sd of seeds "
+    "42-46",
     f"{_REPO}/results/nyu_component_ablation/component_comparison.json",
     "Checkpoints selected on validation AbsRel, flip TTA on, no median scaling, Eigen crop, range (0.001, 10): "
     "this table's protocol; recipe 20 epochs, batch 32, EMA 0.996, cosine warm-up (docs/reproducibility.md)",
@@ -140,11 +145,19 @@ PUBLISHED: tuple[PublishedRow, ...] = (
         "abs_rel": 0.1412180587299209, "sq_rel": 0.09285300935195362, "rmse": 0.5121326016354654,
         "rmse_log": 0.186010810874321, "d1": 0.7796587580363562, "d2": 0.9647508866810265,
         "d3": 0.9940397514203843,
+    }, n=5, spread={
+        "abs_rel": 0.018422815596728228, "sq_rel": 0.02144195655849119, "rmse": 0.07376606326374764,
+        "rmse_log": 0.02802825134539233, "d1": 0.07453099277535279, "d2": 0.01483993430696578,
+        "d3": 0.0023042051159155677,
     }),
     PublishedRow("nyu", "full (controlled study, 5 seeds)", "full", CONTROLLED_NYU, {
         "abs_rel": 0.12825579001614262, "sq_rel": 0.07633661163396933, "rmse": 0.454422697217728,
         "rmse_log": 0.16501518726332615, "d1": 0.8325237851884695, "d2": 0.9755179399917359,
         "d3": 0.9957124425169798,
+    }, n=5, spread={
+        "abs_rel": 0.011344548242707758, "sq_rel": 0.012686673115071297, "rmse": 0.04623966498514722,
+        "rmse_log": 0.01699851871578095, "d1": 0.03891108955128267, "d2": 0.007350511120323497,
+        "d3": 0.0012744307238351012,
     }),
 )
 
@@ -217,49 +230,163 @@ def comparability_note(protocol: dict) -> str | None:
 
 
 # ---- the table --------------------------------------------------------------------------------------------------
-def table_frame(summary: pd.DataFrame, published: list[PublishedRow], latex: bool = False) -> pd.DataFrame:
-    """Display strings: this run's variants (the best value of each column in bold), then the published rows."""
+# The differences shown in the table itself (every metric's are in pairwise.csv).
+DELTA_COLUMNS = ("abs_rel", "d1")
+SIGNIFICANT = "†"
+
+
+@dataclass
+class SweepStats:
+    """What the table says about this run's variants: per variant n, mean and sd over seeds (`stats.describe`),
+    every pair's comparison (`stats.pairwise`), the reference row and, per metric, the significantly best variant."""
+
+    described: pd.DataFrame  # indexed by variant
+    pairs: pd.DataFrame
+    reference: str
+    best: dict  # metric -> variant, or None (no variant significantly better than the runner-up)
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.described.index)
+
+    @property
+    def multi_seed(self) -> bool:
+        return bool((self.described["n"] > 1).any())
+
+    def delta(self, variant: str, metric: str) -> dict:
+        """`variant` minus the reference on `metric`: a row of `pairs` oriented that way."""
+        row = self.pairs[(self.pairs["metric"] == metric) & (self.pairs["a"].isin([variant, self.reference]))
+                         & (self.pairs["b"].isin([variant, self.reference]))].iloc[0].to_dict()
+        if row["a"] == variant:
+            return row
+        return {**row, "diff": -row["diff"], "low": -row["high"], "high": -row["low"]}
+
+
+def sweep_stats(evaluation: Evaluation) -> SweepStats:
+    metrics = [key for key, *_ in COLUMNS]
+    per_image = evaluation.per_image
+    described = describe(per_image, metrics).set_index("variant")
+    variants = list(described.index)
+    named = evaluation.protocol.get("reference")
+    if named is not None and named not in variants:
+        raise EvaluationError(f"eval.reference is {named!r}, but this evaluation has no such variant ({variants}); "
+                              "name one of them, or leave eval.reference unset (baseline)")
+    reference = named or ("baseline" if "baseline" in variants else variants[0])
+    pairs = pairwise(per_image, variants, metrics)
+    best = {m: best_variant(per_image, variants, m) for m in metrics}
+    return SweepStats(described, pairs, reference, best)
+
+
+def _mean_sd(mean: float, sd: float, n: int, fmt: str) -> str:
+    return fmt.format(mean) if n < 2 or sd != sd else f"{fmt.format(mean)} ± {fmt.format(sd)}"
+
+
+def _delta_cell(stats: SweepStats, variant: str, metric: str, fmt: str, latex: bool) -> str:
+    if variant == stats.reference:
+        return "reference"
+    d = stats.delta(variant, metric)
+    signed = lambda x: ("+" if x >= 0 else "−" if not latex else "-") + fmt.format(abs(x))  # noqa: E731
+    if d["low"] != d["low"]:  # NaN: a single seed on either side
+        return f"{signed(d['diff'])} (n = 1: no interval)"
+    mark = (r"$^\dagger$" if latex else SIGNIFICANT) if d["significant"] else ""
+    return f"{signed(d['diff'])} [{signed(d['low'])}, {signed(d['high'])}]{mark}"
+
+
+def table_frame(stats: SweepStats, published: list[PublishedRow], latex: bool = False) -> pd.DataFrame:
+    """Display strings: this run's variants (mean ± sd over seeds, n; bold only where significantly best; with
+    several seeds the differences from the reference row and their intervals), then the published rows."""
     check = r"\checkmark" if latex else "✓"
     bold = (lambda s: rf"\textbf{{{s}}}") if latex else (lambda s: f"**{s}**")
     headers = [h_tex if latex else h_md for _, h_md, h_tex, _ in COLUMNS]
+    headers_of = {key: h_tex if latex else h_md for key, h_md, h_tex, _ in COLUMNS}
+    formats = {key: fmt for key, *_, fmt in COLUMNS}
+    deltas = list(DELTA_COLUMNS) if stats.multi_seed else []
+    delta_headers = [rf"$\Delta${headers_of[m]} vs {latex_escape(stats.reference)} [95\% CI]" if latex else
+                     f"Δ{headers_of[m]} vs {stats.reference} [95 % CI]" for m in deltas]
     footnote = {source: n for n, source in enumerate(sources_of(published), start=1)}
     rows = []
-    for record in summary.to_dict("records"):
-        film, structural = VARIANTS.get(record["variant"], (False, False))
+    for variant, record in stats.described.iterrows():
+        film, structural = VARIANTS.get(variant, (False, False))
+        n = int(record["n"])
         cells = []
         for key, *_, fmt in COLUMNS:
-            text = fmt.format(record[key])
-            column = summary[key]
-            best = column.max() if key in HIGHER_IS_BETTER else column.min()
-            cells.append(bold(text) if len(summary) > 1 and fmt.format(best) == text else text)
-        rows.append(["this run", record["variant"], check if film else "", check if structural else "", *cells])
+            text = _mean_sd(record[f"{key}_mean"], record[f"{key}_sd"], n, fmt)
+            cells.append(bold(text) if stats.best.get(key) == variant else text)
+        cells += [_delta_cell(stats, variant, m, formats[m], latex) for m in deltas]
+        rows.append(["this run", variant, check if film else "", check if structural else "", str(n), *cells])
     for row in published:
         n = footnote[row.source]
         film, structural = VARIANTS[row.variant]
-        cells = [row.cell(key, fmt) for key, *_, fmt in COLUMNS]
+        cells = [row.cell(key, fmt) for key, *_, fmt in COLUMNS] + [""] * len(deltas)
         source = rf"published\textsuperscript{{[{n}]}}" if latex else f"published [{n}]"
-        rows.append([source, row.label, check if film else "", check if structural else "", *cells])
-    return pd.DataFrame(rows, columns=["Source", "Variant", "FiLM", "Structural", *headers])
+        rows.append([source, row.label, check if film else "", check if structural else "", str(row.n), *cells])
+    return pd.DataFrame(rows, columns=["Source", "Variant", "FiLM", "Structural", "n", *headers, *delta_headers])
 
 
 def checkpoint_line(evaluation: Evaluation) -> str | None:
     parts = []
-    for variant, info in evaluation.checkpoints.items():
+    for run, info in evaluation.checkpoints.items():
         val = info.get("val_abs_rel")
-        parts.append(f"{variant} epoch {info.get('epoch')}" + (f" (val AbsRel {val:.4f})" if val is not None else ""))
+        parts.append(f"{run} epoch {info.get('epoch')}" + (f" (val AbsRel {val:.4f})" if val is not None else ""))
     return ("Checkpoints: " + "; ".join(parts) + ".") if parts else None
 
 
-def markdown_table(evaluation: Evaluation, summary: pd.DataFrame, published: list[PublishedRow]) -> str:
+def seeds_line(evaluation: Evaluation, stats: SweepStats) -> str:
+    """What each cell of this run is: a mean over how many seeds, or a single run (and then what it cannot say)."""
+    seeds = evaluation.protocol.get("seeds") or sorted({int(s) for s in evaluation.per_image["seed"]})
+    if not stats.multi_seed:
+        return (f"One seed per variant (seed {', '.join(map(str, seeds))}): each value is a single training run, "
+                "with no ± and no interval, so no difference between rows is tested against seed-to-seed noise and "
+                "none is marked best (`train.seeds`, or `--seeds N`, trains several).")
+    text = (f"Each value of this run: mean ± standard deviation over its n seeds (sweep seeds {seeds}); n = 1: a "
+            f"single run (no ±, no interval). Δ: difference from the {stats.reference} row with its 95 % interval, "
+            "which counts training noise (seed to seed) and test-set noise (image to image, paired: every variant "
+            f"sees the same images) (pipeline/stats.py); {SIGNIFICANT} = significant (the interval excludes zero). "
+            "Bold: a best value only where significantly better than the runner-up.")
+    if evaluation.missing_runs:
+        text += (" PARTIAL SWEEP (--allow-partial): not evaluated " + "; ".join(
+            f"{run} ({why})" for run, why in evaluation.missing_runs.items()) + ".")
+    return text
+
+
+def orderings_line(stats: SweepStats, metric: str = "abs_rel") -> str | None:
+    """Which pairwise orderings on `metric` hold in how many seeds, and which are significant."""
+    pairs = stats.pairs[stats.pairs["metric"] == metric]
+    if pairs.empty or not stats.multi_seed:
+        return None
+    name = dict((k, h) for k, h, *_ in COLUMNS)[metric]
+    less = "<" if metric not in HIGHER_IS_BETTER else ">"
+    parts, significant, not_significant = [], [], []
+    for r in pairs.to_dict("records"):
+        a_first = (r["diff"] < 0) == (metric not in HIGHER_IS_BETTER) and r["diff"] != 0
+        first, second = (r["a"], r["b"]) if a_first else (r["b"], r["a"])
+        wins = r["a_better_seeds"] if a_first else r["b_better_seeds"]
+        ties = f", {r['tied_seeds']} tied" if r["tied_seeds"] else ""
+        verb = f" {less} " if r["diff"] != 0 else " = "
+        parts.append(f"{first}{verb}{second} in {wins} of {r['seeds_compared']} seeds{ties}")
+        (significant if r["significant"] else not_significant).append(f"{first} vs {second}")
+    return (f"{name} seed by seed (runs with the same seed compared): " + "; ".join(parts) + ". Significant: "
+            + (", ".join(significant) or "none") + ". Not significant: " + (", ".join(not_significant) or "none")
+            + ".")
+
+
+def markdown_table(evaluation: Evaluation, stats: SweepStats, published: list[PublishedRow]) -> str:
     p = evaluation.protocol
-    frame = table_frame(summary, published)
+    frame = table_frame(stats, published)
+    n_delta = len(frame.columns) - 5 - len(COLUMNS)
     body = frame.to_markdown(index=False, disable_numparse=True,
-                             colalign=("left", "left", "center", "center") + ("right",) * len(COLUMNS))
+                             colalign=("left", "left", "center", "center", "right")
+                             + ("right",) * (len(COLUMNS) + n_delta))
     lines = [f"# SPACE-CLIP depth: {p['config']} / {p['sweep']} ({p['dataset'].upper()} test, "
-             f"{p['counts']['evaluated']} images)", "", body, "", protocol_line(p), ""]
+             f"{p['counts']['evaluated']} images)", "", body, "", seeds_line(evaluation, stats), ""]
+    ordering = orderings_line(stats)
+    if ordering:
+        lines += [ordering, ""]
+    lines += [protocol_line(p), ""]
     extra = [checkpoint_line(evaluation), comparability_note(p)]
     lines += [f"{text}\n" for text in extra if text]
-    lines += ["Bold: this run's best value in each column. Published figures are quoted, not measured here:", ""]
+    lines += ["Published figures are quoted, not measured here (n: the seeds behind a published figure, ± its "
+              "standard deviation over them where the source gives it; n = 1: a single published run):", ""]
     for n, source in enumerate(sources_of(published), start=1):
         lines.append(f"[{n}] {source.where}, <{source.url}>" + (f". {source.note}." if source.note else "."))
     if any(MISSING in cell for cell in frame.to_numpy().ravel()):
@@ -276,23 +403,27 @@ def latex_escape(text: str) -> str:
     return "".join(out)
 
 
-def latex_table(evaluation: Evaluation, summary: pd.DataFrame, published: list[PublishedRow]) -> str:
+def latex_table(evaluation: Evaluation, stats: SweepStats, published: list[PublishedRow]) -> str:
     """A booktabs `table` (needs \\usepackage{booktabs,amssymb}); this run above the published rows."""
     p = evaluation.protocol
-    frame = table_frame(summary, published, latex=True)
+    frame = table_frame(stats, published, latex=True)
     frame["Variant"] = frame["Variant"].map(latex_escape)
+    frame.columns = [c if "$" in c else latex_escape(c) for c in frame.columns]
     frame = frame.replace({MISSING: "---"})
-    tabular = frame.to_latex(index=False, escape=False, column_format="llcc" + "r" * len(COLUMNS))
+    frame = frame.map(lambda c: c.replace("±", r"$\pm$").replace("−", "-"))
+    tabular = frame.to_latex(index=False, escape=False, column_format="llccr" + "r" * (len(frame.columns) - 5))
     lines = tabular.splitlines()
     header_end = lines.index(r"\midrule")
-    lines.insert(header_end + 1 + len(summary), r"\midrule")  # between this run and the published rows
-    notes = [latex_escape(protocol_line(p))] + [latex_escape(t) for t in (checkpoint_line(evaluation),
-                                                                          comparability_note(p)) if t]
+    lines.insert(header_end + 1 + len(stats.variants), r"\midrule")  # between this run and the published rows
+    notes = [latex_escape(t) for t in (seeds_line(evaluation, stats), orderings_line(stats)) if t]
+    notes += [latex_escape(protocol_line(p))] + [latex_escape(t) for t in (checkpoint_line(evaluation),
+                                                                           comparability_note(p)) if t]
     notes += [rf"[{n}] {latex_escape(s.where)}, \url{{{s.url}}}" + (f". {latex_escape(s.note)}." if s.note else ".")
               for n, s in enumerate(sources_of(published), start=1)]
     caption = (f"SPACE-CLIP decoder ablations, {latex_escape(p['config'])} / {latex_escape(p['sweep'])}: "
-               f"{p['dataset'].upper()} test, {p['counts']['evaluated']} images. Upper block: this run (best in "
-               "bold). Lower block: published figures, quoted (--- = not available).")
+               f"{p['dataset'].upper()} test, {p['counts']['evaluated']} images. Upper block: this run (mean $\\pm$ sd "
+               "over n seeds; bold only where significantly best). Lower block: published figures, quoted (--- = "
+               "not available).")
     return "\n".join([
         "% Generated by spaceclip (pipeline/tables.py). Needs \\usepackage{booktabs,amssymb,url}.",
         r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{caption}}}",
@@ -307,24 +438,36 @@ def write_tables(evaluation: Evaluation, out_dir: str | Path) -> dict[str, Path]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = evaluation.summary()
+    stats = sweep_stats(evaluation)
     published = published_for(evaluation.protocol["dataset"])
     paths = {name: out / file for name, file in (
-        ("per_image", "per_image.csv"), ("summary", "summary.csv"), ("skipped", "skipped.csv"),
-        ("protocol", "protocol.json"), ("table_md", "table.md"), ("table_tex", "table.tex"))}
+        ("per_image", "per_image.csv"), ("summary", "summary.csv"), ("pairwise", "pairwise.csv"),
+        ("skipped", "skipped.csv"), ("protocol", "protocol.json"), ("table_md", "table.md"),
+        ("table_tex", "table.tex"))}
     evaluation.per_image.to_csv(paths["per_image"], index=False)
     summary.to_csv(paths["summary"], index=False)
+    stats.pairs.assign(confidence=CONFIDENCE).to_csv(paths["pairwise"], index=False)
     evaluation.skipped.to_csv(paths["skipped"], index=False)
-    protocol = {**evaluation.protocol, "checkpoints": evaluation.checkpoints, "protocol_line":
-                protocol_line(evaluation.protocol)}
+    protocol = {**evaluation.protocol, "checkpoints": evaluation.checkpoints, "missing_runs": evaluation.missing_runs,
+                "reference": stats.reference, "protocol_line": protocol_line(evaluation.protocol)}
     paths["protocol"].write_text(json.dumps(protocol, indent=2) + "\n")
-    paths["table_md"].write_text(markdown_table(evaluation, summary, published))
-    paths["table_tex"].write_text(latex_table(evaluation, summary, published))
+    paths["table_md"].write_text(markdown_table(evaluation, stats, published))
+    paths["table_tex"].write_text(latex_table(evaluation, stats, published))
     return paths
 
 
 def artifact_rows(evaluation: Evaluation) -> list[dict]:
-    """The summary as the rows of the Prefect table artifact: variant, FiLM / Structural marks, the table's metrics
-    (4 decimals) and the number of images."""
-    return [{"variant": r["variant"], "FiLM": "✓" if r["film"] else "", "Structural": "✓" if r["structural"] else "",
-             **{header: round(float(r[k]), 4) for k, header, *_ in COLUMNS}, "images": int(r["n_images"])}
-            for r in evaluation.summary().to_dict("records")]
+    """The table's rows for the Prefect table artifact: variant, FiLM / Structural marks, n seeds, each metric's
+    mean over seeds and its sd (4 decimals; sd empty with one seed) and the number of images."""
+    described = describe(evaluation.per_image, [key for key, *_ in COLUMNS])
+    images = evaluation.per_image.groupby("variant")["id"].nunique()
+    rows = []
+    for r in described.to_dict("records"):
+        film, structural = VARIANTS.get(r["variant"], (False, False))
+        rows.append({"variant": r["variant"], "FiLM": "✓" if film else "", "Structural": "✓" if structural else "",
+                     "n": int(r["n"]),
+                     **{header: round(float(r[f"{k}_mean"]), 4) for k, header, *_ in COLUMNS},
+                     **{f"{header} sd": (round(float(r[f"{k}_sd"]), 4) if r["n"] > 1 else "")
+                        for k, header, *_ in COLUMNS},
+                     "images": int(images[r["variant"]])})
+    return rows

@@ -16,12 +16,17 @@ reached is skipped; a killed run resumes from its last epoch.
 `train_variants(ctx, variants)` trains several variants in one pass over the data (`train.shared_pass`): every
 batch is read once and each variant steps on it with its own random stream, bit-identical to training it alone
 wherever runs are deterministic (`determinism`: a CPU, or a GPU with `train.deterministic`).
+
+Seeds (`train.seeds`) are a sweep axis: `train_variants(ctx, variants, seed=s)` trains the runs of seed s, each in
+runs/<sweep>/<variant>/seed-<s>/ when the config lists several seeds (`pipeline.layout.run_dir`). A seed's run is
+the run of a one-seed config with `train.seed = s`, byte for byte: the seed is the only thing that differs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -69,6 +74,7 @@ class TrainResult:
     best_abs_rel: float
     already_done: bool = False  # the run had reached its epochs before this call; nothing was trained
     history: list[dict] = field(default_factory=list)
+    seed: int | None = None  # the run's `train.seed`
 
 
 # ---- schedule and EMA ---------------------------------------------------------------------------------------
@@ -124,8 +130,10 @@ def parallel_plan(tc: TrainConfig, n_variants: int, cores: int | None = None) ->
     return parallel, tc.num_threads or max(1, cores // parallel)
 
 
-def pass_plan(tc: TrainConfig, variants: list[str], cores: int | None = None) -> tuple[list[list[str]], int, int]:
-    """(variant groups, groups trained at once, torch threads each). Each group is one pass over the data
+def pass_plan(tc: TrainConfig, variants: list, cores: int | None = None) -> tuple[list[list], int, int]:
+    """(variant groups, groups trained at once, torch threads each). `variants`: variant names, or (variant, seed)
+    runs (`seed_runs`): runs of different seeds never share a pass (each seed reads the data in its own order).
+    Each group is one pass over the data
     (`train_variants`): `train.shared_pass`, by default on where one process trains all variants (`parallel_plan`
     gives 1) and on GPUs (one group per GPU); off where variants train in parallel processes on a CPU (each
     variant its own group), where a read from the resident cache is ~nothing beside a decoder step and
@@ -136,7 +144,38 @@ def pass_plan(tc: TrainConfig, variants: list[str], cores: int | None = None) ->
         parallel == 1 or resolve_device(tc.device).type == "cuda")
     if not shared or len(variants) == 1:
         return [[v] for v in variants], parallel, threads
-    return [list(variants[i::parallel]) for i in range(parallel)], parallel, threads
+    by_seed: dict = {}
+    for run in variants:
+        by_seed.setdefault(run[1] if isinstance(run, tuple) else None, []).append(run)
+    groups = [list(runs[i::parallel]) for runs in by_seed.values() for i in range(parallel)]
+    return [g for g in groups if g], parallel, threads
+
+
+def seed_runs(tc: TrainConfig) -> list[tuple[str, int]]:
+    """Every (variant, seed) run of the sweep, seed by seed: the first seed's variants first."""
+    return [(v, s) for s in tc.seed_list for v in tc.variants]
+
+
+def run_label(tc: TrainConfig, variant: str, seed: int) -> str:
+    """How tables, logs and task names call a run: the variant, and `<variant>/seed-<s>` (its folder below the
+    sweep) when the config lists several seeds."""
+    return f"{variant}/seed-{seed}" if tc.multi_seed else variant
+
+
+def seed_config(cfg: Config, seed: int | None) -> Config:
+    """The config of one seed's runs: `train.seed = seed` (None: the config's first seed); its run folders are
+    that seed's (`pipeline.layout.run_dir`)."""
+    seed = cfg.train.seed_list[0] if seed is None else seed
+    if seed == cfg.train.seed:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": seed})})
+
+
+def seed_context(ctx: RunContext | Config, seed: int | None) -> RunContext:
+    """`seed_config` of a context. Stores and fingerprints do not depend on the seed: they are shared."""
+    ctx = RunContext.of(ctx)
+    cfg = seed_config(ctx.cfg, seed)
+    return ctx if cfg is ctx.cfg else dataclasses.replace(ctx, cfg=cfg)
 
 
 CUBLAS_DETERMINISTIC = ":4096:8"  # cuBLAS's documented deterministic workspace setting
@@ -387,20 +426,23 @@ def train_variant(
     ctx: RunContext | Config,
     variant: str,
     *,
+    seed: int | None = None,
     resume: bool = True,
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume, or skip when finished) one decoder variant. `on_epoch(row)` is called after each epoch's
-    files are written, with the history row (the flow logs it; tests use it to simulate a kill)."""
+    """Train (or resume, or skip when finished) one decoder variant with one seed (None: the config's first seed).
+    `on_epoch(row)` is called after each epoch's files are written, with the history row (the flow logs it; tests
+    use it to simulate a kill)."""
     hook = None if on_epoch is None else (lambda _variant, row: on_epoch(row))
-    return train_variants(ctx, [variant], resume=resume, progress=progress, on_epoch=hook)[variant]
+    return train_variants(ctx, [variant], seed=seed, resume=resume, progress=progress, on_epoch=hook)[variant]
 
 
 def train_variants(
     ctx: RunContext | Config,
     variants: list[str],
     *,
+    seed: int | None = None,
     resume: bool = True,
     progress: bool = False,
     on_epoch: Callable[[str, dict], None] | None = None,
@@ -410,8 +452,9 @@ def train_variants(
     and random stream, so its checkpoints and history are bit-identical to training it alone (`train_variant`),
     timing columns aside, wherever runs are deterministic (`determinism`); within float rounding elsewhere.
     Variants resumed at different epochs join the pass at their own epoch.
-    `on_epoch(variant, row)` after each variant's epoch files are written. Returns {variant: result}."""
-    ctx = RunContext.of(ctx)
+    `on_epoch(variant, row)` after each variant's epoch files are written. `seed`: the seed of these runs (None:
+    the config's first seed). Returns {variant: result}."""
+    ctx = seed_context(ctx, seed)
     with locked_run_dirs([ctx.run_dir(v) for v in dict.fromkeys(variants)]):  # one training per run folder
         return _train_variants(ctx, variants, resume=resume, progress=progress, on_epoch=on_epoch)
 
@@ -442,13 +485,14 @@ def open_run(ctx: RunContext, variant: str, resume: bool) -> OpenRun | TrainResu
     cfg, tc = ctx.cfg, ctx.cfg.train
     out = ctx.run_dir(variant)
     state_path = out / STATE_NAME
-    meta = {"variant": variant, "cache_fingerprint": ctx.fingerprint("train"), "feature_source": tc.feature_source,
-            "decoder": cfg.decoder.model_dump(mode="json")}
+    meta = {"variant": variant, "seed": tc.seed, "cache_fingerprint": ctx.fingerprint("train"),
+            "feature_source": tc.feature_source, "decoder": cfg.decoder.model_dump(mode="json")}
 
     state = None
     if resume and state_path.is_file():
         state = load_state(state_path)
         found = json.loads(state["meta"])
+        found.setdefault("seed", tc.seed)  # a state saved before runs recorded their seed: this config's
         differs = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
         if differs:
             raise RunError(
@@ -461,7 +505,7 @@ def open_run(ctx: RunContext, variant: str, resume: bool) -> OpenRun | TrainResu
             log.info("%s: already trained (%d of %d epochs, best val AbsRel %.4f at epoch %d) in %s; skipping",
                      variant, done, tc.epochs, state["best_abs_rel"], state["best_epoch"], out)
             return TrainResult(variant, out, done, int(state["best_epoch"]), float(state["best_abs_rel"]),
-                               already_done=True, history=read_history(out / HISTORY_NAME))
+                               already_done=True, history=read_history(out / HISTORY_NAME), seed=tc.seed)
     elif not resume:
         for name in ("last", "best", HISTORY_NAME, STATE_NAME):
             target = out / name
@@ -655,8 +699,8 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
             if on_epoch is not None:
                 on_epoch(r.variant, row)
 
-    return {r.variant: TrainResult(r.variant, r.out, tc.epochs, r.best_epoch, r.best_abs_rel, history=r.history)
-            for r in runs}
+    return {r.variant: TrainResult(r.variant, r.out, tc.epochs, r.best_epoch, r.best_abs_rel, history=r.history,
+                                   seed=tc.seed) for r in runs}
 
 
 def _save_epoch(r: _Run, epoch: int, eval_model, weights: str, metrics: dict, cuda: bool) -> None:

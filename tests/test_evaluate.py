@@ -200,19 +200,21 @@ def test_evaluate_flow_cli_tables_and_pictures(trained, prefect_harness, capsys,
     md = (out / "table.md").read_text()
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in md.splitlines()
             if line.startswith("| ")]  # the header and the body (not the alignment row)
-    assert rows[0][:4] == ["Source", "Variant", "FiLM", "Structural"]
-    assert rows[0][4:] == [header for _, header, _, _ in COLUMNS]
+    assert rows[0][:5] == ["Source", "Variant", "FiLM", "Structural", "n"]
+    assert rows[0][5:] == [header for _, header, _, _ in COLUMNS]  # one seed: no difference columns
     ours = [row for row in rows if row[0] == "this run"]
     assert [row[1] for row in ours] == ["baseline", "full"]
     assert [row[2:4] for row in ours] == [["", ""], ["✓", "✓"]]
     for row, record in zip(ours, summary.to_dict("records")):
-        assert [cell.strip("*") for cell in row[4:]] == [fmt.format(record[key]) for key, _, _, fmt in COLUMNS]
+        # one seed: a single run's values, no ±, nothing bold (no difference is tested against seed noise)
+        assert row[4:] == ["1"] + [fmt.format(record[key]) for key, _, _, fmt in COLUMNS]
+    assert "One seed per variant (seed 42)" in md and "no ± and no interval" in md
     published = published_for("kitti")
     theirs = [row for row in rows if row[0].startswith("published [")]
     assert [row[1] for row in theirs] == [p.label for p in published]
     for row, p in zip(theirs, published):
-        assert row[4:] == [p.cell(key, fmt) for key, _, _, fmt in COLUMNS]
-    by_label = {row[1]: row[4:] for row in theirs}
+        assert row[4:] == ["1"] + [p.cell(key, fmt) for key, _, _, fmt in COLUMNS]  # published single runs: n = 1
+    by_label = {row[1]: row[5:] for row in theirs}
     assert by_label["SPACE-CLIP (abstract v2)"][0] == "0.0901"  # the abstract's KITTI AbsRel
     assert by_label["SPACE-CLIP (paper Table 1)"] == ["0.104", "0.658", "4.837", "0.180", "0.880", "0.970", "0.991"]
     (protocol,) = [line for line in md.splitlines() if line.startswith("Protocol:")]
