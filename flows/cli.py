@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="decoder checkpoint folder (model.safetensors + config.json)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--encoder", default=None, help="encoder name/folder instead of the one the checkpoint records")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda [auto]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--colormap", default="turbo", help="matplotlib colormap; near = its high end [turbo]")
     p.add_argument("--range", nargs=2, type=float, metavar=("MIN", "MAX"),
                    help="fixed colour range in metres, for comparable pictures [per-image 2nd-98th percentiles]")
