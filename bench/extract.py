@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import datasets  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.devices import usable_cores  # noqa: E402
 from pipeline.extract import _load_row, extract_chunks, prepare_store  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, finalize_store  # noqa: E402
 from pipeline import store as store_module  # noqa: E402
@@ -177,7 +178,7 @@ def main() -> None:
     if args.no_direct_writes:
         store_module.DIRECT_WRITE_BYTES = 1 << 62
     fresh_ms_per_mb = fresh_page_ms_per_mb()
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or usable_cores()  # the cores this process may use, as the pipeline counts them
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))

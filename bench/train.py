@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/extract.py's NullEncoder
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.devices import encoder_settings  # noqa: E402
+from pipeline.devices import encoder_settings, usable_cores  # noqa: E402
 from pipeline.extract import plan_split  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, resolve_device  # noqa: E402
 from pipeline.loader import CachedBatches, ImageBatches  # noqa: E402
@@ -323,7 +323,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "spaceclip-bench-train"),
                     help="data + cache folder, reused across runs (the store is found again by fingerprint)")
     args = ap.parse_args()
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads or usable_cores()  # the cores this process may use, as the pipeline counts them
     torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     root = Path(args.workdir)

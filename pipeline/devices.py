@@ -76,7 +76,7 @@ def usable_cores(affinity: set[int] | None = None, quota: float | None = -1.0) -
     if affinity is None and quota == -1.0:
         return _own_cores()
     if affinity is None:
-        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        affinity = _affinity()
     quota = cgroup_cpu_limit() if quota == -1.0 else quota
     cores = len(affinity)
     if quota is not None:
@@ -84,10 +84,13 @@ def usable_cores(affinity: set[int] | None = None, quota: float | None = -1.0) -
     return max(1, cores)
 
 
+def _affinity() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 @functools.lru_cache(maxsize=1)
 def _own_cores() -> int:  # read once a process: callers ask per chunk written
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    return usable_cores(affinity, cgroup_cpu_limit())
+    return usable_cores(_affinity(), cgroup_cpu_limit())
 
 
 # ---- devices ------------------------------------------------------------------------------------------------------
