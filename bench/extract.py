@@ -44,7 +44,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import datasets  # noqa: E402
+from pipeline import datasets, synth  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.devices import usable_cores  # noqa: E402
 from pipeline.extract import _load_row, extract_chunks, prepare_store  # noqa: E402
@@ -184,7 +184,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         cfg = load_config(write_config(tmp, args.images, args.encoder, args.dtype, args.batch_size, workers=threads))
-        datasets.ensure_dataset(cfg.data)
+        synth.ensure(cfg.data)
         encoder = encoder_for(cfg)
         samples = [s for s in datasets.read_split(cfg.data, "test")]
         autocast = None if args.dtype == "float32" else torch.bfloat16

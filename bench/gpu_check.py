@@ -391,7 +391,7 @@ def main() -> int:
         try:
             import torch
 
-            from pipeline import datasets
+            from pipeline import datasets, synth
             from pipeline.extract import extract_splits
 
             device = torch.device(args.device)
@@ -399,7 +399,7 @@ def main() -> int:
                           gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
             cfg = base_config(tmp, args.frames, args.encoder, str(device), args.batches[0], args.epochs)
             t0 = time.perf_counter()
-            datasets.ensure_dataset(cfg.data)
+            synth.ensure(cfg.data)
             report["render_s"] = round(time.perf_counter() - t0, 2)
             t0 = time.perf_counter()
             extract_splits(cfg)  # the train, val and test stores every later check reads

@@ -100,11 +100,11 @@ def build_store(cfg, null_encoder: bool = False) -> None:
     """The benchmark's training store, extracted by the pipeline. `null_encoder`: with `bench/extract.py`'s
     zero-cost stand-in (the real encoder's activations on the first batch, repeated), so that a store of
     hundreds of samples is built in seconds for the data-path figures; the chunks hold real activations to read."""
-    from pipeline import datasets
+    from pipeline import datasets, synth
     from pipeline.extract import extract_chunks, prepare_store
     from pipeline.layout import finalize_store
 
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     store, reused = prepare_store(RunContext.of(cfg), "train")
     encoder = None
     if null_encoder and store.pending_chunks():

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import datasets  # noqa: E402
+from pipeline import synth  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.evaluate import evaluate_run  # noqa: E402
 from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store  # noqa: E402
@@ -90,7 +90,7 @@ def main() -> None:
            "variant": args.variant, "threads": args.threads, "views": "random 176x352, rotation <= 1 deg, colour p 0.5",
            "results": []}
     first = config_from_dict(config(root, ks[0], args))
-    datasets.ensure_dataset(first.data)
+    synth.ensure(first.data)
     encoder_for(first)  # built once, outside the timings
     test_s, _, _ = extract(first, "test")  # full frames: the same store for every K
     out["test_extract_s"] = round(test_s, 2)

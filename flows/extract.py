@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.config import Config, ConfigError
-from pipeline.datasets import ensure_dataset
+from pipeline import synth
 from pipeline.devices import WorkerPlan, encoder_settings, local_cluster, plan_on_scheduler, with_encoder_settings
 from pipeline.extract import extract_claimed, finish_store, prepare_stores, shard_jobs, worker_plan
 from pipeline.layout import SPLITS, RunContext, finalize_store
@@ -100,7 +100,7 @@ def extract_features(
     logger = get_run_logger()
     logger.info("encoder %s; %d worker(s)%s, %d torch thread(s) each", encoder_settings(cfg.encoder).describe(),
                 plan.n_workers, f" on GPUs {list(plan.gpus)}" if any(plan.gpus) else "", plan.threads)
-    ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     ctx = RunContext.of(cfg)
     stores, jobs, recheck = {}, [], {}
     for split, (store, reused) in prepare_stores(ctx, splits).items():  # refused before writing if it cannot fit

@@ -15,7 +15,6 @@ Every error names the file and its line in the split file.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -417,44 +416,19 @@ def apply_view(array: np.ndarray, view: View) -> np.ndarray:
     return array[view.top : view.top + view.height, view.left : view.left + view.width]
 
 
-# ---- the embedded default ------------------------------------------------------------------------------------
-def ensure_dataset(cfg: DataConfig) -> None:
-    """Make sure the configured dataset exists. With `data.synth` set, a synthetic dataset is rendered into the
-    configured roots when the split files are missing (or were rendered with other synth settings); without it,
-    a missing split file or root is an error naming the config key to set."""
-    from pipeline import synth  # rendering code is only needed for the embedded default
-
+# ---- a configured dataset is there ---------------------------------------------------------------------------
+def require_dataset(cfg: DataConfig) -> None:
+    """A missing split file or root is an error naming the config key to set. Rendering the synthetic dataset
+    when `data.synth` is set is the generator's job (`pipeline.synth.ensure`, which calls this one otherwise)."""
     splits = {"data.train_split": Path(cfg.train_split), "data.test_split": Path(cfg.test_split)}
-    if cfg.synth is None:
-        roots = {"data.image_root": Path(cfg.image_root), "data.depth_root": Path(cfg.depth_root)}
-        roots.update({f"data.{k}": Path(v) for k in ("test_image_root", "test_depth_root")
-                      if (v := getattr(cfg, k)) is not None})
-        for key, path in {**splits, **roots}.items():
-            if not path.exists():
-                raise DatasetError(
-                    f"dataset not found: {path} does not exist (set {key}, or data.synth to generate a synthetic "
-                    f"dataset)"
-                )
-        return
-    wanted = {"layout": cfg.layout, "train": cfg.synth.train, "test": cfg.synth.test, "seed": cfg.synth.seed,
-              "version": synth.SYNTH_VERSION}
-    stamp = Path(cfg.train_split).parent / synth.STAMP_NAME
-    if all(p.is_file() for p in splits.values()):
-        try:
-            found = json.loads(stamp.read_text()) if stamp.is_file() else None
-        except (OSError, ValueError):
-            found = None
-        if found is None or found == wanted:
-            return  # complete: ours and current, or a real dataset we must not touch
-    log.info(
-        "generating a synthetic %s dataset (%d train + %d test frames, seed %d) into %s and %s",
-        cfg.layout, cfg.synth.train, cfg.synth.test, cfg.synth.seed, cfg.image_root, cfg.depth_root,
-    )
-    synth.synthesize_to(
-        cfg.layout, image_root=Path(cfg.image_root), depth_root=Path(cfg.depth_root),
-        train_split=Path(cfg.train_split), test_split=Path(cfg.test_split),
-        train=cfg.synth.train, test=cfg.synth.test, seed=cfg.synth.seed,
-    )
+    roots = {"data.image_root": Path(cfg.image_root), "data.depth_root": Path(cfg.depth_root)}
+    roots.update({f"data.{k}": Path(v) for k in ("test_image_root", "test_depth_root")
+                  if (v := getattr(cfg, k)) is not None})
+    for key, path in {**splits, **roots}.items():
+        if not path.exists():
+            raise DatasetError(
+                f"dataset not found: {path} does not exist (set {key}, or data.synth to generate a synthetic dataset)"
+            )
 
 
 # ---- checking a dataset tree against its split files ------------------------------------------------------------

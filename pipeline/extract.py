@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import datasets
+from pipeline import datasets, synth
 from pipeline.config import Config
 from pipeline.datasets import DatasetError, Sample, View
 from pipeline.fingerprint import data_roots, file_signature
@@ -685,7 +685,7 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
 def extract_splits(cfg: Config, splits=SPLITS) -> None:
     """Render the dataset if needed and extract the given splits in this process, chunk by chunk (no Prefect, no
     Dask): what tests and benchmarks use. The flow maps `extract_claimed` over runs of chunks on a Dask cluster."""
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     for store, _ in prepare_stores(cfg, splits).values():
         finish_store(cfg, store.url)  # under the chunks' claims; waits for chunks another run holds
         finalize_store(store.url, chunks=set(range(store.n_chunks)) - store.verified)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import datasets, extract
+from pipeline import datasets, extract, synth
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.evaluate import evaluate_run
 from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store
@@ -59,7 +59,7 @@ AUG = {"rotation_deg": 8.0, "color": {"p": 1.0}}  # large angles: the corners of
 def aug_cfg(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("augment")
     cfg = config_from_dict(small_config(tmp, **AUG))
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     return cfg
 
 

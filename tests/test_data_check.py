@@ -75,7 +75,7 @@ def test_nyu_bts_layout_test_split_reads_and_extracts_from_the_test_roots(tree):
     assert datasets.check_dataset(cfg.data).ok
 
     # the test split extracts from official_splits/test/, and the stored features are those of that file
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     store, _ = prepare_store(cfg, "test")
     for chunk in store.pending_chunks():
         extract_chunk(cfg, store.url, chunk)

@@ -1,4 +1,5 @@
-"""Split-file readers, validation carving, image/depth decoding errors, training views, ensure_dataset."""
+"""Split-file readers, validation carving, image/depth decoding errors, training views, and `synth.ensure` (the
+synthetic dataset rendered when a run needs it, or a missing real one named by its config key)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from pipeline import synth
 from pipeline.config import DataConfig, SynthConfig, ViewConfig
 from pipeline.datasets import (
-    DEPTH_SCALE, DatasetError, View, apply_view, ensure_dataset, load_depth, load_image, make_views,
+    DEPTH_SCALE, DatasetError, View, apply_view, load_depth, load_image, make_views,
     parse_split_file, read_split,
 )
 
@@ -225,7 +226,7 @@ def test_apply_view_crops_images_and_depth():
         apply_view(depth, View(0, 100, 0, 352, 1216))
 
 
-# ---- ensure_dataset ------------------------------------------------------------------------------------------
+# ---- synth.ensure ------------------------------------------------------------------------------------------------
 def _cfg(root: Path, synth_cfg: SynthConfig | None) -> DataConfig:
     return DataConfig(
         layout="kitti", image_root=str(root / "raw"), depth_root=str(root / "gt"),
@@ -234,28 +235,28 @@ def _cfg(root: Path, synth_cfg: SynthConfig | None) -> DataConfig:
     )
 
 
-def test_ensure_dataset_generates_once(tmp_path, caplog):
+def test_synth_ensure_generates_once(tmp_path, caplog):
     cfg = _cfg(tmp_path / "demo", SynthConfig(train=2, test=1, seed=0))
-    with caplog.at_level(logging.INFO, logger="pipeline.datasets"):
-        ensure_dataset(cfg)
+    with caplog.at_level(logging.INFO, logger="pipeline.synth.write"):
+        synth.ensure(cfg)
     assert "synthetic kitti dataset" in caplog.text
     assert len(read_split(cfg, "train")) + len(read_split(cfg, "val")) == 2 and len(read_split(cfg, "test")) == 1
     stamp = Path(cfg.train_split).stat().st_mtime_ns
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.datasets"):
-        ensure_dataset(cfg)  # present and current: untouched
+    with caplog.at_level(logging.INFO, logger="pipeline.synth.write"):
+        synth.ensure(cfg)  # present and current: untouched
     assert caplog.text == "" and Path(cfg.train_split).stat().st_mtime_ns == stamp
     bigger = cfg.model_copy(update={"synth": SynthConfig(train=3, test=1, seed=0)})
-    ensure_dataset(bigger)  # other synth settings: regenerated
+    synth.ensure(bigger)  # other synth settings: regenerated
     assert len(read_split(bigger, "train")) + len(read_split(bigger, "val")) == 3
 
 
-def test_ensure_dataset_without_synth_names_what_is_missing(tmp_path):
+def test_synth_ensure_without_synth_names_what_is_missing(tmp_path):
     with pytest.raises(DatasetError, match=r"eigen_train_files_with_gt\.txt.*data\.train_split"):
-        ensure_dataset(_cfg(tmp_path / "real", None))
+        synth.ensure(_cfg(tmp_path / "real", None))
     real = _cfg(tmp_path / "real", None)
     for split in (real.train_split, real.test_split):
         Path(split).parent.mkdir(parents=True, exist_ok=True)
         Path(split).write_text("")
     with pytest.raises(DatasetError, match=r"raw.*data\.image_root"):
-        ensure_dataset(real)
+        synth.ensure(real)

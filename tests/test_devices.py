@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import datasets, devices
+from pipeline import devices, synth
 from pipeline.config import ConfigError, EncoderConfig, TrainConfig, config_from_dict, dump_config, load_config
 from pipeline.devices import (WorkerPlan, cgroup_cpu_limit, encoder_settings, plan_workers, resolve_device,
                               usable_cores, with_encoder_settings)
@@ -252,7 +252,7 @@ def test_features_gathered_per_chunk_on_the_device_are_the_same_bytes(tmp_path):
            "views": {"crop_size": [176, 352], "flip": "extract"},  # the mirrored features too
            "cache": {"root": str(tmp_path / "cache"), "chunk_size": 2, "layers": [0, 2, 12]}}
     cfg = config_from_dict(raw)
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     bad = 7
     Path(plan_split(cfg, "train").index["depth_path"][bad]).write_bytes(b"garbage")
     files = []

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flows.cli import build_parser, main as cli
-from pipeline import datasets
+from pipeline import synth
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.extract import DiskSpaceError, extract_chunk, extract_splits, prepare_store, space_needed
 from pipeline.layout import RunContext
@@ -36,7 +36,7 @@ def cfg(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("space")
     cfg = load_config(write_config(tmp, cache={"chunk_size": 4, "layers": [0, 2, 12], "target_size": [22, 44]},
                                    views={"views_per_image": 2}))
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     return cfg
 
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import datasets
+from pipeline import datasets, synth
 from pipeline.config import load_config
 from pipeline.datasets import DatasetError
 from pipeline.extract import extract_chunk, extract_chunks, plan_split, prepare_store
@@ -57,7 +57,7 @@ def extract_all(cfg, split):
 def small(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("extract")
     cfg = load_config(write_config(tmp))
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     return cfg
 
 
@@ -110,7 +110,7 @@ def test_same_config_reuses_and_changed_config_makes_a_new_store(small, tmp_path
 @pytest.mark.slow
 def test_missing_and_corrupt_files_are_named(tmp_path):
     cfg = load_config(write_config(tmp_path))
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     samples = datasets.read_split(cfg.data, "train")
     image_bytes = samples[2].image_path.read_bytes()
     samples[2].image_path.unlink()
@@ -150,7 +150,7 @@ def test_one_pipeline_over_many_chunks_writes_what_chunk_by_chunk_writes(tmp_pat
     sample skipped in a chunk whose buffers held an earlier chunk's features is all zeros."""
     cfg = load_config(write_config(tmp_path, data={"on_error": "skip"}, views={"flip": flip},
                                    cache={"chunk_size": 2}))
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     plan = plan_split(cfg, "train")
     bad = 7  # in chunk 3, whose buffers held chunk 1's rows
     Path(plan.index["depth_path"][bad]).write_bytes(b"garbage")  # readable header, fails only when decoded
@@ -184,7 +184,7 @@ def test_sigkill_mid_extraction_then_resume_is_byte_identical(tmp_path, prefect_
     server a bare command starts.)"""
     cfg_path = write_config(tmp_path, cache={"chunk_size": 2})
     cfg = load_config(cfg_path)
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=prefect_harness)
     cmd = [sys.executable, "-m", "flows.cli", "extract", "--config", str(cfg_path), "--splits", "train"]

@@ -25,7 +25,7 @@ import pytest
 import torch
 import zarr
 
-from pipeline import claims, datasets
+from pipeline import claims, synth
 from pipeline.config import load_config
 from pipeline.errors import DiskFullError
 from pipeline.extract import extract_splits, finish_store, prepare_store
@@ -246,7 +246,7 @@ def test_two_extraction_processes_of_one_config_share_the_chunks(tmp_path):
     every chunk of each split is extracted by exactly one of them, and the stores equal a single run's."""
     cfg_path = write_config(tmp_path, cache={"chunk_size": 1})
     cfg = load_config(cfg_path)
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     log = tmp_path / "written.txt"
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_RUN, str(cfg_path), str(log)], cwd=ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -279,7 +279,7 @@ def test_two_spaceclip_extract_commands_at_once(tmp_path):
     store is a single run's, byte for byte."""
     cfg_path = write_config(tmp_path, cache={"chunk_size": 2})
     cfg = load_config(cfg_path)
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                HF_HUB_OFFLINE="1")
     env.pop("PREFECT_API_URL", None)
@@ -517,7 +517,7 @@ def test_extraction_on_a_full_tmpfs_fails_in_one_line_and_resumes(tmp_path, smal
     mount, resize = small_disk
     cfg_path = write_config(tmp_path, cache={"chunk_size": 2})
     cfg = load_config(cfg_path)
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     clean = cfg.model_copy(deep=True)
     clean.cache.root = str(tmp_path / "clean")
     extract_splits(clean, ("train",))

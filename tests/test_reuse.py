@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import datasets
+from pipeline import datasets, synth
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.extract import extract_splits, prepare_store
 from pipeline.layout import RunContext
@@ -98,7 +98,7 @@ def test_a_changed_byte_is_left_to_the_readers_and_found_and_repaired_by_the_ful
 
 def _setup_skip(tmp_path):
     cfg = load_config(write_config(tmp_path, data={"on_error": "skip"}, cache={"chunk_size": 2}))
-    datasets.ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     return cfg
 
 

@@ -98,11 +98,11 @@ def test_every_user_error_prints_one_line(monkeypatch, capsys):
 def one_drive_config(root: Path) -> Path:
     """The small config, its train split cut down to the frames of one drive (and data.synth off, so that the
     cut split is not re-rendered)."""
+    from pipeline import synth
     from pipeline.config import load_config
-    from pipeline.datasets import ensure_dataset
 
     cfg = load_config(small_config(root))
-    ensure_dataset(cfg.data)
+    synth.ensure(cfg.data)
     lines = Path(cfg.data.train_split).read_text().splitlines()
     drive = lines[0].split("/")[1]
     split = root / "one_drive.txt"

@@ -18,6 +18,8 @@ Output is byte-deterministic for a seed: frames are independent and written in p
     # data/demo/kitti/raw/2011_09_26/2011_09_26_drive_0001_sync/image_02/data/0000000018.png
     # data/demo/kitti/gt/2011_09_26_drive_0001_sync/proj_depth/groundtruth/image_02/0000000018.png
     # data/demo/kitti/splits/eigen_{train,test}_files_with_gt.txt
+
+    ensure(cfg.data)  # what a run calls first: renders `data.synth`'s dataset when missing or stale
 """
 
 from pipeline.synth.raycast import cast
@@ -28,12 +30,12 @@ from pipeline.synth.scenes import (
     FramePlan, plan_dataset,
 )
 from pipeline.synth.shading import shade
-from pipeline.synth.write import STAMP_NAME, SYNTH_VERSION, render_plan, synthesize, synthesize_to
+from pipeline.synth.write import STAMP_NAME, SYNTH_VERSION, ensure, render_plan, synthesize, synthesize_to
 
 __all__ = [
     "Camera", "Material", "Scene", "PLAIN", "ROAD", "FACADE", "PLANKS", "TILES",
     "cast", "shade", "Frame", "render", "lidar_mask", "KITTI_LIDAR_RANGE",
     "FramePlan", "plan_dataset", "KITTI_DATES", "KITTI_CAMERA_HEIGHT", "NYU_SIZE", "NYU_FOCAL", "NYU_CX", "NYU_CY",
     "NYU_MAX_DEPTH", "NYU_CATEGORIES", "SPLIT_NAMES",
-    "render_plan", "synthesize_to", "synthesize", "SYNTH_VERSION", "STAMP_NAME",
+    "render_plan", "synthesize_to", "synthesize", "ensure", "SYNTH_VERSION", "STAMP_NAME",
 ]

@@ -41,6 +41,40 @@ def _frac(x: np.ndarray) -> np.ndarray:
     return x - np.floor(x)
 
 
+def _patterns(scene: Scene, pattern, ax, px, pz, su, sv, gain) -> tuple[np.ndarray, np.ndarray]:
+    """Surface patterns as per-pixel gain factors and paint (>= 0: a grey that replaces the albedo): lanes and
+    kerbs, windows, planks, tiles. They are world-anchored lines, so they converge in perspective."""
+    f32 = np.float32
+    paint = np.full(gain.shape, -1.0, f32)  # >= 0: replace the albedo by this grey
+    if scene.ground is not None:
+        road = pattern == ROAD
+        ax_ = np.abs(px)
+        rw = f32(scene.road_half_width)
+        walk = road & (ax_ > rw)
+        joints = (_frac(px * f32(1 / 0.6)) < 0.06) | (_frac(pz * f32(1 / 0.6)) < 0.06)
+        gain = np.where(walk, gain * np.where(joints, f32(1.1), f32(1.6)), gain)
+        centre = (ax_ < 0.07) & (_frac(pz * f32(1 / 9.0)) < 0.35)
+        edge = np.abs(ax_ - (rw - f32(0.35))) < 0.08
+        paint = np.where(road & ~walk & (centre | edge), f32(0.85), paint)
+        paint = np.where(road & (np.abs(ax_ - rw) < 0.12), f32(0.6), paint)
+    facade = (pattern == FACADE) & (ax != 1)
+    if facade.any():
+        # Windows: 1.2 m wide every 2.5 m, 1.5 m tall every 3 m (y is negative upwards).
+        across = np.abs(_frac(su * f32(1 / 2.5)) - 0.5) < 0.24
+        win = facade & across & (np.abs(_frac(-sv * f32(1 / 3.0)) - 0.55) < 0.25)
+        gain = np.where(win, gain * f32(0.3), gain)
+    planks = pattern == PLANKS
+    if planks.any():
+        plank = np.floor(su * f32(1 / 0.18)).astype(np.int32) & 255
+        tone = 0.8 + 0.4 * _PLANK_TONE[plank]
+        gain = np.where(planks, gain * tone * np.where(_frac(su * f32(1 / 0.18)) < 0.05, f32(0.55), f32(1.0)), gain)
+    tiles = pattern == TILES
+    if tiles.any():
+        grout = (_frac(su * f32(1 / 0.3)) < 0.07) | (_frac(sv * f32(1 / 0.3)) < 0.07)
+        gain = np.where(tiles & grout, gain * f32(0.6), gain)
+    return gain, paint
+
+
 def shade(scene: Scene, cam: Camera, t, prim, mat, axis, d) -> np.ndarray:
     """RGB float (h, W, 3) in 0..1 from a band's hit buffers. Every pixel is shaded (sky pixels with a stand-in
     hit, overwritten at the end) because gathering the hit pixels first costs more than shading the sky."""
@@ -80,34 +114,7 @@ def shade(scene: Scene, cam: Camera, t, prim, mat, axis, d) -> np.ndarray:
         tex += f32(amp) * fade * (n - 0.5)
     gain = 1.0 - contrast * 0.5 + contrast * tex  # (N,)
 
-    # Patterns as per-pixel gain factors and paint; parallel lines converge in perspective.
-    paint = np.full(th.shape, -1.0, f32)  # >= 0: replace the albedo by this grey
-    if scene.ground is not None:
-        road = pattern == ROAD
-        ax_ = np.abs(px)
-        rw = f32(scene.road_half_width)
-        walk = road & (ax_ > rw)
-        joints = (_frac(px * f32(1 / 0.6)) < 0.06) | (_frac(pz * f32(1 / 0.6)) < 0.06)
-        gain = np.where(walk, gain * np.where(joints, f32(1.1), f32(1.6)), gain)
-        centre = (ax_ < 0.07) & (_frac(pz * f32(1 / 9.0)) < 0.35)
-        edge = np.abs(ax_ - (rw - f32(0.35))) < 0.08
-        paint = np.where(road & ~walk & (centre | edge), f32(0.85), paint)
-        paint = np.where(road & (np.abs(ax_ - rw) < 0.12), f32(0.6), paint)
-    facade = (pattern == FACADE) & (ax != 1)
-    if facade.any():
-        # Windows: 1.2 m wide every 2.5 m, 1.5 m tall every 3 m (y is negative upwards).
-        across = np.abs(_frac(su * f32(1 / 2.5)) - 0.5) < 0.24
-        win = facade & across & (np.abs(_frac(-sv * f32(1 / 3.0)) - 0.55) < 0.25)
-        gain = np.where(win, gain * f32(0.3), gain)
-    planks = pattern == PLANKS
-    if planks.any():
-        plank = np.floor(su * f32(1 / 0.18)).astype(np.int32) & 255
-        tone = 0.8 + 0.4 * _PLANK_TONE[plank]
-        gain = np.where(planks, gain * tone * np.where(_frac(su * f32(1 / 0.18)) < 0.05, f32(0.55), f32(1.0)), gain)
-    tiles = pattern == TILES
-    if tiles.any():
-        grout = (_frac(su * f32(1 / 0.3)) < 0.07) | (_frac(sv * f32(1 / 0.3)) < 0.07)
-        gain = np.where(tiles & grout, gain * f32(0.6), gain)
+    gain, paint = _patterns(scene, pattern, ax, px, pz, su, sv, gain)
 
     # Lambert with the normal facing the camera, plus ambient.
     light = np.asarray(scene.light, f32)

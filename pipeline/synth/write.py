@@ -1,9 +1,11 @@
 """Writing a synthetic dataset: every planned frame rendered and saved (PNG / JPEG images, uint16 depth PNGs) in
-parallel threads, then the split files and the stamp, atomically."""
+parallel threads, then the split files and the stamp, atomically. `ensure` renders the one a config names when it
+is missing or was rendered with other settings: whoever starts a run calls it before reading the dataset."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import zlib
@@ -14,12 +16,15 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from pipeline.datasets import DEPTH_SCALE, encode_depth
+from pipeline.config import DataConfig
+from pipeline.datasets import DEPTH_SCALE, encode_depth, require_dataset
 from pipeline.synth.render import Frame, lidar_mask, render
 from pipeline.synth.scenes import SPLIT_NAMES, FramePlan, plan_dataset
 
 SYNTH_VERSION = 1  # bump when the rendered bytes change; recorded in the stamp beside the split files
 STAMP_NAME = "synth.json"
+
+log = logging.getLogger(__name__)
 
 
 def render_plan(plan: FramePlan) -> tuple[Frame, np.ndarray]:
@@ -109,3 +114,31 @@ def synthesize(layout: Literal["kitti", "nyu"], out: Path, train: int, test: int
         test_split=out / "splits" / test_name, train=train, test=test, seed=seed,
     )
     return {"root": out, **paths}
+
+
+def ensure(cfg: DataConfig) -> None:
+    """Make sure the configured dataset exists. With `data.synth` set, the synthetic dataset is rendered into the
+    configured roots when the split files are missing or were rendered with other synth settings (the stamp beside
+    them says which); without it, a missing split file or root is an error naming the config key to set."""
+    if cfg.synth is None:
+        require_dataset(cfg)
+        return
+    splits = (Path(cfg.train_split), Path(cfg.test_split))
+    wanted = {"layout": cfg.layout, "train": cfg.synth.train, "test": cfg.synth.test, "seed": cfg.synth.seed,
+              "version": SYNTH_VERSION}
+    stamp = splits[0].parent / STAMP_NAME
+    if all(p.is_file() for p in splits):
+        try:
+            found = json.loads(stamp.read_text()) if stamp.is_file() else None
+        except (OSError, ValueError):
+            found = None
+        if found is None or found == wanted:
+            return  # complete: ours and current, or a real dataset we must not touch
+    log.info(
+        "generating a synthetic %s dataset (%d train + %d test frames, seed %d) into %s and %s",
+        cfg.layout, cfg.synth.train, cfg.synth.test, cfg.synth.seed, cfg.image_root, cfg.depth_root,
+    )
+    synthesize_to(
+        cfg.layout, image_root=Path(cfg.image_root), depth_root=Path(cfg.depth_root), train_split=splits[0],
+        test_split=splits[1], train=cfg.synth.train, test=cfg.synth.test, seed=cfg.synth.seed,
+    )
