@@ -126,16 +126,18 @@ def test_no_room_is_refused_before_anything_is_written_with_the_numbers_and_the_
 def test_the_flags_are_config_overrides(monkeypatch):
     """`--ignore-disk-space` / `--verify-cache` reach the flow as the `--set`s they stand for, after the `--set`s."""
     import contextlib
+    import sys
+    from types import SimpleNamespace
 
     import flows.cli
-    import flows.extract
-    import flows.paper_table
 
     calls = []
     monkeypatch.setattr(flows.cli, "prefect_api", contextlib.nullcontext)
-    monkeypatch.setattr(flows.extract, "extract_features", lambda **kw: calls.append(kw) or {})
-    monkeypatch.setattr(flows.paper_table, "paper_table", lambda **kw: calls.append(kw) or {})
     monkeypatch.setattr(flows.cli, "print_results", lambda paths: None)
+    # The flows as stand-ins that record what the command passes (no Prefect import, no run).
+    record = lambda **kw: calls.append(kw) or {}  # noqa: E731
+    monkeypatch.setitem(sys.modules, "flows.extract", SimpleNamespace(extract_features=record))
+    monkeypatch.setitem(sys.modules, "flows.paper_table", SimpleNamespace(paper_table=record))
     assert cli(["extract", "--ignore-disk-space", "--verify-cache", "--set", "train.epochs=3"]) == 0
     assert calls[-1]["overrides"] == ["train.epochs=3", "cache.check_space=false", "cache.verify=full"]
     assert cli(["run", "--verify-cache"]) == 0

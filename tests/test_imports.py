@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import networkx as nx
@@ -57,7 +58,8 @@ def imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def import_graph() -> nx.DiGraph:
+@functools.cache
+def _graph() -> nx.DiGraph:
     files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
     graph = nx.DiGraph()
     graph.add_nodes_from(files)
@@ -70,6 +72,11 @@ def import_graph() -> nx.DiGraph:
             if name and name != module:
                 graph.add_edge(module, name)
     return graph
+
+
+def import_graph() -> nx.DiGraph:
+    """The graph of imports between the modules of PACKAGES (a fresh copy: tests remove edges from it)."""
+    return _graph().copy()
 
 
 def test_import_graph_reads_the_source():
