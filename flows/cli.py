@@ -425,11 +425,7 @@ def print_version(verbose: bool, lock: str | Path | None = None) -> int:
     if not verbose:
         return 0
     lock = Path(lock or Path(__file__).resolve().parent.parent / "constraints.txt")
-    tested = {}
-    for line in lock.read_text().splitlines() if lock.is_file() else ():
-        name, sep, pin = line.split("#")[0].strip().partition("==")
-        if sep:
-            tested[canonicalize_name(name)] = pin.strip()
+    tested = tested_pins(lock)
 
     def installed(pkg: str) -> str | None:
         with contextlib.suppress(md.PackageNotFoundError):
@@ -456,6 +452,18 @@ def print_version(verbose: bool, lock: str | Path | None = None) -> int:
         for name, version, pin in differ:
             print(f"  {name} {version or '(not installed)'}, tested {pin}")
     return 0
+
+
+def tested_pins(lock: Path) -> dict[str, str]:
+    """Package name (canonical) -> the version `lock` (constraints.txt) pins; empty without the file."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in lock.read_text().splitlines() if lock.is_file() else ():
+        name, sep, pin = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[canonicalize_name(name)] = pin.strip()
+    return pins
 
 
 # ---- the entry point ---------------------------------------------------------------------------------------------
