@@ -54,15 +54,17 @@ VariantsOpt = Annotated[str | None, typer.Option(
 DaskAddressOpt = Annotated[str | None, typer.Option(
     "--dask-address", metavar="ADDRESS",
     help="an existing Dask scheduler (tcp://host:8786) for extraction and training")]
-SeedsOpt = Annotated[int | None, typer.Option("--seeds", metavar="N", help="train/evaluate N seeds per variant: "
-                                              "train.seed, train.seed + 1, ... (= --set train.seeds=[...])")]
-AllowPartialOpt = Annotated[bool, typer.Option("--allow-partial", help="evaluate a sweep whose seeds are not all "
-                                            "trained (= --set eval.allow_partial=true)")]
-IgnoreDiskSpaceOpt = Annotated[bool, typer.Option("--ignore-disk-space", help="extract even when the stores do not "
-                                               "fit the free space of cache.root's file system "
-                                               "(= --set cache.check_space=false)")]
-VerifyCacheOpt = Annotated[bool, typer.Option("--verify-cache", help="decode every chunk of a reused store first "
-                                           "(default: a quick check of its file sizes; = --set cache.verify=full)")]
+SeedsOpt = Annotated[int | None, typer.Option(
+    "--seeds", metavar="N",
+    help="train/evaluate N seeds per variant: train.seed, train.seed + 1, ... (= --set train.seeds=[...])")]
+AllowPartialOpt = Annotated[bool, typer.Option(
+    "--allow-partial", help="evaluate a sweep whose seeds are not all trained (= --set eval.allow_partial=true)")]
+IgnoreDiskSpaceOpt = Annotated[bool, typer.Option(
+    "--ignore-disk-space", help="extract even when the stores do not fit the free space of cache.root's file system "
+    "(= --set cache.check_space=false)")]
+VerifyCacheOpt = Annotated[bool, typer.Option(
+    "--verify-cache", help="decode every chunk of a reused store first (default: a quick check of its file sizes; "
+    "= --set cache.verify=full)")]
 
 # Flags that stand for one `--set` each: parameter name -> the override it appends when given.
 FLAG_OVERRIDES = {"ignore_disk_space": "cache.check_space=false", "verify_cache": "cache.verify=full",
@@ -136,8 +138,8 @@ def extract(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = No
 @command(app)
 def train(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = None, set_: OverridesOpt = None,
           variants: VariantsOpt = None, seeds: SeedsOpt = None,
-          no_resume: Annotated[bool, typer.Option("--no-resume", help="retrain from scratch, overwriting existing "
-                                                  "runs")] = False) -> int:
+          no_resume: Annotated[bool, typer.Option(
+              "--no-resume", help="retrain from scratch, overwriting existing runs")] = False) -> int:
     """train decoder variants from the feature cache (the train-decoders flow)"""
     from flows.train import train_decoders
 
