@@ -166,8 +166,8 @@ def test_each_store_is_extracted_once_whatever_the_grid(fast_cfg, tmp_path, monk
 def test_a_grid_points_run_is_bit_identical_to_its_config_trained_alone(fast_cfg, tmp_path):
     from pipeline.train import train_variants
 
-    cfg = derive(fast_cfg, f"train.out_dir={tmp_path / 'runs'}", "train.epochs=1", "sweep=g", "decoder.channels=[16,8,8,8]",
-                 "grid={'train.lr': [0.01, 0.005]}")
+    cfg = derive(fast_cfg, f"train.out_dir={tmp_path / 'runs'}", "train.epochs=1", "sweep=g",
+                 "decoder.channels=[16,8,8,8]", "train.num_threads=1", "grid={'train.lr': [0.01, 0.005]}")
     point = points(cfg)[1]
     result = train_variants(point.cfg, ["baseline"])["baseline"]
     assert result.run_dir == tmp_path / "runs" / "g" / "train.lr=0.005" / "baseline"
