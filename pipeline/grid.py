@@ -142,6 +142,12 @@ def _set(data: dict, key: str, value: Any) -> None:
     node[key.split(".")[-1]] = copy.deepcopy(value)
 
 
+def _get(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data[part]
+    return data
+
+
 def _point_error(err: ValidationError, values: dict[str, Any], label: str) -> GridError:
     """The first failure, named by the grid key that caused it (`decoder` fails for decoder.semantic_layers)."""
     e = err.errors()[0]
@@ -163,23 +169,28 @@ def points(cfg: Config) -> list[GridPoint]:
     base = dump_config(cfg)
     base["grid"] = {}
     combos = [dict(zip([k for k, _ in grid_axes], combo)) for combo in itertools.product(*[v for _, v in grid_axes])]
+    validated = []
+    for values in combos:
+        data = copy.deepcopy(base)
+        for key, value in values.items():
+            _set(data, key, value)
+        try:
+            validated.append(Config.model_validate(data))
+        except ValidationError as err:
+            raise _point_error(err, values, point_label(values)) from None
+    # Each point named by its values as the config holds them: --grid train.lr=1e-2 and 0.01 are one folder.
+    combos = [{k: _get(dump_config(c), k) for k in values} for c, values in zip(validated, combos)]
+    seen = [json.dumps(values, sort_keys=True) for values in combos]
+    if len(set(seen)) < len(seen):
+        twice = next(v for v in seen if seen.count(v) > 1)
+        raise GridError(f"grid: two values of an axis are one value to the config (point {twice}): list it once")
     labels = [point_label(values) for values in combos]
     shared = {label for label in labels if labels.count(label) > 1}
     labels = [  # two paths with one folder name: told apart by a hash of the values
         f"{label}~{hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:6]}" if label in shared
         else label for label, values in zip(labels, combos)]
-    out = []
-    for values, label in zip(combos, labels):
-        data = copy.deepcopy(base)
-        data["sweep"] = f"{cfg.sweep}/{label}"
-        for key, value in values.items():
-            _set(data, key, value)
-        try:
-            point_cfg = Config.model_validate(data)
-        except ValidationError as err:
-            raise _point_error(err, values, label) from None
-        out.append(GridPoint(values, label, point_cfg))
-    return out
+    return [GridPoint(values, label, c.model_copy(update={"sweep": f"{cfg.sweep}/{label}"}))
+            for values, label, c in zip(combos, labels, validated)]
 
 
 def describe(grid_points: list[GridPoint]) -> str:

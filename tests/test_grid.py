@@ -62,6 +62,10 @@ def test_grid_option_and_sweep_file_axes_merge(tmp_path):
     sweep.write_text(yaml.safe_dump({"grid": {"train.lr": [0.01, 0.003]}}))
     cfg = load_config("demo", [grid_override("decoder.dropout=0.1,0.0")], sweep=str(sweep))
     assert cfg.grid == {"train.lr": [0.01, 0.003], "decoder.dropout": [0.1, 0.0]}
+    # a point is named by its value as the config reads it: 1e-2 (a string to YAML 1.1) is train.lr=0.01
+    assert [p.label for p in points(small(**{"train.lr": ["1e-2", 3e-3]}))] == ["train.lr=0.01", "train.lr=0.003"]
+    with pytest.raises(GridError, match="two values of an axis are one value"):
+        points(small(**{"train.lr": ["1e-2", 0.01]}))
     assert len(points(cfg)) == 4 and {p.cfg.decoder.dropout for p in points(cfg)} == {0.1, 0.0}
     from flows.cli import build_parser
 
