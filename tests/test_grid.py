@@ -132,6 +132,7 @@ def test_a_bad_point_or_a_full_disk_stops_the_grid_before_anything_is_written(fa
 
 
 # ---- one extraction per fingerprint -------------------------------------------------------------------------------
+@pytest.mark.slow  # extracts six small stores
 def test_each_store_is_extracted_once_whatever_the_grid(fast_cfg, tmp_path, monkeypatch):
     from pipeline import extract
     from pipeline.grid import contexts, extract_grid
@@ -256,6 +257,7 @@ def test_grid_table_summary_and_figure(tmp_path):
     assert write_grid_figure(grid_stats(two), ["encoder.name", "train.lr"], tmp_path / "two").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # builds and hashes a 22 M-parameter ViT twice
 def test_random_dinov2_preset_is_the_pretrained_architecture_with_seeded_weights():
     from spaceclip import imgfocus
     from spaceclip.encoder import FrozenEncoder
