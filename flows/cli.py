@@ -49,6 +49,9 @@ SweepOpt = Annotated[str | None, typer.Option(
     "--sweep", metavar="NAME|FILE", help="sweep overlay: configs/sweeps/<name>.yaml or a path")]
 OverridesOpt = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE", help="override a config value, e.g. --set train.epochs=3 (repeatable)")]
+GridOpt = Annotated[list[str] | None, typer.Option(
+    "--grid", metavar="KEY=V1,V2", help="add a grid axis: train every value of a config key, e.g. --grid "
+    "train.lr=1e-2,3e-3 (repeatable; list values bracketed: --grid decoder.semantic_layers=[12,9,6,3],[11,8,5,2])")]
 VariantsOpt = Annotated[str | None, typer.Option(
     "--variants", metavar="A,B", help="comma-separated variants", show_default="the config's train.variants")]
 DaskAddressOpt = Annotated[str | None, typer.Option(
@@ -75,16 +78,18 @@ def config_options(ctx: typer.Context) -> dict:
     """The shared options of a command as the flows and `load_config` take them: config, sweep and overrides
     (`--set` values, then the flags' overrides, then `--seeds`). A bad value fails here, before any server starts."""
     from pipeline.config import ConfigError, load_config
+    from pipeline.grid import grid_override, points
 
     p = ctx.params
     opts = {"config": p["config"], "sweep": p["sweep"],
-            "overrides": [*(p["set_"] or []), *(o for flag, o in FLAG_OVERRIDES.items() if p.get(flag))]}
+            "overrides": [*(p["set_"] or []), *(o for flag, o in FLAG_OVERRIDES.items() if p.get(flag)),
+                          *(grid_override(g) for g in p.get("grid") or [])]}
     if p.get("seeds") is not None:
         if p["seeds"] < 1:
             raise ConfigError(f"--seeds {p['seeds']}: give at least 1 seed")
         first = load_config(opts["config"], opts["overrides"], sweep=opts["sweep"]).train.seed
         opts["overrides"].append(f"train.seeds={list(range(first, first + p['seeds']))}")
-    load_config(opts["config"], opts["overrides"], sweep=opts["sweep"])
+    points(load_config(opts["config"], opts["overrides"], sweep=opts["sweep"]))  # every grid point valid
     return opts
 
 
@@ -120,6 +125,7 @@ def prefect_api():
 # ---- the flows ------------------------------------------------------------------------------------------------
 @command(app)
 def extract(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = None, set_: OverridesOpt = None,
+            grid: GridOpt = None,
             splits: Annotated[str, typer.Option(metavar="A,B", help="comma-separated splits")] = "train,val,test",
             dask_address: Annotated[str | None, typer.Option(
                 metavar="ADDRESS", help="an existing Dask scheduler (tcp://host:8786)")] = None,
@@ -137,7 +143,7 @@ def extract(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = No
 
 @command(app)
 def train(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = None, set_: OverridesOpt = None,
-          variants: VariantsOpt = None, seeds: SeedsOpt = None,
+          grid: GridOpt = None, variants: VariantsOpt = None, seeds: SeedsOpt = None,
           no_resume: Annotated[bool, typer.Option(
               "--no-resume", help="retrain from scratch, overwriting existing runs")] = False) -> int:
     """train decoder variants from the feature cache (the train-decoders flow)"""
@@ -153,7 +159,7 @@ def train(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = None
 
 @command(app)
 def evaluate(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = None, set_: OverridesOpt = None,
-             variants: VariantsOpt = None, seeds: SeedsOpt = None, allow_partial: AllowPartialOpt = False) -> int:
+             grid: GridOpt = None, variants: VariantsOpt = None, seeds: SeedsOpt = None, allow_partial: AllowPartialOpt = False) -> int:
     """full-image metrics on the test split, tables and pictures (evaluate flow)"""
     from flows.evaluate import evaluate as evaluate_flow
 
@@ -165,7 +171,7 @@ def evaluate(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = N
 
 @command(app)
 def run(ctx: typer.Context, config: ConfigOpt = "demo", sweep: SweepOpt = None, set_: OverridesOpt = None,
-        variants: VariantsOpt = None, dask_address: DaskAddressOpt = None,
+        grid: GridOpt = None, variants: VariantsOpt = None, dask_address: DaskAddressOpt = None,
         ignore_disk_space: IgnoreDiskSpaceOpt = False, verify_cache: VerifyCacheOpt = False,
         seeds: SeedsOpt = None, allow_partial: AllowPartialOpt = False) -> int:
     """the main job: extract -> train -> evaluate -> table + pictures (paper-table)"""
@@ -183,7 +189,7 @@ def print_results(paths: dict[str, str]) -> None:
     print(Path(paths["table_md"]).read_text())
     print(f"results in {paths['results']}/")
     for name in ("table_md", "table_tex", "summary", "per_image", "pairwise", "skipped", "protocol", "qualitative",
-                 "training_curves"):
+                 "training_curves", "grid_csv", "grid_png"):
         if name in paths:
             print(f"  {name:16s}{paths[name]}")
 

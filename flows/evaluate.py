@@ -6,6 +6,9 @@
 
 With several `train.seeds` every (variant, seed) run is evaluated (task "evaluate test split: 4 variants x 3
 seeds"); a missing or unfinished run fails the preflight unless `eval.allow_partial` is set.
+
+A grid (pipeline/grid.py): every point preflighted, then evaluated into results/<sweep>/<point>/, then the grid's
+table (grid.md, grid.csv, summary.csv: a column per key) and grid.png in results/<sweep>/.
 """
 
 from __future__ import annotations
@@ -22,18 +25,20 @@ from flows.parameters import fail_run_on_user_error, run_config
 from pipeline.config import Config
 from pipeline.evaluate import Evaluation, evaluate_run, preflight
 from pipeline.figures import write_figures
-from pipeline.layout import RunContext
-from pipeline.tables import artifact_rows, protocol_line, write_tables
+from pipeline.grid import contexts, points
+from pipeline.grid_figures import write_grid_figure
+from pipeline.layout import RunContext, results_dir
+from pipeline.tables import artifact_rows, protocol_line, grid_stats, write_grid_tables, write_tables
 
 
 def _evaluate_name() -> str:
-    tc = task_run.parameters["ctx"].cfg.train
-    return "evaluate test split" + (f": {len(tc.variants)} variants x {len(tc.seed_list)} seeds" if tc.multi_seed
-                                    else "")
+    tc, point = task_run.parameters["ctx"].cfg.train, task_run.parameters.get("point", "")
+    return ("evaluate test split" + (f": {len(tc.variants)} variants x {len(tc.seed_list)} seeds" if tc.multi_seed
+                                     else "") + (f" @ {point}" if point else ""))
 
 
 @task(cache_policy=NO_CACHE, task_run_name=_evaluate_name)
-def evaluate_task(ctx: RunContext, progress: bool) -> Evaluation:
+def evaluate_task(ctx: RunContext, progress: bool, point: str = "") -> Evaluation:
     logger = get_run_logger()
 
     def log_variant(variant: str, m: dict) -> None:
@@ -79,7 +84,11 @@ def evaluate(
 ) -> dict[str, str]:
     """Returns {"results": folder, "table_md": ..., "table_tex": ..., "summary": ..., "per_image": ..., "pairwise": ...,
     "qualitative": ..., "training_curves": ...}: paths of what was written."""
-    ctx = RunContext.of(run_config(config, overrides, sweep, variants=variants, cache_root=cache_root))
+    cfg = run_config(config, overrides, sweep, variants=variants, cache_root=cache_root)
+    grid_points = points(cfg)
+    if grid_points[0].label:
+        return evaluate_grid(cfg, grid_points, progress)
+    ctx = RunContext.of(cfg)
     preflight(ctx)  # a bad crop, cache or checkpoint fails here, in one line
     out_dir = str(ctx.results_dir)
     evaluation = evaluate_task(ctx, progress)
@@ -89,3 +98,26 @@ def evaluate(
     get_run_logger().info("results in %s: %s", out_dir, ", ".join(sorted(k for k in paths if k != "results")))
     return paths
 
+
+
+def evaluate_grid(cfg: Config, grid_points: list, progress: bool) -> dict[str, str]:
+    """Every point of a grid evaluated (all preflighted first), its own tables and figures in
+    results/<sweep>/<point>/; then the grid's table (grid.md, grid.csv, summary.csv) and grid.png in
+    results/<sweep>/."""
+    ctxs = contexts(grid_points)
+    for ctx in ctxs:
+        preflight(ctx)
+    results = []
+    for p, ctx in zip(grid_points, ctxs):
+        evaluation = evaluate_task(ctx, progress, p.label)
+        write_tables_task(evaluation, str(ctx.results_dir))
+        draw_figures_task(evaluation, ctx.cfg, str(ctx.results_dir))
+        results.append((p, evaluation))
+    out_dir = results_dir(cfg)
+    paths = {"results": str(out_dir), **{k: str(v) for k, v in write_grid_tables(results, out_dir).items()}}
+    paths["grid_png"] = str(write_grid_figure(grid_stats(results), list(grid_points[0].values), out_dir,
+                                              f"{cfg.name} / {cfg.sweep}"))
+    table_md = Path(paths["table_md"]).read_text()
+    publish_artifacts(cfg, results[0][1], table_md)
+    get_run_logger().info("grid results in %s: %s", out_dir, ", ".join(sorted(k for k in paths if k != "results")))
+    return paths

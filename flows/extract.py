@@ -11,6 +11,9 @@ A task extracts its chunks as one pipeline (`pipeline.extract.extract_chunks`): 
 the decode and encoding of the next, which a task of one chunk cannot do. (`shard_jobs` lives in `pipeline.extract`:
 a deployment loads this file as a script, and Dask could not unpickle a helper of an unimportable module.)
 
+A grid (pipeline/grid.py) extracts each distinct store once: its points' fingerprints are computed first, the
+disk estimate covers every store still to write, and each store is extracted by the first point that reads it.
+
 Two runs of one config at once (two deployment runs, two terminals) share the chunks: each extracts the chunks it
 claims first and waits for the others' (pipeline/claims.py).
 """
@@ -27,6 +30,7 @@ from pipeline.config import Config, ConfigError
 from pipeline import synth
 from pipeline.devices import WorkerPlan, encoder_settings, local_cluster, plan_on_scheduler, with_encoder_settings
 from pipeline.extract import extract_claimed, finish_store, prepare_stores, shard_jobs, worker_plan
+from pipeline.grid import check_grid_space, contexts, describe, distinct_stores, points
 from pipeline.layout import SPLITS, RunContext, finalize_store
 
 
@@ -89,32 +93,64 @@ def extract_features(
     cache_root: str | None = None,
     progress: bool = False,
 ) -> dict[str, str]:
-    """Returns {split: store url}. Existing stores with the same fingerprint are reused; unfinished ones resume."""
+    """Returns {split: store url}; with a grid (`grid:` in the sweep, `--grid`) {"<point> <split>": store url} for
+    every point. Existing stores with the same fingerprint are reused; unfinished ones resume; a store that several
+    grid points share is extracted once."""
     # 'auto' encoder settings resolved here, where the stores are fingerprinted: every worker runs what it says.
     cfg = with_encoder_settings(run_config(config, overrides, sweep, dask_address=dask_address,
                                            cache_root=cache_root))
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ConfigError(f"unknown splits {unknown}; valid splits: {list(SPLITS)}")
+    grid_points = points(cfg)  # every point validated, every encoder loaded, before anything is written
+    ctxs = contexts(grid_points, settle=with_encoder_settings)
     plan = workers_for(cfg)
     logger = get_run_logger()
     logger.info("encoder %s; %d worker(s)%s, %d torch thread(s) each", encoder_settings(cfg.encoder).describe(),
                 plan.n_workers, f" on GPUs {list(plan.gpus)}" if any(plan.gpus) else "", plan.threads)
-    synth.ensure(cfg.data)
-    ctx = RunContext.of(cfg)
+    for data in {c.cfg.data.model_dump_json(): c.cfg.data for c in ctxs}.values():
+        synth.ensure(data)
+    distinct = distinct_stores(ctxs, splits)
+    if grid_points[0].label:
+        logger.info("%s: %d stores for %d point x split pairs", describe(grid_points), len(distinct),
+                    len(grid_points) * len(splits))
+        for line in check_grid_space(ctxs, splits):  # the whole grid's stores, before the first is written
+            logger.info("%s", line)
+    # The points that own a store (its first reader) extract it, one subflow each (a point's encoder).
+    owners: dict[int, list[str]] = {}
+    for url, (split, i) in distinct.items():
+        owners.setdefault(i, []).append(split)
+    stores = {}
+    for i, owned in owners.items():
+        stores.update(_extract_point(ctxs[i], owned, plan, progress, logger))
+    extracted = sum(1 for s in stores.values() if s[1])
+    if grid_points[0].label:
+        logger.info("grid: %d distinct stores (%d extracted or resumed now, %d reused complete)", len(distinct),
+                    extracted, len(distinct) - extracted)
+    out = {}
+    for p, ctx in zip(grid_points, ctxs):
+        for split in splits:
+            out[f"{p.label} {split}" if p.label else split] = ctx.store_url(split)
+    return out
+
+
+def _extract_point(ctx: RunContext, splits: list[str], plan: WorkerPlan, progress: bool, logger) -> dict:
+    """The stores of `splits` for one config: created or reused, their pending chunks extracted on the workers,
+    then verified. Returns {url: (split, whether any chunk was pending)}."""
+    cfg = ctx.cfg
     stores, jobs, recheck = {}, [], {}
     for split, (store, reused) in prepare_stores(ctx, splits).items():  # refused before writing if it cannot fit
         pending = store.pending_chunks()
         logger.info("%s: %s %s (%d samples, %d of %d chunks to extract)", split,
                     "reusing" if reused else "created", store.url, store.n, len(pending), store.n_chunks)
-        stores[split] = store.url
-        recheck[split] = set(range(store.n_chunks)) - store.verified
+        stores[store.url] = (split, bool(pending))
+        recheck[store.url] = set(range(store.n_chunks)) - store.verified
         jobs += [(split, store.url, c) for c in pending]
     if jobs:
         extract_shards.with_options(task_runner=dask_runner(cfg, plan))(cfg, jobs, plan, progress)
-    for split, url in stores.items():
+    for url, (split, _) in stores.items():
         finish_store(cfg, url)  # chunks another run holds: wait for them (or take over those of a dead one)
-        report = finalize_store(url, chunks=recheck[split])
+        report = finalize_store(url, chunks=recheck[url])
         logger.info("%s: verified %s: %d samples, %d skipped, fingerprint %s", split, url, report["n"],
                     report["skipped"], report["fingerprint"])
     return stores

