@@ -1,7 +1,8 @@
 """`evaluate`: full-image metrics of the trained decoder variants on the test split, then tables and pictures.
 
-    preflight (variants, crop, test cache, checkpoints) ──► evaluate test split ──► tables ──► figures
-        ──► failure cases ──► efficiency (eval.efficiency) ──► other test sets (eval.test_sets)
+    preflight (variants, crop, test cache, checkpoints, test sets) ──► evaluate test split ──► tables ──► figures
+        ──► failure cases (eval.failure_cases) ──► efficiency (eval.efficiency)
+        ──► other test sets (eval.test_sets)
         └──► results/<sweep>/{table.md, table.tex, summary.csv, per_image.csv, pairwise.csv, skipped.csv,
                               protocol.json, qualitative.png, training_curves.png, qualitative_best.png,
                               qualitative_worst.png, efficiency.{md,csv}, cross_dataset.{md,csv}}, and the table as
@@ -23,7 +24,7 @@ from prefect.runtime import task_run
 
 from flows.parameters import fail_run_on_user_error, run_config
 from pipeline.config import Config
-from pipeline.cross_dataset import cross_dataset, config_for_test_set, write_cross_dataset
+from pipeline.cross_dataset import config_for_test_set, cross_dataset, write_cross_dataset
 from pipeline.efficiency import evaluated_decoders, measure_efficiency, write_efficiency
 from pipeline.evaluate import Evaluation, evaluate_run, preflight
 from pipeline.figures import write_failure_cases, write_figures
@@ -111,7 +112,7 @@ def evaluate(
     evaluation = evaluate_task(ctx, progress)
     paths = {"results": out_dir, **write_tables_task(evaluation, out_dir),
              **draw_figures_task(evaluation, ctx.cfg, out_dir)}
-    if ctx.cfg.eval.qualitative > 0:
+    if ctx.cfg.eval.failure_cases and ctx.cfg.eval.qualitative > 0:
         paths |= failure_cases_task(ctx, evaluation, out_dir)
     if ctx.cfg.eval.efficiency:
         paths |= efficiency_task(ctx, evaluation, out_dir)

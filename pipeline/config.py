@@ -301,6 +301,8 @@ class EvalConfig(_Model):
     # results/<sweep>/efficiency.{md,csv}: parameters, FLOPs, latency, throughput and peak memory of each variant
     # (pipeline/efficiency.py), throughput and peak memory also at batch `efficiency_batch`.
     efficiency: bool = True
+    # qualitative_best.png / qualitative_worst.png: each variant's best and worst test frame by AbsRel, with error maps
+    failure_cases: bool = True
     efficiency_batch: int = Field(8, ge=1)
     # Cross-dataset evaluation (pipeline/cross_dataset.py): other datasets' test splits, each a config name or path
     # whose `data` (and eval crop) is used, with its own protocol; `transfer_alignment` aligns each prediction

@@ -85,7 +85,8 @@ def cross_dataset(
     `predictors` ((variant, seed) -> predictor) default to the evaluated checkpoints (`evaluation.checkpoints`)."""
     ctx = RunContext.of(ctx)
     cfg = ctx.cfg
-    test_sets = list(cfg.eval.test_sets if test_sets is None else test_sets)
+    # the training set's own split is always the first column; naming it again would only repeat it
+    test_sets = [t for t in dict.fromkeys(cfg.eval.test_sets if test_sets is None else test_sets) if t != cfg.name]
     if predictors is None:
         predictors = checkpoint_predictors(evaluation, cfg)
     rows = rows_of(evaluation, cfg, cfg.name, OWN)
@@ -117,7 +118,8 @@ def checkpoint_predictors(evaluation: Evaluation, cfg: Config) -> dict[tuple[str
 # ---- the table ----------------------------------------------------------------------------------------------------
 def test_label(group: pd.DataFrame) -> str:
     r = group.iloc[0]
-    return f"{r['test']} ({r['test_dataset'].upper()} test, crop {r['crop']}, ({r['min_depth']:g}, {r['max_depth']:g}] m)"
+    depth = f"({r['min_depth']:g}, {r['max_depth']:g}] m"
+    return f"{r['test']} ({r['test_dataset'].upper()} test, crop {r['crop']}, {depth})"
 
 
 def cross_dataset_markdown(table: pd.DataFrame, metrics: Sequence[str] = ("abs_rel", "d1")) -> str:

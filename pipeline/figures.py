@@ -363,7 +363,8 @@ def failure_grid(
         error = relative_error(pred, gt, *gt_range)  # where the metrics count a GT pixel (before the crop)
         panels = [rgb, colorize(dilate_sparse(gt, radius) if radius else gt, cmap, (lo, hi))[0],
                   colorize(pred, cmap, (lo, hi))[0], color_error(error, radius)]
-        corners = [case.id if len(case.id) <= 40 else "…" + case.id[-39:], f"{int(has_depth(gt).sum())} px with depth",
+        corners = [case.id if len(case.id) <= 40 else "…" + case.id[-39:],
+                   f"{int(has_depth(gt).sum())} px with depth",
                    f"AbsRel {m['abs_rel']:.3f}   δ1 {m['d1']:.3f}", f"AbsRel {m['abs_rel']:.3f} (mean over the crop)"]
         for ax, image, corner in zip(row, panels, corners):
             _panel(ax, image, corner)
@@ -398,8 +399,9 @@ def failure_grid(
 def write_failure_cases(
     ctx, evaluation: Evaluation, out_dir: str | Path, predictors: dict[str, Predictor] | None = None,
 ) -> dict[str, Path]:
-    """qualitative_best.png, qualitative_worst.png and failure_cases.csv (which frames, their metrics): per variant (its representative seed), the frames with the
-    lowest and the highest AbsRel in per_image.csv, predicted again (`pipeline.evaluate.predict_examples`).
+    """qualitative_best.png, qualitative_worst.png and failure_cases.csv (the frames and their metrics): per variant
+    (its representative seed), the frames with the lowest and the highest AbsRel in per_image.csv, predicted again
+    (`pipeline.evaluate.predict_examples`).
     `predictors`: run label -> predictor (default: the evaluated checkpoints)."""
     from pipeline.evaluate import decoder_predictor, predict_examples
     from pipeline.layout import RunContext, resolve_device

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline import datasets
 from pipeline.config import ConfigError
-from pipeline.cross_dataset import OWN, cross_dataset, main, config_for_test_set, write_cross_dataset
+from pipeline.cross_dataset import OWN, config_for_test_set, cross_dataset, main, write_cross_dataset
 from pipeline.evaluate import evaluate_run
 from spaceclip.decoder import resize
 from spaceclip.metrics import compute_metrics, mean_metrics
@@ -104,6 +104,7 @@ def test_evaluate_flow_writes_failure_cases_efficiency_and_the_matrix(fast_cfg, 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(dump_config(cfg)))
     paths = evaluate(config=str(path), overrides=["eval.efficiency=true", "eval.efficiency_batch=2",
+                                                  "eval.failure_cases=true",
                                                   f"eval.test_sets=[{nyu_set}]"])
     for key in ("qualitative_best", "qualitative_worst", "failure_cases", "efficiency_md", "efficiency_csv",
                 "cross_dataset_md", "cross_dataset_csv"):

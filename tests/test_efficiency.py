@@ -104,3 +104,19 @@ def test_a_real_table_on_a_tiny_encoder(tmp_path):
     assert "| full (authors) | openai/clip-vit-base-patch16 | 97,850,420 | 12,050,996 | 85,799,424 |" in text
     assert "taewan2002/SPACE-CLIP docs/efficiency.md" in text and "TorchDispatchMode" in text
     assert f"| full | tiny-clip-64 | {table['params_total'].iloc[0]:,} |" in text
+
+
+def test_cuda_peak_is_the_allocators_peak_over_the_call_less_unrelated_allocations(monkeypatch):
+    """No GPU here: the allocator's counters are stood in for; the arithmetic is the real code's."""
+    counters = {"allocated": 5_000, "peak": 0}  # 5,000 bytes allocated before the call, e.g. kept features
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: counters["allocated"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: counters.update(
+        peak=counters["allocated"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: counters["peak"])
+
+    def call():  # allocates 32,000 bytes of activations at its peak
+        counters["peak"] = counters["allocated"] + 32_000
+
+    weights = [torch.zeros(100), torch.zeros(50)]  # 600 bytes, counted whatever the allocator held before
+    assert peak_memory(call, torch.device("cuda"), weights) == 600 + 32_000
