@@ -189,7 +189,8 @@ def print_results(paths: dict[str, str]) -> None:
     print(Path(paths["table_md"]).read_text())
     print(f"results in {paths['results']}/")
     for name in ("table_md", "table_tex", "summary", "per_image", "pairwise", "skipped", "protocol", "qualitative",
-                 "training_curves", "grid_csv", "grid_png"):
+                 "qualitative_best", "qualitative_worst", "failure_cases", "training_curves", "efficiency_md",
+                 "efficiency_csv", "cross_dataset_md", "cross_dataset_csv", "grid_csv", "grid_png"):
         if name in paths:
             print(f"  {name:16s}{paths[name]}")
 

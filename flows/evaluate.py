@@ -1,8 +1,12 @@
 """`evaluate`: full-image metrics of the trained decoder variants on the test split, then tables and pictures.
 
-    preflight (variants, crop, test cache, checkpoints) ──► evaluate test split ──► tables ──► figures
+    preflight (variants, crop, test cache, checkpoints, test sets) ──► evaluate test split ──► tables ──► figures
+        ──► failure cases (eval.failure_cases) ──► efficiency (eval.efficiency)
+        ──► other test sets (eval.test_sets)
         └──► results/<sweep>/{table.md, table.tex, summary.csv, per_image.csv, pairwise.csv, skipped.csv,
-                              protocol.json, qualitative.png, training_curves.png}, and the table as Prefect artifacts
+                              protocol.json, qualitative.png, training_curves.png, qualitative_best.png,
+                              qualitative_worst.png, efficiency.{md,csv}, cross_dataset.{md,csv}}, and the table as
+                              Prefect artifacts
 
 With several `train.seeds` every (variant, seed) run is evaluated (task "evaluate test split: 4 variants x 3
 seeds"); a missing or unfinished run fails the preflight unless `eval.allow_partial` is set.
@@ -23,8 +27,10 @@ from prefect.runtime import task_run
 
 from flows.parameters import fail_run_on_user_error, run_config
 from pipeline.config import Config
+from pipeline.cross_dataset import config_for_test_set, cross_dataset, write_cross_dataset
+from pipeline.efficiency import evaluated_decoders, measure_efficiency, write_efficiency
 from pipeline.evaluate import Evaluation, evaluate_run, preflight
-from pipeline.figures import write_figures
+from pipeline.figures import write_failure_cases, write_figures
 from pipeline.grid import contexts, points
 from pipeline.grid_figures import write_grid_figure
 from pipeline.layout import RunContext, results_dir
@@ -64,6 +70,23 @@ def draw_figures_task(evaluation: Evaluation, cfg: Config, out_dir: str) -> dict
     return {name: str(path) for name, path in write_figures(evaluation, cfg, out_dir).items()}
 
 
+@task(cache_policy=NO_CACHE)
+def failure_cases_task(ctx: RunContext, evaluation: Evaluation, out_dir: str) -> dict[str, str]:
+    return {name: str(path) for name, path in write_failure_cases(ctx, evaluation, out_dir).items()}
+
+
+@task(cache_policy=NO_CACHE)
+def efficiency_task(ctx: RunContext, evaluation: Evaluation, out_dir: str) -> dict[str, str]:
+    table = measure_efficiency(ctx.cfg, evaluated_decoders(evaluation, ctx.cfg, ctx.encoder_identity["width"]))
+    return {name: str(path) for name, path in write_efficiency(table, out_dir).items()}
+
+
+@task(cache_policy=NO_CACHE, name="evaluate on other test sets")
+def cross_dataset_task(ctx: RunContext, evaluation: Evaluation, out_dir: str, progress: bool) -> dict[str, str]:
+    table = cross_dataset(ctx, evaluation, progress=progress)
+    return {name: str(path) for name, path in write_cross_dataset(table, out_dir).items()}
+
+
 def publish_artifacts(cfg: Config, evaluation: Evaluation, table_md: str) -> None:
     """The table in the Prefect UI: the summary as a table artifact, the paper-style table as Markdown."""
     key = re.sub(r"[^a-z0-9-]+", "-", f"spaceclip-{cfg.name}-{cfg.sweep}".lower()).strip("-")
@@ -83,17 +106,27 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, str]:
     """Returns {"results": folder, "table_md": ..., "table_tex": ..., "summary": ..., "per_image": ..., "pairwise": ...,
-    "qualitative": ..., "training_curves": ...}: paths of what was written."""
+    "qualitative": ..., "training_curves": ..., "qualitative_best": ..., "qualitative_worst": ...,
+    "efficiency_md": ..., "efficiency_csv": ..., "cross_dataset_md": ..., "cross_dataset_csv": ...}: paths of what
+    was written (a grid: its table, summary and grid.png)."""
     cfg = run_config(config, overrides, sweep, variants=variants, cache_root=cache_root)
     grid_points = points(cfg)
     if grid_points[0].label:
         return evaluate_grid(cfg, grid_points, progress)
     ctx = RunContext.of(cfg)
     preflight(ctx)  # a bad crop, cache or checkpoint fails here, in one line
+    for name in ctx.cfg.eval.test_sets:  # so does an unknown test set or a crop that does not fit it
+        config_for_test_set(ctx.cfg, name)
     out_dir = str(ctx.results_dir)
     evaluation = evaluate_task(ctx, progress)
     paths = {"results": out_dir, **write_tables_task(evaluation, out_dir),
              **draw_figures_task(evaluation, ctx.cfg, out_dir)}
+    if ctx.cfg.eval.failure_cases and ctx.cfg.eval.qualitative > 0:
+        paths |= failure_cases_task(ctx, evaluation, out_dir)
+    if ctx.cfg.eval.efficiency:
+        paths |= efficiency_task(ctx, evaluation, out_dir)
+    if ctx.cfg.eval.test_sets:
+        paths |= cross_dataset_task(ctx, evaluation, out_dir, progress)
     publish_artifacts(ctx.cfg, evaluation, Path(paths["table_md"]).read_text())
     get_run_logger().info("results in %s: %s", out_dir, ", ".join(sorted(k for k in paths if k != "results")))
     return paths

@@ -301,6 +301,17 @@ class EvalConfig(_Model):
     # With several seeds, evaluate although some runs are missing or unfinished (each cell then states its n);
     # by default such a sweep is refused, naming the runs.
     allow_partial: bool = False
+    # results/<sweep>/efficiency.{md,csv}: parameters, FLOPs, latency, throughput and peak memory of each variant
+    # (pipeline/efficiency.py), throughput and peak memory also at batch `efficiency_batch`.
+    efficiency: bool = True
+    # qualitative_best.png / qualitative_worst.png: each variant's best and worst test frame by AbsRel, with error maps
+    failure_cases: bool = True
+    efficiency_batch: int = Field(8, ge=1)
+    # Cross-dataset evaluation (pipeline/cross_dataset.py): other datasets' test splits, each a config name or path
+    # whose `data` (and eval crop) is used, with its own protocol; `transfer_alignment` aligns each prediction
+    # before the metrics of a test set other than the training one (zero-shot transfer: scale differs).
+    test_sets: list[str] = []
+    transfer_alignment: Literal["median", "lstsq", "none"] = "median"
 
 
 class DaskConfig(_Model):

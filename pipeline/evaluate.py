@@ -482,6 +482,59 @@ def evaluate_run(
     return evaluation
 
 
+# ---- chosen frames again --------------------------------------------------------------------------------------------
+def predict_examples(
+    ctx: RunContext | Config, predictors: dict[str, Predictor], frames: dict[str, Sequence[str]]
+) -> dict[str, list[Example]]:
+    """The test frames `frames[label]` (ids) predicted again by `predictors[label]`, through the same protocol steps
+    as `evaluate_run` (prediction with flip TTA, resize to the GT, alignment, `compute_metrics`): run label ->
+    one `Example` per frame with that run's prediction and metrics, e.g. a variant's best and worst frames, chosen
+    from an evaluation's per_image.csv (each example's metrics equal that table's row)."""
+    ctx = RunContext.of(ctx)
+    cfg = ctx.cfg
+    crop, alignment, gt_size = resolve_protocol(cfg)
+    lo, hi = cfg.data.depth_range
+    store = ctx.open_store("test")
+    records = store.index().to_dict("records")
+    position = {r["id"]: p for p, r in enumerate(records)}
+    unknown = sorted({i for ids in frames.values() for i in ids} - set(position))
+    if unknown:
+        raise EvaluationError(f"frames {unknown[:3]} are not in the test store {store.url}")
+    device = resolve_device(cfg.train.device)
+    out: dict[str, list[Example]] = {}
+    with torch.inference_mode():
+        for label, ids in frames.items():
+            fn = predictors[label]
+            layers = getattr(fn, "layers", store.layers)
+            pos = np.asarray(sorted({position[i] for i in ids}), dtype=np.int64)
+            data = store.read(pos, layers, depth=False, flipped=cfg.pixel_flip_tta)
+            unflipped = torch.zeros(len(pos), dtype=torch.bool)
+            batch = Batch({"tokens": data["tokens"], "global": data["global"]}, None, pos, unflipped).to(device)
+            mirrored = (Batch({"tokens": data["flipped_tokens"], "global": data["flipped_global"]}, None, pos,
+                              ~unflipped).to(device) if cfg.pixel_flip_tta else None)
+            preds = predict_batch(fn, batch, cfg.eval.flip_tta, mirrored)  # (B, h, w)
+            by_pos = {}
+            for j, p in enumerate(pos):
+                row = records[p]
+                gt = load_gt(row, store.attrs["split_file"], cfg.data.layout)
+                if gt_size is not None:
+                    gt = resize_gt_nearest(gt, gt_size)
+                full = to_gt_resolution(preds[j], gt.shape)
+                if alignment == "lstsq":
+                    full = lstsq_align(full, gt, valid_mask(gt, lo, hi) & crop_mask(gt.shape, crop))[0]
+                m = compute_metrics(full, gt, crop=crop, min_depth=lo, max_depth=hi,
+                                    median_scaling=alignment == "median")
+                # The picture shows what the metrics scored: median-scaled as `compute_metrics` scales, clipped.
+                valid = valid_mask(gt, lo, hi) & crop_mask(gt.shape, crop)
+                if alignment == "median" and np.median(full[valid]) > 0:
+                    full = full * (np.median(gt[valid]) / np.median(full[valid]))
+                full = np.clip(full, lo, hi)
+                by_pos[row["id"]] = Example(row["id"], row["image_path"], gt, {label: full.astype(np.float32)},
+                                            {label: m})
+            out[label] = [by_pos[i] for i in ids]
+    return out
+
+
 # ---- provenance ---------------------------------------------------------------------------------------------------
 def git_commit(root: Path = PROJECT_ROOT) -> str:
     """`<short sha>` of the code that ran, `+dirty` when it has uncommitted changes, `unknown` outside a checkout."""

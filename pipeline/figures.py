@@ -7,6 +7,11 @@
                          with the epoch of the evaluated checkpoint marked; with several seeds, the mean over seeds
                          (line), their min-max (band) and each seed (thin lines)
 
+    qualitative_best.png / qualitative_worst.png
+                         failure cases: per variant, its test frame with the lowest / highest AbsRel (per_image.csv;
+                         the representative seed as above): input, GT, prediction and the error map
+                         |pred - GT| / GT (what AbsRel averages), on a fixed scale, grey where there is no GT
+
 Colour convention as in `pipeline.visualize`: near = the colormap's high end (red for turbo), invalid = black.
 Sparse ground truth (KITTI's projected LiDAR, about 5 % of the pixels) would vanish when a 1242-pixel-wide frame
 is drawn a few hundred pixels wide, so its points are dilated for display (never for the metrics). Wide frames
@@ -31,15 +36,18 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import Config  # noqa: E402
-from pipeline.evaluate import Evaluation, Example  # noqa: E402
+from pipeline.evaluate import Evaluation, Example, Predictor  # noqa: E402
 from pipeline.train import HISTORY_NAME  # noqa: E402
 from pipeline.visualize import DEFAULT_COLORMAP, colorize, colormap, depth_range_of, has_depth  # noqa: E402
 from spaceclip.decoder import VARIANTS  # noqa: E402
-from spaceclip.metrics import crop_mask  # noqa: E402
+from spaceclip.metrics import crop_mask, valid_mask  # noqa: E402
 
 PANEL_WIDTH_IN = 4.2  # inches per panel: about 420 px at the saved dpi
 DPI = 100
 SPARSE_FRACTION = 0.5  # GT with fewer valid pixels than this is drawn dilated
+ERROR_MAX = 0.5  # the error maps' fixed scale: |pred - GT| / GT from 0 to 50 % (and above)
+ERROR_CMAP = "inferno"
+NO_GT_GREY = (0.82, 0.82, 0.82)
 
 
 def variant_colors(variants: Sequence[str]) -> dict[str, tuple]:
@@ -290,4 +298,139 @@ def write_figures(evaluation: Evaluation, cfg: Config, out_dir: str | Path) -> d
         paths["training_curves"] = training_curves(
             histories, out / "training_curves.png", selected=selected,
             title=f"Training curves, {p['config']} / {p['sweep']} (checkpoint: {p['checkpoint']})")
+    return paths
+
+
+# ---- failure cases ------------------------------------------------------------------------------------------------
+def extreme_frames(per_image: pd.DataFrame, variant: str, seed: int, metric: str = "abs_rel") -> tuple[str, str]:
+    """(best id, worst id) of one run: the frames with the lowest and the highest `metric` (the first on a tie)."""
+    run = per_image[(per_image["variant"] == variant) & (per_image["seed"] == seed)].reset_index(drop=True)
+    if run.empty:
+        raise ValueError(f"no per-image rows for variant {variant!r} seed {seed}")
+    return str(run.loc[run[metric].idxmin(), "id"]), str(run.loc[run[metric].idxmax(), "id"])
+
+
+def relative_error(pred: np.ndarray, gt: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """|pred - GT| / GT where the GT is valid (in (lo, hi]), NaN elsewhere."""
+    valid = valid_mask(gt, lo, hi)
+    out = np.full(gt.shape, np.nan, np.float32)
+    out[valid] = np.abs(pred[valid] - gt[valid]) / gt[valid]
+    return out
+
+
+def color_error(error: np.ndarray, radius: int | None) -> np.ndarray:
+    """(H, W, 3) uint8: the error on the fixed [0, ERROR_MAX] scale, grey where there is no GT; sparse points
+    dilated for display like the GT panel (`radius`)."""
+    shown = error
+    if radius:
+        # dilate_sparse fills zeros: carry the error shifted by 1 so that an exact 0 stays a measurement
+        shown = dilate_sparse(np.nan_to_num(error + 1.0, nan=0.0), radius)
+        shown = np.where(shown > 0, shown - 1.0, np.nan)
+    rgba = colormap(ERROR_CMAP)(np.clip(np.nan_to_num(shown, nan=0.0) / ERROR_MAX, 0.0, 1.0))
+    rgba[np.isnan(shown), :3] = NO_GT_GREY
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def failure_grid(
+    cases: dict[str, Example],
+    out_path: str | Path,
+    *,
+    depth_range: tuple[float, float],
+    crop: str = "none",
+    gt_range: tuple[float, float] = (1e-3, np.inf),
+    title: str = "",
+    cmap: str = DEFAULT_COLORMAP,
+) -> Path:
+    """One row per run (label -> its chosen frame with that run's prediction and metrics): input | GT | prediction
+    | error map, each row titled with the frame's AbsRel; one depth scale and one error scale, with colour bars."""
+    if not cases:
+        raise ValueError("no failure cases to draw")
+    lo, hi = depth_range
+    first = next(iter(cases.values()))
+    h, w = first.gt.shape
+    panel_h_in = PANEL_WIDTH_IN * h / w
+    fig, axes = plt.subplots(len(cases), 4, figsize=(4 * PANEL_WIDTH_IN + 2.4, len(cases) * (panel_h_in + 0.45) + 0.6),
+                             dpi=DPI, squeeze=False, layout="constrained")
+    display_px = PANEL_WIDTH_IN * DPI
+    for row, (label, case) in zip(axes, cases.items()):
+        gt = case.gt
+        pred = case.predictions[label]
+        m = case.metrics[label]
+        sparse = has_depth(gt).mean() < SPARSE_FRACTION
+        radius = max(1, int(round(0.75 * gt.shape[1] / display_px))) if sparse else None
+        with Image.open(case.image_path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+        error = relative_error(pred, gt, *gt_range)  # where the metrics count a GT pixel (before the crop)
+        panels = [rgb, colorize(dilate_sparse(gt, radius) if radius else gt, cmap, (lo, hi))[0],
+                  colorize(pred, cmap, (lo, hi))[0], color_error(error, radius)]
+        corners = [case.id if len(case.id) <= 40 else "…" + case.id[-39:],
+                   f"{int(has_depth(gt).sum())} px with depth",
+                   f"AbsRel {m['abs_rel']:.3f}   δ1 {m['d1']:.3f}", f"AbsRel {m['abs_rel']:.3f} (mean over the crop)"]
+        for ax, image, corner in zip(row, panels, corners):
+            _panel(ax, image, corner)
+        box = crop_box(gt.shape, crop)
+        if box is not None:
+            top, left, bh, bw = box
+            for ax, color in ((row[1], "white"), (row[3], "deepskyblue")):  # visible on either colour map
+                ax.add_patch(Rectangle((left - 0.5, top - 0.5), bw, bh, fill=False, edgecolor=color,
+                                       linestyle="--", linewidth=1.0))
+        variant = label.split("/")[0]
+        name = (variant_label(variant) if variant in VARIANTS else variant) + (
+            f"\nseed {label.split('seed-')[1]}" if "/seed-" in label else "")
+        row[0].set_ylabel(name, fontsize=9, rotation=0, ha="right", va="center", labelpad=6)
+        row[2].set_title(f"{label}: AbsRel {m['abs_rel']:.3f}", fontsize=9, pad=3)
+    for ax, name in zip(axes[0], ("input", "ground truth", None, "|pred − GT| / GT")):
+        if name:
+            ax.set_title(name, fontsize=9, pad=3)
+    depth_bar = fig.colorbar(plt.cm.ScalarMappable(norm=Normalize(lo, hi), cmap=colormap(cmap).reversed()),
+                             ax=axes[:, :3], fraction=0.02, pad=0.01, aspect=35)
+    depth_bar.set_label("depth (m), one scale; black = no ground truth", fontsize=9)
+    error_bar = fig.colorbar(plt.cm.ScalarMappable(norm=Normalize(0.0, ERROR_MAX), cmap=colormap(ERROR_CMAP)),
+                             ax=axes[:, 3], fraction=0.05, pad=0.02, aspect=35, extend="max")
+    error_bar.set_label(f"relative error, 0 to {ERROR_MAX:.0%} and above; grey = no ground truth", fontsize=9)
+    fig.suptitle(title or "Failure cases", fontsize=11)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=DPI, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    return out
+
+
+def write_failure_cases(
+    ctx, evaluation: Evaluation, out_dir: str | Path, predictors: dict[str, Predictor] | None = None,
+) -> dict[str, Path]:
+    """qualitative_best.png, qualitative_worst.png and failure_cases.csv (the frames and their metrics): per variant
+    (its representative seed), the frames with the lowest and the highest AbsRel in per_image.csv, predicted again
+    (`pipeline.evaluate.predict_examples`).
+    `predictors`: run label -> predictor (default: the evaluated checkpoints)."""
+    from pipeline.evaluate import decoder_predictor, predict_examples
+    from pipeline.layout import RunContext, resolve_device
+    from spaceclip.decoder import SpaceClipDecoder
+
+    ctx = RunContext.of(ctx)
+    per_image, p = evaluation.per_image, evaluation.protocol
+    shown = representative_seeds(per_image)
+    label = {(c["variant"], c["seed"]): run for run, c in evaluation.checkpoints.items()}
+    runs = {v: label.get((v, s), f"{v}/seed-{s}" if ctx.cfg.train.multi_seed else v) for v, s in shown.items()}
+    if predictors is None:
+        device = resolve_device(ctx.cfg.train.device)
+        predictors = {runs[v]: decoder_predictor(SpaceClipDecoder.from_pretrained(
+            evaluation.checkpoints[runs[v]]["path"]), device) for v in shown}
+    picks = {v: extreme_frames(per_image, v, s) for v, s in shown.items()}
+    examples = predict_examples(ctx, {runs[v]: predictors[runs[v]] for v in shown},
+                                {runs[v]: list(picks[v]) for v in shown})
+    cases = {which: {runs[v]: examples[runs[v]][k] for v in shown} for k, which in enumerate(("best", "worst"))}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"which": which, "variant": v, "seed": shown[v], "id": by_run[runs[v]].id,
+                   **by_run[runs[v]].metrics[runs[v]]} for which, by_run in cases.items() for v in shown]
+                 ).to_csv(Path(out_dir) / "failure_cases.csv", index=False)
+    lo, hi = shared_range([c for by_run in cases.values() for c in by_run.values()])
+    where = f"{p['config']} / {p['sweep']}, {p['dataset'].upper()} test"
+    paths = {"failure_cases": Path(out_dir) / "failure_cases.csv"}
+    for which, by_run in cases.items():
+        paths[f"qualitative_{which}"] = failure_grid(
+            by_run, Path(out_dir) / f"qualitative_{which}.png", depth_range=(lo, hi), crop=p["crop"],
+            gt_range=tuple(p["depth_range"]),
+            title=f"{which.capitalize()} test frame of each variant by AbsRel, {where} (alignment "
+                  f"{p['alignment']}; dashed box = evaluation crop {p['crop']}; error map = |pred − GT| / GT)")
     return paths

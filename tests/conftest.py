@@ -31,7 +31,9 @@ def tiny_demo_config(root: Path) -> dict:
         "views": {"crop_size": [176, 352], "views_per_image": 2},
         "cache": {"root": str(root / "cache"), "chunk_size": 8, "target_size": [44, 88]},
         "train": {"epochs": 2, "batch_size": 8, "out_dir": str(root / "runs"), "cache_device": "auto"},
-        "eval": {"out_dir": str(root / "results"), "batch_size": 8},
+        # efficiency and failure cases off: timing the paper-width decoder at 224 px and two more figures would add
+        # ~10 s to every evaluate flow run of the suite (tests/test_cross_dataset.py runs them through the flow)
+        "eval": {"out_dir": str(root / "results"), "batch_size": 8, "efficiency": False, "failure_cases": False},
         "dask": {"processes": False, "n_workers": 1},
     }
 

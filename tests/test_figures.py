@@ -74,3 +74,37 @@ def test_figures_of_a_real_evaluation(demo_cfg, tmp_path):
     assert_picture(curves)
     with pytest.raises(ValueError, match="no training history"):
         training_curves({}, tmp_path / "none.png")
+
+
+def flat(batch):
+    """20 m everywhere: a second run, worse on the near frames than on the far ones."""
+    return torch.full((len(batch.index), 16, 16), 20.0, dtype=torch.float64)
+
+
+def test_failure_cases_are_each_runs_best_and_worst_frames(demo_cfg, tmp_path):
+    from pipeline.evaluate import predict_examples
+    from pipeline.figures import extreme_frames, relative_error, write_failure_cases
+
+    predictors = {"ramp": ramp, "flat": flat}
+    evaluation = evaluate_run(demo_cfg, predictors=predictors)
+    per_image = evaluation.per_image
+    paths = write_failure_cases(demo_cfg, evaluation, tmp_path, predictors=predictors)
+    assert set(paths) == {"qualitative_best", "qualitative_worst", "failure_cases"}
+    chosen = pd.read_csv(paths["failure_cases"])
+    for variant in predictors:
+        run = per_image[per_image["variant"] == variant].sort_values("abs_rel", kind="stable")
+        best, worst = run.iloc[0], run.iloc[-1]
+        assert run["abs_rel"].nunique() > 1 and extreme_frames(per_image, variant, 42) == (best["id"], worst["id"])
+        for which, row in (("best", best), ("worst", worst)):
+            picked = chosen[(chosen["which"] == which) & (chosen["variant"] == variant)].iloc[0]
+            assert picked["id"] == row["id"] and picked["seed"] == 42
+            assert picked["abs_rel"] == pytest.approx(row["abs_rel"], rel=1e-6)  # predicted again, the same score
+    for key in ("qualitative_best", "qualitative_worst"):
+        assert_picture(paths[key], min_h=200, min_w=600)
+
+    # The error map: |pred - GT| / GT where the GT is in range, NaN (grey) where it is not
+    example = predict_examples(demo_cfg, {"flat": flat}, {"flat": [best["id"]]})["flat"][0]
+    error = relative_error(example.predictions["flat"], example.gt, 1e-3, 80.0)
+    valid = (example.gt > 1e-3) & (example.gt <= 80.0)
+    np.testing.assert_allclose(error[valid], np.abs(20.0 - example.gt[valid]) / example.gt[valid], rtol=1e-6)
+    assert np.isnan(error[~valid]).all() and (~valid).any()
