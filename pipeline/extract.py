@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +22,13 @@ import torch
 from PIL import Image
 
 from pipeline import datasets
-from pipeline.config import Config
+from pipeline.config import Config, dump_config
 from pipeline.datasets import DatasetError, Sample, View
 from pipeline.fingerprint import data_roots, file_signature
 from pipeline.devices import WorkerPlan, encoder_settings, plan_workers
-from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
-from pipeline.store import (FeatureStore, SizeEstimate, StoreError, byte_view, estimate_bytes, local_path,
-                            nearest_existing)
+from pipeline.diskspace import DiskSpaceError, SizeEstimate, SpaceNeeded, check_space, estimate_bytes, nearest_existing
+from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store, package_versions
+from pipeline.store import FeatureStore, StoreError, StoreSpec, local_path
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +141,9 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
     store = ctx.reuse_store(split)
     if store is None:
         plan = plan_split(ctx.cfg, split) if plan is None else plan
-        store = ctx.create_store(split, plan)
+        store = create_store(ctx, split, plan)
         if store.created:
             store.record_sources(file_signatures(plan.index))
-        store.verified = set()
         return store, not store.created
     report = store.verify(quick=ctx.cfg.cache.verify == "quick")
     damaged = report["damaged_chunks"]
@@ -158,17 +155,46 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
                     "; ".join(report["problems"][:3]))
     changed = _reextract_changed(ctx.cfg, split, store)
     again = sorted(set(damaged) | set(changed))
-    if again:
-        if store.complete:
-            store.group.attrs["complete"] = False  # training refuses it until the repair is done
-            store.attrs["complete"] = False
-        for c in again:
-            with store.claim_chunk(c) as claim:
-                if claim.acquired:  # else another run is writing it again already
-                    store.reset_chunks([c])
+    for c in again:
+        with store.claim_chunk(c) as claim:
+            if claim.acquired:  # else another run is writing it again already
+                store.reset_chunks([c])  # and the store is no longer complete: training refuses it until done
     done = store.done_flags()
-    store.verified = {c for c in range(store.n_chunks) if c not in again and done[slice(*store.chunk_range(c))].all()}
+    store.mark_verified(c for c in range(store.n_chunks) if c not in again and done[slice(*store.chunk_range(c))].all())
     return store, True
+
+
+def create_store(ctx: RunContext, split: str, plan: Plan) -> FeatureStore:
+    """A new, empty store for a planned split, its attributes recording where its bytes come from."""
+    spec = store_spec(ctx, split, plan)
+    url = ctx.store_url(split)
+    log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
+    store = FeatureStore.create(url, spec, plan.index)
+    if not store.created:
+        log.info("another process created %s at the same time; extracting its pending chunks together", url)
+    return store
+
+
+def store_spec(ctx: RunContext, split: str, plan: Plan) -> StoreSpec:
+    """The spec `create_store` creates a planned split's store from (its shapes: `diskspace.estimate_bytes`)."""
+    cfg, identity, inputs = ctx.cfg, ctx.encoder_identity, ctx.fingerprint_inputs(split)
+    # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
+    flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
+    return StoreSpec(
+        n=len(plan.index["id"]), layers=cfg.cache_layers, grid=identity["grid"], width=identity["width"],
+        dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
+        level=cfg.cache.compression_level, target_hw=plan.target_hw,
+        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
+        attrs={
+            "fingerprint": ctx.fingerprint(split), "fingerprint_inputs": inputs, "split": split,
+            "config": dump_config(cfg), "versions": package_versions(), "format_version": inputs["format_version"],
+            "encoder": identity, "skipped_at_planning": plan.skipped,
+            "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
+            "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
+            "data_roots": data_roots(cfg, split),  # compared on reuse (`source_changes`)
+            "extraction": encoder_settings(cfg.encoder).describe(),  # device, batch, autocast, TF32
+        },
+    )
 
 
 # ---- the files a store was extracted from ---------------------------------------------------------------------
@@ -224,7 +250,7 @@ def _reextract_changed(cfg: Config, split: str, store: FeatureStore) -> list[int
     if store.sources() is None:  # a store from before signatures: record what is there now
         store.record_sources(changes["now"])
         if not store.attrs.get("data_roots"):
-            store.group.attrs["data_roots"] = store.attrs["data_roots"] = data_roots(cfg, split)
+            store.record_data_roots(data_roots(cfg, split))
         return []
     rows, keep = changes["rows"], cfg.cache.on_data_change == "keep"
     what = []
@@ -253,46 +279,6 @@ def _reextract_changed(cfg: Config, split: str, store: FeatureStore) -> list[int
 
 
 # ---- room on the disk -----------------------------------------------------------------------------------------
-class DiskSpaceError(StoreError):
-    """The file system of `cache.root` has not the room for the stores still to be extracted."""
-
-
-@dataclass
-class SpaceNeeded:
-    """The bytes the stores of a run still need (`estimate_bytes`), and the room where they go."""
-
-    root: str
-    where: Path | None  # the existing folder whose file system was asked; None: not a local path
-    free: int | None
-    splits: dict  # split -> (SizeEstimate, what: "new, N samples" / "K of M chunks to go" / "complete")
-    total: SizeEstimate
-
-    @property
-    def fits(self) -> bool:
-        return self.free is None or self.total.low <= self.free
-
-    def lines(self) -> list[str]:
-        out = []
-        for split, (est, what) in self.splits.items():
-            parts = ", ".join(f"{k} {_size(lo, hi)}" for k, (lo, hi) in est.parts.items() if hi)
-            out.append(f"cache {split}: {_size(est.low, est.high)} to write ({what}){': ' + parts if parts else ''}")
-        room = "unknown (not a local path)" if self.free is None else f"{_gb(self.free)} free on {self.where}"
-        out.append(f"cache total: {_size(self.total.low, self.total.high)} to write under cache.root {self.root}; "
-                   f"{room}")
-        return out
-
-
-def _gb(n: int) -> str:
-    return _size(n, n)
-
-
-def _size(low: int, high: int) -> str:
-    """"1.20 to 1.45 GB", in GB from 1 GB on, else MB; one figure where both read the same."""
-    scale, unit = (1e9, "GB") if high >= 1e9 else (1e6, "MB")
-    a, b = f"{low / scale:.2f}", f"{high / scale:.2f}"
-    return f"{b} {unit}" if a == b else f"{a} to {b} {unit}"
-
-
 def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, dict[str, Plan]]:
     """What the splits' stores still need on disk: a new store all of it (from the split's plan, returned for
     `prepare_store`), a partial one its pending chunks (what is written counts as done), a complete one nothing."""
@@ -306,7 +292,7 @@ def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, 
             store = None
         if store is None:
             plan = plans[split] = plan_split(cfg, split)
-            spec = ctx.store_spec(split, plan)
+            spec = store_spec(ctx, split, plan)
             est = estimate_bytes(spec, plan.index)
             what = f"new: {spec.n} samples in {-(-spec.n // spec.chunk_size)} chunks"
         elif store.complete:
@@ -320,27 +306,6 @@ def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, 
     where = None if folder is None else nearest_existing(folder)
     free = None if where is None else shutil.disk_usage(where).free
     return SpaceNeeded(cfg.cache.root, where, free, per_split, total), plans
-
-
-def check_space(need: SpaceNeeded, cfg: Config) -> None:
-    """A `DiskSpaceError` with the numbers and the knobs when the stores cannot fit (`cache.check_space: false`:
-    a warning only); a warning when they fit only if the compressed arrays compress."""
-    if need.fits:
-        if need.free is not None and need.total.high > need.free:
-            log.warning("cache.root %s: %s free, the stores need %s: they fit only if their compressed arrays "
-                        "compress", need.root, _gb(need.free), _size(need.total.low, need.total.high))
-        return
-    per = "; ".join(f"{split} {_size(est.low, est.high)}" for split, (est, _) in need.splits.items() if est.high)
-    message = (
-        f"not enough disk space for the feature cache: extraction would write {_size(need.total.low, need.total.high)}"
-        f" ({per}) under cache.root {need.root}, and its file system ({need.where}) has {_gb(need.free)} free. "
-        f"Free space there, or set cache.root to a larger file system, or store less: views.views_per_image "
-        f"(now {cfg.views.views_per_image}) and cache.layers (now {list(cfg.cache_layers)}) scale it, "
-        f"cache.dtype ({cfg.cache.dtype}) takes 2 bytes a value; --ignore-disk-space (cache.check_space=false) "
-        "goes on anyway")
-    if cfg.cache.check_space:
-        raise DiskSpaceError(message)
-    log.warning("%s (cache.check_space is false: going on)", message)
 
 
 def prepare_stores(ctx: RunContext | Config, splits=SPLITS) -> dict[str, tuple[FeatureStore, bool]]:
@@ -383,18 +348,18 @@ TASKS_PER_WORKER = 2  # flow tasks per worker and store: few (each builds a deco
 # more than one, so that a worker that finishes early takes over part of a slower one's share
 
 
-def shard_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
+def chunk_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
     """(split, url, chunks) tasks: each store's pending chunks in `TASKS_PER_WORKER` runs per worker, of
     ceil(chunks / (workers x TASKS_PER_WORKER)) chunks each (KITTI's ~1300 train chunks on 8 GPUs: 16 tasks of 82,
     not 325 of 4). A task extracts its chunks as one pipeline; a retry redoes only those not yet done."""
     stores: dict[str, list] = {}
     for split, url, chunk in pending:
         stores.setdefault(url, [split, []])[1].append(chunk)
-    shards: list[tuple[str, str, list[int]]] = []
+    jobs: list[tuple[str, str, list[int]]] = []
     for url, (split, chunks) in stores.items():
         per_task = -(-len(chunks) // (max(1, n_workers) * TASKS_PER_WORKER))
-        shards += [(split, url, chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
-    return shards
+        jobs += [(split, url, chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
+    return jobs
 
 
 def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: float = 1.0) -> list[int]:
@@ -471,23 +436,17 @@ class ChunkBuffers:
     """The buffers one chunk's features and targets are gathered in, two sets used in turn: while the writer thread
     writes one chunk from one set, the next chunk fills the other, and a set is taken again only after its write
     has finished (`extract_chunks` waits for the previous write before it hands the writer the next chunk).
-
-    Allocated once, so the kernel maps their pages in once: every fresh page costs a page fault, and on this VM
-    (free page reporting) 0.6-5 ms per MB, 2.1 MB per image for seven ViT-B/16 layers (BENCHMARKS.md, issue 14).
-    The token buffers are page-aligned `mmap`s, so `pipeline.store.write_file` hands their bulk to an O_DIRECT
-    write as it is, without staging it in an aligned copy."""
+    Allocated once per call: a fresh page costs the kernel a fault on first touch, and a chunk of seven ViT-B/16
+    layers is 2.1 MB an image."""
 
     def __init__(self, rows: int, layers, grid: int, width: int, dtype: torch.dtype, target_hw, flipped: bool):
-        def aligned(*shape) -> torch.Tensor:
-            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-            return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(*shape)  # page-aligned, zeros
-
         def one_set():
-            tokens = {k: aligned(rows, grid, grid, width) for k in layers}  # (n, G, G, C)
-            mirrored = ({k: aligned(rows, grid, grid, width) for k in layers}, torch.zeros(rows, width, dtype=dtype)) \
-                if flipped else None  # views.flip = extract / pixel flip TTA: the mirrored image of every view too
+            features = lambda: ({k: torch.zeros(rows, grid, grid, width, dtype=dtype) for k in layers},
+                                torch.zeros(rows, width, dtype=dtype))  # (n, G, G, C) per layer, (n, C)
+            # views.flip = extract / pixel flip TTA: the mirrored image of every view too
+            tokens, cls = features()
             depth = np.zeros((rows, *target_hw), np.float32) if target_hw else None
-            return tokens, torch.zeros(rows, width, dtype=dtype), mirrored, depth
+            return tokens, cls, features() if flipped else None, depth
 
         self.sets = [one_set(), one_set()]
         self.turn = 1
@@ -512,11 +471,12 @@ class ChunkBuffers:
 
 def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
     """`into[positions] = rows`. Consecutive positions (every batch without a skipped sample) are one copy: on the
-    host a numpy copy of the bytes (torch would split it over its OpenMP threads, whose spinning takes the cores
-    from the decode pool, and an index list is torch's slower index_put), on a GPU one slice copy."""
+    host numpy's copy of the bytes (one thread with the GIL released, where torch would split it over OpenMP
+    threads that spin on the cores the decode pool needs), on a GPU one slice copy."""
     if positions[-1] - positions[0] == len(positions) - 1:
         if into.device.type == "cpu":
-            np.copyto(byte_view(into[positions[0]:positions[-1] + 1]), byte_view(rows.contiguous()))
+            as_bytes = lambda t: t.view(torch.uint8).numpy()
+            np.copyto(as_bytes(into[positions[0]:positions[-1] + 1]), as_bytes(rows.contiguous()))
         else:
             into[positions[0]:positions[-1] + 1].copy_(rows)
     else:
@@ -576,110 +536,116 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
     zero-cost stand-in). Returns one {"chunk", "samples", "skipped"} per chunk."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    store = FeatureStore.open(url, mode="r+")
-    index = store.index(skips=False)  # the paths and views of the chunks' samples
-    encoder = encoder_for(cfg) if encoder is None else encoder
-    device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
-    cuda = device.type == "cuda"
-    settings = encoder_settings(cfg.encoder)
-    autocast, bs = settings.autocast, settings.batch_size
-    target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
-    layers = store.layers
-    # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
-    buf_dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
-    ranges = [store.chunk_range(c) for c in chunks]
-    rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
-    todo = [(c, i) for (a, b), c in zip(ranges, chunks) for i in range(a, b)]  # (chunk, sample) in order
-    ahead = store.chunk_size + bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
-    on_device = cuda if device_chunks is None else device_chunks
-
-    def encode(pixels: torch.Tensor) -> dict:  # pixels on the encoder's device
-        feats = encoder(pixels, layers, autocast_dtype=autocast)
-        return {"tokens": {k: t.to(buf_dtype) for k, t in feats["tokens"].items()},
-                "global": feats["global"].to(buf_dtype)}
-
-    # Two sets of chunk buffers used in turn (one filled while the other is written), allocated once.
-    buffers = ChunkBuffers(store.chunk_size, layers, encoder.grid, encoder.width, buf_dtype, target_hw,
-                           store.has_flipped)
-    gathered = DeviceChunk(store.chunk_size, layers, encoder.grid, encoder.width, buf_dtype, device,
-                           store.has_flipped) if on_device else None
-    # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
-    # device needs no pinned copy of its own. It is refilled once the device has read it (`copied`), not when the
-    # encoder is done.
-    staged, copied = None, None
+    run = _ChunkEncoder(cfg, FeatureStore.open(url, mode="r+"), chunks,
+                        encoder_for(cfg) if encoder is None else encoder, device_chunks)
     results = []
-    with _tf32(cuda and settings.tf32), \
+    with _tf32(run.cuda and run.settings.tf32), \
             ThreadPoolExecutor(max_workers=decode_workers_for(cfg), thread_name_prefix="decode") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-        futures: dict[int, object] = {}
-        submitted = 0
-
-        def load(upto: int) -> None:
-            nonlocal submitted
-            for c, i in todo[submitted:min(upto, len(todo))]:
-                futures[i] = pool.submit(_load_row, store, rows[i], encoder, cfg.data.layout, target_hw)
-            submitted = max(submitted, min(upto, len(todo)))
-
-        writing = None
-        done_samples = 0
-        for chunk, (a, b) in zip(chunks, ranges):
-            n = b - a
-            skipped, reasons = np.zeros(n, bool), [""] * n
-            # This chunk's buffers: the set the write before last used (that write has finished; see below).
-            tokens, cls, flipped, depth = buffers.take(n)
-            into_tokens, into_cls, into_flipped = (
-                (gathered.plain[0], gathered.plain[1], gathered.mirrored) if on_device else (tokens, cls, flipped))
-            for start in range(0, n, bs):
-                load(done_samples + start + bs + ahead)
-                batch_pixels, positions = [], []
-                for i in range(start, min(start + bs, n)):
-                    try:
-                        pixels, d = futures.pop(a + i).result()
-                    except DatasetError as err:
-                        if cfg.data.on_error == "raise":
-                            raise
-                        skipped[i], reasons[i] = True, str(err)
-                        log.warning("skipping %s: %s", rows[a + i].id, err)
-                        continue
-                    batch_pixels.append(pixels)
-                    positions.append(i)
-                    if depth is not None:
-                        depth[i] = d
-                if not positions:
-                    continue
-                if staged is None or staged.shape[1:] != batch_pixels[0].shape:
-                    staged = torch.empty((bs, *batch_pixels[0].shape), pin_memory=cuda)
-                if copied is not None:
-                    copied.synchronize()  # the device has read the previous batch out of `staged`
-                pixels = staged[:len(batch_pixels)]  # (B, 3, S, S)
-                for j, one in enumerate(batch_pixels):  # numpy's copies, as in `_put_rows`
-                    np.copyto(pixels[j].numpy(), one.numpy())
-                pixels = pixels.to(device, non_blocking=True)
-                if cuda:
-                    copied = torch.cuda.Event()
-                    copied.record(torch.cuda.current_stream(device))
-                feats = encode(pixels)
-                for k in layers:
-                    _put_rows(into_tokens[k], positions, feats["tokens"][k])
-                _put_rows(into_cls, positions, feats["global"])
-                if flipped is not None:
-                    # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
-                    feats = encode(pixels.flip(-1))
-                    for k in layers:
-                        _put_rows(into_flipped[0][k], positions, feats["tokens"][k])
-                    _put_rows(into_flipped[1], positions, feats["global"])
-            if on_device:
-                gathered.copy_to(tokens, cls, flipped)  # the chunk's one wait for the device
-            if skipped.any():  # a skipped sample's rows are zeros, not what the buffer held from an earlier chunk
-                buffers.zero_rows(np.flatnonzero(skipped))
-            done_samples += n
+        run.pool, writing = pool, None
+        for chunk in chunks:
+            tokens, cls, flipped, depth, skipped, reasons = run.chunk(chunk)
             if writing is not None:
                 writing.result()  # one chunk in flight: the previous write (and any error it raised) first
-            writing = writer.submit(store.write_chunk, chunk, tokens, cls, depth, skipped, reasons, flipped=flipped)
-            results.append({"chunk": chunk, "samples": n, "skipped": int(skipped.sum())})
+            writing = writer.submit(run.store.write_chunk, chunk, tokens, cls, depth, skipped, reasons,
+                                    flipped=flipped)
+            results.append({"chunk": chunk, "samples": len(skipped), "skipped": int(skipped.sum())})
         if writing is not None:
             writing.result()
     return results
+
+
+class _ChunkEncoder:
+    """One `extract_chunks` call's state: the samples in order, the decode futures running ahead, the chunk
+    buffers, the batch of pixels staged for the device."""
+
+    def __init__(self, cfg: Config, store: FeatureStore, chunks: list[int], encoder, device_chunks: bool | None):
+        self.cfg, self.store, self.encoder = cfg, store, encoder
+        self.device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
+        self.cuda = self.device.type == "cuda"
+        self.settings = encoder_settings(cfg.encoder)
+        self.bs = self.settings.batch_size
+        self.target_hw = store.target_hw
+        # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
+        self.dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
+        index = store.index(skips=False)  # the paths and views of the chunks' samples
+        ranges = [store.chunk_range(c) for c in chunks]
+        self.rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
+        self.todo = [i for a, b in ranges for i in range(a, b)]  # samples in order
+        self.ahead = store.chunk_size + self.bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
+        self.futures: dict[int, object] = {}
+        self.submitted = self.done_samples = 0
+        self.pool = None
+        shape = (store.chunk_size, store.layers, encoder.grid, encoder.width, self.dtype)
+        self.buffers = ChunkBuffers(*shape, self.target_hw, store.has_flipped)  # two sets, allocated once
+        on_device = self.cuda if device_chunks is None else device_chunks
+        self.gathered = DeviceChunk(*shape, self.device, store.has_flipped) if on_device else None
+        # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
+        # device needs no pinned copy of its own. Refilled once the device has read it (`copied`).
+        self.staged, self.copied = None, None
+
+    def load(self, upto: int) -> None:
+        """Submit the decode of the samples up to position `upto` of `todo`."""
+        for i in self.todo[self.submitted:min(upto, len(self.todo))]:
+            self.futures[i] = self.pool.submit(_load_row, self.store, self.rows[i], self.encoder, self.cfg.data.layout,
+                                               self.target_hw)
+        self.submitted = max(self.submitted, min(upto, len(self.todo)))
+
+    def chunk(self, c: int):
+        """Decode and encode chunk c into the next set of buffers: (tokens, cls, flipped, depth, skipped, reasons)."""
+        a, b = self.store.chunk_range(c)
+        n = b - a
+        skipped, reasons = np.zeros(n, bool), [""] * n
+        # The set the write before last used (that write has finished: `extract_chunks` waits for it).
+        tokens, cls, flipped, depth = self.buffers.take(n)
+        into = ((self.gathered.plain[0], self.gathered.plain[1], self.gathered.mirrored) if self.gathered
+                else (tokens, cls, flipped))
+        for start in range(0, n, self.bs):
+            self.load(self.done_samples + start + self.bs + self.ahead)
+            pixels, positions = [], []
+            for i in range(start, min(start + self.bs, n)):
+                try:
+                    one, d = self.futures.pop(a + i).result()
+                except DatasetError as err:
+                    if self.cfg.data.on_error == "raise":
+                        raise
+                    skipped[i], reasons[i] = True, str(err)
+                    log.warning("skipping %s: %s", self.rows[a + i].id, err)
+                    continue
+                pixels.append(one)
+                positions.append(i)
+                if depth is not None:
+                    depth[i] = d
+            if positions:
+                self.encode_batch(pixels, positions, into)
+        if self.gathered:
+            self.gathered.copy_to(tokens, cls, flipped)  # the chunk's one wait for the device
+        if skipped.any():  # a skipped sample's rows are zeros, not what the buffer held from an earlier chunk
+            self.buffers.zero_rows(np.flatnonzero(skipped))
+        self.done_samples += n
+        return tokens, cls, flipped, depth, skipped, reasons
+
+    def encode_batch(self, batch: list[torch.Tensor], positions: list[int], into) -> None:
+        """One batch of preprocessed images through the encoder (and mirrored, for stores with mirrored
+        features), its features put at `positions` of the chunk's buffers `into` (tokens, cls, flipped)."""
+        if self.staged is None or self.staged.shape[1:] != batch[0].shape:
+            self.staged = torch.empty((self.bs, *batch[0].shape), pin_memory=self.cuda)
+        if self.copied is not None:
+            self.copied.synchronize()  # the device has read the previous batch out of `staged`
+        pixels = self.staged[:len(batch)]  # (B, 3, S, S)
+        for j, one in enumerate(batch):  # numpy's copies, as in `_put_rows`
+            np.copyto(pixels[j].numpy(), one.numpy())
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(self.device))
+        tokens, cls, flipped = into
+        # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
+        for view, (to_tokens, to_cls) in [(pixels, (tokens, cls))] + ([(pixels.flip(-1), flipped)] if flipped else []):
+            feats = self.encoder(view, self.store.layers, autocast_dtype=self.settings.autocast)
+            for k in self.store.layers:
+                _put_rows(to_tokens[k], positions, feats["tokens"][k].to(self.dtype))
+            _put_rows(to_cls, positions, feats["global"].to(self.dtype))
 
 
 def extract_splits(cfg: Config, splits=SPLITS) -> None:
