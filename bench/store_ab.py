@@ -47,6 +47,7 @@ def measure(tree: Path, what: str, images: int, threads: int, workdir: Path) -> 
     from pipeline.layout import RunContext
 
     torch.set_num_threads(threads)
+    workdir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(bench_train.write_config(workdir, images, "clip-vit-b16-random", 4, "cpu"))
     bench_train.build_store(cfg, null_encoder=True)  # once per tree: found again by fingerprint after that
     store = RunContext.of(cfg).open_store("train")

@@ -192,6 +192,19 @@ def test_exact_flips_take_the_mirrored_images_features(tmp_path):
         assert 0 < n_flipped < n
     # Validation never flips, so it never reads the mirrored copies.
     assert not CachedBatches(st, (1, 3), batch_size=4, train=False).exact_flips
+    # Evaluation: chosen positions in split order, batches across chunk borders, each with the mirrored images'
+    # features beside the plain ones (pixel flip TTA), unflipped.
+    for mode in ("stream", "cpu"):
+        chosen = np.array([0, 2, 3, 4, 7, 8])
+        batches = collect(CachedBatches(st, (3,), batch_size=4, train=False, cache_device=mode, positions=chosen,
+                                        mirrored=True))
+        assert [b.index.tolist() for b in batches] == [[0, 2, 3, 4], [7, 8]]
+        for batch in batches:
+            assert not batch.flipped.any()
+            for j, p in enumerate(batch.index):
+                np.testing.assert_array_equal(batch.features["tokens"][3][j].numpy(), group["tokens/L3"][p])
+                np.testing.assert_array_equal(batch.mirrored["tokens"][3][j].numpy(), group["flipped/tokens/L3"][p])
+                np.testing.assert_array_equal(batch.mirrored["global"][j].numpy(), group["flipped/cls"][p])
 
 
 @pytest.mark.parametrize("workers, ahead", [(1, 0), (3, 1), (4, 50)])
