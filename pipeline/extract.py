@@ -1,10 +1,10 @@
 """Stage 1: run the frozen encoder once over a split and write its features into a feature store.
 
-`plan_split` reads a split file and its images' headers and decides the views; `prepare_store` reuses the store of
-this config's fingerprint or creates it from the plan (the layout is `pipeline/layout.py`'s). `extract_chunks` fills
-chunks as one pipeline; `extract_claimed` runs it under the chunks' claims, and the Prefect flow maps it over runs of
-chunks on Dask workers. A chunk's `done` flags are written after its data, so a run killed at any moment resumes
-with exactly the chunks that are missing.
+`plan_split` (`pipeline/planning.py`) decides a split's samples and views; `prepare_store` reuses the store of
+this config's fingerprint (repairing what `verify` and `pipeline/sources.py` find) or creates it from the plan.
+`extract_chunks` fills chunks as one pipeline; `extract_claimed` runs it under the chunks' claims, and the Prefect
+flow maps it over runs of chunks on Dask workers. A chunk's `done` flags are written after its data, so a run
+killed at any moment resumes with exactly the chunks that are missing.
 """
 
 from __future__ import annotations
@@ -14,34 +14,23 @@ import logging
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline import datasets
 from pipeline.config import Config, dump_config
-from pipeline.datasets import DatasetError, Sample, View
-from pipeline.fingerprint import data_roots, file_signature
+from pipeline.datasets import DatasetError
 from pipeline.devices import WorkerPlan, encoder_settings, plan_workers
-from pipeline.diskspace import DiskSpaceError, SizeEstimate, SpaceNeeded, check_space, estimate_bytes, nearest_existing
+from pipeline.diskspace import DiskSpaceError  # noqa: F401  (what prepare_stores raises: callers catch it from here)
+from pipeline.diskspace import SizeEstimate, SpaceNeeded, check_space, estimate_bytes, nearest_existing
+from pipeline.fingerprint import data_roots
 from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store, package_versions
+from pipeline.planning import Plan, load_view, plan_split, view_of_row
+from pipeline.sources import changed_chunks, file_signatures
 from pipeline.store import FeatureStore, StoreError, StoreSpec, local_path
 
 log = logging.getLogger(__name__)
-
-
-def view_config_for(cfg: Config, split: str):
-    """Train: the configured views. Val: one deterministic centred view of the same size (checkpoint selection
-    must not depend on random crops or augmentation). Test: the full frame, handled by `make_views(train=False)`."""
-    if split == "val":  # un-augmented, one view per frame
-        update = {"rotation_deg": 0.0, "color": None, "views_per_image": 1}
-        if cfg.views.mode == "random":
-            update["mode"] = "center"
-        return cfg.views.model_copy(update=update)
-    return cfg.views
 
 
 def worker_plan(cfg: Config) -> WorkerPlan:
@@ -54,77 +43,6 @@ def torch_threads_per_worker(cfg: Config) -> int:
     """torch intra-op threads of one extraction worker: `dask.torch_threads`, else the usable cores shared among
     the workers (Dask sets OMP_NUM_THREADS=1 in its workers, so torch would otherwise use one)."""
     return worker_plan(cfg).threads
-
-
-# ---- planning -------------------------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    split: str
-    index: dict  # the store's index columns (`pipeline.store.INDEX_FIELDS`), one row per view
-    target_hw: tuple[int, int] | None  # training targets' (H, W); None for the test split
-    skipped: list[dict]  # frames whose image could not be read ({"id", "line", "reason"}; data.on_error = skip)
-
-
-def plan_split(cfg: Config, split: str) -> Plan:
-    """Which frames and views a split's store holds, from the split file and the image headers alone."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    samples = datasets.read_split(cfg.data, split)
-    trains = split != "test"
-    views_cfg = view_config_for(cfg, split)
-    rows: dict[str, list] = {k: [] for k in ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group",
-                                              "line", "view_aug")}
-    skipped = []
-    for s in samples:
-        try:
-            w, h = _image_size(s)
-        except DatasetError as err:
-            if cfg.data.on_error == "raise":
-                raise
-            skipped.append({"id": s.id, "line": s.line, "reason": str(err)})
-            log.warning("skipping %s: %s", s.id, err)
-            continue
-        for v in datasets.make_views(s.id, (h, w), views_cfg, cfg.data.layout, train=trains):
-            rows["id"].append(s.id if not trains or views_cfg.views_per_image == 1 else f"{s.id}#v{v.k}")
-            rows["image_path"].append(str(s.image_path))
-            rows["depth_path"].append("" if s.depth_path is None else str(s.depth_path))
-            rows["focal"].append(s.focal)
-            rows["orig_hw"].append((h, w))
-            rows["view"].append((v.k, v.top, v.left, v.height, v.width))
-            rows["view_aug"].append(v.augmentation)  # (angle, gamma, brightness, gains): the view is recomputable
-            rows["group"].append(s.group)
-            rows["line"].append(s.line)
-    index = {
-        "id": np.array(rows["id"], dtype=str), "image_path": np.array(rows["image_path"], dtype=str),
-        "depth_path": np.array(rows["depth_path"], dtype=str), "focal": np.array(rows["focal"], np.float64),
-        "orig_hw": np.array(rows["orig_hw"], np.int32).reshape(-1, 2),
-        "view": np.array(rows["view"], np.int32).reshape(-1, 5), "group": np.array(rows["group"], dtype=str),
-        "line": np.array(rows["line"], np.int32),
-        "view_aug": np.array(rows["view_aug"], np.float64).reshape(-1, 6),
-    }
-    target_hw = None
-    if trains:
-        target_hw = cfg.cache.target_size
-        sizes = {tuple(v[3:5]) for v in rows["view"]}
-        if target_hw is None and len(sizes) > 1:
-            raise StoreError(
-                f"{split} views have different sizes {sorted(sizes)[:4]}...; set cache.target_size (H, W) or use a "
-                "fixed views.crop_size so that training targets share one shape"
-            )
-        target_hw = tuple(target_hw) if target_hw else (next(iter(sizes)) if sizes else (1, 1))
-    return Plan(split, index, target_hw, skipped)
-
-
-def _image_size(s: Sample) -> tuple[int, int]:
-    """(W, H) from the image header alone; decoding happens in the chunk workers."""
-    where = f"(line {s.line} of {s.split_file})"
-    if not Path(s.image_path).is_file():
-        raise DatasetError(f"image file missing: {s.image_path} {where}")
-    try:
-        with Image.open(s.image_path) as im:
-            return im.size
-    except Exception as err:
-        raise DatasetError(f"image file unreadable: {s.image_path} {where}: {err}") from None
 
 
 def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None) -> tuple[FeatureStore, bool]:
@@ -153,7 +71,7 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
     if damaged:
         log.warning("%s: %d damaged chunks %s are extracted again: %s", store.url, len(damaged), damaged[:10],
                     "; ".join(report["problems"][:3]))
-    changed = _reextract_changed(ctx.cfg, split, store)
+    changed = changed_chunks(ctx.cfg, split, store)
     again = sorted(set(damaged) | set(changed))
     for c in again:
         with store.claim_chunk(c) as claim:
@@ -195,87 +113,6 @@ def store_spec(ctx: RunContext, split: str, plan: Plan) -> StoreSpec:
             "extraction": encoder_settings(cfg.encoder).describe(),  # device, batch, autocast, TF32
         },
     )
-
-
-# ---- the files a store was extracted from ---------------------------------------------------------------------
-def file_signatures(index) -> dict[str, np.ndarray]:
-    """{"image", "depth"}: each row's files by (size, mtime) (`pipeline.fingerprint.file_signature`)."""
-    return {"image": file_signature(index["image_path"]), "depth": file_signature(index["depth_path"])}
-
-
-def source_changes(cfg: Config, split: str, store: FeatureStore) -> dict:
-    """What differs between the files `store` was extracted from and those there now: {"roots": [(key, then,
-    now)], "rows": positions whose image or depth file changed (size or mtime) or appeared or went, "examples":
-    a few "path: what" lines, "new_frames": frames skipped at planning (image missing or unreadable) whose image
-    is now there, "now": the current signatures}. `rows` is empty for a store that records no signatures."""
-    out = {"roots": [], "rows": np.zeros(0, np.int64), "examples": [], "new_frames": [], "now": None}
-    recorded_roots = store.attrs.get("data_roots")
-    if recorded_roots:
-        now_roots = data_roots(cfg, split)
-        out["roots"] = [(k, recorded_roots.get(k), v) for k, v in now_roots.items() if recorded_roots.get(k) != v]
-    index = store.index(skips=False)
-    now = out["now"] = file_signatures(index)
-    then = store.sources()
-    if then is not None:
-        rows = set()
-        for kind, column in (("image", "image_path"), ("depth", "depth_path")):
-            differ = np.flatnonzero((then[kind] != now[kind]).any(axis=1))
-            rows.update(differ.tolist())
-            for i in differ[:3]:
-                out["examples"].append(f"{index[column].iloc[i]}: {_describe(then[kind][i], now[kind][i])}")
-        out["rows"] = np.array(sorted(rows), np.int64)
-    at_planning = {s["id"] for s in store.attrs.get("skipped_at_planning") or []}
-    if at_planning:
-        for sample in datasets.read_split(cfg.data, split):
-            if sample.id in at_planning and Path(sample.image_path).is_file():
-                out["new_frames"].append(f"{sample.id} ({sample.image_path})")
-    return out
-
-
-def _describe(then: np.ndarray, now: np.ndarray) -> str:
-    if then[0] < 0:
-        return f"now there ({now[0]} bytes), missing at extraction"
-    if now[0] < 0:
-        return "gone"
-    if then[0] != now[0]:
-        return f"{then[0]} -> {now[0]} bytes"
-    return "modified (same size, another modification time)"
-
-
-def _reextract_changed(cfg: Config, split: str, store: FeatureStore) -> list[int]:
-    """The chunks to extract again because their samples' files changed (`source_changes`), their new signatures
-    recorded; a `StoreError` when the store cannot follow the change in place (other data roots, frames it has no
-    row for), unless `cache.on_data_change: keep`."""
-    changes = source_changes(cfg, split, store)
-    if store.sources() is None:  # a store from before signatures: record what is there now
-        store.record_sources(changes["now"])
-        if not store.attrs.get("data_roots"):
-            store.record_data_roots(data_roots(cfg, split))
-        return []
-    rows, keep = changes["rows"], cfg.cache.on_data_change == "keep"
-    what = []
-    if changes["roots"]:
-        what.append("; ".join(f"data.{k} was {a} and is now {b}" for k, a, b in changes["roots"]))
-    if len(rows):
-        what.append(f"{len(rows)} of its {store.n} samples' files changed since it was extracted (e.g. "
-                    + "; ".join(changes["examples"][:3]) + ")")
-    if changes["new_frames"]:
-        what.append(f"{len(changes['new_frames'])} frames skipped at planning now have their image (e.g. "
-                    + ", ".join(changes["new_frames"][:3]) + ")")
-    if not what:
-        return []
-    said = f"{store.url} ({split}): " + "; ".join(what)
-    if keep:
-        log.warning("%s; cache.on_data_change is keep: the store is used as it is", said)
-        return []
-    if changes["roots"] or changes["new_frames"]:
-        raise StoreError(f"{said}. The store was extracted from other files and cannot follow this change in place: "
-                         f"delete {store.url} (or set another cache.root) to extract the split again, or set "
-                         "cache.on_data_change=keep to use it as it is")
-    chunks = sorted({int(r) // store.chunk_size for r in rows})
-    log.warning("%s: extracting the %d chunks that hold them again", said, len(chunks))
-    store.record_sources(changes["now"])  # a kill before the chunks are written leaves them pending: no loss
-    return chunks
 
 
 # ---- room on the disk -----------------------------------------------------------------------------------------
@@ -385,44 +222,11 @@ def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: 
 
 
 # ---- one chunk --------------------------------------------------------------------------------------------------
-def load_view(sample: Sample, view: View, orig_hw: tuple[int, int], layout: str,
-              target_hw: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """One planned view of a frame as the encoder sees it: the (h, w, 3) uint8 crop with its recorded augmentation
-    (rotation of the frame, image and depth alike; colour), and its training target (target_hw) in metres, 0 =
-    invalid (None without `target_hw`). Extraction and the images source (`ImageBatches`) both read views here."""
-    image = datasets.load_image(sample)
-    if image.shape[:2] != tuple(orig_hw):
-        raise DatasetError(f"image {sample.image_path} is {image.shape[1]}x{image.shape[0]}, but was "
-                           f"{orig_hw[1]}x{orig_hw[0]} when the store was planned (line {sample.line})")
-    gt = datasets.load_depth(sample, layout) if target_hw is not None else None
-    crop, gt_crop = datasets.augmented_view(image, gt, view)
-    depth = None
-    if target_hw is not None:
-        depth = np.zeros(target_hw, np.float32) if gt_crop is None else resize_depth(gt_crop, target_hw)
-    return crop, depth
-
-
 def _load_row(store: FeatureStore, row, encoder, layout: str, target_hw):
     """Decode, crop and preprocess one stored sample (runs in a loader thread)."""
     sample = datasets.sample_from_row(row._asdict(), store.attrs["split_file"])
     crop, depth = load_view(sample, view_of_row(row), (row.orig_h, row.orig_w), layout, target_hw)
     return encoder.preprocess(crop)[0], depth
-
-
-def view_of_row(row) -> View:
-    """The `View` (crop box and augmentation) an index row records (a row of `FeatureStore.index()`)."""
-    return View.from_record((row.view_k, row.view_top, row.view_left, row.view_h, row.view_w),
-                            (row.view_angle, row.view_gamma, row.view_brightness, row.view_gain_r,
-                             row.view_gain_g, row.view_gain_b))
-
-
-def resize_depth(depth: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize: keeps sparse LiDAR values real (no blending of valid and invalid pixels)."""
-    if depth.shape == tuple(hw):
-        return depth
-    rows = (np.arange(hw[0]) * depth.shape[0] / hw[0]).astype(np.int64)
-    cols = (np.arange(hw[1]) * depth.shape[1] / hw[1]).astype(np.int64)
-    return depth[rows[:, None], cols[None, :]]
 
 
 def decode_workers_for(cfg: Config) -> int:

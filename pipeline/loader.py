@@ -494,8 +494,8 @@ class ImageBatches(Batches):
     """`feature_source: images`: the same batches as `CachedBatches`, computed on every step by decoding the
     images and running the frozen encoder. Flips happen on the pixels (the reference way).
 
-    `index` is a planned split (`pipeline.extract.plan_split(...).index`): the same samples and views the cache
-    holds, read by the same `pipeline.extract.load_view`, visited in the same order (`chunk_size` only shapes the
+    `index` is a planned split (`pipeline.planning.plan_split(...).index`): the same samples and views the cache
+    holds, read by the same `pipeline.planning.load_view`, visited in the same order (`chunk_size` only shapes the
     shuffle, as for the cache)."""
 
     mode = "images"
@@ -534,7 +534,7 @@ class ImageBatches(Batches):
         """Sample i's view as uint8 RGB (h, w, 3) and its target (H, W) in metres, exactly as extraction builds
         them. Pixel augmentation per iteration would go after this."""
         from pipeline import datasets
-        from pipeline.extract import load_view
+        from pipeline.planning import load_view
 
         row = {k: v[i] for k, v in self.index.items()}
         view = datasets.View.from_record(row["view"], row["view_aug"])
