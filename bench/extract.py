@@ -146,8 +146,8 @@ def write_config(tmp: Path, n: int, encoder: str, dtype: str, batch: int, compre
 
 def fresh_page_ms_per_mb(mb: int = 256) -> float:
     """What this machine's kernel takes to hand out memory never touched before: ms per MB to fault in one byte of
-    every page of a new anonymous map. Under a hypervisor that takes freed pages back (free page reporting, as on
-    this VM) it is several ms per MB, and every new page-cache page of a buffered write pays it too."""
+    every page of a new anonymous map. Under a hypervisor that takes freed pages back (free page reporting) it can
+    be several ms per MB, and every new page-cache page of a buffered write pays it too."""
     import mmap
 
     m = mmap.mmap(-1, mb << 20)
