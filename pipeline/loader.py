@@ -98,24 +98,62 @@ class Batch(NamedTuple):
 def flip_features(features: Features, flips: torch.Tensor, mirrored: Features | None = None) -> Features:
     """The selected samples mirrored horizontally. In feature space every token grid is flipped along its width
     (dim 2 of (B, g, g, C)) and the global vector is unchanged; with `mirrored`, the mirrored images' own features
-    (`views.flip = extract`, pixel flip TTA), those are taken instead."""
+    (`views.flip = extract`, pixel flip TTA), those are taken instead. On the host by `_gather` (the loader's
+    own path), on a device by `torch.where`."""
     if not bool(flips.any()):
         return features
-    m = flips.to(device=features["global"].device)
+    glob = features["global"]
+    if glob.device.type == "cpu":
+        rows = _flat({"tokens": features["tokens"], "global": glob})
+        if mirrored is not None:
+            rows.update(_flat({"flipped_tokens": mirrored["tokens"], "flipped_global": mirrored["global"]}))
+        out = _gather(lambda p: (rows, p), np.arange(len(glob)), flips.numpy(), exact=mirrored is not None)
+        return {"tokens": {k: out[f"tokens/{k}"] for k in features["tokens"]}, "global": out["global"]}
+    m = flips.to(device=glob.device)
     if mirrored is not None:
         return {"tokens": {k: torch.where(m[:, None, None, None], mirrored["tokens"][k], t)
                            for k, t in features["tokens"].items()},
-                "global": torch.where(m[:, None], mirrored["global"], features["global"])}
+                "global": torch.where(m[:, None], mirrored["global"], glob)}
     return {"tokens": {k: torch.where(m[:, None, None, None], t.flip(2), t) for k, t in features["tokens"].items()},
-            "global": features["global"]}
+            "global": glob}
 
 
 def flip_targets(depth: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """(B, H, W) targets of the selected samples mirrored along their width."""
     if not bool(flips.any()):
         return depth
+    if depth.device.type == "cpu":
+        return _gather(lambda p: ({"depth": depth}, p), np.arange(len(depth)), flips.numpy())["depth"]
     m = flips.to(device=depth.device)
     return torch.where(m[:, None, None], depth.flip(2), depth)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy view of the same shape (bfloat16, which numpy lacks, as its int16 bits)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _gather(rows_of, pos: np.ndarray, flips: np.ndarray | None = None, exact: bool = False,
+            mirrored: bool = False, pin: bool = False) -> dict[str, torch.Tensor]:
+    """A host batch {key: (B, ...)} of the samples at `pos`, mirrored where `flips`, with one copy a row:
+    `rows_of(p)` gives (a flat dict of arrays: "tokens/<k>", "global", "depth", "flipped_..."; the row of p in
+    it). A flipped sample's token grids and target are copied reversed along their width (axis 1 of a row), or,
+    `exact`, its features come from the mirrored image's arrays; `mirrored`: those arrays are in the batch too.
+    The copies are numpy's, one thread each with the GIL released: torch's copies of the same rows, which it
+    splits over OpenMP threads, measured 10-100x slower inside the loader's pool threads (BENCHMARKS.md)."""
+    first, _ = rows_of(int(pos[0]))
+    keys = [k for k in first if mirrored or not k.startswith("flipped_")]
+    out = {k: torch.empty((len(pos), *first[k].shape[1:]), dtype=first[k].dtype, pin_memory=pin) for k in keys}
+    dst = {k: _np(t) for k, t in out.items()}
+    for j, p in enumerate(pos):
+        part, r = rows_of(int(p))
+        flip = flips is not None and bool(flips[j])
+        for k in keys:
+            features = k == "global" or k.startswith("tokens/")
+            src = _np(part["flipped_" + k if flip and exact and features else k])[r]
+            mirror = flip and (k == "depth" or (not exact and k.startswith("tokens/")))
+            np.copyto(dst[k][j], src[:, ::-1] if mirror else src)
+    return out
 
 
 def _prefetched(produce: Callable[[Callable[[object], bool]], None], depth: int) -> Iterator:
@@ -369,7 +407,7 @@ class CachedBatches(Batches):
         return data if data is not None else {}
 
     def _finish(self, rows: dict, pos: np.ndarray, flips: np.ndarray) -> Batch:
-        """A batch from its rows (flat keys, see `_flat`): the one place flips are applied."""
+        """A batch from its rows (flat keys, see `_flat`), flipped where `flips` (`flip_features`)."""
         flipped = torch.from_numpy(flips.copy())
         tokens = {k: rows[f"tokens/{k}"] for k in self.layers}
         mirrored = None
@@ -381,12 +419,28 @@ class CachedBatches(Batches):
         depth = flip_targets(rows["depth"], flipped) if "depth" in rows else None
         return self._to_device(Batch(features, depth, pos, flipped, mirrored if self.mirrored else None))
 
+    def _host_batch(self, rows_of, pos: np.ndarray, flips: np.ndarray) -> Batch:
+        """A batch gathered on the host from `rows_of` (see `_gather`), flipped as it is gathered."""
+        rows = _gather(rows_of, pos, flips, self.exact_flips, self.mirrored, pin=self.device.type == "cuda")
+        tokens = {k: rows[f"tokens/{k}"] for k in self.layers}
+        mirrored = None
+        if self.mirrored:
+            mirrored = {"tokens": {k: rows[f"flipped_tokens/{k}"] for k in self.layers},
+                        "global": rows["flipped_global"]}
+        batch = Batch({"tokens": tokens, "global": rows["global"]}, rows.get("depth"), pos,
+                      torch.from_numpy(flips.copy()), mirrored)
+        return self._to_device(batch)
+
     def _produce(self, plan: EpochPlan, put) -> None:
         if self._resident is not None:
+            on_host = self.mode == "cpu"
             for pos, flips in self._batches(plan):
-                at = torch.from_numpy(pos).to(self._resident["global"].device)
-                rows = {k: t.index_select(0, at) for k, t in self._resident.items()}
-                if not put(self._finish(rows, pos, flips)):
+                if on_host:
+                    batch = self._host_batch(lambda p: (self._resident, p), pos, flips)
+                else:  # resident on the GPU: rows selected and flipped there
+                    at = torch.from_numpy(pos).to(self._resident["global"].device)
+                    batch = self._finish({k: t.index_select(0, at) for k, t in self._resident.items()}, pos, flips)
+                if not put(batch):
                     return
             return
         self._stream(plan, put)
@@ -429,16 +483,7 @@ class CachedBatches(Batches):
         """One streamed batch: each sample's rows gathered from its chunk (one copy), then `_finish`."""
         cs = self.store.chunk_size
         flat = {c: _flat(part) for c, part in parts.items()}
-        keys = next(iter(flat.values())).keys()
-        pin = self.device.type == "cuda"
-        rows = {}
-        for key in keys:
-            first = next(iter(flat.values()))[key]
-            out = torch.empty((len(pos), *first.shape[1:]), dtype=first.dtype, pin_memory=pin)
-            for j, p in enumerate(pos):
-                out[j] = flat[int(p) // cs][key][int(p) % cs]
-            rows[key] = out
-        return self._finish(rows, pos, flips)
+        return self._host_batch(lambda p: (flat[p // cs], p % cs), pos, flips)
 
     def _to_device(self, batch: Batch):
         """On CUDA the copy runs on a side stream, so it overlaps the training step; `epoch` makes the consumer's
