@@ -144,11 +144,16 @@ def test_every_store_reads_with_plain_zarr_open_as_the_store_reads_it(tmp_path, 
                           ["bad" if i == 5 else "" for i in range(a, b)])
     store = FeatureStore.open(store.url)
     plain = zarr.open(str(tmp_path / "s.zarr"), mode="r")
-    ours = store.read(slice(0, n))
+    ours = store.read(slice(0, n))  # through Zarr
+    chunks = [store.read_chunk(c) for c in range(store.n_chunks)]  # whole chunks: uncompressed ones by `_raw_chunk`
     bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)
     for k in (0, 12):
         assert np.array_equal(plain[f"tokens/L{k}"][:].view(np.uint16), bits(ours["tokens"][k]))
+        assert np.array_equal(plain[f"tokens/L{k}"][:].view(np.uint16),
+                              np.concatenate([bits(c["tokens"][k]) for c in chunks]))
     assert np.array_equal(plain["cls"][:].view(np.uint16), bits(ours["global"]))
+    assert np.array_equal(plain["cls"][:].view(np.uint16), np.concatenate([bits(c["global"]) for c in chunks]))
+    assert np.array_equal(ours["depth"].numpy(), np.concatenate([c["depth"].numpy() for c in chunks]))
     assert np.array_equal(plain["depth"][:], np.clip(np.rint(depth.astype(np.float64) * 256), 0, 65535))
     assert np.array_equal(ours["depth"].numpy(), plain["depth"][:].astype(np.float32) / np.float32(256))
     assert plain["done"][:].tolist() == [1] * n and plain["skipped"][:].tolist() == [int(i == 5) for i in range(n)]
@@ -194,7 +199,7 @@ def test_one_depth_encoding_whose_bytes_are_the_earlier_stores():
 
 def test_a_changed_byte_is_found_by_the_checksum(tmp_path):
     """A flipped bit of an uncompressed chunk still has the right length; the CRC-32C every data chunk carries
-    finds it, in `verify` and in the reads of training (both Zarr's crc32c codec)."""
+    finds it, in `verify` (Zarr's crc32c codec) and in the whole-chunk reads of training (`_raw_chunk`)."""
     store, *_ = _filled(str(tmp_path / "s.zarr"), n=10, cs=4)
     path = store.chunk_path("tokens/L0", 1)
     data = bytearray(path.read_bytes())
@@ -203,5 +208,5 @@ def test_a_changed_byte_is_found_by_the_checksum(tmp_path):
     report = FeatureStore.open(store.url).verify()
     assert report["damaged_chunks"] == [1]
     assert report["problems"][0].startswith("tokens/L0: chunk 1 does not decode")
-    with pytest.raises(StoreError, match=f"{path}: chunk 1 of tokens/L0 does not decode.*checksum"):
+    with pytest.raises(StoreError, match=f"{path}: chunk 1 of tokens/L0 does not decode.*(checksum|CRC-32C)"):
         FeatureStore.open(store.url).read_chunk(1)
