@@ -519,7 +519,8 @@ class _Reads:
         c, rows = -1, 0
         if isinstance(sel, slice) and (sel.start or 0) % self.chunk_size == 0 and sel.step in (None, 1):
             c, rows = (sel.start or 0) // self.chunk_size, (sel.stop or self.n) - (sel.start or 0)
-        whole = c >= 0 and c < self.n_chunks and (c * self.chunk_size, c * self.chunk_size + rows) == self.chunk_range(c)
+        start = c * self.chunk_size
+        whole = 0 <= c < self.n_chunks and (start, start + rows) == self.chunk_range(c)
         direct = {name: self._raw_chunk(name, c, rows) for name in names if whole}
         rest = [name for name in names if direct.get(name) is None]
         arrays = [self.array(name).async_array for name in rest]  # opened here: no sync() inside the loop
