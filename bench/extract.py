@@ -15,9 +15,8 @@
   `decode_and_write_limit_images_per_s`: the same with one core's cost (CPU time, user + kernel) of writing an
   image's features into new chunk files (default codec) added to the frame's: what the cores can do when every
   write costs core time.
-- `direct_writes`: whether large chunk files were written O_DIRECT (the default; `--no-direct-writes` sends them
-  through the page cache), and `fresh_page_ms_per_mb`: this machine's cost of memory never touched before
-  (`fresh_page_ms_per_mb()`), which every new page-cache page of a buffered write pays.
+- `fresh_page_ms_per_mb`: this machine's cost of memory never touched before (`fresh_page_ms_per_mb()`), which
+  every new page-cache page of a write pays.
 - `bytes_per_image`: the store's size on disk divided by the number of samples, for the default codec, and
   `codecs`: ratio, write and read cost of each codec we considered for the feature arrays, measured on these
   activations (fp16 in, so only the codec and the file are timed).
@@ -49,7 +48,6 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.devices import usable_cores  # noqa: E402
 from pipeline.extract import _load_row, extract_chunks, prepare_store  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, finalize_store  # noqa: E402
-from pipeline import store as store_module  # noqa: E402
 from pipeline.store import FeatureStore, StoreSpec  # noqa: E402
 
 
@@ -148,8 +146,8 @@ def write_config(tmp: Path, n: int, encoder: str, dtype: str, batch: int, compre
 
 def fresh_page_ms_per_mb(mb: int = 256) -> float:
     """What this machine's kernel takes to hand out memory never touched before: ms per MB to fault in one byte of
-    every page of a new anonymous map. Under a hypervisor that takes freed pages back (free page reporting, as on
-    this VM) it is several ms per MB, and every new page-cache page of a buffered write pays it too."""
+    every page of a new anonymous map. Under a hypervisor that takes freed pages back (free page reporting) it can
+    be several ms per MB, and every new page-cache page of a buffered write pays it too."""
     import mmap
 
     m = mmap.mmap(-1, mb << 20)
@@ -172,11 +170,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="cores to use: torch threads and decode pool [all]")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    ap.add_argument("--no-direct-writes", action="store_true",
-                    help="write every chunk file through the page cache (the default writes large ones O_DIRECT)")
     args = ap.parse_args()
-    if args.no_direct_writes:
-        store_module.DIRECT_WRITE_BYTES = 1 << 62
     fresh_ms_per_mb = fresh_page_ms_per_mb()
     threads = args.threads or usable_cores()  # the cores this process may use, as the pipeline counts them
     torch.set_num_threads(threads)
@@ -272,7 +266,7 @@ def main() -> None:
             "decode_and_write_limit_images_per_s": round(threads / (frame_s + write_s), 3),
             "null_over_decode_and_write_limit": round((frame_s + write_s) * n / (threads * null_s), 3),
             "single_core_ms_per_frame": round(1000 * frame_s, 2),
-            "direct_writes": not args.no_direct_writes, "fresh_page_ms_per_mb": fresh_ms_per_mb,
+            "fresh_page_ms_per_mb": fresh_ms_per_mb,
             "null_s_runs": [round(x, 3) for x in nulled],
             "decode_pool_images_per_s": pools,
             "pipeline_images_per_s": round(n / pipeline_s, 3),

@@ -20,21 +20,9 @@ The data paths with the decoder taken out (issue 14), `full` layers:
 - `read_limit_samples_per_s`: `--threads` cores x the single-thread rate of reading and decompressing one whole
   chunk (`FeatureStore.read_chunk`, chunk after chunk in one pool thread, as the loader reads).
 - `parallel_read_samples_per_s`: the same reads in `--threads` threads at once: what the cores reach together.
-- `single_thread_read_into_batches_ms_per_sample` (uncompressed stores): the same data read by one thread as the
-  loader must place it: every chunk's rows in order straight into batch-sized buffers used in turn (`ChunkRows`),
-  the CRCs checked, CLS vectors and targets copied into the batch; no shuffle, no pool.
-  `stream_over_read_into_batches_limit`: the loader against `--threads` x that rate.
 - `stream_samples_per_s`: the streaming loader alone (`cache_device: stream`, `read_workers = --threads`, flips
-  on), an epoch iterated with no decoder: its host work as it runs for a GPU trainer (`device_finish`, the CUDA
-  default: rows handed over as stored, the flips and the conversion of the targets to metres left to the device;
-  `CachedBatches.host_batches(recycle=True)`: each batch's memory taken again once the next is asked for, as CUDA's
-  caching host allocator reuses a pinned batch after its copy; `stream_fresh_memory_samples_per_s`: the same in
-  memory allocated for every batch, which this VM's kernel maps in at a page fault per 4 KiB). Goal: stream / limit
-  >= 0.8. `streaming_path`: `rows` (uncompressed features read
-  a sample row at a time into the batch) or `chunks` (compressed: whole chunks decompressed; these finish on the
-  host).
-- `stream_host_finish_samples_per_s`: the same loader as a CPU trainer runs it (`epoch`: flips and metres on the
-  host, in the pool); `device_finish_ms_per_batch_on_this_cpu`: what the device's part costs when it runs here.
+  on), an epoch iterated with no decoder: whole chunks read, rows gathered into batches, flips applied on the
+  host. `stream_over_read_limit`: against the read limit (goal >= 0.8).
 - `bytes_read_per_epoch`: compressed bytes a streamed epoch reads from the store for the four Table-2 variants,
   one pass each (`separate`) vs `train.shared_pass` (one read of the union of their layers).
 - `projection_h100`: the 4-variant x 10-epoch KITTI sweep (23,158 samples) on one H100, from these figures and
@@ -60,7 +48,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -72,7 +59,7 @@ from pipeline.devices import encoder_settings, usable_cores  # noqa: E402
 from pipeline.extract import plan_split  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, resolve_device  # noqa: E402
 from pipeline.loader import CachedBatches, ImageBatches  # noqa: E402
-from pipeline.store import byte_view, layer_key  # noqa: E402
+from pipeline.store import layer_key  # noqa: E402
 from pipeline.train import loss_kwargs_for, make_optimizer, train_step  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
 
@@ -132,48 +119,14 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
     # arena hands back fresh pages for every chunk buffer), which would flatter the ratio.
     def read_all(chunks) -> None:
         for c in chunks:
-            store.read_chunk(c, layers, raw_depth=True)
+            store.read_chunk(c, layers)
 
-    # The same reads with the loader's destination (uncompressed stores): every chunk's rows in order straight into
-    # batch memory (`ChunkRows`, as the loader reads), two batch-sized buffers used in turn (as recycled batches
-    # are), each chunk's CRC checked, its CLS vectors and targets decoded and copied into the batch. What one
-    # thread can do when the reads must land in batches that leave the core's cache; no shuffle, no pool.
-    g, width = int(store.attrs["grid"]), int(store.attrs["width"])
-    rows_path = all(store.reads_rows(layer_key(k)) for k in layers)
-    target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
-    into = [({k: np.empty((batch, g, g, 2 * width), np.uint8) for k in layers},  # tokens, fp16/bf16 bytes
-             np.empty((batch, 2 * width), np.uint8),  # CLS vectors
-             np.empty((batch, *target_hw), np.int16) if target_hw else None)  # targets as stored
-            for _ in range(2)]
-
-    def read_rows_into_batches() -> None:
-        i = 0
-        for c in range(store.n_chunks):
-            files = {k: store.chunk_rows(layer_key(k), c) for k in layers}
-            small = store.read_chunk(c, layers=(), raw_depth=True)
-            glob, depth = byte_view(small["global"]), small.get("depth")
-            for r in range(len(glob)):
-                turn, slot = divmod(i, batch)
-                tokens, glob_into, depth_into = into[turn % 2]
-                for k in layers:
-                    files[k].read_into(r, tokens[k][slot])
-                np.copyto(glob_into[slot], glob[r])
-                if depth is not None:
-                    np.copyto(depth_into[slot], depth[r].numpy())
-                i += 1
-            for rows in files.values():
-                rows.finish()
-
-    per_pass, parallel, into_batches = [], [], []
+    per_pass, parallel = [], []
     for _ in range(3):
         with ThreadPoolExecutor(1) as one:
             t0 = time.perf_counter()
             one.submit(read_all, range(store.n_chunks)).result()
             per_pass.append(time.perf_counter() - t0)
-            if rows_path:
-                t0 = time.perf_counter()
-                one.submit(read_rows_into_batches).result()
-                into_batches.append(time.perf_counter() - t0)
         # What `threads` threads reading at once actually reach here (memory bandwidth and the hypervisor decide):
         # the ceiling any loader on these cores meets, against which the limit's `threads x` is an assumption.
         with ThreadPoolExecutor(threads) as pool:
@@ -181,35 +134,13 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
             list(pool.map(read_all, [range(i, store.n_chunks, threads) for i in range(threads)]))
             parallel.append(time.perf_counter() - t0)
     read_s = min(per_pass)
-    kw = dict(cache_device="stream", flip_p=0.5, seed=0, read_workers=threads)
-    for_gpu = CachedBatches(store, layers, batch, device_finish=True, **kw)  # what a CUDA trainer's host does
-    on_host = CachedBatches(store, layers, batch, device_finish=False, **kw)  # what a CPU trainer's loader does
-    # The GPU trainer's host side: batches handed to the device copy in recycled memory (`recycle`, what CUDA's
-    # caching host allocator does with pinned batches); `fresh`: the same in memory allocated for every batch.
-    if for_gpu.device_finish:
-        epochs = lambda e: for_gpu.host_batches(e, recycle=True)
-        fresh_epochs = for_gpu.host_batches
-    else:
-        epochs = fresh_epochs = for_gpu.epoch
-    runs, fresh_runs, host_runs = [], [], []
-    for epoch in range(3):  # alternated, so that drift hits all alike
+    loader = CachedBatches(store, layers, batch, cache_device="stream", flip_p=0.5, seed=0, read_workers=threads)
+    runs = []
+    for epoch in range(3):
         t0 = time.perf_counter()
-        samples = sum(len(b.index) for b in epochs(epoch))
+        samples = sum(len(b.index) for b in loader.epoch(epoch))
         runs.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        sum(len(b.index) for b in fresh_epochs(epoch))
-        fresh_runs.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        sum(len(b.index) for b in on_host.epoch(epoch))
-        host_runs.append(time.perf_counter() - t0)
     stream_s = min(runs)
-    finish_ms = None
-    if for_gpu.device_finish:  # the device's part (flip + metres) timed on this CPU, for scale
-        raw = list(for_gpu.host_batches(0))[:8]
-        t0 = time.perf_counter()
-        for b in raw:
-            for_gpu._finish_on_device(b, bool(b.flipped.any()))
-        finish_ms = round(1000 * (time.perf_counter() - t0) / len(raw), 2)
     read_limit = threads * store.n / read_s
     # Bytes per epoch: each pass reads every chunk of its layers, the CLS vectors and the targets once.
     fixed = chunk_bytes(store, "cls") + chunk_bytes(store, "depth")
@@ -224,20 +155,9 @@ def data_paths(cfg, store, threads: int, batch: int) -> dict:
         "read_limit_samples_per_s": round(read_limit, 2),
         "stream_over_read_limit": round(samples / stream_s / read_limit, 3),
         "single_thread_read_ms_per_sample": round(1000 * read_s / store.n, 3),
-        "single_thread_read_into_batches_ms_per_sample": round(1000 * min(into_batches) / store.n, 3)
-        if into_batches else None,
-        "stream_over_read_into_batches_limit": round(samples / stream_s / (threads * store.n / min(into_batches)), 3)
-        if into_batches else None,
         "parallel_read_samples_per_s": round(store.n / min(parallel), 2),
         "stream_over_parallel_read": round(samples / stream_s / (store.n / min(parallel)), 3),
-        "streaming_path": "rows" if for_gpu.row_reads else "chunks",
-        "stream_finish": "device" if for_gpu.device_finish else "host",
-        "stream_fresh_memory_samples_per_s": round(samples / min(fresh_runs), 2),
-        "stream_host_finish_samples_per_s": round(samples / min(host_runs), 2),
-        "stream_host_finish_over_read_limit": round(samples / min(host_runs) / read_limit, 3),
-        "device_finish_ms_per_batch_on_this_cpu": finish_ms,
-        "stream_s_runs": [round(x, 3) for x in runs], "stream_fresh_memory_s_runs": [round(x, 3) for x in fresh_runs],
-        "stream_host_finish_s_runs": [round(x, 3) for x in host_runs],
+        "stream_s_runs": [round(x, 3) for x in runs],
         "read_s_passes": [round(x, 3) for x in per_pass],
         "parallel_read_s_passes": [round(x, 3) for x in parallel],
         "layers": list(layers), "read_workers": threads, "batch_size": batch,

@@ -1,6 +1,6 @@
 """`extract-features`: run the frozen encoder once over every split into fingerprinted Zarr stores.
 
-    plan + create stores (or reuse by fingerprint; damaged chunks marked pending) ──► extract-shards: a few tasks
+    plan + create stores (or reuse by fingerprint; damaged chunks marked pending) ──► extract-chunks: a few tasks
     per worker (`TASKS_PER_WORKER`), each a run of a store's pending chunks, each chunk under its claim ──► wait for
     chunks other runs hold ──► verify
 
@@ -8,7 +8,7 @@ Workers (`pipeline.devices`): on a host with several GPUs one process per GPU, e
 (CUDA_VISIBLE_DEVICES), each with its share of the usable cores; or the workers of an existing scheduler.
 
 A task extracts its chunks as one pipeline (`pipeline.extract.extract_chunks`): the write of one chunk overlaps
-the decode and encoding of the next, which a task of one chunk cannot do. (`shard_jobs` lives in `pipeline.extract`:
+the decode and encoding of the next, which a task of one chunk cannot do. (`chunk_jobs` lives in `pipeline.extract`:
 a deployment loads this file as a script, and Dask could not unpickle a helper of an unimportable module.)
 
 A grid (pipeline/grid.py) extracts each distinct store once: its points' fingerprints are computed first, the
@@ -29,7 +29,7 @@ from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.config import Config, ConfigError
 from pipeline import synth
 from pipeline.devices import WorkerPlan, encoder_settings, local_cluster, plan_on_scheduler, with_encoder_settings
-from pipeline.extract import extract_claimed, finish_store, prepare_stores, shard_jobs, worker_plan
+from pipeline.extract import chunk_jobs, extract_claimed, finish_store, prepare_stores, worker_plan
 from pipeline.grid import check_grid_space, contexts, describe, distinct_stores, points
 from pipeline.layout import SPLITS, RunContext, finalize_store
 
@@ -50,11 +50,11 @@ def extract_chunks_task(cfg: Config, url: str, split: str, chunks: list[int], to
     return results
 
 
-@flow(name="extract-shards")
-def extract_shards(cfg: Config, jobs: list[tuple[str, str, int]], plan: WorkerPlan, progress: bool = False):
-    shards, torch_threads = shard_jobs(jobs, plan.n_workers), plan.threads
-    futures = [extract_chunks_task.submit(cfg, url, split, chunks, torch_threads) for split, url, chunks in shards]
-    size = {id(f): len(chunks) for f, (_, _, chunks) in zip(futures, shards)}
+@flow(name="extract-chunks")
+def extract_chunk_jobs(cfg: Config, jobs: list[tuple[str, str, int]], plan: WorkerPlan, progress: bool = False):
+    tasks, torch_threads = chunk_jobs(jobs, plan.n_workers), plan.threads
+    futures = [extract_chunks_task.submit(cfg, url, split, chunks, torch_threads) for split, url, chunks in tasks]
+    size = {id(f): len(chunks) for f, (_, _, chunks) in zip(futures, tasks)}
     with tqdm(total=len(jobs), desc="extract", unit="chunk", disable=not progress) as bar:
         for future in as_completed(futures):
             future.result()  # raises a chunk's error, naming the file
@@ -147,7 +147,7 @@ def _extract_point(ctx: RunContext, splits: list[str], plan: WorkerPlan, progres
         recheck[store.url] = set(range(store.n_chunks)) - store.verified
         jobs += [(split, store.url, c) for c in pending]
     if jobs:
-        extract_shards.with_options(task_runner=dask_runner(cfg, plan))(cfg, jobs, plan, progress)
+        extract_chunk_jobs.with_options(task_runner=dask_runner(cfg, plan))(cfg, jobs, plan, progress)
     for url, (split, _) in stores.items():
         finish_store(cfg, url)  # chunks another run holds: wait for them (or take over those of a dead one)
         report = finalize_store(url, chunks=recheck[url])

@@ -44,7 +44,7 @@ from pipeline import datasets
 from pipeline.config import Config, ConfigError
 from pipeline.errors import SpaceClipError
 from pipeline.layout import RunContext, package_versions, resolve_device
-from pipeline.loader import Batch, flip_features
+from pipeline.loader import Batch, CachedBatches, flip_features
 from pipeline.store import FeatureStore
 from spaceclip.decoder import VARIANTS, SpaceClipDecoder, resize
 from spaceclip.metrics import METRIC_KEYS, compute_metrics, crop_mask, mean_metrics, valid_mask
@@ -375,90 +375,21 @@ def evaluate_run(
     has_gt = index["depth_path"].to_numpy() != ""
     unreadable = index["skipped"].to_numpy().astype(bool)
     todo = np.flatnonzero(has_gt & ~unreadable)
-    shown = qualitative_positions(todo, ev.qualitative)
-    split_file = store.attrs["split_file"]
-    rows: list[dict] = []
-    examples: list[Example] = []
-    no_valid: list[dict] = []
-    bad_gt: list[dict] = []
     log.info("evaluating %s on %d of %d test frames (%d with GT None%s) from %s: crop %s, range (%g, %g], "
              "alignment %s, GT %s, flip TTA %s", ", ".join(variants), len(todo), store.n, int((~has_gt).sum()),
              f", {int(unreadable.sum())} unreadable" if unreadable.any() else "", store.url, crop, lo, hi,
              alignment, ev.gt_resolution, f"on ({ev.flip_tta_source})" if ev.flip_tta else "off")
-
-    def read_gt(p: int) -> np.ndarray | datasets.DatasetError:
-        try:
-            return load_gt(records[p], split_file, cfg.data.layout)
-        except datasets.DatasetError as err:
-            if cfg.data.on_error == "raise":
-                raise
-            return err
-
-    bar = tqdm(total=len(todo), desc="evaluate", unit="img", disable=not progress)
-    with torch.inference_mode(), ThreadPoolExecutor(max_workers=2) as pool:
-        for c in range(store.n_chunks):
-            a, b = store.chunk_range(c)
-            positions = todo[(todo >= a) & (todo < b)]
-            if len(positions) == 0:
-                continue
-            # whole chunks: the store's unit of compression (with the mirrored images' features for pixel flip TTA)
-            chunk = store.read(slice(a, b), layers, depth=False, flipped=pixel_flips)
-            gts = pool.map(read_gt, positions)  # decoded ahead, in order
-            for start in range(0, len(positions), ev.batch_size):
-                pos = positions[start:start + ev.batch_size]
-                rel = torch.from_numpy(pos - a)
-                unflipped = torch.zeros(len(pos), dtype=torch.bool)
-                batch = Batch({"tokens": {k: t.index_select(0, rel) for k, t in chunk["tokens"].items()},
-                               "global": chunk["global"].index_select(0, rel)}, None, pos, unflipped).to(device)
-                mirrored = None
-                if pixel_flips:
-                    mirrored = Batch({"tokens": {k: t.index_select(0, rel) for k, t in chunk["flipped_tokens"].items()},
-                                      "global": chunk["flipped_global"].index_select(0, rel)}, None, pos,
-                                     ~unflipped).to(device)
-                preds = {v: predict_batch(fn, batch, ev.flip_tta, mirrored)  # v -> (B, h, w)
-                         for v, fn in predictors.items()}
-                for j, p in enumerate(pos):
-                    row, gt = records[p], next(gts)  # gt: (H, W) metres
-                    if isinstance(gt, datasets.DatasetError):
-                        bad_gt.append({"id": row["id"], "line": int(row["line"]), "reason": str(gt)})
-                        log.warning("skipping %s: %s", row["id"], gt)
-                        continue
-                    if gt_size is not None:
-                        gt = resize_gt_nearest(gt, gt_size)  # (352, 704): the authors' release protocol
-                    valid = valid_mask(gt, lo, hi) & crop_mask(gt.shape, crop)
-                    if not valid.any():
-                        reason = f"no valid ground-truth pixel in ({lo:g}, {hi:g}) inside crop {crop}"
-                        no_valid.append({"id": row["id"], "line": int(row["line"]), "reason": reason})
-                        log.warning("skipping %s: %s", row["id"], reason)
-                        continue
-                    example = Example(row["id"], row["image_path"], gt) if int(p) in shown else None
-                    for run in runs:
-                        v = run.label
-                        full = to_gt_resolution(preds[v][j], gt.shape)  # (H, W)
-                        if alignment == "lstsq":
-                            full = lstsq_align(full, gt, valid)[0]
-                        m = compute_metrics(full, gt, crop=crop, min_depth=lo, max_depth=hi,
-                                            median_scaling=alignment == "median")
-                        rows.append({"variant": run.variant, "seed": run.seed, "id": row["id"], "line": int(row["line"]), "gt_h": gt.shape[0],
-                                     "gt_w": gt.shape[1], "valid_px": int(valid.sum()), **m})
-                        if example is not None:
-                            example.predictions[v] = full.astype(np.float32)
-                            example.metrics[v] = m
-                    if example is not None:
-                        examples.append(example)
-                bar.update(len(pos))
-    bar.close()
+    # The test frames with ground truth, in split order, through the training loader (streamed: whole chunks,
+    # with the mirrored images' features for pixel flip TTA).
+    loader = CachedBatches(store, layers, ev.batch_size, train=False, cache_device="stream", device=device,
+                           positions=todo, mirrored=pixel_flips)
+    scored = _score(cfg, loader, records, runs, predictors, qualitative_positions(todo, ev.qualitative),
+                    progress)
+    rows, examples, no_valid, bad_gt = scored
 
     per_image = pd.DataFrame(rows, columns=["variant", "seed", "id", "line", "gt_h", "gt_w", "valid_px", *METRIC_KEYS])
     planning = store.attrs.get("skipped_at_planning") or []
-    skipped = pd.DataFrame(
-        [{"id": r["id"], "line": int(r["line"]), "reason": "GT None in the split file"}
-         for r, g in zip(records, has_gt) if not g]
-        + [{"id": r["id"], "line": int(r["line"]), "reason": f"unreadable: {r['skip_reason']}"}
-           for r, u, g in zip(records, unreadable, has_gt) if u and g]
-        + [{"id": r["id"], "line": int(r["line"]), "reason": f"unreadable: {r['reason']}"} for r in planning]
-        + [{**r, "reason": f"unreadable: {r['reason']}"} for r in bad_gt] + no_valid,
-        columns=["id", "line", "reason"]).sort_values("line", kind="stable", ignore_index=True)
+    skipped = _skipped_table(records, has_gt, unreadable, planning, bad_gt, no_valid)
     counts = {
         "lines": store.n + len(planning), "evaluated": len(todo) - len(no_valid) - len(bad_gt),
         "gt_none": int((~has_gt).sum()),
@@ -466,7 +397,7 @@ def evaluate_run(
         "no_valid_pixels": len(no_valid),
     }
     if counts["evaluated"] == 0:
-        raise EvaluationError(f"no test frame could be evaluated: {counts} ({split_file})")
+        raise EvaluationError(f"no test frame could be evaluated: {counts} ({store.attrs['split_file']})")
     checkpoint_info = {v: {"variant": c.variant, "seed": c.seed, "path": str(c.path), "epoch": c.epoch, "val_abs_rel": c.val_abs_rel,
                            "train_fingerprint": c.train_fingerprint, "imported": c.imported}
                        for v, c in checkpoints.items()}
@@ -480,6 +411,77 @@ def evaluate_run(
         if on_variant is not None:
             on_variant(run.label, {k: record[k] for k in METRIC_KEYS} | {"n_images": record["n_images"]})
     return evaluation
+
+
+def _score(cfg: Config, loader: CachedBatches, records: list[dict], runs: list, predictors: dict, shown: set[int],
+           progress: bool) -> tuple[list, list, list, list]:
+    """Every run's prediction of every batch of `loader`, scored against each frame's ground truth (read ahead
+    in a small pool while the batch is predicted). Returns (metric rows, examples, frames without a valid pixel,
+    frames whose ground truth could not be read)."""
+    crop, alignment, gt_size = resolve_protocol(cfg)
+    lo, hi = cfg.data.depth_range
+    ev, split_file = cfg.eval, loader.store.attrs["split_file"]
+    rows, examples, no_valid, bad_gt = [], [], [], []
+
+    def read_gt(p: int) -> np.ndarray | datasets.DatasetError:
+        try:
+            return load_gt(records[p], split_file, cfg.data.layout)
+        except datasets.DatasetError as err:
+            if cfg.data.on_error == "raise":
+                raise
+            return err
+
+    bar = tqdm(total=loader.n_usable, desc="evaluate", unit="img", disable=not progress)
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=2) as pool:
+        for batch in loader.epoch(0):
+            gts = pool.map(read_gt, batch.index)  # decoded while the batch is predicted
+            mirrored = None
+            if batch.mirrored is not None:  # pixel flip TTA: the mirrored images' own features
+                mirrored = batch._replace(features=batch.mirrored, flipped=~batch.flipped, mirrored=None)
+            preds = {v: predict_batch(fn, batch, ev.flip_tta, mirrored) for v, fn in predictors.items()}  # (B, h, w)
+            for j, (p, gt) in enumerate(zip(batch.index, gts)):  # gt: (H, W) metres
+                row = records[p]
+                if isinstance(gt, datasets.DatasetError):
+                    bad_gt.append({"id": row["id"], "line": int(row["line"]), "reason": str(gt)})
+                    log.warning("skipping %s: %s", row["id"], gt)
+                    continue
+                if gt_size is not None:
+                    gt = resize_gt_nearest(gt, gt_size)  # (352, 704): the authors' release protocol
+                valid = valid_mask(gt, lo, hi) & crop_mask(gt.shape, crop)
+                if not valid.any():
+                    reason = f"no valid ground-truth pixel in ({lo:g}, {hi:g}) inside crop {crop}"
+                    no_valid.append({"id": row["id"], "line": int(row["line"]), "reason": reason})
+                    log.warning("skipping %s: %s", row["id"], reason)
+                    continue
+                example = Example(row["id"], row["image_path"], gt) if int(p) in shown else None
+                for run in runs:
+                    full = to_gt_resolution(preds[run.label][j], gt.shape)  # (H, W)
+                    if alignment == "lstsq":
+                        full = lstsq_align(full, gt, valid)[0]
+                    m = compute_metrics(full, gt, crop=crop, min_depth=lo, max_depth=hi,
+                                        median_scaling=alignment == "median")
+                    rows.append({"variant": run.variant, "seed": run.seed, "id": row["id"], "line": int(row["line"]),
+                                 "gt_h": gt.shape[0], "gt_w": gt.shape[1], "valid_px": int(valid.sum()), **m})
+                    if example is not None:
+                        example.predictions[run.label], example.metrics[run.label] = full.astype(np.float32), m
+                if example is not None:
+                    examples.append(example)
+            bar.update(len(batch.index))
+    bar.close()
+    return rows, examples, no_valid, bad_gt
+
+
+def _skipped_table(records: list[dict], has_gt: np.ndarray, unreadable: np.ndarray, planning: list[dict],
+                   bad_gt: list[dict], no_valid: list[dict]) -> pd.DataFrame:
+    """The test lines left out of the scores, with the reason, in split order."""
+    return pd.DataFrame(
+        [{"id": r["id"], "line": int(r["line"]), "reason": "GT None in the split file"}
+         for r, g in zip(records, has_gt) if not g]
+        + [{"id": r["id"], "line": int(r["line"]), "reason": f"unreadable: {r['skip_reason']}"}
+           for r, u, g in zip(records, unreadable, has_gt) if u and g]
+        + [{"id": r["id"], "line": int(r["line"]), "reason": f"unreadable: {r['reason']}"} for r in planning]
+        + [{**r, "reason": f"unreadable: {r['reason']}"} for r in bad_gt] + no_valid,
+        columns=["id", "line", "reason"]).sort_values("line", kind="stable", ignore_index=True)
 
 
 # ---- chosen frames again --------------------------------------------------------------------------------------------

@@ -1,49 +1,36 @@
 """Stage 1: run the frozen encoder once over a split and write its features into a feature store.
 
-`plan_split` reads a split file and its images' headers and decides the views; `prepare_store` reuses the store of
-this config's fingerprint or creates it from the plan (the layout is `pipeline/layout.py`'s). `extract_chunks` fills
-chunks as one pipeline; `extract_claimed` runs it under the chunks' claims, and the Prefect flow maps it over runs of
-chunks on Dask workers. A chunk's `done` flags are written after its data, so a run killed at any moment resumes
-with exactly the chunks that are missing.
+`plan_split` (`pipeline/planning.py`) decides a split's samples and views; `prepare_store` reuses the store of
+this config's fingerprint (repairing what `verify` and `pipeline/sources.py` find) or creates it from the plan.
+`extract_chunks` fills chunks as one pipeline; `extract_claimed` runs it under the chunks' claims, and the Prefect
+flow maps it over runs of chunks on Dask workers. A chunk's `done` flags are written after its data, so a run
+killed at any moment resumes with exactly the chunks that are missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
-import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from pipeline import datasets, synth
-from pipeline.config import Config
-from pipeline.datasets import DatasetError, Sample, View
-from pipeline.fingerprint import data_roots, file_signature
+from pipeline.config import Config, dump_config
+from pipeline.datasets import DatasetError
 from pipeline.devices import WorkerPlan, encoder_settings, plan_workers
-from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
-from pipeline.store import (FeatureStore, SizeEstimate, StoreError, byte_view, estimate_bytes, local_path,
-                            nearest_existing)
+from pipeline.diskspace import DiskSpaceError  # noqa: F401  (what prepare_stores raises: callers catch it from here)
+from pipeline.diskspace import SizeEstimate, SpaceNeeded, check_space, estimate_bytes, nearest_existing
+from pipeline.fingerprint import data_roots
+from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store, package_versions
+from pipeline.planning import Plan, load_view, plan_split, view_of_row
+from pipeline.sources import changed_chunks, file_signatures
+from pipeline.store import FeatureStore, StoreError, StoreSpec, local_path
 
 log = logging.getLogger(__name__)
-
-
-def view_config_for(cfg: Config, split: str):
-    """Train: the configured views. Val: one deterministic centred view of the same size (checkpoint selection
-    must not depend on random crops or augmentation). Test: the full frame, handled by `make_views(train=False)`."""
-    if split == "val":  # un-augmented, one view per frame
-        update = {"rotation_deg": 0.0, "color": None, "views_per_image": 1}
-        if cfg.views.mode == "random":
-            update["mode"] = "center"
-        return cfg.views.model_copy(update=update)
-    return cfg.views
 
 
 def worker_plan(cfg: Config) -> WorkerPlan:
@@ -56,77 +43,6 @@ def torch_threads_per_worker(cfg: Config) -> int:
     """torch intra-op threads of one extraction worker: `dask.torch_threads`, else the usable cores shared among
     the workers (Dask sets OMP_NUM_THREADS=1 in its workers, so torch would otherwise use one)."""
     return worker_plan(cfg).threads
-
-
-# ---- planning -------------------------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    split: str
-    index: dict  # the store's index columns (`pipeline.store.INDEX_FIELDS`), one row per view
-    target_hw: tuple[int, int] | None  # training targets' (H, W); None for the test split
-    skipped: list[dict]  # frames whose image could not be read ({"id", "line", "reason"}; data.on_error = skip)
-
-
-def plan_split(cfg: Config, split: str) -> Plan:
-    """Which frames and views a split's store holds, from the split file and the image headers alone."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
-    samples = datasets.read_split(cfg.data, split)
-    trains = split != "test"
-    views_cfg = view_config_for(cfg, split)
-    rows: dict[str, list] = {k: [] for k in ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "group",
-                                              "line", "view_aug")}
-    skipped = []
-    for s in samples:
-        try:
-            w, h = _image_size(s)
-        except DatasetError as err:
-            if cfg.data.on_error == "raise":
-                raise
-            skipped.append({"id": s.id, "line": s.line, "reason": str(err)})
-            log.warning("skipping %s: %s", s.id, err)
-            continue
-        for v in datasets.make_views(s.id, (h, w), views_cfg, cfg.data.layout, train=trains):
-            rows["id"].append(s.id if not trains or views_cfg.views_per_image == 1 else f"{s.id}#v{v.k}")
-            rows["image_path"].append(str(s.image_path))
-            rows["depth_path"].append("" if s.depth_path is None else str(s.depth_path))
-            rows["focal"].append(s.focal)
-            rows["orig_hw"].append((h, w))
-            rows["view"].append((v.k, v.top, v.left, v.height, v.width))
-            rows["view_aug"].append(v.augmentation)  # (angle, gamma, brightness, gains): the view is recomputable
-            rows["group"].append(s.group)
-            rows["line"].append(s.line)
-    index = {
-        "id": np.array(rows["id"], dtype=str), "image_path": np.array(rows["image_path"], dtype=str),
-        "depth_path": np.array(rows["depth_path"], dtype=str), "focal": np.array(rows["focal"], np.float64),
-        "orig_hw": np.array(rows["orig_hw"], np.int32).reshape(-1, 2),
-        "view": np.array(rows["view"], np.int32).reshape(-1, 5), "group": np.array(rows["group"], dtype=str),
-        "line": np.array(rows["line"], np.int32),
-        "view_aug": np.array(rows["view_aug"], np.float64).reshape(-1, 6),
-    }
-    target_hw = None
-    if trains:
-        target_hw = cfg.cache.target_size
-        sizes = {tuple(v[3:5]) for v in rows["view"]}
-        if target_hw is None and len(sizes) > 1:
-            raise StoreError(
-                f"{split} views have different sizes {sorted(sizes)[:4]}...; set cache.target_size (H, W) or use a "
-                "fixed views.crop_size so that training targets share one shape"
-            )
-        target_hw = tuple(target_hw) if target_hw else (next(iter(sizes)) if sizes else (1, 1))
-    return Plan(split, index, target_hw, skipped)
-
-
-def _image_size(s: Sample) -> tuple[int, int]:
-    """(W, H) from the image header alone; decoding happens in the chunk workers."""
-    where = f"(line {s.line} of {s.split_file})"
-    if not Path(s.image_path).is_file():
-        raise DatasetError(f"image file missing: {s.image_path} {where}")
-    try:
-        with Image.open(s.image_path) as im:
-            return im.size
-    except Exception as err:
-        raise DatasetError(f"image file unreadable: {s.image_path} {where}: {err}") from None
 
 
 def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None) -> tuple[FeatureStore, bool]:
@@ -143,10 +59,9 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
     store = ctx.reuse_store(split)
     if store is None:
         plan = plan_split(ctx.cfg, split) if plan is None else plan
-        store = ctx.create_store(split, plan)
+        store = create_store(ctx, split, plan)
         if store.created:
             store.record_sources(file_signatures(plan.index))
-        store.verified = set()
         return store, not store.created
     report = store.verify(quick=ctx.cfg.cache.verify == "quick")
     damaged = report["damaged_chunks"]
@@ -156,143 +71,51 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
     if damaged:
         log.warning("%s: %d damaged chunks %s are extracted again: %s", store.url, len(damaged), damaged[:10],
                     "; ".join(report["problems"][:3]))
-    changed = _reextract_changed(ctx.cfg, split, store)
+    changed = changed_chunks(ctx.cfg, split, store)
     again = sorted(set(damaged) | set(changed))
-    if again:
-        if store.complete:
-            store.group.attrs["complete"] = False  # training refuses it until the repair is done
-            store.attrs["complete"] = False
-        for c in again:
-            with store.claim_chunk(c) as claim:
-                if claim.acquired:  # else another run is writing it again already
-                    store.reset_chunks([c])
+    for c in again:
+        with store.claim_chunk(c) as claim:
+            if claim.acquired:  # else another run is writing it again already
+                store.reset_chunks([c])  # and the store is no longer complete: training refuses it until done
     done = store.done_flags()
-    store.verified = {c for c in range(store.n_chunks) if c not in again and done[slice(*store.chunk_range(c))].all()}
+    store.mark_verified(c for c in range(store.n_chunks) if c not in again and done[slice(*store.chunk_range(c))].all())
     return store, True
 
 
-# ---- the files a store was extracted from ---------------------------------------------------------------------
-def file_signatures(index) -> dict[str, np.ndarray]:
-    """{"image", "depth"}: each row's files by (size, mtime) (`pipeline.fingerprint.file_signature`)."""
-    return {"image": file_signature(index["image_path"]), "depth": file_signature(index["depth_path"])}
+def create_store(ctx: RunContext, split: str, plan: Plan) -> FeatureStore:
+    """A new, empty store for a planned split, its attributes recording where its bytes come from."""
+    spec = store_spec(ctx, split, plan)
+    url = ctx.store_url(split)
+    log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
+    store = FeatureStore.create(url, spec, plan.index)
+    if not store.created:
+        log.info("another process created %s at the same time; extracting its pending chunks together", url)
+    return store
 
 
-def source_changes(cfg: Config, split: str, store: FeatureStore) -> dict:
-    """What differs between the files `store` was extracted from and those there now: {"roots": [(key, then,
-    now)], "rows": positions whose image or depth file changed (size or mtime) or appeared or went, "examples":
-    a few "path: what" lines, "new_frames": frames skipped at planning (image missing or unreadable) whose image
-    is now there, "now": the current signatures}. `rows` is empty for a store that records no signatures."""
-    out = {"roots": [], "rows": np.zeros(0, np.int64), "examples": [], "new_frames": [], "now": None}
-    recorded_roots = store.attrs.get("data_roots")
-    if recorded_roots:
-        now_roots = data_roots(cfg, split)
-        out["roots"] = [(k, recorded_roots.get(k), v) for k, v in now_roots.items() if recorded_roots.get(k) != v]
-    index = store.index(skips=False)
-    now = out["now"] = file_signatures(index)
-    then = store.sources()
-    if then is not None:
-        rows = set()
-        for kind, column in (("image", "image_path"), ("depth", "depth_path")):
-            differ = np.flatnonzero((then[kind] != now[kind]).any(axis=1))
-            rows.update(differ.tolist())
-            for i in differ[:3]:
-                out["examples"].append(f"{index[column].iloc[i]}: {_describe(then[kind][i], now[kind][i])}")
-        out["rows"] = np.array(sorted(rows), np.int64)
-    at_planning = {s["id"] for s in store.attrs.get("skipped_at_planning") or []}
-    if at_planning:
-        for sample in datasets.read_split(cfg.data, split):
-            if sample.id in at_planning and Path(sample.image_path).is_file():
-                out["new_frames"].append(f"{sample.id} ({sample.image_path})")
-    return out
-
-
-def _describe(then: np.ndarray, now: np.ndarray) -> str:
-    if then[0] < 0:
-        return f"now there ({now[0]} bytes), missing at extraction"
-    if now[0] < 0:
-        return "gone"
-    if then[0] != now[0]:
-        return f"{then[0]} -> {now[0]} bytes"
-    return "modified (same size, another modification time)"
-
-
-def _reextract_changed(cfg: Config, split: str, store: FeatureStore) -> list[int]:
-    """The chunks to extract again because their samples' files changed (`source_changes`), their new signatures
-    recorded; a `StoreError` when the store cannot follow the change in place (other data roots, frames it has no
-    row for), unless `cache.on_data_change: keep`."""
-    changes = source_changes(cfg, split, store)
-    if store.sources() is None:  # a store from before signatures: record what is there now
-        store.record_sources(changes["now"])
-        if not store.attrs.get("data_roots"):
-            store.group.attrs["data_roots"] = store.attrs["data_roots"] = data_roots(cfg, split)
-        return []
-    rows, keep = changes["rows"], cfg.cache.on_data_change == "keep"
-    what = []
-    if changes["roots"]:
-        what.append("; ".join(f"data.{k} was {a} and is now {b}" for k, a, b in changes["roots"]))
-    if len(rows):
-        what.append(f"{len(rows)} of its {store.n} samples' files changed since it was extracted (e.g. "
-                    + "; ".join(changes["examples"][:3]) + ")")
-    if changes["new_frames"]:
-        what.append(f"{len(changes['new_frames'])} frames skipped at planning now have their image (e.g. "
-                    + ", ".join(changes["new_frames"][:3]) + ")")
-    if not what:
-        return []
-    said = f"{store.url} ({split}): " + "; ".join(what)
-    if keep:
-        log.warning("%s; cache.on_data_change is keep: the store is used as it is", said)
-        return []
-    if changes["roots"] or changes["new_frames"]:
-        raise StoreError(f"{said}. The store was extracted from other files and cannot follow this change in place: "
-                         f"delete {store.url} (or set another cache.root) to extract the split again, or set "
-                         "cache.on_data_change=keep to use it as it is")
-    chunks = sorted({int(r) // store.chunk_size for r in rows})
-    log.warning("%s: extracting the %d chunks that hold them again", said, len(chunks))
-    store.record_sources(changes["now"])  # a kill before the chunks are written leaves them pending: no loss
-    return chunks
+def store_spec(ctx: RunContext, split: str, plan: Plan) -> StoreSpec:
+    """The spec `create_store` creates a planned split's store from (its shapes: `diskspace.estimate_bytes`)."""
+    cfg, identity, inputs = ctx.cfg, ctx.encoder_identity, ctx.fingerprint_inputs(split)
+    # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
+    flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
+    return StoreSpec(
+        n=len(plan.index["id"]), layers=cfg.cache_layers, grid=identity["grid"], width=identity["width"],
+        dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
+        level=cfg.cache.compression_level, target_hw=plan.target_hw,
+        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
+        attrs={
+            "fingerprint": ctx.fingerprint(split), "fingerprint_inputs": inputs, "split": split,
+            "config": dump_config(cfg), "versions": package_versions(), "format_version": inputs["format_version"],
+            "encoder": identity, "skipped_at_planning": plan.skipped,
+            "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
+            "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
+            "data_roots": data_roots(cfg, split),  # compared on reuse (`source_changes`)
+            "extraction": encoder_settings(cfg.encoder).describe(),  # device, batch, autocast, TF32
+        },
+    )
 
 
 # ---- room on the disk -----------------------------------------------------------------------------------------
-class DiskSpaceError(StoreError):
-    """The file system of `cache.root` has not the room for the stores still to be extracted."""
-
-
-@dataclass
-class SpaceNeeded:
-    """The bytes the stores of a run still need (`estimate_bytes`), and the room where they go."""
-
-    root: str
-    where: Path | None  # the existing folder whose file system was asked; None: not a local path
-    free: int | None
-    splits: dict  # split -> (SizeEstimate, what: "new, N samples" / "K of M chunks to go" / "complete")
-    total: SizeEstimate
-
-    @property
-    def fits(self) -> bool:
-        return self.free is None or self.total.low <= self.free
-
-    def lines(self) -> list[str]:
-        out = []
-        for split, (est, what) in self.splits.items():
-            parts = ", ".join(f"{k} {_size(lo, hi)}" for k, (lo, hi) in est.parts.items() if hi)
-            out.append(f"cache {split}: {_size(est.low, est.high)} to write ({what}){': ' + parts if parts else ''}")
-        room = "unknown (not a local path)" if self.free is None else f"{_gb(self.free)} free on {self.where}"
-        out.append(f"cache total: {_size(self.total.low, self.total.high)} to write under cache.root {self.root}; "
-                   f"{room}")
-        return out
-
-
-def _gb(n: int) -> str:
-    return _size(n, n)
-
-
-def _size(low: int, high: int) -> str:
-    """"1.20 to 1.45 GB", in GB from 1 GB on, else MB; one figure where both read the same."""
-    scale, unit = (1e9, "GB") if high >= 1e9 else (1e6, "MB")
-    a, b = f"{low / scale:.2f}", f"{high / scale:.2f}"
-    return f"{b} {unit}" if a == b else f"{a} to {b} {unit}"
-
-
 def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, dict[str, Plan]]:
     """What the splits' stores still need on disk: a new store all of it (from the split's plan, returned for
     `prepare_store`), a partial one its pending chunks (what is written counts as done), a complete one nothing."""
@@ -306,7 +129,7 @@ def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, 
             store = None
         if store is None:
             plan = plans[split] = plan_split(cfg, split)
-            spec = ctx.store_spec(split, plan)
+            spec = store_spec(ctx, split, plan)
             est = estimate_bytes(spec, plan.index)
             what = f"new: {spec.n} samples in {-(-spec.n // spec.chunk_size)} chunks"
         elif store.complete:
@@ -320,27 +143,6 @@ def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, 
     where = None if folder is None else nearest_existing(folder)
     free = None if where is None else shutil.disk_usage(where).free
     return SpaceNeeded(cfg.cache.root, where, free, per_split, total), plans
-
-
-def check_space(need: SpaceNeeded, cfg: Config) -> None:
-    """A `DiskSpaceError` with the numbers and the knobs when the stores cannot fit (`cache.check_space: false`:
-    a warning only); a warning when they fit only if the compressed arrays compress."""
-    if need.fits:
-        if need.free is not None and need.total.high > need.free:
-            log.warning("cache.root %s: %s free, the stores need %s: they fit only if their compressed arrays "
-                        "compress", need.root, _gb(need.free), _size(need.total.low, need.total.high))
-        return
-    per = "; ".join(f"{split} {_size(est.low, est.high)}" for split, (est, _) in need.splits.items() if est.high)
-    message = (
-        f"not enough disk space for the feature cache: extraction would write {_size(need.total.low, need.total.high)}"
-        f" ({per}) under cache.root {need.root}, and its file system ({need.where}) has {_gb(need.free)} free. "
-        f"Free space there, or set cache.root to a larger file system, or store less: views.views_per_image "
-        f"(now {cfg.views.views_per_image}) and cache.layers (now {list(cfg.cache_layers)}) scale it, "
-        f"cache.dtype ({cfg.cache.dtype}) takes 2 bytes a value; --ignore-disk-space (cache.check_space=false) "
-        "goes on anyway")
-    if cfg.cache.check_space:
-        raise DiskSpaceError(message)
-    log.warning("%s (cache.check_space is false: going on)", message)
 
 
 def prepare_stores(ctx: RunContext | Config, splits=SPLITS) -> dict[str, tuple[FeatureStore, bool]]:
@@ -383,18 +185,18 @@ TASKS_PER_WORKER = 2  # flow tasks per worker and store: few (each builds a deco
 # more than one, so that a worker that finishes early takes over part of a slower one's share
 
 
-def shard_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
+def chunk_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
     """(split, url, chunks) tasks: each store's pending chunks in `TASKS_PER_WORKER` runs per worker, of
     ceil(chunks / (workers x TASKS_PER_WORKER)) chunks each (KITTI's ~1300 train chunks on 8 GPUs: 16 tasks of 82,
     not 325 of 4). A task extracts its chunks as one pipeline; a retry redoes only those not yet done."""
     stores: dict[str, list] = {}
     for split, url, chunk in pending:
         stores.setdefault(url, [split, []])[1].append(chunk)
-    shards: list[tuple[str, str, list[int]]] = []
+    jobs: list[tuple[str, str, list[int]]] = []
     for url, (split, chunks) in stores.items():
         per_task = -(-len(chunks) // (max(1, n_workers) * TASKS_PER_WORKER))
-        shards += [(split, url, chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
-    return shards
+        jobs += [(split, url, chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
+    return jobs
 
 
 def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: float = 1.0) -> list[int]:
@@ -420,44 +222,11 @@ def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: 
 
 
 # ---- one chunk --------------------------------------------------------------------------------------------------
-def load_view(sample: Sample, view: View, orig_hw: tuple[int, int], layout: str,
-              target_hw: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """One planned view of a frame as the encoder sees it: the (h, w, 3) uint8 crop with its recorded augmentation
-    (rotation of the frame, image and depth alike; colour), and its training target (target_hw) in metres, 0 =
-    invalid (None without `target_hw`). Extraction and the images source (`ImageBatches`) both read views here."""
-    image = datasets.load_image(sample)
-    if image.shape[:2] != tuple(orig_hw):
-        raise DatasetError(f"image {sample.image_path} is {image.shape[1]}x{image.shape[0]}, but was "
-                           f"{orig_hw[1]}x{orig_hw[0]} when the store was planned (line {sample.line})")
-    gt = datasets.load_depth(sample, layout) if target_hw is not None else None
-    crop, gt_crop = datasets.augmented_view(image, gt, view)
-    depth = None
-    if target_hw is not None:
-        depth = np.zeros(target_hw, np.float32) if gt_crop is None else resize_depth(gt_crop, target_hw)
-    return crop, depth
-
-
 def _load_row(store: FeatureStore, row, encoder, layout: str, target_hw):
     """Decode, crop and preprocess one stored sample (runs in a loader thread)."""
     sample = datasets.sample_from_row(row._asdict(), store.attrs["split_file"])
     crop, depth = load_view(sample, view_of_row(row), (row.orig_h, row.orig_w), layout, target_hw)
     return encoder.preprocess(crop)[0], depth
-
-
-def view_of_row(row) -> View:
-    """The `View` (crop box and augmentation) an index row records (a row of `FeatureStore.index()`)."""
-    return View.from_record((row.view_k, row.view_top, row.view_left, row.view_h, row.view_w),
-                            (row.view_angle, row.view_gamma, row.view_brightness, row.view_gain_r,
-                             row.view_gain_g, row.view_gain_b))
-
-
-def resize_depth(depth: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize: keeps sparse LiDAR values real (no blending of valid and invalid pixels)."""
-    if depth.shape == tuple(hw):
-        return depth
-    rows = (np.arange(hw[0]) * depth.shape[0] / hw[0]).astype(np.int64)
-    cols = (np.arange(hw[1]) * depth.shape[1] / hw[1]).astype(np.int64)
-    return depth[rows[:, None], cols[None, :]]
 
 
 def decode_workers_for(cfg: Config) -> int:
@@ -471,23 +240,17 @@ class ChunkBuffers:
     """The buffers one chunk's features and targets are gathered in, two sets used in turn: while the writer thread
     writes one chunk from one set, the next chunk fills the other, and a set is taken again only after its write
     has finished (`extract_chunks` waits for the previous write before it hands the writer the next chunk).
-
-    Allocated once, so the kernel maps their pages in once: every fresh page costs a page fault, and on this VM
-    (free page reporting) 0.6-5 ms per MB, 2.1 MB per image for seven ViT-B/16 layers (BENCHMARKS.md, issue 14).
-    The token buffers are page-aligned `mmap`s, so `pipeline.store.write_file` hands their bulk to an O_DIRECT
-    write as it is, without staging it in an aligned copy."""
+    Allocated once per call: a fresh page costs the kernel a fault on first touch, and a chunk of seven ViT-B/16
+    layers is 2.1 MB an image."""
 
     def __init__(self, rows: int, layers, grid: int, width: int, dtype: torch.dtype, target_hw, flipped: bool):
-        def aligned(*shape) -> torch.Tensor:
-            nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-            return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(*shape)  # page-aligned, zeros
-
         def one_set():
-            tokens = {k: aligned(rows, grid, grid, width) for k in layers}  # (n, G, G, C)
-            mirrored = ({k: aligned(rows, grid, grid, width) for k in layers}, torch.zeros(rows, width, dtype=dtype)) \
-                if flipped else None  # views.flip = extract / pixel flip TTA: the mirrored image of every view too
+            features = lambda: ({k: torch.zeros(rows, grid, grid, width, dtype=dtype) for k in layers},
+                                torch.zeros(rows, width, dtype=dtype))  # (n, G, G, C) per layer, (n, C)
+            # views.flip = extract / pixel flip TTA: the mirrored image of every view too
+            tokens, cls = features()
             depth = np.zeros((rows, *target_hw), np.float32) if target_hw else None
-            return tokens, torch.zeros(rows, width, dtype=dtype), mirrored, depth
+            return tokens, cls, features() if flipped else None, depth
 
         self.sets = [one_set(), one_set()]
         self.turn = 1
@@ -512,11 +275,12 @@ class ChunkBuffers:
 
 def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
     """`into[positions] = rows`. Consecutive positions (every batch without a skipped sample) are one copy: on the
-    host a numpy copy of the bytes (torch would split it over its OpenMP threads, whose spinning takes the cores
-    from the decode pool, and an index list is torch's slower index_put), on a GPU one slice copy."""
+    host numpy's copy of the bytes (one thread with the GIL released, where torch would split it over OpenMP
+    threads that spin on the cores the decode pool needs), on a GPU one slice copy."""
     if positions[-1] - positions[0] == len(positions) - 1:
         if into.device.type == "cpu":
-            np.copyto(byte_view(into[positions[0]:positions[-1] + 1]), byte_view(rows.contiguous()))
+            as_bytes = lambda t: t.view(torch.uint8).numpy()
+            np.copyto(as_bytes(into[positions[0]:positions[-1] + 1]), as_bytes(rows.contiguous()))
         else:
             into[positions[0]:positions[-1] + 1].copy_(rows)
     else:
@@ -576,110 +340,116 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
     zero-cost stand-in). Returns one {"chunk", "samples", "skipped"} per chunk."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    store = FeatureStore.open(url, mode="r+")
-    index = store.index(skips=False)  # the paths and views of the chunks' samples
-    encoder = encoder_for(cfg) if encoder is None else encoder
-    device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
-    cuda = device.type == "cuda"
-    settings = encoder_settings(cfg.encoder)
-    autocast, bs = settings.autocast, settings.batch_size
-    target_hw = tuple(store.group["depth"].shape[1:]) if store.has_depth else None
-    layers = store.layers
-    # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
-    buf_dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
-    ranges = [store.chunk_range(c) for c in chunks]
-    rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
-    todo = [(c, i) for (a, b), c in zip(ranges, chunks) for i in range(a, b)]  # (chunk, sample) in order
-    ahead = store.chunk_size + bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
-    on_device = cuda if device_chunks is None else device_chunks
-
-    def encode(pixels: torch.Tensor) -> dict:  # pixels on the encoder's device
-        feats = encoder(pixels, layers, autocast_dtype=autocast)
-        return {"tokens": {k: t.to(buf_dtype) for k, t in feats["tokens"].items()},
-                "global": feats["global"].to(buf_dtype)}
-
-    # Two sets of chunk buffers used in turn (one filled while the other is written), allocated once.
-    buffers = ChunkBuffers(store.chunk_size, layers, encoder.grid, encoder.width, buf_dtype, target_hw,
-                           store.has_flipped)
-    gathered = DeviceChunk(store.chunk_size, layers, encoder.grid, encoder.width, buf_dtype, device,
-                           store.has_flipped) if on_device else None
-    # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
-    # device needs no pinned copy of its own. It is refilled once the device has read it (`copied`), not when the
-    # encoder is done.
-    staged, copied = None, None
+    run = _ChunkEncoder(cfg, FeatureStore.open(url, mode="r+"), chunks,
+                        encoder_for(cfg) if encoder is None else encoder, device_chunks)
     results = []
-    with _tf32(cuda and settings.tf32), \
+    with _tf32(run.cuda and run.settings.tf32), \
             ThreadPoolExecutor(max_workers=decode_workers_for(cfg), thread_name_prefix="decode") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-        futures: dict[int, object] = {}
-        submitted = 0
-
-        def load(upto: int) -> None:
-            nonlocal submitted
-            for c, i in todo[submitted:min(upto, len(todo))]:
-                futures[i] = pool.submit(_load_row, store, rows[i], encoder, cfg.data.layout, target_hw)
-            submitted = max(submitted, min(upto, len(todo)))
-
-        writing = None
-        done_samples = 0
-        for chunk, (a, b) in zip(chunks, ranges):
-            n = b - a
-            skipped, reasons = np.zeros(n, bool), [""] * n
-            # This chunk's buffers: the set the write before last used (that write has finished; see below).
-            tokens, cls, flipped, depth = buffers.take(n)
-            into_tokens, into_cls, into_flipped = (
-                (gathered.plain[0], gathered.plain[1], gathered.mirrored) if on_device else (tokens, cls, flipped))
-            for start in range(0, n, bs):
-                load(done_samples + start + bs + ahead)
-                batch_pixels, positions = [], []
-                for i in range(start, min(start + bs, n)):
-                    try:
-                        pixels, d = futures.pop(a + i).result()
-                    except DatasetError as err:
-                        if cfg.data.on_error == "raise":
-                            raise
-                        skipped[i], reasons[i] = True, str(err)
-                        log.warning("skipping %s: %s", rows[a + i].id, err)
-                        continue
-                    batch_pixels.append(pixels)
-                    positions.append(i)
-                    if depth is not None:
-                        depth[i] = d
-                if not positions:
-                    continue
-                if staged is None or staged.shape[1:] != batch_pixels[0].shape:
-                    staged = torch.empty((bs, *batch_pixels[0].shape), pin_memory=cuda)
-                if copied is not None:
-                    copied.synchronize()  # the device has read the previous batch out of `staged`
-                pixels = staged[:len(batch_pixels)]  # (B, 3, S, S)
-                for j, one in enumerate(batch_pixels):  # numpy's copies, as in `_put_rows`
-                    np.copyto(pixels[j].numpy(), one.numpy())
-                pixels = pixels.to(device, non_blocking=True)
-                if cuda:
-                    copied = torch.cuda.Event()
-                    copied.record(torch.cuda.current_stream(device))
-                feats = encode(pixels)
-                for k in layers:
-                    _put_rows(into_tokens[k], positions, feats["tokens"][k])
-                _put_rows(into_cls, positions, feats["global"])
-                if flipped is not None:
-                    # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
-                    feats = encode(pixels.flip(-1))
-                    for k in layers:
-                        _put_rows(into_flipped[0][k], positions, feats["tokens"][k])
-                    _put_rows(into_flipped[1], positions, feats["global"])
-            if on_device:
-                gathered.copy_to(tokens, cls, flipped)  # the chunk's one wait for the device
-            if skipped.any():  # a skipped sample's rows are zeros, not what the buffer held from an earlier chunk
-                buffers.zero_rows(np.flatnonzero(skipped))
-            done_samples += n
+        run.pool, writing = pool, None
+        for chunk in chunks:
+            tokens, cls, flipped, depth, skipped, reasons = run.chunk(chunk)
             if writing is not None:
                 writing.result()  # one chunk in flight: the previous write (and any error it raised) first
-            writing = writer.submit(store.write_chunk, chunk, tokens, cls, depth, skipped, reasons, flipped=flipped)
-            results.append({"chunk": chunk, "samples": n, "skipped": int(skipped.sum())})
+            writing = writer.submit(run.store.write_chunk, chunk, tokens, cls, depth, skipped, reasons,
+                                    flipped=flipped)
+            results.append({"chunk": chunk, "samples": len(skipped), "skipped": int(skipped.sum())})
         if writing is not None:
             writing.result()
     return results
+
+
+class _ChunkEncoder:
+    """One `extract_chunks` call's state: the samples in order, the decode futures running ahead, the chunk
+    buffers, the batch of pixels staged for the device."""
+
+    def __init__(self, cfg: Config, store: FeatureStore, chunks: list[int], encoder, device_chunks: bool | None):
+        self.cfg, self.store, self.encoder = cfg, store, encoder
+        self.device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
+        self.cuda = self.device.type == "cuda"
+        self.settings = encoder_settings(cfg.encoder)
+        self.bs = self.settings.batch_size
+        self.target_hw = store.target_hw
+        # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
+        self.dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
+        index = store.index(skips=False)  # the paths and views of the chunks' samples
+        ranges = [store.chunk_range(c) for c in chunks]
+        self.rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
+        self.todo = [i for a, b in ranges for i in range(a, b)]  # samples in order
+        self.ahead = store.chunk_size + self.bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
+        self.futures: dict[int, object] = {}
+        self.submitted = self.done_samples = 0
+        self.pool = None
+        shape = (store.chunk_size, store.layers, encoder.grid, encoder.width, self.dtype)
+        self.buffers = ChunkBuffers(*shape, self.target_hw, store.has_flipped)  # two sets, allocated once
+        on_device = self.cuda if device_chunks is None else device_chunks
+        self.gathered = DeviceChunk(*shape, self.device, store.has_flipped) if on_device else None
+        # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
+        # device needs no pinned copy of its own. Refilled once the device has read it (`copied`).
+        self.staged, self.copied = None, None
+
+    def load(self, upto: int) -> None:
+        """Submit the decode of the samples up to position `upto` of `todo`."""
+        for i in self.todo[self.submitted:min(upto, len(self.todo))]:
+            self.futures[i] = self.pool.submit(_load_row, self.store, self.rows[i], self.encoder, self.cfg.data.layout,
+                                               self.target_hw)
+        self.submitted = max(self.submitted, min(upto, len(self.todo)))
+
+    def chunk(self, c: int):
+        """Decode and encode chunk c into the next set of buffers: (tokens, cls, flipped, depth, skipped, reasons)."""
+        a, b = self.store.chunk_range(c)
+        n = b - a
+        skipped, reasons = np.zeros(n, bool), [""] * n
+        # The set the write before last used (that write has finished: `extract_chunks` waits for it).
+        tokens, cls, flipped, depth = self.buffers.take(n)
+        into = ((self.gathered.plain[0], self.gathered.plain[1], self.gathered.mirrored) if self.gathered
+                else (tokens, cls, flipped))
+        for start in range(0, n, self.bs):
+            self.load(self.done_samples + start + self.bs + self.ahead)
+            pixels, positions = [], []
+            for i in range(start, min(start + self.bs, n)):
+                try:
+                    one, d = self.futures.pop(a + i).result()
+                except DatasetError as err:
+                    if self.cfg.data.on_error == "raise":
+                        raise
+                    skipped[i], reasons[i] = True, str(err)
+                    log.warning("skipping %s: %s", self.rows[a + i].id, err)
+                    continue
+                pixels.append(one)
+                positions.append(i)
+                if depth is not None:
+                    depth[i] = d
+            if positions:
+                self.encode_batch(pixels, positions, into)
+        if self.gathered:
+            self.gathered.copy_to(tokens, cls, flipped)  # the chunk's one wait for the device
+        if skipped.any():  # a skipped sample's rows are zeros, not what the buffer held from an earlier chunk
+            self.buffers.zero_rows(np.flatnonzero(skipped))
+        self.done_samples += n
+        return tokens, cls, flipped, depth, skipped, reasons
+
+    def encode_batch(self, batch: list[torch.Tensor], positions: list[int], into) -> None:
+        """One batch of preprocessed images through the encoder (and mirrored, for stores with mirrored
+        features), its features put at `positions` of the chunk's buffers `into` (tokens, cls, flipped)."""
+        if self.staged is None or self.staged.shape[1:] != batch[0].shape:
+            self.staged = torch.empty((self.bs, *batch[0].shape), pin_memory=self.cuda)
+        if self.copied is not None:
+            self.copied.synchronize()  # the device has read the previous batch out of `staged`
+        pixels = self.staged[:len(batch)]  # (B, 3, S, S)
+        for j, one in enumerate(batch):  # numpy's copies, as in `_put_rows`
+            np.copyto(pixels[j].numpy(), one.numpy())
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(self.device))
+        tokens, cls, flipped = into
+        # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
+        for view, (to_tokens, to_cls) in [(pixels, (tokens, cls))] + ([(pixels.flip(-1), flipped)] if flipped else []):
+            feats = self.encoder(view, self.store.layers, autocast_dtype=self.settings.autocast)
+            for k in self.store.layers:
+                _put_rows(to_tokens[k], positions, feats["tokens"][k].to(self.dtype))
+            _put_rows(to_cls, positions, feats["global"].to(self.dtype))
 
 
 def extract_splits(cfg: Config, splits=SPLITS) -> None:

@@ -6,7 +6,7 @@ store's attrs so that a refusal can say *what* differs, not just that the hashes
 The dataset files themselves are not hashed (reading 95 GB of KITTI to name a cache would cost more than the
 cache saves). Instead a store records the data roots it was extracted from (`data_roots`) and each sample's
 files by size and modification time (`file_signature`, in the store's `sources/` arrays): a reuse compares them
-and says what changed (`pipeline.extract.source_changes`).
+and says what changed (`pipeline.sources.source_changes`).
 """
 
 from __future__ import annotations

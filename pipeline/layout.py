@@ -20,19 +20,17 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
-from pipeline import claims, datasets, devices
-from pipeline.config import Config, dump_config, with_all_layers
+from pipeline import claims, devices
+from pipeline.config import Config, with_all_layers
 from pipeline.errors import DiskFullError, SpaceClipError, is_disk_full
-from pipeline.fingerprint import data_roots, diff_inputs, fingerprint, fingerprint_inputs
-from pipeline.store import FeatureStore, StoreError, StoreSpec
+from pipeline.fingerprint import diff_inputs, fingerprint, fingerprint_inputs
+from pipeline.store import FeatureStore, StoreError
 from spaceclip.encoder import FrozenEncoder
 
-if TYPE_CHECKING:
-    from pipeline.extract import Plan
 
 log = logging.getLogger(__name__)
 
@@ -177,39 +175,6 @@ class RunContext:
         state = "complete" if store.complete else f"{len(store.pending_chunks())} chunks to go"
         log.info("reusing feature store %s (fingerprint %s, %s)", url, fp, state)
         return store
-
-    def create_store(self, split: str, plan: Plan) -> FeatureStore:
-        """A new, empty store for a planned split (`pipeline.extract.plan_split`), its attributes recording where
-        its bytes come from."""
-        spec = self.store_spec(split, plan)
-        url = self.store_url(split)
-        log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
-        store = FeatureStore.create(url, spec, plan.index)
-        if not store.created:
-            log.info("another process created %s at the same time; extracting its pending chunks together", url)
-        return store
-
-    def store_spec(self, split: str, plan: Plan) -> StoreSpec:
-        """The spec `create_store` creates a planned split's store from (its shapes: `store.estimate_bytes`)."""
-        cfg, identity, inputs = self.cfg, self.encoder_identity, self.fingerprint_inputs(split)
-        # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
-        flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
-        spec = StoreSpec(
-            n=len(plan.index["id"]), layers=cfg.cache_layers, grid=identity["grid"], width=identity["width"],
-            dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
-            level=cfg.cache.compression_level, target_hw=plan.target_hw,
-            depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
-            attrs={
-                "fingerprint": self.fingerprint(split), "fingerprint_inputs": inputs, "split": split,
-                "config": dump_config(cfg), "versions": package_versions(), "format_version": inputs["format_version"],
-                "encoder": identity, "skipped_at_planning": plan.skipped,
-                "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
-                "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
-                "data_roots": data_roots(cfg, split),  # compared on reuse (`pipeline.extract.source_changes`)
-                "extraction": devices.encoder_settings(cfg.encoder).describe(),  # device, batch, autocast, TF32
-            },
-        )
-        return spec
 
     def open_store(self, split: str) -> FeatureStore:
         """The complete store this config expects, or a `StoreError` that says what differs from the stores that

@@ -2,11 +2,10 @@
 
     CachedBatches   Zarr store -> Batch(features={"tokens": {k: (B, g, g, C)}, "global": (B, C)},
                     depth (B, H, W), index, flipped): only the layers the variant reads; the whole cache
-                    resident in RAM or on the GPU (`train.cache_device`), or streamed by a pool of threads:
-                    uncompressed features a sample row at a time straight from the chunk files into the batch
-                    (one copy; each chunk's CRC-32C checked from its row CRCs before any of its rows is handed
-                    out), compressed ones as whole chunks decompressed, read ahead and copied into batches;
-                    batches pinned and copied to the GPU on a side stream.
+                    resident in RAM or on the GPU (`train.cache_device`), or streamed: whole chunks read by a pool
+                    of threads (`FeatureStore.read_chunk`, Zarr's reads with their CRC-32C checks), a few chunks
+                    ahead, and gathered into batches; batches pinned and copied to the GPU on a side stream.
+                    Both build a batch the same way (`_finish`: one flip, the store's one depth decode).
     ImageBatches    the same batches, but images are decoded and the frozen encoder runs on every step. It is
                     the honest baseline the cache is measured against, and the place where pixel-space
                     augmentation (colour, rotation) could go.
@@ -27,7 +26,6 @@ this approximates flipping the image, which is what `ImageBatches` does.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -40,7 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.devices import usable_cores
-from pipeline.store import ChunkRows, FeatureStore, StoreError, byte_view, depth_metres, layer_key
+from pipeline.store import FeatureStore, StoreError
 from spaceclip.features import Features
 
 log = logging.getLogger(__name__)
@@ -85,37 +83,77 @@ class Batch(NamedTuple):
     depth: torch.Tensor | None  # (B, H, W) training targets in metres, 0 = invalid; None without targets
     index: np.ndarray  # (B,) positions of the samples in their split
     flipped: torch.Tensor  # (B,) bool: the sample is mirrored (features and target)
+    mirrored: Features | None = None  # the mirrored images' features (`CachedBatches(mirrored=True)`), unflipped
 
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
             return self
         move = lambda t: (t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True)
-        features = {"tokens": {k: move(t) for k, t in self.features["tokens"].items()},
-                    "global": None if self.features["global"] is None else move(self.features["global"])}
-        return Batch(features, None if self.depth is None else move(self.depth), self.index, move(self.flipped))
+        along = lambda f: None if f is None else {"tokens": {k: move(t) for k, t in f["tokens"].items()},
+                                                  "global": None if f["global"] is None else move(f["global"])}
+        return Batch(along(self.features), None if self.depth is None else move(self.depth), self.index,
+                     move(self.flipped), along(self.mirrored))
 
 
 def flip_features(features: Features, flips: torch.Tensor, mirrored: Features | None = None) -> Features:
     """The selected samples mirrored horizontally. In feature space every token grid is flipped along its width
     (dim 2 of (B, g, g, C)) and the global vector is unchanged; with `mirrored`, the mirrored images' own features
-    (`views.flip = extract`, pixel flip TTA), those are taken instead."""
+    (`views.flip = extract`, pixel flip TTA), those are taken instead. On the host by `_gather` (the loader's
+    own path), on a device by `torch.where`."""
     if not bool(flips.any()):
         return features
-    m = flips.to(device=features["global"].device)
+    glob = features["global"]
+    if glob.device.type == "cpu":
+        rows = _flat({"tokens": features["tokens"], "global": glob})
+        if mirrored is not None:
+            rows.update(_flat({"flipped_tokens": mirrored["tokens"], "flipped_global": mirrored["global"]}))
+        out = _gather(lambda p: (rows, p), np.arange(len(glob)), flips.numpy(), exact=mirrored is not None)
+        return {"tokens": {k: out[f"tokens/{k}"] for k in features["tokens"]}, "global": out["global"]}
+    m = flips.to(device=glob.device)
     if mirrored is not None:
         return {"tokens": {k: torch.where(m[:, None, None, None], mirrored["tokens"][k], t)
                            for k, t in features["tokens"].items()},
-                "global": torch.where(m[:, None], mirrored["global"], features["global"])}
+                "global": torch.where(m[:, None], mirrored["global"], glob)}
     return {"tokens": {k: torch.where(m[:, None, None, None], t.flip(2), t) for k, t in features["tokens"].items()},
-            "global": features["global"]}
+            "global": glob}
 
 
 def flip_targets(depth: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """(B, H, W) targets of the selected samples mirrored along their width."""
     if not bool(flips.any()):
         return depth
+    if depth.device.type == "cpu":
+        return _gather(lambda p: ({"depth": depth}, p), np.arange(len(depth)), flips.numpy())["depth"]
     m = flips.to(device=depth.device)
     return torch.where(m[:, None, None], depth.flip(2), depth)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy view of the same shape (bfloat16, which numpy lacks, as its int16 bits)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _gather(rows_of, pos: np.ndarray, flips: np.ndarray | None = None, exact: bool = False,
+            mirrored: bool = False, pin: bool = False) -> dict[str, torch.Tensor]:
+    """A host batch {key: (B, ...)} of the samples at `pos`, mirrored where `flips`, with one copy a row:
+    `rows_of(p)` gives (a flat dict of arrays: "tokens/<k>", "global", "depth", "flipped_..."; the row of p in
+    it). A flipped sample's token grids and target are copied reversed along their width (axis 1 of a row), or,
+    `exact`, its features come from the mirrored image's arrays; `mirrored`: those arrays are in the batch too.
+    The copies are numpy's, one thread each with the GIL released: torch's copies of the same rows, which it
+    splits over OpenMP threads, measured 10-100x slower inside the loader's pool threads (BENCHMARKS.md)."""
+    first, _ = rows_of(int(pos[0]))
+    keys = [k for k in first if mirrored or not k.startswith("flipped_")]
+    out = {k: torch.empty((len(pos), *first[k].shape[1:]), dtype=first[k].dtype, pin_memory=pin) for k in keys}
+    dst = {k: _np(t) for k, t in out.items()}
+    for j, p in enumerate(pos):
+        part, r = rows_of(int(p))
+        flip = flips is not None and bool(flips[j])
+        for k in keys:
+            features = k == "global" or k.startswith("tokens/")
+            src = _np(part["flipped_" + k if flip and exact and features else k])[r]
+            mirror = flip and (k == "depth" or (not exact and k.startswith("tokens/")))
+            np.copyto(dst[k][j], src[:, ::-1] if mirror else src)
+    return out
 
 
 def _prefetched(produce: Callable[[Callable[[object], bool]], None], depth: int) -> Iterator:
@@ -272,12 +310,14 @@ class Batches(ABC):
 
 # ---- from the cache -----------------------------------------------------------------------------------------
 class CachedBatches(Batches):
-    """Training (or validation) batches over one feature store.
+    """Training (or validation, or evaluation) batches over one feature store.
 
         loader = CachedBatches(store, decoder.layers, batch_size=8, flip_p=0.5, seed=42)
         for batch in loader.epoch(e): decoder(batch.features) ...
 
     Batches arrive on `device`; tokens keep the store's dtype (float16/bfloat16) and the decoder casts them.
+    `positions`: visit only these samples (evaluation: the test frames with ground truth); `mirrored=True` adds
+    the mirrored images' features to every batch (`Batch.mirrored`, pixel flip TTA; stores with them only).
     """
 
     def __init__(
@@ -299,12 +339,15 @@ class CachedBatches(Batches):
         drop_last: bool = False,
         read_workers: int | None = None,
         read_ahead: int | None = None,
-        device_finish: bool | None = None,
+        positions: np.ndarray | None = None,
+        mirrored: bool = False,
     ):
-        usable = ~store.group["skipped"][:].astype(bool) if store.n else np.zeros(0, bool)
+        usable = store.usable()
+        if positions is not None:
+            usable &= np.isin(np.arange(store.n), positions)
         super().__init__(store.n, store.chunk_size, layers, batch_size, train=train, flip_p=flip_p, seed=seed,
                          shuffle_window=shuffle_window, device=device, prefetch=prefetch, drop_last=drop_last,
-                         target_hw=tuple(store.group["depth"].shape[1:]) if store.has_depth else None, usable=usable)
+                         target_hw=store.target_hw, usable=usable)
         self.store = store
         missing = sorted(set(self.layers) - set(store.layers))
         if missing:
@@ -312,23 +355,14 @@ class CachedBatches(Batches):
                              f"{list(store.layers)} (missing {missing}); add them to cache.layers and extract again")
         # A store extracted with views.flip = extract holds the mirrored images' features: flips use those.
         self.exact_flips = bool(train and self.flip_p > 0 and store.has_flipped)
-        self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers), self.device, memory_budget,
-                                         memory_share, device_share)
-        # Streaming: threads that read (+ decompress) and assemble batches (preadv, zstd and the copies release the
-        # GIL); compressed chunks are read `read_ahead` chunks ahead of the batch being assembled (default: a
-        # window more than the threads), row reads assemble up to `prefetch` batches ahead.
+        self.mirrored = mirrored
+        self.reads_mirrored = self.exact_flips or mirrored
+        self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers, self.reads_mirrored),
+                                         self.device, memory_budget, memory_share, device_share)
+        # Streaming: threads that read whole chunks (Zarr's reads, CRC checks and decompression release the GIL)
+        # `read_ahead` chunks ahead of the batch being assembled (default: a window more than the threads).
         self.read_workers = read_workers or usable_cores()
         self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + shuffle_window
-        # Uncompressed features are streamed a sample row at a time straight from the chunk files into the batch
-        # (one copy); compressed ones (and exact flips, which read the mirrored arrays for some rows only) chunk
-        # by chunk, decompressed, then copied into batches.
-        self.row_reads = (self.mode == "stream" and not self.exact_flips
-                          and all(store.reads_rows(layer_key(k)) for k in self.layers))
-        # Row reads for a GPU (default: when training on CUDA) hand over the rows as stored, unflipped, with the
-        # targets as stored (2 bytes a pixel, not 4); the feature-space flip and the conversion to metres run on
-        # the device after the copy (`_finish_on_device`), where they cost microseconds, not host time.
-        self.device_finish = bool(self.row_reads and (self.device.type == "cuda" if device_finish is None
-                                                      else device_finish))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._resident: dict | None = None
         if self.mode in ("cpu", "cuda"):
@@ -336,16 +370,14 @@ class CachedBatches(Batches):
         log.info("%s: %d samples, layers %s, cache %s", store.url, self.n_usable, list(self.layers), self.mode)
 
     def targets(self, max_samples: int) -> np.ndarray:
-        return self.store.read(slice(0, max_samples), layers=())["depth"].numpy()  # the store's own decode
+        return self.store.read(slice(0, max_samples), layers=())["depth"].numpy()
 
-    # Chunks are read into plain dicts of the store's arrays ("tokens", "global", "depth", and with exact flips
-    # "flipped_tokens", "flipped_global"); `_finish` turns a batch's rows of them into a `Batch`.
-    def _read_chunks(self, chunks: Sequence[int]) -> dict:
-        """Whole chunks, concatenated in the given order (the store's unit of compression: large reads)."""
-        parts = [self.store.read_chunk(int(c), self.layers, flipped=self.exact_flips) for c in chunks]
-        if not parts:  # an empty store (a train split of one drive has no validation drive): 0-row arrays
-            parts = [self.store.read(slice(0, 0), self.layers, flipped=self.exact_flips)]
-        return _concat(parts, self.layers)
+    def _read(self, c: int) -> dict:
+        """Chunk c as a dict of tensors: "tokens", "global", "depth" (metres), with mirrored features also
+        "flipped_tokens", "flipped_global"."""
+        part = self.store.read_chunk(c, self.layers, flipped=self.reads_mirrored)
+        del part["index"]
+        return part
 
     def _load_all(self, device: torch.device) -> dict:
         """The whole store (these layers) in tensors on `device`, position p at row p: allocated once, at their
@@ -354,205 +386,69 @@ class CachedBatches(Batches):
         Checked first (`check_resident_memory`): a cache that cannot fit fails with the sizes, not by the kernel's
         out-of-memory killer."""
         store, cuda = self.store, device.type == "cuda"
-        need = store_bytes(store, self.layers, self.exact_flips)
+        need = store_bytes(store, self.layers, self.reads_mirrored)
         check_resident_memory(store.url, need, device, -(-need // max(1, store.n_chunks)))
         data = staging = None
-
-        def alike(part: dict, rows: int, **kwargs) -> dict:
-            return {k: ({j: torch.empty((rows, *t.shape[1:]), dtype=t.dtype, **kwargs) for j, t in v.items()}
-                        if isinstance(v, dict) else torch.empty((rows, *v.shape[1:]), dtype=v.dtype, **kwargs))
-                    for k, v in part.items()}
-
-        def pairs(dst: dict, src: dict):
-            for k, v in src.items():
-                yield from ((dst[k][j], t) for j, t in v.items()) if isinstance(v, dict) else [(dst[k], v)]
-
         for c in range(store.n_chunks):
-            part = store.read_chunk(c, self.layers, flipped=self.exact_flips)
-            del part["index"]
+            part = _flat(self._read(c))
             if data is None:
-                data = alike(part, store.n, device=device)
-                staging = alike(part, store.chunk_size, pin_memory=True) if cuda else None
+                data = {k: torch.empty((store.n, *t.shape[1:]), dtype=t.dtype, device=device) for k, t in part.items()}
+                staging = ({k: torch.empty((store.chunk_size, *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+                            for k, t in part.items()} if cuda else None)
             a, b = store.chunk_range(c)
-            if cuda:  # host chunk -> pinned chunk -> its rows on the device; the pinned chunk is reused after the wait
-                for (dst, src), (pinned, _) in zip(pairs(data, part), pairs(staging, part)):
-                    pinned[:b - a].copy_(src)
-                    dst[a:b].copy_(pinned[:b - a], non_blocking=True)
+            for k, t in part.items():
+                if cuda:  # host chunk -> pinned chunk -> its rows on the device; the pinned chunk reused after the wait
+                    staging[k][:b - a].copy_(t)
+                    data[k][a:b].copy_(staging[k][:b - a], non_blocking=True)
+                else:
+                    data[k][a:b] = t
+            if cuda:
                 torch.cuda.current_stream(device).synchronize()
-            else:
-                for dst, src in pairs(data, part):
-                    np.copyto(byte_view(dst[a:b]), byte_view(src.contiguous()))  # numpy's copy, as `_put_rows`
         return data if data is not None else {}
 
-    @staticmethod
-    def _gather(data: dict, rows: torch.Tensor) -> dict:
-        rows = rows.to(data["global"].device)
-        return {k: ({j: t.index_select(0, rows) for j, t in v.items()} if isinstance(v, dict)
-                    else v.index_select(0, rows)) for k, v in data.items()}  # (B, g, g, C), (B, C), (B, H, W)
-
-    def _finish(self, parts: list[dict], pos: np.ndarray, flips: np.ndarray) -> Batch:
-        data = parts[0] if len(parts) == 1 else _concat(parts, self.layers)
+    def _finish(self, rows: dict, pos: np.ndarray, flips: np.ndarray) -> Batch:
+        """A batch from its rows (flat keys, see `_flat`), flipped where `flips` (`flip_features`)."""
         flipped = torch.from_numpy(flips.copy())
-        mirrored = ({"tokens": data["flipped_tokens"], "global": data["flipped_global"]} if self.exact_flips
-                    else None)
-        features = flip_features({"tokens": data["tokens"], "global": data["global"]}, flipped, mirrored)
-        depth = flip_targets(data["depth"], flipped) if "depth" in data else None
-        return self._to_device(Batch(features, depth, pos, flipped))
+        tokens = {k: rows[f"tokens/{k}"] for k in self.layers}
+        mirrored = None
+        if self.reads_mirrored:
+            mirrored = {"tokens": {k: rows[f"flipped_tokens/{k}"] for k in self.layers},
+                        "global": rows["flipped_global"]}
+        features = flip_features({"tokens": tokens, "global": rows["global"]}, flipped,
+                                 mirrored if self.exact_flips else None)
+        depth = flip_targets(rows["depth"], flipped) if "depth" in rows else None
+        return self._to_device(Batch(features, depth, pos, flipped, mirrored if self.mirrored else None))
+
+    def _host_batch(self, rows_of, pos: np.ndarray, flips: np.ndarray) -> Batch:
+        """A batch gathered on the host from `rows_of` (see `_gather`), flipped as it is gathered."""
+        rows = _gather(rows_of, pos, flips, self.exact_flips, self.mirrored, pin=self.device.type == "cuda")
+        tokens = {k: rows[f"tokens/{k}"] for k in self.layers}
+        mirrored = None
+        if self.mirrored:
+            mirrored = {"tokens": {k: rows[f"flipped_tokens/{k}"] for k in self.layers},
+                        "global": rows["flipped_global"]}
+        batch = Batch({"tokens": tokens, "global": rows["global"]}, rows.get("depth"), pos,
+                      torch.from_numpy(flips.copy()), mirrored)
+        return self._to_device(batch)
 
     def _produce(self, plan: EpochPlan, put) -> None:
         if self._resident is not None:
+            on_host = self.mode == "cpu"
             for pos, flips in self._batches(plan):
-                if not put(self._finish([self._gather(self._resident, torch.from_numpy(pos))], pos, flips)):
+                if on_host:
+                    batch = self._host_batch(lambda p: (self._resident, p), pos, flips)
+                else:  # resident on the GPU: rows selected and flipped there
+                    at = torch.from_numpy(pos).to(self._resident["global"].device)
+                    batch = self._finish({k: t.index_select(0, at) for k, t in self._resident.items()}, pos, flips)
+                if not put(batch):
                     return
             return
         self._stream(plan, put)
 
     def _stream(self, plan: EpochPlan, put) -> None:
-        if self.row_reads:
-            return self._stream_rows(plan, put)
-        return self._stream_chunks(plan, put)
-
-    def host_batches(self, epoch: int, recycle: bool = False) -> Iterator[Batch]:
-        """The streamed batches of an epoch as the host hands them to the device copy, before `_to_device`: with
-        `device_finish`, rows as stored and unflipped, `depth` the stored targets' int16 bits (`flipped` says which
-        samples the device mirrors). What bench/train.py times as the loader's host work for a GPU.
-
-        `recycle=True`: a batch's buffers are reused for a later batch as soon as the next one is asked for (copy
-        what you keep first), as CUDA's caching host allocator reuses a pinned batch once its copy to the device
-        is done. On a CPU, without it, every batch is assembled in memory the kernel maps in afresh."""
-        if not self.row_reads:
-            raise ValueError("host_batches: only row streaming (mode stream, uncompressed features) hands batches "
-                             "over before the device")
-        plan = self.plan(epoch)
-        buffers = _Buffers(pin=self.device.type == "cuda") if recycle else None
-        items = _prefetched(lambda put: self._stream_rows(plan, put, to_device=False, buffers=buffers),
-                            self.prefetch)
-        return _given_back(items, buffers) if recycle else items
-
-    def _stream_rows(self, plan: EpochPlan, put, to_device: bool = True, buffers: "_Buffers | None" = None) -> None:
-        """Uncompressed features: each batch assembled by a pool thread reading its samples' token rows straight
-        from the chunk files into the batch (`ChunkRows`; a mirrored row through a one-row scratch buffer and a copy
-        of its reversed columns), the small arrays (CLS vectors, targets) read a whole chunk at a
-        time. A chunk's CRC-32C is checked when the last batch that uses it is assembled (its row CRCs combined),
-        and a batch is handed out only once every chunk it touches has passed, so a damaged chunk stops training
-        before any of its rows reach the decoder. Up to `prefetch` batches are assembled ahead, and as many more as
-        that check needs (the rest of a shuffle window). A chunk's small arrays are read (the targets decompressed)
-        by a pool task of their own, queued ahead of the first batch that needs them, so that the threads
-        assembling batches over the same chunks do not wait on one another's decompression."""
-        cs = self.store.chunk_size
-        batches = list(self._batches(plan))
-        chunks_of = [[int(c) for c in np.unique(pos // cs)] for pos, _ in batches]
-        users: dict[int, list[int]] = {}  # chunk -> the batches that read it
-        for b, need in enumerate(chunks_of):
-            for c in need:
-                users.setdefault(c, []).append(b)
-        pending = {c: len(bs) for c, bs in users.items()}  # of those, the ones still to be assembled
-        opened: dict[int, _OpenChunk] = {}
-        lock = threading.Lock()
-        local = threading.local()  # each pool thread's one-row scratch buffer (mirrored rows, unread rows)
-
-        def chunk(c: int) -> "_OpenChunk":
-            with lock:
-                if c not in opened:
-                    opened[c] = _OpenChunk(self.store, c, self.layers)
-                return opened[c]
-
-        def assemble(b: int):
-            pos, flips = batches[b]
-            parts = {c: chunk(c) for c in chunks_of[b]}
-            batch = self._assemble_rows(parts, pos, flips, local, to_device, buffers)
-            for c, part in parts.items():
-                with lock:
-                    pending[c] -= 1
-                    last = pending[c] == 0
-                    if last:
-                        del opened[c]
-                if last:  # every row of this chunk that the epoch reads is in: check its CRC, then let it go
-                    part.finish(local)
-            return batch
-
-        assembled: dict[int, Future] = {}
-        submitted = 0
-        small_read: set[int] = set()
-        pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="row-read")
-        try:
-            for b in range(len(batches)):
-                # b goes out once every batch that reads one of its chunks is assembled (so those chunks are checked)
-                wait = sorted({j for c in chunks_of[b] for j in users[c]})
-                horizon = min(max(b + 1 + self.prefetch, wait[-1] + 1), len(batches))
-                for j in range(submitted, horizon):
-                    for c in chunks_of[j]:
-                        if c not in small_read:  # first use of the chunk: its small arrays, ahead of the batch
-                            small_read.add(c)
-                            pool.submit(chunk(c).small)
-                    assembled[j] = pool.submit(assemble, j)
-                submitted = max(submitted, horizon)
-                for j in wait:
-                    if j >= b:  # (earlier ones were handed out already)
-                        assembled[j].result()  # re-raises a read error or a failed CRC check
-                if not put(assembled.pop(b).result()):
-                    return
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            for part in opened.values():
-                part.close()
-
-    def _assemble_rows(self, parts: dict[int, "_OpenChunk"], pos: np.ndarray, flips: np.ndarray, local,
-                       to_device: bool = True, buffers: "_Buffers | None" = None):
-        """One streamed batch read row by row (`_stream_rows`): the values `_finish` gives a resident batch, bit
-        for bit (with `device_finish`, once `_finish_on_device` has run). `buffers`: recycled batch memory
-        (`host_batches(recycle=True)`)."""
-        pin = self.device.type == "cuda"
-        empty = buffers.take if buffers is not None else (lambda shape, dtype: torch.empty(shape, dtype=dtype,
-                                                                                             pin_memory=pin))
-        on_host = not self.device_finish  # flip and convert here; else copy the rows as stored
-        first = next(iter(parts.values())).small()
-        g, c_width = int(self.store.attrs["grid"]), int(self.store.attrs["width"])
-        dtype = first["global"].dtype
-        tokens = {k: empty((len(pos), g, g, c_width), dtype) for k in self.layers}
-        glob = empty((len(pos), c_width), dtype)
-        depth = None
-        if "depth" in first:
-            depth = empty((len(pos), *first["depth"].shape[1:]), torch.float32 if on_host else first["depth"].dtype)
-        scale = self.store.depth_scale if depth is not None else None
-        scratch = getattr(local, "row", None)
-        if scratch is None or scratch.dtype != dtype or scratch.shape != (g, g, c_width):
-            scratch = local.row = torch.empty((g, g, c_width), dtype=dtype)
-        # Every copy here is numpy's on byte views: one thread, the GIL released. torch's copy_ and index_select
-        # split a large copy over its intra-op OpenMP threads, and two pool threads doing that on two cores spent
-        # more time spinning in OpenMP than copying (BENCHMARKS.md, issue 14).
-        into = {k: byte_view(t) for k, t in tokens.items()}  # (B, g, g, 2C) uint8 views: rows are read into these
-        glob_bytes, depth_np = byte_view(glob), (depth.numpy() if depth is not None else None)
-        scratch_bytes = byte_view(scratch)
-        cs = self.store.chunk_size
-        smalls = {c: part.small() for c, part in parts.items()}
-        small_np = {c: (byte_view(sm["global"]), sm["depth"].numpy() if depth is not None else None)
-                    for c, sm in smalls.items()}
-        for j, (p, flip) in enumerate(zip(pos, flips)):
-            c, r = divmod(int(p), cs)
-            part, (small_glob, small_depth) = parts[c], small_np[c]
-            mirror = flip and on_host
-            for k in self.layers:
-                if mirror:  # the feature-space flip: the grid along its width (whole channel vectors move)
-                    part.rows[k].read_into(r, scratch_bytes)
-                    np.copyto(into[k][j], scratch_bytes[:, ::-1])
-                else:
-                    part.rows[k].read_into(r, into[k][j])
-            np.copyto(glob_bytes[j], small_glob[r])
-            if depth is not None and not on_host:
-                np.copyto(depth_np[j], small_depth[r])
-            elif depth is not None:  # stored -> metres straight into the batch row, mirrored on the way
-                stored = small_depth[r]
-                depth_metres(stored[:, ::-1] if flip else stored, scale, out=depth_np[j])
-        batch = Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy()))
-        if not to_device:
-            return batch
-        return self._to_device(batch, finish=self.device_finish)
-
-    def _stream_chunks(self, plan: EpochPlan, put) -> None:
-        """The epoch's chunks, in visiting order, read and decompressed by `read_workers` threads, up to
-        `read_ahead` chunks beyond those the current batch needs; each batch assembled in the same pool once its
-        chunks are in, handed out in order; a chunk dropped after the last batch that uses it."""
+        """The epoch's chunks, in visiting order, read by `read_workers` threads, up to `read_ahead` chunks beyond
+        those the current batch needs; each batch assembled in the same pool once its chunks are in, handed out in
+        order; a chunk dropped after the last batch that uses it."""
         cs = self.store.chunk_size
         batches = list(self._batches(plan))
         last_use = {int(c): b for b, (pos, _) in enumerate(batches) for c in np.unique(pos // cs)}
@@ -567,8 +463,7 @@ class CachedBatches(Batches):
                 need = [int(c) for c in np.unique(pos // cs)]
                 horizon = min(max(rank[c] for c in need) + 1 + self.read_ahead, len(order))
                 for c in order[submitted:horizon]:
-                    reads[c] = pool.submit(self.store.read_chunk, c, self.layers, flipped=self.exact_flips,
-                                           raw_depth=True)
+                    reads[c] = pool.submit(self._read, c)
                 submitted = max(submitted, horizon)
                 parts = {c: reads[c].result() for c in need}
                 for c in need:
@@ -584,69 +479,22 @@ class CachedBatches(Batches):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _assemble(self, parts: dict[int, dict], pos: np.ndarray, flips: np.ndarray):
-        """One streamed batch from its chunks' reads (`raw_depth`): each sample's rows copied once into the batch
-        (pinned when training on CUDA), mirrored on the way where flipped (tokens by a copy of the reversed
-        columns straight into the batch row: one pass), the targets converted to metres once for the
-        whole batch: the values `_finish` gives a resident batch, bit for bit."""
-        pin = self.device.type == "cuda"
-        first = next(iter(parts.values()))
-        rows = lambda t, dtype=None: torch.empty((len(pos), *t.shape[1:]), dtype=dtype or t.dtype, pin_memory=pin)
-        tokens = {k: rows(first["tokens"][k]) for k in self.layers}  # (B, g, g, C)
-        glob = rows(first["global"])  # (B, C)
-        raw = torch.empty((len(pos), *first["depth"].shape[1:]), dtype=torch.int16) if "depth" in first else None
-        into = {k: byte_view(t) for k, t in tokens.items()}  # byte views, copied by numpy (see `_assemble_rows`)
-        glob_bytes, raw_np = byte_view(glob), (raw.numpy() if raw is not None else None)
+    def _assemble(self, parts: dict[int, dict], pos: np.ndarray, flips: np.ndarray) -> Batch:
+        """One streamed batch: each sample's rows gathered from its chunk (one copy), then `_finish`."""
         cs = self.store.chunk_size
-        for j, (p, flip) in enumerate(zip(pos, flips)):
-            data, r = parts[int(p) // cs], int(p) % cs
-            mirror = flip and not self.exact_flips  # a feature-space flip: the grid along its width
-            source = "flipped_" if flip and self.exact_flips else ""  # the mirrored image's own features
-            for k in self.layers:
-                row = byte_view(data[source + "tokens"][k][r])  # (g, g, 2C) bytes
-                np.copyto(into[k][j], row[:, ::-1] if mirror else row)
-            np.copyto(glob_bytes[j], byte_view(data[source + "global"][r]))
-            if raw_np is not None:
-                stored = data["depth"][r].numpy()
-                np.copyto(raw_np[j], stored[:, ::-1] if flip else stored)
-        depth = None
-        if raw is not None:  # (B, H, W) metres
-            depth = rows(raw, torch.float32)
-            depth_metres(raw.numpy(), self.store.depth_scale, out=depth.numpy())
-        return self._to_device(Batch({"tokens": tokens, "global": glob}, depth, pos, torch.from_numpy(flips.copy())))
+        flat = {c: _flat(part) for c, part in parts.items()}
+        return self._host_batch(lambda p: (flat[p // cs], p % cs), pos, flips)
 
-    def _to_device(self, batch: Batch, finish: bool = False):
+    def _to_device(self, batch: Batch):
         """On CUDA the copy runs on a side stream, so it overlaps the training step; `epoch` makes the consumer's
-        stream wait for it. `finish`: the batch is as stored (`device_finish`); flip and convert it after the copy."""
+        stream wait for it."""
         if self._copy_stream is None:
-            moved = batch.to(self.device)
-            return self._finish_on_device(moved, bool(batch.flipped.any())) if finish else moved
+            return batch.to(self.device)
         with torch.cuda.stream(self._copy_stream):
             moved = batch.to(self.device)
-            if finish:
-                moved = self._finish_on_device(moved, bool(batch.flipped.any()))
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         return moved, event
-
-    def _finish_on_device(self, batch: Batch, any_flip: bool) -> Batch:
-        """A batch handed over as stored (`device_finish`) made what the host would have made, bit for bit: the
-        flipped samples' token grids mirrored along their width, the targets' uint16 bits to float32 metres
-        (`/ depth_scale`) and mirrored. Runs where the batch is; `any_flip` comes from the host's flags, so no
-        host sync."""
-        m = batch.flipped
-        tokens = batch.features["tokens"]
-        if any_flip:
-            tokens = {k: torch.where(m[:, None, None, None], t.flip(2), t) for k, t in tokens.items()}
-        depth = batch.depth
-        if depth is not None:
-            metres = (depth.to(torch.int32) & 0xFFFF).to(torch.float32)
-            # A divisor tensor, not a Python scalar: CUDA turns a scalar divisor into a multiply by its reciprocal,
-            # which is not bit-identical to the host's float32 division.
-            metres = torch.div(metres, torch.full((), self.store.depth_scale, dtype=torch.float32,
-                                                  device=metres.device))
-            depth = torch.where(m[:, None, None], metres.flip(2), metres) if any_flip else metres
-        return Batch({"tokens": tokens, "global": batch.features["global"]}, depth, batch.index, batch.flipped)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         plan = self.plan(epoch)
@@ -663,107 +511,27 @@ class CachedBatches(Batches):
             batch, event = item
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(event)
-            for t in [*batch.features["tokens"].values(), batch.features["global"], batch.depth, batch.flipped]:
-                if t is not None and t.is_cuda:
+            for t in _tensors(batch):
+                if t.is_cuda:
                     t.record_stream(stream)  # the allocator must not reuse them while this stream reads them
             yield batch
 
 
-class _OpenChunk:
-    """One chunk being streamed row by row: its token arrays' files open (`ChunkRows`), its small arrays (CLS
-    vectors, raw targets) read whole on first use by whichever thread needs them first."""
-
-    def __init__(self, store: FeatureStore, c: int, layers: Sequence[int]):
-        self.store, self.c, self.layers = store, c, layers
-        self.rows: dict[int, ChunkRows] = {}
-        try:
-            for k in layers:
-                self.rows[k] = store.chunk_rows(layer_key(k), c)
-        except BaseException:
-            self.close()
-            raise
-        self._small: dict | None = None
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        self.closed = False
-
-    def small(self) -> dict:
-        """Read once (by the pool task queued ahead, or whichever thread comes first); a failed read fails every
-        later call the same way, so the batch that needs it re-raises what the read raised."""
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            if self._small is None:
-                try:
-                    small = self.store.read_chunk(self.c, layers=(), raw_depth=True)
-                except BaseException as err:
-                    self._error = err
-                    raise
-                if self.closed:  # a read queued ahead that ran after the epoch stopped: keep nothing
-                    return small
-                self._small = small
-            return self._small
-
-    def finish(self, local) -> None:
-        """Check every token array's CRC for this chunk (`ChunkRows.finish`), then release it (`close`)."""
-        scratch = getattr(local, "row", None)
-        try:
-            for rows in self.rows.values():
-                rows.finish(None if scratch is None else byte_view(scratch))
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Close the files and drop the small arrays: an epoch holds only the chunks its batches in flight read."""
-        for rows in self.rows.values():
-            rows.close()
-        self.closed = True
-        self._small = None
-
-
-class _Buffers:
-    """Batch memory handed back and taken again (`host_batches(recycle=True)`): free tensors by shape and dtype.
-    Memory a process keeps mapped costs nothing to write again; fresh memory costs the kernel a page fault per
-    4 KiB on first touch, which on this VM made the streaming loader's kernel time twice its reads' (BENCHMARKS.md,
-    issue 14)."""
-
-    def __init__(self, pin: bool = False):
-        self.pin = pin
-        self._free: dict[tuple, list[torch.Tensor]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get((tuple(shape), dtype))
-            if free:
-                return free.pop()
-        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
-
-    def give(self, batch: Batch) -> None:
-        with self._lock:
-            for t in [*batch.features["tokens"].values(), batch.features["global"], batch.depth]:
-                if t is not None:
-                    self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
-
-
-def _given_back(items: Iterator[Batch], buffers: _Buffers) -> Iterator[Batch]:
-    """Yield each batch, and hand its memory back once the consumer asks for the next."""
-    for batch in items:
-        yield batch
-        buffers.give(batch)
-
-
-def _concat(parts: list[dict], layers: Sequence[int]) -> dict:
-    """Store reads (or row selections of them) concatenated along the batch, without their "index"."""
+def _flat(part: dict) -> dict[str, torch.Tensor]:
+    """A store read as one level of tensors: "tokens/<k>", "global", "depth", "flipped_tokens/<k>", ..."""
     out = {}
-    for key in parts[0]:
-        if key == "index":
-            continue
-        if isinstance(parts[0][key], dict):
-            out[key] = {k: torch.cat([p[key][k] for p in parts]) for k in layers}
+    for key, value in part.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": t for k, t in value.items()})
         else:
-            out[key] = torch.cat([p[key] for p in parts])
+            out[key] = value
     return out
+
+
+def _tensors(batch: Batch) -> list[torch.Tensor]:
+    feats = [batch.features] + ([batch.mirrored] if batch.mirrored is not None else [])
+    return ([t for f in feats for t in [*f["tokens"].values(), f["global"]]]
+            + [t for t in (batch.depth, batch.flipped) if t is not None])
 
 
 # ---- from images (the reference approach) --------------------------------------------------------------------
@@ -771,8 +539,8 @@ class ImageBatches(Batches):
     """`feature_source: images`: the same batches as `CachedBatches`, computed on every step by decoding the
     images and running the frozen encoder. Flips happen on the pixels (the reference way).
 
-    `index` is a planned split (`pipeline.extract.plan_split(...).index`): the same samples and views the cache
-    holds, read by the same `pipeline.extract.load_view`, visited in the same order (`chunk_size` only shapes the
+    `index` is a planned split (`pipeline.planning.plan_split(...).index`): the same samples and views the cache
+    holds, read by the same `pipeline.planning.load_view`, visited in the same order (`chunk_size` only shapes the
     shuffle, as for the cache)."""
 
     mode = "images"
@@ -811,7 +579,7 @@ class ImageBatches(Batches):
         """Sample i's view as uint8 RGB (h, w, 3) and its target (H, W) in metres, exactly as extraction builds
         them. Pixel augmentation per iteration would go after this."""
         from pipeline import datasets
-        from pipeline.extract import load_view
+        from pipeline.planning import load_view
 
         row = {k: v[i] for k, v in self.index.items()}
         view = datasets.View.from_record(row["view"], row["view_aug"])

@@ -222,18 +222,18 @@ def test_the_store_says_what_ran(demo_cfg):
 
 def test_tasks_are_a_few_runs_of_chunks_per_worker():
     """Few, large tasks (each builds a decode pool and its buffers): two per worker and store."""
-    from pipeline.extract import TASKS_PER_WORKER, shard_jobs
+    from pipeline.extract import TASKS_PER_WORKER, chunk_jobs
 
     kitti = [("train", "t", c) for c in range(1304)] + [("val", "v", c) for c in range(145)]
-    shards = shard_jobs(kitti, n_workers=8)
+    shards = chunk_jobs(kitti, n_workers=8)
     assert TASKS_PER_WORKER == 2
     assert [len(s[2]) for s in shards if s[1] == "t"] == [82] * 15 + [1304 - 15 * 82]
     assert [len(s[2]) for s in shards if s[1] == "v"] == [10] * 14 + [5]
     assert [c for s in shards for c in s[2]] == [c for _, _, c in kitti]  # every chunk once, in order
-    assert len(shard_jobs(kitti, n_workers=1)) == 4
+    assert len(chunk_jobs(kitti, n_workers=1)) == 4
     small = [("train", "a", c) for c in range(10)] + [("val", "b", 0), ("val", "b", 3)]
-    assert [s[2] for s in shard_jobs(small, 1)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0], [3]]
-    assert [len(s[2]) for s in shard_jobs(small, 6)] == [1] * 12
+    assert [s[2] for s in chunk_jobs(small, 1)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0], [3]]
+    assert [len(s[2]) for s in chunk_jobs(small, 6)] == [1] * 12
 
 
 @pytest.mark.slow

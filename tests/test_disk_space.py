@@ -15,7 +15,8 @@ from pipeline import synth
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.extract import DiskSpaceError, extract_chunk, extract_splits, prepare_store, space_needed
 from pipeline.layout import RunContext
-from pipeline.store import BLOCK, FeatureStore, estimate_bytes
+from pipeline.diskspace import BLOCK, estimate_bytes
+from pipeline.store import FeatureStore
 from tests.test_extract import write_config
 
 Usage = namedtuple("Usage", "total used free")

@@ -222,12 +222,12 @@ def test_sigkill_mid_extraction_then_resume_is_byte_identical(tmp_path, prefect_
 def test_the_flow_hands_each_worker_runs_of_chunks():
     """Tasks of several chunks (so a worker overlaps one chunk's write with the next one's decode), never across
     stores, a few per worker (tests/test_devices.py has their sizes)."""
-    from pipeline.extract import shard_jobs
+    from pipeline.extract import chunk_jobs
 
     pending = [("train", "a", c) for c in range(10)] + [("val", "b", 0), ("val", "b", 3)]
-    shards = shard_jobs(pending, n_workers=1)
-    assert [s[2] for s in shards] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0], [3]]
-    assert [s[:2] for s in shards] == [("train", "a")] * 2 + [("val", "b")] * 2
-    assert [len(s[2]) for s in shard_jobs(pending, n_workers=2)] == [3, 3, 3, 1, 1, 1]
-    assert [len(s[2]) for s in shard_jobs(pending[:3], n_workers=8)] == [1, 1, 1]
-    assert sorted((u, c) for _, u, cs in shard_jobs(pending, 5) for c in cs) == sorted((u, c) for _, u, c in pending)
+    jobs = chunk_jobs(pending, n_workers=1)
+    assert [s[2] for s in jobs] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0], [3]]
+    assert [s[:2] for s in jobs] == [("train", "a")] * 2 + [("val", "b")] * 2
+    assert [len(s[2]) for s in chunk_jobs(pending, n_workers=2)] == [3, 3, 3, 1, 1, 1]
+    assert [len(s[2]) for s in chunk_jobs(pending[:3], n_workers=8)] == [1, 1, 1]
+    assert sorted((u, c) for _, u, cs in chunk_jobs(pending, 5) for c in cs) == sorted((u, c) for _, u, c in pending)

@@ -319,7 +319,7 @@ def test_verify_names_the_array_the_chunk_and_its_samples(tmp_path, name, how, c
     store = FeatureStore.create(url, _spec(flipped=True), _index())
     _write_all(store)
     c = 0 if name.startswith("index/") else 3
-    path = store._chunk_file(name, c)
+    path = store.chunk_path(name, c)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if how == "truncated" else bytes(255 - b for b in data))
     report = FeatureStore.open(url).verify()
@@ -354,10 +354,10 @@ def test_extraction_rewrites_exactly_the_damaged_chunks(extracted, monkeypatch):
     assert last >= 3
     damage = {"tokens/L0": 1, "flipped/cls": 2, "depth": last, "done": 0, "skip_reason": last}
     for name, c in damage.items():
-        path = train._chunk_file(name, c)
+        path = train.chunk_path(name, c)
         path.write_bytes(path.read_bytes()[:7])
-    train._chunk_file("index/focal", 0).write_bytes(b"\x00" * 5)
-    train._chunk_file("cls", 2).unlink()
+    train.chunk_path("index/focal", 0).write_bytes(b"\x00" * 5)
+    train.chunk_path("cls", 2).unlink()
     assert FeatureStore.open(train.url).verify()["damaged_chunks"] == [0, 1, 2, last]
 
     extracted_chunks = []
@@ -434,40 +434,6 @@ def test_a_full_disk_while_writing_chunks_keeps_nothing_half_written_and_resumes
     monkeypatch.undo()
     assert store.pending_chunks() == [1, 2, 3, 4] and not list(Path(store.url).rglob("*.partial"))
     assert FeatureStore.open(store.url).verify()["problems"] == []  # what is done is sound
-    _write_all(store)
-    assert store_files(store.url) == store_files(reference.url)
-
-
-def test_a_full_disk_during_a_direct_chunk_write_keeps_nothing_half_written_and_resumes(tmp_path, monkeypatch):
-    """The same through `write_file`'s O_DIRECT path (chunk files of 64 KiB, written direct from 4 KiB on here):
-    ENOSPC after part of a chunk file is down gives the one-line error, no partial file, the chunk pending; the
-    resumed store has the bytes of one written wholly through the page cache."""
-    import pipeline.store as store_module
-
-    spec = StoreSpec(n=10, layers=(0, 3), grid=16, width=64, chunk_size=2, target_hw=(3, 5),
-                     attrs={"fingerprint": "f" * 16})
-    monkeypatch.setattr(store_module, "DIRECT_WRITE_BYTES", 1 << 62)
-    reference = FeatureStore.create(str(tmp_path / "ref.zarr"), spec, _index())
-    _write_all(reference)
-    monkeypatch.setattr(store_module, "DIRECT_WRITE_BYTES", 4096)
-    store = FeatureStore.create(str(tmp_path / "s.zarr"), spec, _index())
-    real_write, calls = os.write, []
-
-    def full_after_three(fd, data):
-        calls.append(len(data))
-        if len(calls) > 3:
-            real_write(fd, memoryview(data)[:4096])  # still the aligned buffer
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(store_module.os, "write", full_after_three)
-    with pytest.raises(DiskFullError) as err:
-        _write_all(store)
-    assert "disk full while writing chunk" in str(err.value) and store.url in str(err.value)
-    assert calls[0] >= 4096 and calls[0] % 4096 == 0  # the direct path was taken
-    monkeypatch.setattr(store_module.os, "write", real_write)
-    assert 0 < len(store.pending_chunks()) < 5 and not list(Path(store.url).rglob("*.partial"))
-    assert FeatureStore.open(store.url).verify()["problems"] == []
     _write_all(store)
     assert store_files(store.url) == store_files(reference.url)
 

@@ -192,6 +192,19 @@ def test_exact_flips_take_the_mirrored_images_features(tmp_path):
         assert 0 < n_flipped < n
     # Validation never flips, so it never reads the mirrored copies.
     assert not CachedBatches(st, (1, 3), batch_size=4, train=False).exact_flips
+    # Evaluation: chosen positions in split order, batches across chunk borders, each with the mirrored images'
+    # features beside the plain ones (pixel flip TTA), unflipped.
+    for mode in ("stream", "cpu"):
+        chosen = np.array([0, 2, 3, 4, 7, 8])
+        batches = collect(CachedBatches(st, (3,), batch_size=4, train=False, cache_device=mode, positions=chosen,
+                                        mirrored=True))
+        assert [b.index.tolist() for b in batches] == [[0, 2, 3, 4], [7, 8]]
+        for batch in batches:
+            assert not batch.flipped.any()
+            for j, p in enumerate(batch.index):
+                np.testing.assert_array_equal(batch.features["tokens"][3][j].numpy(), group["tokens/L3"][p])
+                np.testing.assert_array_equal(batch.mirrored["tokens"][3][j].numpy(), group["flipped/tokens/L3"][p])
+                np.testing.assert_array_equal(batch.mirrored["global"][j].numpy(), group["flipped/cls"][p])
 
 
 @pytest.mark.parametrize("workers, ahead", [(1, 0), (3, 1), (4, 50)])
@@ -248,25 +261,14 @@ def small_store(path, compressor="none", dtype="float16"):
     return FeatureStore.open(str(path))
 
 
-@pytest.mark.parametrize("compressor, dtype, rows, device_finish", [
-    ("none", "float16", True, False), ("none", "bfloat16", True, False), ("none", "float16", True, True),
-    ("none", "bfloat16", True, True), ("zstd", "float16", False, False)])
-def test_row_and_chunk_streaming_give_the_resident_batches(tmp_path, compressor, dtype, rows, device_finish):
-    """Uncompressed features stream a row at a time straight into the batch, compressed ones chunk by chunk: both
-    give the resident cache's batches bit for bit (mirrored rows, targets, CLS vectors, bfloat16 bits). So do rows
-    handed over as stored and finished where the batch goes (`device_finish`, the CUDA default; here the CPU runs
-    the same torch code the GPU would)."""
+@pytest.mark.parametrize("compressor, dtype", [("none", "float16"), ("none", "bfloat16"), ("zstd", "float16")])
+def test_streaming_gives_the_resident_batches_for_each_codec_and_dtype(tmp_path, compressor, dtype):
+    """Streamed batches (whole chunks read, rows gathered) are the resident cache's bit for bit: mirrored rows,
+    targets above 128 m (the stored uint16's high bit set), CLS vectors, bfloat16 bits."""
     st = small_store(tmp_path / "s.zarr", compressor, dtype)
-    assert st.read_chunk(0, layers=(), raw_depth=True)["depth"].min() < 0  # high-bit targets are in the test
+    assert st.group["depth"][:].max() > 32767  # high-bit targets are in the test
     kw = dict(batch_size=5, flip_p=0.5, seed=2, shuffle_window=2, read_workers=2)
-    streamed = CachedBatches(st, LAYERS, cache_device="stream", device_finish=device_finish, **kw)
-    assert streamed.row_reads is rows and streamed.device_finish is device_finish
-    if device_finish:  # what the host hands over: rows as stored, the targets' int16 bits
-        raw = next(iter(streamed.host_batches(1)))
-        assert raw.depth.dtype == torch.int16 and raw.flipped.any()
-        j = int(np.flatnonzero(raw.flipped.numpy())[0])
-        row = st.read_chunk(int(raw.index[j]) // CS, LAYERS)["tokens"][LAYERS[0]][int(raw.index[j]) % CS]
-        assert torch.equal(raw.features["tokens"][LAYERS[0]][j].view(torch.int16), row.view(torch.int16))
+    streamed = CachedBatches(st, LAYERS, cache_device="stream", **kw)
     a, b = collect(streamed, 1), collect(CachedBatches(st, LAYERS, cache_device="cpu", **kw), 1)
     assert len(a) == len(b) == len(streamed) and any(x.flipped.any() for x in a)
     for x, y in zip(a, b):
@@ -277,90 +279,23 @@ def test_row_and_chunk_streaming_give_the_resident_batches(tmp_path, compressor,
         assert torch.equal(x.depth, y.depth) and torch.equal(x.features["global"], y.features["global"])
 
 
-def test_recycled_host_batches_reuse_memory_and_give_the_same_values(tmp_path):
-    """`host_batches(recycle=True)`: each batch's memory is taken again for a later batch once the next is asked
-    for (as CUDA's caching host allocator reuses a pinned batch after its copy), and what each batch holds when it
-    is handed out is what the unrecycled epoch gives."""
-    st = small_store(tmp_path / "s.zarr")
-    # 11 batches; in flight at most the CRC window's, one ahead, the queue's and the one held here (well under 11)
-    kw = dict(batch_size=2, flip_p=0.5, seed=3, shuffle_window=1, read_workers=2, prefetch=1)
-    loader = CachedBatches(st, LAYERS, cache_device="stream", device_finish=True, **kw)
-    copies, held = [], []
-    for b in loader.host_batches(2, recycle=True):
-        copies.append(Batch({"tokens": {k: t.clone() for k, t in b.features["tokens"].items()},
-                             "global": b.features["global"].clone()}, b.depth.clone(), b.index, b.flipped))
-        held.append(b.features["tokens"][LAYERS[0]])  # kept alive, so distinct ids are distinct tensors
-        time.sleep(0.01)  # a consumer slower than the loader: it runs ahead to its bound
-    plain = list(loader.host_batches(2))
-    assert len(copies) == len(plain) == len(loader) == 11
-    assert len({id(t) for t in held}) < len(held)  # later batches came in the memory of earlier ones
-    for x, y in zip(copies, plain):
-        assert np.array_equal(x.index, y.index) and torch.equal(x.depth, y.depth)
-        assert torch.equal(x.features["global"], y.features["global"])
-        assert all(torch.equal(x.features["tokens"][k], y.features["tokens"][k]) for k in LAYERS)
-
-
-def test_crc32c_combine_gives_the_crc_of_the_whole():
-    """The chunk check from row CRCs: folding the rows' CRCs equals google-crc32c over the concatenated bytes."""
-    import google_crc32c
-
-    from pipeline.store import crc32c_combine
-
-    rng = np.random.default_rng(0)
-    for length in (1, 7, 1536, G * G * C * 2):
-        rows = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(5)]
-        crc = google_crc32c.value(rows[0])
-        for row in rows[1:]:
-            crc = crc32c_combine(crc, google_crc32c.value(row), length)
-        assert crc == google_crc32c.value(np.concatenate(rows))
-
-
 @pytest.mark.parametrize("where", ["visited", "skipped", "padding"])
 def test_a_changed_byte_stops_streaming_before_its_chunk_reaches_a_batch(tmp_path, where):
-    """One byte changed in a token chunk file: the row-streaming loader raises an error naming the file, and no
-    batch holding a sample of that chunk was handed out. Rows no batch takes (the skipped sample 5, the padding
-    of the last chunk) are checked as well."""
+    """One byte changed in a token chunk file: the streaming loader raises an error naming the file, and no
+    batch holding a sample of that chunk was handed out. Bytes no batch takes (the skipped sample 5, the padding
+    of the last chunk) are checked as well: the CRC-32C covers the whole chunk, checked as it is read."""
     st = small_store(tmp_path / "s.zarr")
     chunk, row = {"visited": (2, 1), "skipped": (1, 1), "padding": (st.n_chunks - 1, CS - 1)}[where]
     assert where != "padding" or N % CS and N % CS <= row  # a row past the last sample
-    path = st._chunk_files("tokens/L2").path(chunk)
+    path = st.chunk_path("tokens/L2", chunk)
     data = bytearray(path.read_bytes())
     data[row * G * G * C * 2 + 11] ^= 0x10
     path.write_bytes(bytes(data))
     assert not FeatureStore.open(st.url).verify()["ok"]
     loader = CachedBatches(FeatureStore.open(st.url), LAYERS, batch_size=3, flip_p=0.5, seed=0, shuffle_window=2,
                            cache_device="stream", read_workers=2)
-    assert loader.row_reads
     seen = []
-    with pytest.raises(StoreError, match=f"{path}.*chunk {chunk} of tokens/L2.*CRC-32C"):
+    with pytest.raises(StoreError, match=f"{path}: chunk {chunk} of tokens/L2 does not decode.*(checksum|CRC-32C)"):
         for batch in loader.epoch(0):
             seen += batch.index.tolist()
     assert not {p // CS for p in seen} & {chunk}
-
-
-def test_row_streaming_holds_only_the_chunks_in_flight(tmp_path, monkeypatch):
-    """A streamed epoch lets each chunk go (files closed, CLS vectors and targets dropped) once its last batch is
-    assembled: a KITTI epoch must not end up holding every chunk's targets in RAM."""
-    import pipeline.loader as loader_module
-
-    st = small_store(tmp_path / "s.zarr")
-    alive, most = set(), []
-
-    class Counted(loader_module._OpenChunk):
-        def __init__(self, store, c, layers):
-            super().__init__(store, c, layers)
-            alive.add(c)
-            most.append(len(alive))
-
-        def close(self):
-            super().close()
-            if self._small is None and all(rows.fd is None for rows in self.rows.values()):
-                alive.discard(self.c)  # released: nothing of it held any more
-
-    monkeypatch.setattr(loader_module, "_OpenChunk", Counted)
-    loader = CachedBatches(st, LAYERS, batch_size=2, flip_p=0.5, seed=0, shuffle_window=1, cache_device="stream",
-                           read_workers=1, prefetch=1)
-    batches = collect(loader)
-    assert loader.row_reads and len(batches) == len(loader)
-    assert len(most) == st.n_chunks and max(most) <= 3 < st.n_chunks  # never more than the chunks in flight
-    assert not alive

@@ -80,7 +80,7 @@ def test_resident_rows_are_the_stores(tmp_path):
     resident = CachedBatches(store, [0, 5], batch_size=8, train=False, cache_device="cpu")._resident
     want = store.read(slice(0, store.n), layers=[0, 5])
     for k in (0, 5):
-        assert torch.equal(resident["tokens"][k], want["tokens"][k])
+        assert torch.equal(resident[f"tokens/{k}"], want["tokens"][k])
     assert torch.equal(resident["global"], want["global"]) and torch.equal(resident["depth"], want["depth"])
 
 
@@ -143,4 +143,4 @@ def test_the_cuda_load_goes_through_one_pinned_chunk(tmp_path, monkeypatch):
     data = batches._load_all(torch.device("cuda"))
     assert staged and set(staged) == {8}
     want = store.read(slice(0, store.n), layers=[0, 12])
-    assert torch.equal(data["tokens"][12], want["tokens"][12]) and torch.equal(data["depth"], want["depth"])
+    assert torch.equal(data["tokens/12"], want["tokens"][12]) and torch.equal(data["depth"], want["depth"])

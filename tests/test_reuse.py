@@ -79,7 +79,7 @@ def test_a_changed_byte_is_left_to_the_readers_and_found_and_repaired_by_the_ful
     extract_splits(cfg, ("train",))
     url = RunContext.of(cfg).store_url("train")
     clean = store_files(url)
-    path = FeatureStore.open(url)._chunk_file("tokens/L2", 1)
+    path = FeatureStore.open(url).chunk_path("tokens/L2", 1)
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
     path.write_bytes(bytes(data))

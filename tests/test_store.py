@@ -123,11 +123,13 @@ def test_open_errors_name_the_path(tmp_path):
         _filled(str(tmp_path / "s.zarr"))[0].read(slice(0, 2), layers=[3])
 
 
-@pytest.mark.parametrize("compressor", ["none", "zstd", "blosc-zstd"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_whole_chunk_reads_from_the_files_equal_zarr_reads(tmp_path, compressor, dtype):
-    """`read_chunk` decodes chunk files itself (numcodecs), bypassing Zarr's event loop: every array of every chunk,
-    the short last one included, must equal what Zarr reads, for each codec and dtype."""
+@pytest.mark.parametrize("compressor, dtype", [("none", "bfloat16"), ("zstd", "float16"), ("blosc-zstd", "float16")])
+def test_every_store_reads_with_plain_zarr_open_as_the_store_reads_it(tmp_path, compressor, dtype):
+    """The store is plain Zarr v3: `zarr.open` alone (no project code) gives every array of every chunk, the
+    short last one included, with the values the store's reads give: the bfloat16 bits as uint16, the targets
+    as `round(metres x scale)`, the flags and the index as written."""
+    import zarr
+
     n, cs, target = 10, 4, (6, 8)
     spec = StoreSpec(n=n, layers=(0, 12), grid=14, width=8, dtype=dtype, chunk_size=cs, target_hw=target,
                      compressor=compressor)
@@ -138,29 +140,32 @@ def test_whole_chunk_reads_from_the_files_equal_zarr_reads(tmp_path, compressor,
     for c in range(store.n_chunks):
         a, b = store.chunk_range(c)
         store.write_chunk(c, {k: torch.randn(b - a, 14, 14, 8, generator=gen) for k in (0, 12)},
-                          torch.randn(b - a, 8, generator=gen), depth[a:b])
+                          torch.randn(b - a, 8, generator=gen), depth[a:b], np.arange(a, b) == 5,
+                          ["bad" if i == 5 else "" for i in range(a, b)])
     store = FeatureStore.open(store.url)
-    for name in ("tokens/L0", "tokens/L12", "cls", "depth"):
-        assert store._chunk_files(name) is not None, name  # the fast path is the one under test
-    # the targets are compressed even when the features are not
-    assert store.group["depth"].metadata.codecs[-2].to_dict()["name"] in ("zstd", "blosc")
-    for c in range(store.n_chunks):
-        a, b = store.chunk_range(c)
-        got = store.read_chunk(c)
-        raw = store.read_chunk(c, raw_depth=True)["depth"]
-        for k in (0, 12):
-            want = store.group[f"tokens/L{k}"][a:b]  # through Zarr
-            assert np.array_equal(got["tokens"][k].view(torch.int16).numpy().view(want.dtype), want)
-        assert np.array_equal(got["global"].view(torch.int16).numpy().view(np.uint16),
-                              store.group["cls"][a:b].view(np.uint16))
-        stored = store.group["depth"][a:b]
-        assert raw.dtype == torch.int16 and np.array_equal(raw.numpy().view(np.uint16), stored)
-        assert np.array_equal(got["depth"].numpy(), stored.astype(np.float32) / 256.0)
+    plain = zarr.open(str(tmp_path / "s.zarr"), mode="r")
+    ours = store.read(slice(0, n))  # through Zarr
+    chunks = [store.read_chunk(c) for c in range(store.n_chunks)]  # whole chunks: uncompressed ones by `_raw_chunk`
+    bits = lambda t: t.view(torch.int16).numpy().view(np.uint16)
+    for k in (0, 12):
+        assert np.array_equal(plain[f"tokens/L{k}"][:].view(np.uint16), bits(ours["tokens"][k]))
+        assert np.array_equal(plain[f"tokens/L{k}"][:].view(np.uint16),
+                              np.concatenate([bits(c["tokens"][k]) for c in chunks]))
+    assert np.array_equal(plain["cls"][:].view(np.uint16), bits(ours["global"]))
+    assert np.array_equal(plain["cls"][:].view(np.uint16), np.concatenate([bits(c["global"]) for c in chunks]))
+    assert np.array_equal(ours["depth"].numpy(), np.concatenate([c["depth"].numpy() for c in chunks]))
+    assert np.array_equal(plain["depth"][:], np.clip(np.rint(depth.astype(np.float64) * 256), 0, 65535))
+    assert np.array_equal(ours["depth"].numpy(), plain["depth"][:].astype(np.float32) / np.float32(256))
+    assert plain["done"][:].tolist() == [1] * n and plain["skipped"][:].tolist() == [int(i == 5) for i in range(n)]
+    assert plain["skip_reason"][5] == "bad" and plain["index/id"][:].tolist() == [f"s{i}" for i in range(n)]
+    # the targets are compressed even when the features are not; every data chunk ends in a CRC-32C
+    assert plain["depth"].metadata.codecs[-2].to_dict()["name"] in ("zstd", "blosc")
+    assert all(plain[a].metadata.codecs[-1].to_dict()["name"] == "crc32c" for a in ("tokens/L0", "cls", "depth"))
 
 
 def test_a_chunk_file_that_does_not_decode_is_named(tmp_path):
     store, *_ = _filled(str(tmp_path / "s.zarr"), n=10, cs=4)
-    path = store._chunk_file("tokens/L12", 1)
+    path = store.chunk_path("tokens/L12", 1)
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with pytest.raises(StoreError, match=r"chunk 1 of tokens/L12 does not decode") as err:
         store.read_chunk(1)
@@ -170,96 +175,38 @@ def test_a_chunk_file_that_does_not_decode_is_named(tmp_path):
 
 def test_a_missing_chunk_file_reads_as_the_fill_value_as_in_zarr(tmp_path):
     store, *_ = _filled(str(tmp_path / "s.zarr"), n=10, cs=4)
-    store._chunk_file("cls", 2).unlink()
+    store.chunk_path("cls", 2).unlink()
     got = store.read_chunk(2)["global"]
     assert got.shape == (2, 8) and not got.any()
     assert not store.group["cls"][8:10].any()
 
 
-def test_depth_metres_is_the_division_bit_for_bit():
-    from pipeline.store import depth_metres
+def test_one_depth_encoding_whose_bytes_are_the_earlier_stores():
+    """Targets are stored by `datasets.encode_depth` (float64 product) and read by `decode_depth`, the pair depth
+    PNGs use. Every value a target can hold (a PNG's uint16 decoded to metres, at each layout's scale) is stored
+    as the same uint16 the float32 rounding of earlier stores gave, and reads back bit for bit as
+    `stored / scale` in float32: the demo's stored targets do not change."""
+    from pipeline.datasets import decode_depth, encode_depth
 
     every = np.arange(65536, dtype=np.uint16)
     for scale in (256.0, 1000.0):  # KITTI, NYU
-        want = every.astype(np.float32) / scale
-        assert np.array_equal(depth_metres(every, scale).view(np.uint32), want.view(np.uint32))
-        assert np.array_equal(depth_metres(every.view(np.int16), scale).view(np.uint32), want.view(np.uint32))
+        metres = decode_depth(every, scale)
+        assert np.array_equal(metres.view(np.uint32), (every.astype(np.float32) / scale).view(np.uint32))
+        assert np.array_equal(encode_depth(metres, scale), every)
+        earlier = np.clip(np.round(metres * scale), 0, 65535).astype(np.uint16)  # float32, as store.py wrote
+        assert np.array_equal(encode_depth(metres, scale), earlier)
 
 
 def test_a_changed_byte_is_found_by_the_checksum(tmp_path):
     """A flipped bit of an uncompressed chunk still has the right length; the CRC-32C every data chunk carries
-    finds it, in `verify` (through Zarr) and in the direct reads of training."""
+    finds it, in `verify` (Zarr's crc32c codec) and in the whole-chunk reads of training (`_raw_chunk`)."""
     store, *_ = _filled(str(tmp_path / "s.zarr"), n=10, cs=4)
-    path = store._chunk_file("tokens/L0", 1)
+    path = store.chunk_path("tokens/L0", 1)
     data = bytearray(path.read_bytes())
     data[1000] ^= 0x10
     path.write_bytes(bytes(data))
     report = FeatureStore.open(store.url).verify()
     assert report["damaged_chunks"] == [1]
     assert report["problems"][0].startswith("tokens/L0: chunk 1 does not decode")
-    with pytest.raises(StoreError, match="CRC-32C does not match"):
+    with pytest.raises(StoreError, match=f"{path}: chunk 1 of tokens/L0 does not decode.*(checksum|CRC-32C)"):
         FeatureStore.open(store.url).read_chunk(1)
-
-
-@pytest.mark.parametrize("compressor", ["none", "zstd", "blosc-zstd"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_direct_chunk_writes_are_the_bytes_zarr_writes(tmp_path, compressor, dtype, monkeypatch):
-    """`write_chunk` writes chunk files itself (not through Zarr's event loop); every file of the store, the padded
-    last chunk, the flags and the targets included, must be the bytes Zarr writes for the same values."""
-    import pipeline.store as store_module
-
-    n, cs, target = 10, 4, (6, 8)
-    gen = torch.Generator().manual_seed(2)
-    tokens = {k: torch.randn(n, 14, 14, 8, generator=gen) for k in (0, 12)}
-    cls = torch.randn(n, 8, generator=gen)
-    depth = np.random.default_rng(2).uniform(0, 80, (n, *target)).astype(np.float32)
-    skipped = np.zeros(n, bool)
-    skipped[5] = True
-
-    def build(url):
-        spec = StoreSpec(n=n, layers=(0, 12), grid=14, width=8, dtype=dtype, chunk_size=cs, target_hw=target,
-                         compressor=compressor)
-        store = FeatureStore.create(url, spec, _index(n))
-        for c in range(store.n_chunks):
-            a, b = store.chunk_range(c)
-            store.write_chunk(c, {k: t[a:b] for k, t in tokens.items()}, cls[a:b], depth[a:b], skipped[a:b],
-                              ["unreadable" if s else "" for s in skipped[a:b]])
-        return tmp_path / url
-
-    direct = build(str(tmp_path / "direct.zarr"))
-    wrote = []
-    real_write = store_module._ChunkFiles.write
-    monkeypatch.setattr(store_module._ChunkFiles, "write", lambda self, c, v: wrote.append(self.name) or False)
-    through_zarr = build(str(tmp_path / "zarr.zarr"))
-    monkeypatch.setattr(store_module._ChunkFiles, "write", real_write)
-    files = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    a, b = files(direct), files(through_zarr)
-    assert sorted(a) == sorted(b)
-    assert {"tokens/L0", "cls", "depth", "skipped", "done"} <= set(wrote)  # the direct path was the one replaced
-    for name in sorted(a):
-        if name != "zarr.json":  # the root group's attributes hold no chunk data
-            assert a[name] == b[name], name
-    assert FeatureStore.open(str(direct)).verify()["problems"] == []
-
-
-@pytest.mark.parametrize("size", [1000, (1 << 20) - 1, 1 << 20, (1 << 20) + 4096 * 3, (1 << 20) + 4096 * 3 + 777])
-def test_write_file_gives_the_same_bytes_direct_or_not(tmp_path, size, monkeypatch):
-    """`write_file` writes `data` then `tail`, whether the bulk goes through O_DIRECT (from 1 MiB on, where the
-    filesystem takes it) or not; the staging buffer is reused by the next, smaller file without leaking into it."""
-    import pipeline.store as store
-
-    flags = []
-    real_open = os.open
-    monkeypatch.setattr(store.os, "open", lambda p, f, *a: flags.append(f) or real_open(p, f, *a))
-    rng = np.random.default_rng(size)
-    for n in (size, size - 1000):
-        data = rng.integers(0, 256, n, dtype=np.uint8)
-        path = tmp_path / f"file-{n}"
-        store.write_file(path, data, b"tail")
-        assert path.read_bytes() == data.tobytes() + b"tail"
-    direct = [bool(f & os.O_DIRECT) for f in flags]
-    if size - size % 4096 >= store.DIRECT_WRITE_BYTES:
-        # tried direct (the test folder's filesystem may refuse it: then a plain open follows)
-        assert direct and direct[0]
-    else:
-        assert not any(direct)
