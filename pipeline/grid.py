@@ -241,7 +241,7 @@ def check_grid_space(ctxs: list, splits) -> list[str]:
     distinct store once), checked against the free space of each cache root (`check_space`) before anything is
     extracted. Returns the estimate's lines."""
     from pipeline.extract import SpaceNeeded, check_space, space_needed
-    from pipeline.store import SizeEstimate
+    from pipeline.diskspace import SizeEstimate
 
     stores = distinct_stores(ctxs, splits)
     by_root: dict[str, SpaceNeeded] = {}
