@@ -9,6 +9,7 @@ from pipeline.train import HISTORY_NAME, pass_plan, read_history, train_variant,
 from tests.conftest import assert_same_run, derive
 
 
+@pytest.mark.slow
 def test_shared_pass_is_bit_identical_to_training_each_variant_alone(fast_cfg):
     # Dropout (p = 0.1) draws masks on every step and in bn_recompute's train-mode forwards; EMA with
     # ema_select=better validates two models per variant; baseline and full read different layers (the pass reads
