@@ -15,16 +15,12 @@ from pipeline import datasets, extract, synth
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.evaluate import evaluate_run
 from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store
-from pipeline.layout import RunContext
 from pipeline.fingerprint import fingerprint, fingerprint_inputs
 from pipeline.store import FeatureStore
 from pipeline.tables import protocol_line
 from pipeline.train import learning_rates
-
-
-def open_for(cfg, split):
-    return RunContext.of(cfg).open_store(split)
 from spaceclip.metrics import compute_metrics
+from tests.conftest import open_for
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from distributed import Client
 
-from pipeline.config import config_from_dict, dump_config
+from pipeline.config import dump_config
+from tests.conftest import derive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +60,6 @@ def test_passes_on_an_existing_scheduler_equal_one_process(fast_cfg, scheduler, 
 
     plan = plan_on_scheduler(scheduler)
     assert plan.n_workers == 2 and plan.threads >= 1
-    derive = lambda cfg, *o: config_from_dict(dump_config(cfg), overrides=list(o))
     cfg = derive(fast_cfg, f"train.out_dir={tmp_path / 'runs'}", "train.epochs=1", "sweep=remote",
                  "train.num_threads=null", "decoder.channels=[16,8,8,8]", "train.variants=[baseline]",
                  "grid={'train.lr': [0.01, 0.005], 'decoder.dropout': [0.1, 0.0]}")

@@ -13,20 +13,12 @@ import yaml
 from PIL import Image
 
 from pipeline import datasets
-from pipeline.config import ConfigError, config_from_dict, dump_config
+from pipeline.config import ConfigError, dump_config
 from pipeline.evaluate import EvaluationError, evaluate_run
-from pipeline.layout import RunContext
 from pipeline.tables import COLUMNS, PUBLISHED, published_for
 from pipeline.train import train_variant
 from spaceclip.metrics import METRIC_KEYS
-
-
-def derive(cfg, *overrides):
-    return config_from_dict(dump_config(cfg), overrides=list(overrides))
-
-
-def open_for(cfg, split):
-    return RunContext.of(cfg).open_store(split)
+from tests.conftest import derive, open_for
 
 
 def split_lines(cfg) -> list[list[str]]:

@@ -7,8 +7,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import TrainConfig, config_from_dict, dump_config
+from pipeline.config import TrainConfig, dump_config
 from pipeline.train import HISTORY_COLUMNS, parallel_plan, read_history, train_variant
+from tests.conftest import derive
 
 
 def test_parallel_plan_shares_the_cores(monkeypatch):
@@ -32,7 +33,6 @@ def test_variants_trained_in_parallel_equal_variants_trained_alone(fast_cfg, pre
     from flows.train import train_decoders
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the Dask workers report to the harness too
-    derive = lambda cfg, *o: config_from_dict(dump_config(cfg), overrides=list(o))
     cfg = derive(fast_cfg, f"train.out_dir={tmp_path / 'runs'}", "train.epochs=2", "train.num_threads=1",
                  "train.parallel=2", "sweep=parallel")
     path = tmp_path / "parallel.yaml"

@@ -130,17 +130,7 @@ def test_predict_at_a_non_native_image_size_matches_the_extraction_path(tmp_path
     np.testing.assert_allclose(np.load(tmp_path / "d" / "frame_depth.npy"), depth, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-def test_onnx_export_at_a_non_native_image_size(tmp_path):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from pipeline.export import export_onnx
-
-    report = export_onnx(checkpoint_at(tmp_path / "ckpt112", 112), tmp_path / "full112.onnx")
-    assert report.ok and report.input_shapes == [("B", 3, 112, 112)] and report.output_shape == ("B", 1, 112, 112)
-
-
-# ---- what ONNX export traces (the ONNX round trip itself: tests/test_export.py, slow tier) -----------------------
+# ---- what ONNX export traces (the ONNX round trip, at a non-native side: tests/test_export.py, slow tier) ------------
 def test_decoder_graph_is_the_decoder_with_positional_inputs(model):
     from pipeline.export import DecoderGraph, example_inputs, metadata
 

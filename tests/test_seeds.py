@@ -16,11 +16,7 @@ from pipeline.layout import run_dir
 from pipeline.tables import write_tables
 from pipeline.train import (HISTORY_NAME, pass_plan, read_history, run_label, seed_config, seed_runs, train_variant,
                             train_variants)
-from tests.test_shared_pass import assert_same_run
-
-
-def derive(cfg, *overrides):
-    return config_from_dict(dump_config(cfg), overrides=list(overrides))
+from tests.conftest import assert_same_run, derive
 
 
 @pytest.mark.parametrize("value, words", [("[]", "empty seed list"), ("[3, 1, 3]", "[3] listed more than once")])

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from flows.serve import FLOWS, free_port, start_server, stop_process
+from tests.conftest import TEST_DECODER
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -33,32 +34,18 @@ PREFECT, SPACECLIP, DASK = (str(BIN / name) for name in ("prefect", "spaceclip",
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def encoder_64px(tmp_path_factory) -> str:
-    """tiny-clip's sizes at 64 px input: the decoder then predicts at 64 x 64, so a training epoch takes seconds."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from spaceclip.encoder import PRESETS
-
-    folder = tmp_path_factory.mktemp("encoder") / "tiny-clip-64px"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CLIPVisionModel(CLIPVisionConfig(**{**PRESETS["tiny-clip"], "image_size": 64})).save_pretrained(folder)
-    return str(folder)
-
-
-def tiny_params(root: Path, encoder: str, **extra) -> dict:
-    """Run-time parameters that shrink the demo config and root every output in `root` (`--params` JSON)."""
+def tiny_params(root: Path, **extra) -> dict:
+    """Run-time parameters that shrink the demo config and root every output in `root` (`--params` JSON): tiny-clip
+    at 64 px input (the decoder predicts at 64 x 64) and the tests' small decoder, so that an epoch takes seconds."""
     data = root / "data"
     overrides = [
         f"data.image_root={data}/raw", f"data.depth_root={data}/gt",
         f"data.train_split={data}/splits/train.txt", f"data.test_split={data}/splits/test.txt",
-        "data.synth.train=8", "data.synth.test=4", f"encoder.name={encoder}", "encoder.image_size=null",
+        "data.synth.train=8", "data.synth.test=4", "encoder.name=tiny-clip-64", "encoder.image_size=null",
         "encoder.batch_size=8", "train.bn_recompute=2", "train.seeds=[42]",  # one run a variant: serving is the test
         "views.crop_size=[176,352]", "views.views_per_image=1", "cache.chunk_size=8", "cache.target_size=[44,88]",
         "train.epochs=1", "train.batch_size=4", f"train.out_dir={root}/runs", f"eval.out_dir={root}/results",
-        "eval.qualitative=2", "dask.processes=false", "dask.n_workers=1",
+        "eval.qualitative=2", "dask.processes=false", "dask.n_workers=1", *TEST_DECODER,
     ]
     return {"overrides": overrides, "cache_root": str(root / "cache"), **extra}
 
@@ -285,10 +272,9 @@ def own_server(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px, own_server):
-    """`prefect deploy --all` to a process pool, a worker, extraction on an existing Dask scheduler; then
-    `spaceclip serve` against that server (PREFECT_API_URL answers): it starts no server and, on SIGTERM, stops
-    only what it started."""
+def test_work_pool_worker_and_dask_scheduler(tmp_path, own_server):
+    """`prefect deploy --all` to a process pool, a worker, extraction on an existing Dask scheduler. (`spaceclip
+    serve` against this server: the restart test below.)"""
     home, work, port, api = own_server.home, tmp_path / "worker", own_server.port, own_server.api
     work.mkdir()
     dask_port = free_port()
@@ -317,7 +303,7 @@ def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px, own_server)
         worker, worker_log = popen([PREFECT, "worker", "start", "--pool", "spaceclip"], "prefect-worker", cwd=work)
 
         t = time.monotonic()
-        params = tiny_params(tmp_path, encoder_64px, dask_address=f"tcp://127.0.0.1:{dask_port}")
+        params = tiny_params(tmp_path, dask_address=f"tcp://127.0.0.1:{dask_port}")
         result = run_deployment("extract-features/demo", params, env)
         assert result.returncode == 0, worker_log.read_text()[-3000:]
         assert complete_stores(tmp_path / "cache") == {"test": True, "train": True, "val": True}
@@ -329,19 +315,9 @@ def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px, own_server)
         with Client(f"tcp://127.0.0.1:{dask_port}", timeout=20) as client:
             prefixes = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
         assert "extract_chunks_task" in prefixes  # the chunks ran on that cluster
-
-        # `spaceclip serve` reusing this server: no second server; SIGTERM leaves the server it did not start.
-        serve, serve_log = popen([SPACECLIP, "serve"], "serve", cwd=work)
-        wait_until(lambda: "Ctrl-C here stops" in serve_log.read_text(), 120, "serve ready", serve, serve_log)
-        assert f"Prefect server: {api} (existing)" in serve_log.read_text()
-        procs = process_tree(serve.pid)[1:]
-        serve.terminate()
-        assert serve.wait(timeout=60) == 0
-        assert_gone(procs)
-        assert api_get(f"{api}/health") == 200
     finally:
         tree = [p for proc in started for p in process_tree(proc.pid)]
-        for proc in reversed(started):  # serve and the worker first, then Dask (the server is the fixture's)
+        for proc in reversed(started):  # the worker first, then Dask (the server is the fixture's)
             stop_process(proc.pid, grace=10)
     assert_gone(tree)
     assert not port_open(dask_port)
@@ -349,9 +325,9 @@ def test_work_pool_worker_and_dask_scheduler(tmp_path, encoder_64px, own_server)
 
 
 # ---- cancelled runs and a restarting server (issue 15): helpers ------------------------------------------------
-def many_chunk_params(root: Path, encoder: str) -> dict:
+def many_chunk_params(root: Path) -> dict:
     """`tiny_params` with one sample per chunk and task: a run long enough to be interrupted between chunks."""
-    params = tiny_params(root, encoder)
+    params = tiny_params(root)
     params["overrides"] += ["data.synth.train=48", "cache.chunk_size=1", "encoder.batch_size=1"]
     return params
 
@@ -432,16 +408,18 @@ def assert_sound_and_resumable(cache_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_server_restarting_during_a_run_does_not_corrupt_the_store(tmp_path, encoder_64px, own_server):
+def test_the_server_restarting_during_a_run_does_not_corrupt_the_store(tmp_path, own_server):
     """The Prefect server is stopped in the middle of a served extraction and started again (same port, same
     database). Whatever becomes of that run, every chunk it marked done is sound, and running the deployment again
-    completes the stores with the bytes of an uninterrupted extraction."""
+    completes the stores with the bytes of an uninterrupted extraction. `spaceclip serve` here runs against a server
+    it did not start (PREFECT_API_URL answers): it starts none and, on SIGTERM, stops only what it started."""
     port, home, api, log = own_server.port, own_server.home, own_server.api, tmp_path / "serve.log"
     env = child_env(home, PREFECT_API_URL=api, PREFECT_RUNNER_POLL_FREQUENCY="2")
     serve = start_serve(tmp_path / "work", env, log)
     try:
         wait_until(lambda: "Ctrl-C here stops" in log.read_text(), 150, "serve ready", serve, log)
-        params = many_chunk_params(tmp_path, encoder_64px)
+        assert f"Prefect server: {api} (existing)" in log.read_text()
+        params = many_chunk_params(tmp_path)
         run_id = start_deployment("extract-features/demo", params, env)
         cache = tmp_path / "cache"
         wait_until(lambda: done_samples(cache) >= 1, 240, "a chunk extracted", serve, log)
@@ -457,6 +435,12 @@ def test_the_server_restarting_during_a_run_does_not_corrupt_the_store(tmp_path,
         result = run_deployment("extract-features/demo", params, env)
         assert result.returncode == 0 and "Completed" in result.stdout
         assert set(complete_stores(cache).values()) == {True}
+
+        procs = process_tree(serve.pid)[1:]  # SIGTERM: serve's own processes go, the server it found stays
+        serve.terminate()
+        assert serve.wait(timeout=60) == 0
+        assert_gone(procs)
+        assert api_get(f"{api}/health") == 200
     finally:
         if serve.poll() is None:
             serve.terminate()
@@ -496,7 +480,7 @@ def served(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_serve_registers_every_deployment_and_runs_them(served, tmp_path, encoder_64px):
+def test_serve_registers_every_deployment_and_runs_them(served, tmp_path):
     text = served.log.read_text()
     assert f"Prefect UI:     http://127.0.0.1:{served.port}" in text and f"export PREFECT_API_URL={served.api}" in text
     assert (served.home / "prefect.db").exists() and (served.home / "server.log").exists()  # the given PREFECT_HOME
@@ -505,14 +489,14 @@ def test_serve_registers_every_deployment_and_runs_them(served, tmp_path, encode
     run_env = served.env
 
     t = time.monotonic()
-    result = run_deployment("extract-features/demo", tiny_params(tmp_path, encoder_64px), run_env)
+    result = run_deployment("extract-features/demo", tiny_params(tmp_path), run_env)
     assert result.returncode == 0
     assert "Flow run finished successfully in 'Completed'" in result.stdout
     assert complete_stores(tmp_path / "cache") == {"test": True, "train": True, "val": True}
     print(f"extract-features/demo: {time.monotonic() - t:.1f} s")
 
     t = time.monotonic()
-    result = run_deployment("paper-table/demo", tiny_params(tmp_path, encoder_64px, variants=["baseline"]), run_env)
+    result = run_deployment("paper-table/demo", tiny_params(tmp_path, variants=["baseline"]), run_env)
     assert result.returncode == 0
     results = tmp_path / "results" / "demo"
     for name in ("table.md", "table.tex", "summary.csv", "per_image.csv"):
@@ -522,7 +506,7 @@ def test_serve_registers_every_deployment_and_runs_them(served, tmp_path, encode
     print(f"paper-table/demo: {time.monotonic() - t:.1f} s")
 
     # A bad parameter fails the run with the config error's own message, not a traceback.
-    bad = tiny_params(tmp_path, encoder_64px)
+    bad = tiny_params(tmp_path)
     bad["overrides"].append("train.epoch=3")
     result = run_deployment("train-decoders/demo", bad, run_env)
     assert result.returncode == 1
@@ -534,12 +518,12 @@ def test_serve_registers_every_deployment_and_runs_them(served, tmp_path, encode
 
 
 @pytest.mark.slow
-def test_a_cancelled_deployment_run_stops_and_its_store_resumes(served, tmp_path, encoder_64px):
+def test_a_cancelled_deployment_run_stops_and_its_store_resumes(served, tmp_path):
     """`prefect flow-run cancel` on a served extract-features run: the run ends Cancelled, its process goes, no chunk
     is written after that, what was written is sound; two runs of the same deployment at once then both complete
     the stores, with the bytes of an uninterrupted extraction."""
     serve, api, env, log = served.proc, served.api, served.env, served.log
-    params = many_chunk_params(tmp_path, encoder_64px)
+    params = many_chunk_params(tmp_path)
     run_id = start_deployment("extract-features/demo", params, env)
     cache = tmp_path / "cache"
     wait_until(lambda: done_samples(cache) >= 1, 240, "a chunk extracted", serve, log)

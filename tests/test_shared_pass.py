@@ -1,50 +1,15 @@
 """`train.shared_pass`: several variants trained on one read of each batch are bit-identical to each trained alone."""
 
-import json
-import math
 from pathlib import Path
 
 import pytest
-import torch
 
-from pipeline.config import config_from_dict, dump_config
-from pipeline.train import (HISTORY_NAME, STATE_NAME, load_state, pass_plan, read_history, train_variant,
-                            train_variants)
-
-TIMING = ("seconds", "val_seconds", "images_per_s")  # wall-clock columns: the only ones allowed to differ
+from pipeline.config import config_from_dict
+from pipeline.train import HISTORY_NAME, pass_plan, read_history, train_variant, train_variants
+from tests.conftest import assert_same_run, derive
 
 
-def derive(cfg, *overrides):
-    return config_from_dict(dump_config(cfg), overrides=list(overrides))
-
-
-def same_value(a, b) -> bool:
-    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
-
-
-def assert_same_run(got: Path, want: Path) -> None:
-    """Checkpoint bytes, train state tensors (weights, optimiser, EMA, RNG) and history (timing aside) equal."""
-    for folder in ("last", "best"):
-        assert (got / folder / "model.safetensors").read_bytes() == (want / folder / "model.safetensors").read_bytes()
-        a, b = (json.loads((d / folder / "config.json").read_text()) for d in (got, want))
-        for key in ("epoch", "val_metrics", "weights", "cache_fingerprint", "decoder"):
-            assert a[key] == b[key], (folder, key)
-    sa, sb = load_state(got / STATE_NAME), load_state(want / STATE_NAME)
-    assert sa.keys() == sb.keys()
-    assert torch.equal(sa["torch_rng"], sb["torch_rng"])  # each variant's random stream ends where it would alone
-    for key in ("model", "ema"):
-        if key in sa:
-            assert all(torch.equal(sa[key][k], sb[key][k]) for k in sb[key])
-    for key in ("epoch", "best_abs_rel", "best_epoch", "scheduler"):
-        assert sa[key] == sb[key]
-    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
-        assert all(torch.equal(pa[k], pb[k]) for k in pb)
-    ha, hb = read_history(got / HISTORY_NAME), read_history(want / HISTORY_NAME)
-    assert len(ha) == len(hb)
-    for ra, rb in zip(ha, hb):
-        assert all(same_value(ra[k], rb[k]) for k in rb if k not in TIMING), (ra, rb)
-
-
+@pytest.mark.slow
 def test_shared_pass_is_bit_identical_to_training_each_variant_alone(fast_cfg):
     # Dropout (p = 0.1) draws masks on every step and in bn_recompute's train-mode forwards; EMA with
     # ema_select=better validates two models per variant; baseline and full read different layers (the pass reads

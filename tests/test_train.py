@@ -13,21 +13,14 @@ from safetensors.torch import load_file
 
 from pipeline.config import config_from_dict, dump_config
 from pipeline.extract import plan_split
-from pipeline.layout import RunContext, RunError, encoder_for
+from pipeline.layout import RunError, encoder_for
 from pipeline.loader import CachedBatches, ImageBatches
 from pipeline.store import StoreError
 from pipeline.train import (HISTORY_COLUMNS, STATE_NAME, check_cache, learning_rates, load_state, read_history,
                             train_variant, validate)
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.metrics import compute_metrics, mean_metrics
-
-
-def derive(cfg, *overrides):
-    return config_from_dict(dump_config(cfg), overrides=list(overrides))
-
-
-def open_for(cfg, split):
-    return RunContext.of(cfg).open_store(split)
+from tests.conftest import derive, open_for
 
 
 def constant_predictor(cfg) -> tuple[float, dict]:
