@@ -209,7 +209,7 @@ class TrainConfig(_Model):
     # Seeds as a sweep axis: every variant is trained once per seed from the same cache (the seed sets the decoder's
     # initialisation, dropout and the data order), into runs/<sweep>/<variant>/seed-<s>/ when there are several;
     # tables then give mean +- sd over seeds and intervals (pipeline/stats.py). None: one run with `seed`, in
-    # runs/<sweep>/<variant>/ as before.
+    # runs/<sweep>/<variant>/ (no seed folder).
     seeds: list[int] | None = None
     # Training batches over which BatchNorm statistics are recomputed before each validation (0: off, as the
     # reference: the running averages of training are kept). See pipeline/train.py recompute_bn.

@@ -358,8 +358,8 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     """AdamW of the recipe. On a GPU torch's fused kernel: it takes the step's skip flag as a device tensor
     (`found_inf`, as GradScaler hands it over) and leaves weights, moments and step count untouched where it is
     set, so `train_step` never waits for the GPU to learn whether to step. On the CPU, where nothing waits, torch's
-    default AdamW as before: the fused CPU kernel rounds some updates differently (1 ulp), which would end the CPU's
-    bit-for-bit repeatability of earlier runs (`tests/test_train_syncs.py`)."""
+    default AdamW: the fused CPU kernel rounds some updates differently (1 ulp), so CPU runs would no longer repeat
+    those trained with it bit for bit (`tests/test_train_syncs.py`)."""
     return torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                              fused=True if device.type == "cuda" else None)
 
@@ -662,20 +662,7 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
         wait_s = max(time.perf_counter() - t0 - sum(r.busy_s for r in active), 0.0) / len(active)
 
         t1 = time.perf_counter()
-        if tc.bn_recompute:
-            bn_batches = list(islice(sources.train.epoch(epoch), tc.bn_recompute))  # read once for all
-            for r in active:
-                with own_random_stream(r):  # train-mode forwards: dropout draws
-                    for m in [r.model] + ([r.ema.module] if r.ema is not None else []):
-                        recompute_bn(m, bn_batches)
-        # (run, model, weights) to validate: the EMA weights or the raw ones, and with ema_select=better both (the
-        # release's eval_both_for_best: EMA kept only if strictly better). One pass over the val split for all.
-        candidates = []
-        for r in active:
-            candidates.append((r, r.model, "raw") if r.ema is None else (r, r.ema.module, "ema"))
-            if r.ema is not None and tc.ema_select == "better":
-                candidates.append((r, r.model, "raw"))
-        scores = validate_many([m for _, m, _ in candidates], sources.val, depth_range, autocast=cuda)
+        candidates, scores = _validate_epoch(tc, active, sources, epoch, depth_range, cuda)
         val_s = (time.perf_counter() - t1) / len(active)
 
         for r in active:
@@ -701,6 +688,24 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
 
     return {r.variant: TrainResult(r.variant, r.out, tc.epochs, r.best_epoch, r.best_abs_rel, history=r.history,
                                    seed=tc.seed) for r in runs}
+
+
+def _validate_epoch(tc: TrainConfig, active: list, sources: Sources, epoch: int, depth_range, cuda: bool):
+    """BatchNorm statistics recomputed (`train.bn_recompute`), then every candidate validated in one pass over the
+    val split: (run, model, weights) with the EMA weights or the raw ones, and with ema_select=better both (the
+    release's eval_both_for_best: EMA kept only if strictly better). Returns (candidates, their scores)."""
+    if tc.bn_recompute:
+        bn_batches = list(islice(sources.train.epoch(epoch), tc.bn_recompute))  # read once for all
+        for r in active:
+            with own_random_stream(r):  # train-mode forwards: dropout draws
+                for m in [r.model] + ([r.ema.module] if r.ema is not None else []):
+                    recompute_bn(m, bn_batches)
+    candidates = []
+    for r in active:
+        candidates.append((r, r.model, "raw") if r.ema is None else (r, r.ema.module, "ema"))
+        if r.ema is not None and tc.ema_select == "better":
+            candidates.append((r, r.model, "raw"))
+    return candidates, validate_many([m for _, m, _ in candidates], sources.val, depth_range, autocast=cuda)
 
 
 def _save_epoch(r: _Run, epoch: int, eval_model, weights: str, metrics: dict, cuda: bool) -> None:
