@@ -45,7 +45,8 @@ def tiny_params(root: Path, **extra) -> dict:
         "encoder.batch_size=8", "train.bn_recompute=2", "train.seeds=[42]",  # one run a variant: serving is the test
         "views.crop_size=[176,352]", "views.views_per_image=1", "cache.chunk_size=8", "cache.target_size=[44,88]",
         "train.epochs=1", "train.batch_size=4", f"train.out_dir={root}/runs", f"eval.out_dir={root}/results",
-        "eval.qualitative=2", "dask.processes=false", "dask.n_workers=1", *TEST_DECODER,
+        "eval.qualitative=2", "eval.efficiency=false", "eval.failure_cases=false",  # timings and extra figures:
+        "dask.processes=false", "dask.n_workers=1", *TEST_DECODER,  # tested by test_efficiency / test_figures
     ]
     return {"overrides": overrides, "cache_root": str(root / "cache"), **extra}
 
