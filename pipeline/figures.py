@@ -167,14 +167,23 @@ def qualitative_grid(
     for ax, label in zip(axes[:, 0], row_labels):
         ax.set_ylabel(label, fontsize=9, rotation=0 if wide else 90, ha="right" if wide else "center",
                       va="center", labelpad=6)
-    # Near = the colormap's high end (pipeline.visualize): as a function of depth, that is the reversed map.
-    mappable = plt.cm.ScalarMappable(norm=Normalize(lo, hi), cmap=colormap(cmap).reversed())
-    bar = fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01, aspect=35)
-    bar.set_label("depth (m): one scale for every panel; black = no ground truth", fontsize=9)
+    depth_colorbar(fig, axes, lo, hi, cmap, "depth (m): one scale for every panel; black = no ground truth")
     fig.suptitle(title or "Qualitative results", fontsize=11)
+    return save_figure(fig, out_path)
+
+
+def depth_colorbar(fig, axes, lo: float, hi: float, cmap: str, label: str) -> None:
+    """The depth scale of `axes`' panels. Near = the colormap's high end (pipeline.visualize): as a function of
+    depth, that is the reversed map."""
+    mappable = plt.cm.ScalarMappable(norm=Normalize(lo, hi), cmap=colormap(cmap).reversed())
+    fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01, aspect=35).set_label(label, fontsize=9)
+
+
+def save_figure(fig, out_path: str | Path, tight: bool = True) -> Path:
+    """Write `fig` as a PNG at `out_path` (folders made as needed) and close it."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, bbox_inches="tight", facecolor="white")
+    fig.savefig(out, dpi=DPI, bbox_inches="tight" if tight else None, facecolor="white")
     plt.close(fig)
     return out
 
@@ -234,11 +243,7 @@ def training_curves(
     ax_val.legend(fontsize=9, frameon=False)
     fig.suptitle((title or "Training curves") + spread, fontsize=12 if not several else 10)
     fig.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, facecolor="white")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path, tight=False)
 
 
 def read_histories(evaluation: Evaluation) -> dict[str, dict[int, pd.DataFrame]]:
@@ -382,18 +387,12 @@ def failure_grid(
     for ax, name in zip(axes[0], ("input", "ground truth", None, "|pred − GT| / GT")):
         if name:
             ax.set_title(name, fontsize=9, pad=3)
-    depth_bar = fig.colorbar(plt.cm.ScalarMappable(norm=Normalize(lo, hi), cmap=colormap(cmap).reversed()),
-                             ax=axes[:, :3], fraction=0.02, pad=0.01, aspect=35)
-    depth_bar.set_label("depth (m), one scale; black = no ground truth", fontsize=9)
+    depth_colorbar(fig, axes[:, :3], lo, hi, cmap, "depth (m), one scale; black = no ground truth")
     error_bar = fig.colorbar(plt.cm.ScalarMappable(norm=Normalize(0.0, ERROR_MAX), cmap=colormap(ERROR_CMAP)),
                              ax=axes[:, 3], fraction=0.05, pad=0.02, aspect=35, extend="max")
     error_bar.set_label(f"relative error, 0 to {ERROR_MAX:.0%} and above; grey = no ground truth", fontsize=9)
     fig.suptitle(title or "Failure cases", fontsize=11)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, bbox_inches="tight", facecolor="white")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_path)
 
 
 def write_failure_cases(
