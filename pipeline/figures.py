@@ -288,7 +288,7 @@ def write_figures(evaluation: Evaluation, cfg: Config, out_dir: str | Path) -> d
                                        metrics={v: s.metrics[key(v)] for v in variants if key(v) in s.metrics})
                    for s in evaluation.samples]
         lo, hi = shared_range(samples)
-        which = (f"; one run per variant: the seed nearest its mean test AbsRel ("
+        which = ("; one run per variant: the seed nearest its mean test AbsRel ("
                  + ", ".join(f"{v} seed {shown[v]}" for v in variants) + ")") if several else ""
         paths["qualitative"] = qualitative_grid(
             samples, out / "qualitative.png", variants=variants, crop=p["crop"],

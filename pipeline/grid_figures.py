@@ -68,6 +68,9 @@ def write_grid_figure(frame: pd.DataFrame, keys: list[str], out_dir: str | Path,
     else:
         x_key, others = varied[0], varied[1:]
         xs = list(dict.fromkeys(frame[x_key]))
+        # A line between points says the axis is continuous: only for numbers (lr, epochs), not for categories
+        # (encoders, layer lists), whose points are drawn apart.
+        numeric = all(_is_number(v) for v in xs)
         fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(xs) + 2.5), 3.6))
         series = frame.groupby(["variant", *others], sort=False) if others else frame.groupby("variant", sort=False)
         styles = ["-", "--", ":", "-."]
@@ -78,7 +81,8 @@ def write_grid_figure(frame: pd.DataFrame, keys: list[str], out_dir: str | Path,
             pos = np.array([xs.index(v) for v in sub[x_key]], float) + 0.08 * (s - (n_series - 1) / 2)
             half = sub["half"].to_numpy(float)
             ax.errorbar(pos, sub[f"{METRIC}_mean"], yerr=np.where(np.isnan(half), 0, half), capsize=4, marker="o",
-                        color=colors[variant], linestyle=styles[(s // len(variants)) % len(styles)], label=label)
+                        color=colors[variant], label=label,
+                        linestyle=styles[(s // len(variants)) % len(styles)] if numeric else "none")
         ax.set_xticks(range(len(xs)), xs, rotation=15, ha="right", fontsize=8)
         ax.set_xlabel(x_key)
         ax.set_ylabel(METRIC_NAME)
@@ -90,3 +94,12 @@ def write_grid_figure(frame: pd.DataFrame, keys: list[str], out_dir: str | Path,
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _is_number(value) -> bool:
+    """Whether a grid value (as the grid table writes it: text) is a number."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return str(value).strip().lower() not in ("true", "false", "nan")

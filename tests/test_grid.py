@@ -261,6 +261,23 @@ def test_grid_table_summary_and_figure(tmp_path):
     assert write_grid_figure(grid_stats(two), ["encoder.name", "train.lr"], tmp_path / "two").stat().st_size > 10_000
 
 
+def test_grid_figure_joins_points_only_along_a_numeric_axis(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from pipeline.grid_figures import write_grid_figure
+    from pipeline.tables import grid_stats
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    results = grid_results()
+    write_grid_figure(grid_stats(results), ["encoder.name"], tmp_path)  # categories: "pre", "rand"
+    numeric = [(dataclasses.replace(p, values={"train.lr": lr}, label=f"train.lr={lr}"), ev)
+               for lr, (p, ev) in zip((0.01, 0.02), results)]
+    write_grid_figure(grid_stats(numeric), ["train.lr"], tmp_path)
+    styles = [{c.lines[0].get_linestyle() for c in fig.axes[0].containers} for fig in drawn]  # the data lines
+    assert styles[0] == {"None"} and "None" not in styles[1] and styles[1]
+
+
 @pytest.mark.slow  # builds and hashes a 22 M-parameter ViT twice
 def test_random_dinov2_preset_is_the_pretrained_architecture_with_seeded_weights():
     from pipeline import imgfocus
