@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from pipeline.config import Config, TrainConfig, dump_config
 from pipeline.devices import encoder_settings, usable_cores, visible_gpus
 from pipeline.extract import plan_split
-from pipeline.layout import RunContext, RunError, locked_run_dirs, replaced_atomically, resolve_device, run_dir  # noqa: F401 (bench/shortcuts.py imports run_dir from here)
+from pipeline.layout import RunContext, RunError, locked_run_dirs, replaced_atomically, resolve_device
 from pipeline.loader import Batch, Batches, CachedBatches, ImageBatches
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.losses import depth_loss
