@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.config import config_from_dict, dump_config, load_config  # noqa: E402
 from pipeline.evaluate import evaluate_run  # noqa: E402
 from pipeline.extract import encoder_for, extract_splits  # noqa: E402
-from pipeline.layout import RunContext  # noqa: E402
+from pipeline.layout import RunContext, run_dir  # noqa: E402
 from pipeline.loader import flip_features  # noqa: E402
-from pipeline.layout import run_dir  # noqa: E402
 from pipeline.train import train_variant  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
 
