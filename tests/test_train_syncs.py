@@ -95,11 +95,15 @@ def run(step, optimizer_of, kinds=KINDS, grad_clip=0.05):
 
 def assert_same_state(a, b):
     (ma, oa, ea, _), (mb, ob, eb, _) = a, b
-    # Weights and BN statistics (the NaN batch's train-mode forward leaves NaN running statistics, as it did)
-    for x, y in zip(ma.state_dict().values(), mb.state_dict().values(), strict=True):
-        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
-    for x, y in zip(ea.module.state_dict().values(), eb.module.state_dict().values(), strict=True):
-        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    # Weights bit for bit. BatchNorm's running statistics differ by design: the old step's skipped batches moved
+    # them (its train-mode forward ran before the skip; the NaN batch left them NaN), today's step puts them back
+    # (`test_a_skipped_step_changes_nothing`); train-mode forwards never read them, so the weights agree.
+    for old, new in ((ma, mb), (ea.module, eb.module)):
+        for (key, x), y in zip(old.state_dict().items(), new.state_dict().values(), strict=True):
+            if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                assert torch.isfinite(y.float()).all(), key
+            else:
+                torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
     for p, q in zip(ma.parameters(), mb.parameters(), strict=True):
         sa, sb = oa.state[p], ob.state[q]  # (empty for the aux head of weight 0: it gets no gradient)
         assert sa.keys() == sb.keys()
@@ -131,9 +135,8 @@ def test_a_skipped_step_changes_nothing():
         loss, taken = train_step(model, optimizer, make_batch(i, kind), LOSS, 1.0, ema)
         assert not taken.item() and (kind == "nan") == (not torch.isfinite(loss).item())
     for m, want in zip((model, ema.module), before):
-        for k, v in m.state_dict().items():
-            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # the forward ran in train mode
-                assert torch.equal(v, want[k]), k
+        for k, v in m.state_dict().items():  # BatchNorm's running statistics too, though the forward ran
+            assert torch.equal(v, want[k]), k
     for k, v in optimizer.state[next(model.parameters())].items():
         assert torch.equal(v, moments[k]), k
 
