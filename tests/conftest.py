@@ -9,6 +9,11 @@ from pathlib import Path
 # local_files_only=True and the offline test of the encoder fails.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# One intra-op thread per process (the test process and every process it starts), read by torch when it is
+# imported. The suite's tensors are small, and on a busy 2-core machine two OpenMP threads of one process spin-wait
+# on each other: tiny-clip's forward at 224 px measured 55 ms on one thread against 80-700 ms on two. The pipeline
+# still sets its own counts where a config asks (train.num_threads, extraction's per-worker threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402

@@ -7,13 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
-from pipeline.export import DecoderGraph, export_onnx  # noqa: E402
-from spaceclip.decoder import SpaceClipDecoder  # noqa: E402
-from spaceclip.encoder import FrozenEncoder  # noqa: E402
-from spaceclip.model import SpaceClip  # noqa: E402
+from pipeline.export import DecoderGraph, export_onnx
+from spaceclip.decoder import SpaceClipDecoder
+from spaceclip.encoder import FrozenEncoder
+from spaceclip.model import SpaceClip
 
 RTOL = 1e-4
 SIDE = 112  # tiny-clip's own side is 224
@@ -22,7 +19,10 @@ SIDE = 112  # tiny-clip's own side is 224
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """tiny-clip (width 64) at 112 px input (its own side is 224: a 7 x 7 grid) + a small random decoder, saved with
-    the encoder identity as training does."""
+    the encoder identity as training does. The ONNX packages are looked for here, not at import: importing
+    onnxscript costs a second that `pytest -m "not slow"`, which collects this file too, would pay for nothing."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
     encoder = FrozenEncoder.from_name("tiny-clip", image_size=SIDE)
     torch.manual_seed(0)
     decoder = SpaceClipDecoder("full", width=encoder.width, channels=(32, 16, 16, 8))
