@@ -236,41 +236,11 @@ def decode_workers_for(cfg: Config) -> int:
     return cfg.encoder.decode_workers or torch_threads_per_worker(cfg)
 
 
-class ChunkBuffers:
-    """The buffers one chunk's features and targets are gathered in, two sets used in turn: while the writer thread
-    writes one chunk from one set, the next chunk fills the other, and a set is taken again only after its write
-    has finished (`extract_chunks` waits for the previous write before it hands the writer the next chunk).
-    Allocated once per call: a fresh page costs the kernel a fault on first touch, and a chunk of seven ViT-B/16
-    layers is 2.1 MB an image."""
-
-    def __init__(self, rows: int, layers, grid: int, width: int, dtype: torch.dtype, target_hw, flipped: bool):
-        def one_set():
-            features = lambda: ({k: torch.zeros(rows, grid, grid, width, dtype=dtype) for k in layers},
-                                torch.zeros(rows, width, dtype=dtype))  # (n, G, G, C) per layer, (n, C)
-            # views.flip = extract / pixel flip TTA: the mirrored image of every view too
-            tokens, cls = features()
-            depth = np.zeros((rows, *target_hw), np.float32) if target_hw else None
-            return tokens, cls, features() if flipped else None, depth
-
-        self.sets = [one_set(), one_set()]
-        self.turn = 1
-
-    def take(self, n: int):
-        """(tokens, cls, flipped, depth) for the next chunk's first `n` rows: views into the next set."""
-        self.turn ^= 1
-        tokens, cls, mirrored, depth = self.sets[self.turn]
-        return ({k: t[:n] for k, t in tokens.items()}, cls[:n],
-                None if mirrored is None else ({k: t[:n] for k, t in mirrored[0].items()}, mirrored[1][:n]),
-                None if depth is None else depth[:n])
-
-    def zero_rows(self, rows: np.ndarray) -> None:
-        """Zeros in `rows` of the set last taken, in every buffer (a skipped sample's rows)."""
-        tokens, cls, mirrored, depth = self.sets[self.turn]
-        at = torch.from_numpy(rows)
-        for t in [*tokens.values(), cls, *([*mirrored[0].values(), mirrored[1]] if mirrored else [])]:
-            t[at] = 0
-        if depth is not None:
-            depth[rows] = 0
+def _features(rows: int, layers, grid: int, width: int, dtype: torch.dtype, device, flipped: bool) -> list:
+    """A chunk's feature buffers: [(tokens {k: (rows, g, g, C)}, global (rows, C))] of the images, and a second
+    pair for their mirrored images in a store that holds them (views.flip = extract, pixel flip TTA)."""
+    return [({k: torch.zeros(rows, grid, grid, width, dtype=dtype, device=device) for k in layers},
+             torch.zeros(rows, width, dtype=dtype, device=device)) for _ in range(2 if flipped else 1)]
 
 
 def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
@@ -287,41 +257,9 @@ def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> N
         into[torch.tensor(positions, device=into.device)] = rows
 
 
-class DeviceChunk:
-    """One chunk's features gathered where the encoder runs, copied to the host buffers once the chunk is encoded:
-    the host waits for the GPU once a chunk, not once a batch, and the encoder's next batches queue meanwhile."""
-
-    def __init__(self, rows: int, layers, grid: int, width: int, dtype: torch.dtype, device, flipped: bool):
-        def one():
-            return ({k: torch.empty(rows, grid, grid, width, dtype=dtype, device=device) for k in layers},
-                    torch.empty(rows, width, dtype=dtype, device=device))
-
-        self.plain, self.mirrored = one(), one() if flipped else None
-
-    def copy_to(self, tokens: dict, cls: torch.Tensor, flipped) -> None:
-        n = cls.shape[0]
-        for (src_tokens, src_cls), (dst_tokens, dst_cls) in [(self.plain, (tokens, cls))] + (
-                [(self.mirrored, flipped)] if flipped is not None else []):
-            for k, t in dst_tokens.items():
-                t.copy_(src_tokens[k][:n])  # to pageable host memory: waits for the encoder's queued work
-            dst_cls.copy_(src_cls[:n])
-
-
 def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None, encoder=None) -> dict:
     """Encode and write one chunk of a store."""
     return extract_chunks(cfg, url, [chunk], torch_threads, encoder)[0]
-
-
-@contextlib.contextmanager
-def _tf32(on: bool):
-    """fp32 matmuls and convolutions as TF32 (what autocast leaves in fp32, or a float32 run); restored after."""
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if on:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None,
@@ -342,36 +280,43 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
         torch.set_num_threads(torch_threads)
     run = _ChunkEncoder(cfg, FeatureStore.open(url, mode="r+"), chunks,
                         encoder_for(cfg) if encoder is None else encoder, device_chunks)
-    results = []
-    with _tf32(run.cuda and run.settings.tf32), \
-            ThreadPoolExecutor(max_workers=decode_workers_for(cfg), thread_name_prefix="decode") as pool, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-        run.pool, writing = pool, None
-        for chunk in chunks:
-            tokens, cls, flipped, depth, skipped, reasons = run.chunk(chunk)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if run.cuda and run.settings.tf32:  # what autocast leaves in fp32 as TF32; restored after
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    results, writing = [], None
+    try:
+        with ThreadPoolExecutor(decode_workers_for(cfg), thread_name_prefix="decode") as run.pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+            for chunk in chunks:
+                features, depth, skipped, reasons = run.chunk(chunk)
+                if writing is not None:
+                    writing.result()  # one chunk in flight: the previous write (and any error it raised) first
+                writing = writer.submit(run.store.write_chunk, chunk, *features[0], depth, skipped, reasons,
+                                        flipped=features[1] if len(features) > 1 else None)
+                results.append({"chunk": chunk, "samples": len(skipped), "skipped": int(skipped.sum())})
             if writing is not None:
-                writing.result()  # one chunk in flight: the previous write (and any error it raised) first
-            writing = writer.submit(run.store.write_chunk, chunk, tokens, cls, depth, skipped, reasons,
-                                    flipped=flipped)
-            results.append({"chunk": chunk, "samples": len(skipped), "skipped": int(skipped.sum())})
-        if writing is not None:
-            writing.result()
+                writing.result()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return results
 
 
 class _ChunkEncoder:
     """One `extract_chunks` call's state: the samples in order, the decode futures running ahead, the chunk
-    buffers, the batch of pixels staged for the device."""
+    buffers, the batch of pixels staged for the device.
+
+    A chunk is gathered in one of two sets of buffers, used in turn: while the writer thread writes one chunk from
+    one set, the next chunk fills the other (`extract_chunks` waits for a write before it hands the writer the
+    next chunk). Allocated once per call: a fresh page costs the kernel a fault on first touch, and a chunk of
+    seven ViT-B/16 layers is 2.1 MB an image. On CUDA the features are gathered on the device and copied to the
+    host once the chunk is encoded: the host waits for the GPU once a chunk, not once a batch."""
 
     def __init__(self, cfg: Config, store: FeatureStore, chunks: list[int], encoder, device_chunks: bool | None):
-        self.cfg, self.store, self.encoder = cfg, store, encoder
+        self.cfg, self.store, self.encoder, self.pool = cfg, store, encoder, None
         self.device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         self.settings = encoder_settings(cfg.encoder)
         self.bs = self.settings.batch_size
-        self.target_hw = store.target_hw
-        # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
-        self.dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
         index = store.index(skips=False)  # the paths and views of the chunks' samples
         ranges = [store.chunk_range(c) for c in chunks]
         self.rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
@@ -379,33 +324,33 @@ class _ChunkEncoder:
         self.ahead = store.chunk_size + self.bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
         self.futures: dict[int, object] = {}
         self.submitted = self.done_samples = 0
-        self.pool = None
+        # In the stored dtype: each batch is converted once, as it is copied in.
+        self.dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
         shape = (store.chunk_size, store.layers, encoder.grid, encoder.width, self.dtype)
-        self.buffers = ChunkBuffers(*shape, self.target_hw, store.has_flipped)  # two sets, allocated once
+        self.sets = [(_features(*shape, "cpu", store.has_flipped),
+                      np.zeros((store.chunk_size, *store.target_hw), np.float32) if store.has_depth else None)
+                     for _ in range(2)]
         on_device = self.cuda if device_chunks is None else device_chunks
-        self.gathered = DeviceChunk(*shape, self.device, store.has_flipped) if on_device else None
+        self.gathered = _features(*shape, self.device, store.has_flipped) if on_device else None
         # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
         # device needs no pinned copy of its own. Refilled once the device has read it (`copied`).
         self.staged, self.copied = None, None
 
-    def load(self, upto: int) -> None:
-        """Submit the decode of the samples up to position `upto` of `todo`."""
-        for i in self.todo[self.submitted:min(upto, len(self.todo))]:
-            self.futures[i] = self.pool.submit(_load_row, self.store, self.rows[i], self.encoder, self.cfg.data.layout,
-                                               self.target_hw)
-        self.submitted = max(self.submitted, min(upto, len(self.todo)))
-
     def chunk(self, c: int):
-        """Decode and encode chunk c into the next set of buffers: (tokens, cls, flipped, depth, skipped, reasons)."""
+        """Decode and encode chunk c into the next set of buffers: (features, depth, skipped, reasons), `features`
+        as `_features` makes them."""
         a, b = self.store.chunk_range(c)
         n = b - a
         skipped, reasons = np.zeros(n, bool), [""] * n
-        # The set the write before last used (that write has finished: `extract_chunks` waits for it).
-        tokens, cls, flipped, depth = self.buffers.take(n)
-        into = ((self.gathered.plain[0], self.gathered.plain[1], self.gathered.mirrored) if self.gathered
-                else (tokens, cls, flipped))
+        self.sets.reverse()  # the set the write before last used (finished: `extract_chunks` waited for it)
+        features = [({k: t[:n] for k, t in tokens.items()}, cls[:n]) for tokens, cls in self.sets[0][0]]
+        depth = None if self.sets[0][1] is None else self.sets[0][1][:n]
         for start in range(0, n, self.bs):
-            self.load(self.done_samples + start + self.bs + self.ahead)
+            upto = min(self.done_samples + start + self.bs + self.ahead, len(self.todo))
+            for i in self.todo[self.submitted:upto]:
+                self.futures[i] = self.pool.submit(_load_row, self.store, self.rows[i], self.encoder,
+                                                   self.cfg.data.layout, self.store.target_hw)
+            self.submitted = max(self.submitted, upto)
             pixels, positions = [], []
             for i in range(start, min(start + self.bs, n)):
                 try:
@@ -421,17 +366,23 @@ class _ChunkEncoder:
                 if depth is not None:
                     depth[i] = d
             if positions:
-                self.encode_batch(pixels, positions, into)
-        if self.gathered:
-            self.gathered.copy_to(tokens, cls, flipped)  # the chunk's one wait for the device
+                self.encode_batch(pixels, positions, self.gathered or features)
+        for (src_tokens, src_cls), (tokens, cls) in zip(self.gathered or [], features):
+            for k, t in tokens.items():
+                t.copy_(src_tokens[k][:n])  # to pageable host memory: the chunk's one wait for the device
+            cls.copy_(src_cls[:n])
         if skipped.any():  # a skipped sample's rows are zeros, not what the buffer held from an earlier chunk
-            self.buffers.zero_rows(np.flatnonzero(skipped))
+            at = torch.from_numpy(np.flatnonzero(skipped))
+            for t in [t for tokens, cls in features for t in (*tokens.values(), cls)]:
+                t[at] = 0
+            if depth is not None:
+                depth[skipped] = 0
         self.done_samples += n
-        return tokens, cls, flipped, depth, skipped, reasons
+        return features, depth, skipped, reasons
 
-    def encode_batch(self, batch: list[torch.Tensor], positions: list[int], into) -> None:
+    def encode_batch(self, batch: list[torch.Tensor], positions: list[int], into: list) -> None:
         """One batch of preprocessed images through the encoder (and mirrored, for stores with mirrored
-        features), its features put at `positions` of the chunk's buffers `into` (tokens, cls, flipped)."""
+        features), its features put at `positions` of the chunk's buffers `into` (as `_features` makes them)."""
         if self.staged is None or self.staged.shape[1:] != batch[0].shape:
             self.staged = torch.empty((self.bs, *batch[0].shape), pin_memory=self.cuda)
         if self.copied is not None:
@@ -443,13 +394,12 @@ class _ChunkEncoder:
         if self.cuda:
             self.copied = torch.cuda.Event()
             self.copied.record(torch.cuda.current_stream(self.device))
-        tokens, cls, flipped = into
         # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
-        for view, (to_tokens, to_cls) in [(pixels, (tokens, cls))] + ([(pixels.flip(-1), flipped)] if flipped else []):
+        for view, (tokens, cls) in zip([pixels, pixels.flip(-1)] if len(into) > 1 else [pixels], into):
             feats = self.encoder(view, self.store.layers, autocast_dtype=self.settings.autocast)
             for k in self.store.layers:
-                _put_rows(to_tokens[k], positions, feats["tokens"][k].to(self.dtype))
-            _put_rows(to_cls, positions, feats["global"].to(self.dtype))
+                _put_rows(tokens[k], positions, feats["tokens"][k].to(self.dtype))
+            _put_rows(cls, positions, feats["global"].to(self.dtype))
 
 
 def extract_splits(cfg: Config, splits=SPLITS) -> None:

@@ -1,27 +1,19 @@
 """The Zarr v3 feature store: one store per (dataset, split, fingerprint), read and written through zarr-python.
 
-Layout (N samples, g x g token grid, C channels):
-
     tokens/L{k}   (N, g, g, C)  float16, or bfloat16 kept as its uint16 bits (attr `bfloat16_bits`)
     cls           (N, C)        pooled global vector (the encoder's pooler_output), same dtype
     flipped/...   the same two for each view's mirrored image (stores created with `flipped=True`)
     depth         (N, H, W)     uint16 training target, metres x attr `scale`, 0 = invalid (training splits only)
-    skipped       (N,)          uint8, 1 where the sample could not be read (`on_error: skip`)
-    skip_reason   (N,)          str
+    skipped, skip_reason (N,)   1 and why, where the sample could not be read (`on_error: skip`)
     done          (N,)          uint8, written *after* the chunk's data: a chunk is finished iff all its flags are 1
-    index/*       per-sample id, paths, focal, original size, view (k, top, left, h, w), group, line, and
-                  view_aug (angle, gamma, brightness, gain R, G, B): every view's parameters, enough to recompute it
+    index/*       per-sample id, paths, focal, original size, view (k, top, left, h, w), group, line, view_aug
     sources/*     (N, 2) size and mtime of each sample's image and depth file when it was extracted
 
-Every data array is chunked along N only, with the same chunk length, so one writer owns whole chunks (Zarr does
-no locking: two writers touching one chunk corrupt it). A chunk is the unit of work of extraction, of reading (the
-loader reads whole chunks) and of ownership: a writer claims a chunk first (`claim_chunk`, a lock file in
-`.<name>.claims/` beside the store, outside the Zarr hierarchy; `pipeline/claims.py`). Every data chunk ends in
-Zarr's `crc32c` codec, so a changed byte fails the read that meets it, and `verify`. A store is created in a
-hidden sibling folder and renamed into place, so two creators of one store never see half of the other's.
-
-`FeatureStore` is assembled from one part per concern: `_Creation`, `_Claims`, `_Writes`, `_Reads`,
-`_Verification`.
+Every data array is chunked along N only, with one chunk length: a chunk is the unit of extraction, of reading and
+of ownership (Zarr does no locking: a writer claims a chunk first, `claim_chunk`, `pipeline/claims.py`). Every
+data chunk ends in Zarr's `crc32c` codec, so a changed byte fails the read that meets it, and `verify`. A store is
+created in a hidden sibling folder and renamed into place, so two creators never see half of the other's.
+`FeatureStore` has one part per concern: `_Creation`, `_Claims`, `_Writes`, `_Reads`, `_Verification`.
 """
 
 from __future__ import annotations
@@ -40,6 +32,7 @@ from typing import Iterable
 
 import crc32c
 import numpy as np
+import psutil
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
@@ -55,6 +48,8 @@ INDEX_FIELDS = ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "g
 # the identity (0, 1, 1, 1, 1, 1) for a view without any. Stores written before it existed read as the identity.
 VIEW_AUG_COLUMNS = ("view_angle", "view_gamma", "view_brightness", "view_gain_r", "view_gain_g", "view_gain_b")
 IDENTITY_AUG = (0.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+_INDEX_COLUMNS = {"orig_hw": ("orig_h", "orig_w"), "view": ("view_k", "view_top", "view_left", "view_h", "view_w"),
+                  "view_aug": VIEW_AUG_COLUMNS}  # the index arrays read as several DataFrame columns
 SOURCES = ("image", "depth")
 # Zarr skips writing a chunk equal to the fill value unless told otherwise; `verify` relies on every done chunk's
 # file existing, so every write goes through arrays opened with this.
@@ -92,8 +87,8 @@ def disk_full_error(err: BaseException, url: str, doing: str) -> DiskFullError |
 
 
 def _compressors(name: str, level: int) -> list:
-    """The bytes-to-bytes codecs of a data array: the compressor, then a CRC-32C of the chunk (4 bytes, checked by
-    Zarr on every read), so that a changed byte is found by `verify` and by every reader, not only a truncation."""
+    """The bytes-to-bytes codecs of a data array: the compressor, then a CRC-32C of the chunk (checked by Zarr on
+    every read), so that a changed byte is found by `verify` and by every reader, not only a truncation."""
     if name == "none":
         return [Crc32cCodec()]
     if name == "zstd":
@@ -127,6 +122,7 @@ class StoreSpec:
     attrs: dict = field(default_factory=dict)
 
 
+
 class _Creation:
     """Creating a store (atomically, by rename) and opening one."""
 
@@ -147,7 +143,7 @@ class _Creation:
         folder.parent.mkdir(parents=True, exist_ok=True)
         for left in folder.parent.glob(f".{glob.escape(folder.name)}.creating-{glob.escape(host)}-*"):
             pid = left.name.rsplit("-", 2)[-2]  # a creator of this host killed before its rename
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
                 shutil.rmtree(left, ignore_errors=True)
         try:
             cls._create(zarr.open_group(str(tmp), mode="w"), str(tmp), spec, index)
@@ -232,21 +228,11 @@ class _Creation:
         return cls(group, url)
 
     def spec(self) -> StoreSpec:
-        """The shapes this store was created with (for `estimate_bytes` of its pending chunks)."""
+        """The shapes this store was created with (`estimate_bytes` of its pending chunks)."""
         raw = _raw_chunk_bytes(self.array(layer_key(self.layers[0]))) is not None
         return StoreSpec(n=self.n, layers=self.layers, grid=int(self.attrs["grid"]), width=int(self.attrs["width"]),
                          dtype=self.dtype, chunk_size=self.chunk_size, compressor="none" if raw else "zstd",
                          target_hw=self.target_hw, flipped=self.has_flipped)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class _Claims:
@@ -314,11 +300,10 @@ class _Writes:
         if self.has_flipped != (flipped is not None):
             raise StoreError(f"chunk {c}: {self.url} " + ("stores mirrored-image features but none were given"
                                                            if self.has_flipped else "stores no mirrored features"))
-        writes = {layer_key(k): lambda k=k: self._encode(tokens[k]) for k in self.layers}
-        writes["cls"] = lambda: self._encode(cls)
+        features = {layer_key(k): tokens[k] for k in self.layers} | {"cls": cls}
         if flipped is not None:
-            writes.update({flipped_key(layer_key(k)): lambda k=k: self._encode(flipped[0][k]) for k in self.layers})
-            writes[flipped_key("cls")] = lambda: self._encode(flipped[1])
+            features |= {flipped_key(layer_key(k)): flipped[0][k] for k in self.layers} | {flipped_key("cls"): flipped[1]}
+        writes = {name: lambda t=t: self._encode(t) for name, t in features.items()}
         if self.has_depth:
             writes["depth"] = lambda: encode_depth(depth, self.depth_scale)
         writes["skipped"] = lambda: np.zeros(b - a, np.uint8) if skipped is None else skipped.astype(np.uint8)
@@ -337,10 +322,7 @@ class _Writes:
         except Exception as err:
             # Zarr writes each chunk file to a temporary name and renames it, so a full disk leaves the chunk's old
             # files (or none) and its done flags at 0: the chunk stays pending and is written again next run.
-            full = disk_full_error(err, self.url, f"writing chunk {c}")
-            if full is not None:
-                raise full from None
-            raise
+            raise disk_full_error(err, self.url, f"writing chunk {c}") or err
 
     def _encode(self, t: torch.Tensor) -> np.ndarray:
         t = t.detach().cpu()
@@ -365,10 +347,7 @@ class _Writes:
         try:
             self._set_attr("complete", True)
         except Exception as err:
-            full = disk_full_error(err, self.url, "marking the store complete")
-            if full is not None:
-                raise full from None
-            raise
+            raise disk_full_error(err, self.url, "marking the store complete") or err
 
     def mark_verified(self, chunks: Iterable[int]) -> None:
         """Chunks found sound by this process (`pipeline.extract.prepare_store`): `finalize_store` need not decode
@@ -393,8 +372,7 @@ class _Writes:
                 arr[...] = values
 
     def rewrite_index(self, index: dict[str, np.ndarray], names: Iterable[str]) -> None:
-        """Write the index columns `names` again from a fresh plan of the same split (repair of a damaged column);
-        the plan must have this store's rows."""
+        """Write the index columns `names` again from a fresh plan of the same split (repair of a damaged column)."""
         for name in names:
             values = np.asarray(index[name])
             if len(values) != self.n:
@@ -407,12 +385,10 @@ class _Reads:
     """Batches of samples, the done flags, the index and the source records."""
 
     def array(self, name: str) -> zarr.Array:
-        """The store's array `name`, opened once per `FeatureStore` (its metadata does not change); it writes
-        every chunk, even one equal to the fill value."""
-        arr = self._arrays.get(name)
-        if arr is None:
-            arr = self._arrays[name] = self.group[name].with_config(_WRITE_ALL)
-        return arr
+        """The store's array `name`, opened once (its metadata does not change), writing every chunk."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name].with_config(_WRITE_ALL)
+        return self._arrays[name]
 
     @property
     def n_chunks(self) -> int:
@@ -437,15 +413,13 @@ class _Reads:
         return tuple(self.array("depth").shape[1:]) if self.has_depth else None
 
     def done_flags(self) -> np.ndarray:
-        """1 per finished sample. A chunk of `done` whose file does not decode counts as not done (its chunk is then
-        extracted again), so one damaged flag file never makes the whole store unreadable."""
+        """1 per finished sample; a chunk of flags that does not decode reads as not done (extracted again)."""
         return self._tolerant("done", 0)[0]
 
     def chunk_done(self, c: int) -> bool:
-        """Whether chunk `c` is finished (its one `done` file read; a damaged one reads as not finished)."""
         try:
             return bool(self.array("done")[slice(*self.chunk_range(c))].all())
-        except Exception:
+        except Exception:  # a damaged flag file: not finished
             return False
 
     def pending_chunks(self) -> list[int]:
@@ -455,11 +429,9 @@ class _Reads:
     def _tolerant(self, name: str, fill) -> tuple[np.ndarray, dict[int, str]]:
         """A per-sample array written chunk by chunk, whole; a chunk that does not decode reads as `fill`.
         Returns (values, {chunk: why it does not decode})."""
-        arr = self.array(name)
-        if not self.n:
-            return np.zeros(0, arr.dtype if fill == 0 else object), {}
+        arr, dtype = self.array(name), self.array(name).dtype if fill == 0 else object
         try:
-            return arr[:], {}
+            return (arr[:] if self.n else np.zeros(0, dtype)), {}
         except Exception:
             parts, bad = [], {}
             for c in range(self.n_chunks):
@@ -468,16 +440,16 @@ class _Reads:
                     parts.append(arr[a:b])
                 except Exception as err:
                     bad[c] = f"{type(err).__name__}: {err}"
-                    parts.append(np.full(b - a, fill, dtype=arr.dtype if fill == 0 else object))
+                    parts.append(np.full(b - a, fill, dtype=dtype))
             return np.concatenate(parts), bad
 
     def read(self, sel: slice | np.ndarray | Iterable[int], layers: Iterable[int] | None = None,
-             depth: bool = True, flipped: bool = False) -> dict:
+             depth: bool = True, flipped: bool = False, *, _chunk: int | None = None) -> dict:
         """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, plus
         "depth" (B, H, W) float32 metres (0 = invalid) when the store has targets, and "index" (B,) positions.
         `flipped=True` adds the mirrored images' "flipped_tokens" and "flipped_global" (stores with them only).
-        `sel` is a slice (fastest: whole chunks) or sorted sample positions. A chunk that does not decode (its
-        CRC-32C or its codec) raises a `StoreError` naming its file."""
+        `sel` is a slice or sorted sample positions. A chunk that does not decode (its CRC-32C or its codec) raises
+        a `StoreError` naming its file."""
         layers = self.layers if layers is None else tuple(layers)
         unknown = sorted(set(layers) - set(self.layers))
         if unknown:
@@ -494,34 +466,29 @@ class _Reads:
         if depth and self.has_depth:
             names[("depth", None)] = "depth"
         batch = {"index": np.arange(self.n)[sel], **{key: {} for key, k in names if k is not None}}
-        for (key, k), values in zip(names, self._select(list(names.values()), sel)):
+        for (key, k), values in zip(names, self._select(list(names.values()), sel, _chunk)):
             if key == "depth":
-                batch[key] = torch.from_numpy(decode_depth(values, self.depth_scale))
+                values = torch.from_numpy(decode_depth(values, self.depth_scale))
             elif self.dtype == "bfloat16":
                 values = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
             else:
                 values = torch.from_numpy(values)
-            if k is None and key != "depth":
+            if k is None:
                 batch[key] = values
-            elif k is not None:
+            else:
                 batch[key][k] = values
         return batch
 
     def read_chunk(self, c: int, layers: Iterable[int] | None = None, depth: bool = True,
                    flipped: bool = False) -> dict:
-        """`read` of one whole chunk."""
-        return self.read(slice(*self.chunk_range(c)), layers, depth, flipped)
+        """`read` of one whole chunk: the streaming loader's read, uncompressed arrays by `_raw_chunk`."""
+        return self.read(slice(*self.chunk_range(c)), layers, depth, flipped, _chunk=c)
 
-    def _select(self, names: list[str], sel) -> list[np.ndarray]:
-        """`sel` of each array in `names`. A whole chunk of an uncompressed array on a local disk is read from its
-        file here (`_raw_chunk`); the rest concurrently in Zarr's event loop (one round trip for all). Either way
-        each chunk's CRC-32C is checked as it is read."""
-        c, rows = -1, 0
-        if isinstance(sel, slice) and (sel.start or 0) % self.chunk_size == 0 and sel.step in (None, 1):
-            c, rows = (sel.start or 0) // self.chunk_size, (sel.stop or self.n) - (sel.start or 0)
-        start = c * self.chunk_size
-        whole = 0 <= c < self.n_chunks and (start, start + rows) == self.chunk_range(c)
-        direct = {name: self._raw_chunk(name, c, rows) for name in names if whole}
+    def _select(self, names: list[str], sel, c: int | None) -> list[np.ndarray]:
+        """`sel` of each array in `names`: whole chunk `c` of an uncompressed array on a local disk from its file
+        (`_raw_chunk`), the rest concurrently in Zarr's event loop (one round trip for all). Either way each
+        chunk's CRC-32C is checked as it is read."""
+        direct = {name: self._raw_chunk(name, c) for name in names} if c is not None else {}
         rest = [name for name in names if direct.get(name) is None]
         arrays = [self.array(name).async_array for name in rest]  # opened here: no sync() inside the loop
 
@@ -537,28 +504,29 @@ class _Reads:
                 raise self._damaged(name, first // self.chunk_size, values)
         return [np.ascontiguousarray(read[name]) if direct.get(name) is None else direct[name] for name in names]
 
-    def _raw_chunk(self, name: str, c: int, rows: int) -> np.ndarray | None:
-        """The first `rows` rows of chunk `c` of an uncompressed array (bytes + crc32c) read straight from its file
-        into the array returned, its CRC-32C checked with the `crc32c` package: the bytes Zarr reads, in one
-        buffer instead of Zarr's two. Kept because it doubles the streaming loader's per-thread read rate where
-        fresh memory is dear (handoff/datapath.md); None (Zarr reads it) for anything else."""
+    def _raw_chunk(self, name: str, c: int) -> np.ndarray | None:
+        """Chunk `c` of an uncompressed array (bytes + crc32c) read straight from its file into the array returned,
+        its CRC-32C checked with the `crc32c` package: the bytes Zarr reads, in one buffer instead of Zarr's two.
+        Kept because it doubles the streaming loader's per-thread read rate where fresh memory is dear
+        (docs/design.md); None (Zarr reads it) for anything else."""
         arr, path = self.array(name), self.chunk_path(name, c)
         size = _raw_chunk_bytes(arr)
         if path is None or size is None or arr.metadata.codecs[0].to_dict().get("configuration", {}).get(
                 "endian", "little") != "little" or len(arr.metadata.codecs) != 2:
             return None
+        a, b = self.chunk_range(c)
         dtype = np.dtype(arr.dtype)
         buf = np.empty(size, np.uint8)
         try:
             with open(path, "rb", buffering=0) as f:
                 found, got = os.fstat(f.fileno()).st_size, f.readinto(memoryview(buf))
         except FileNotFoundError:  # never written: Zarr's fill value
-            return np.full((rows, *arr.shape[1:]), arr.metadata.fill_value, dtype)
+            return np.full((b - a, *arr.shape[1:]), arr.metadata.fill_value, dtype)
         if found != size or got != size:
             raise self._damaged(name, c, ValueError(f"{found} bytes where the chunk has {size}"))
         if crc32c.crc32c(buf[:-4]) != int(np.frombuffer(buf[-4:], "<u4")[0]):
             raise self._damaged(name, c, ValueError("its CRC-32C does not match: the file was changed or cut"))
-        return buf[:-4].view(dtype).reshape(arr.chunks)[:rows]
+        return buf[:-4].view(dtype).reshape(arr.chunks)[:b - a]
 
     def _damaged(self, name: str, c: int, err: BaseException) -> StoreError:
         return StoreError(f"{self.chunk_path(name, c) or self.url}: chunk {c} of {name} does not decode "
@@ -567,8 +535,7 @@ class _Reads:
 
     def index(self, skips: bool = True):
         """The per-sample index as a pandas DataFrame (one row per stored sample). `skips=False` leaves out the
-        `skipped` and `skip_reason` columns, which are written chunk by chunk (a file per chunk to read) and which
-        an extraction task, reading the index for the paths and views of its chunks, does not need."""
+        `skipped` and `skip_reason` columns (a file per chunk to read), which extraction does not need."""
         import pandas as pd
 
         cols = {}
@@ -578,16 +545,8 @@ class _Reads:
             elif self.n:
                 values = self.array(f"index/{name}")[:]
             else:
-                values = np.zeros((0, *{"orig_hw": (2,), "view": (5,), "view_aug": (6,)}.get(name, ())))
-            if name == "view_aug":
-                cols.update({part: values[:, j] for j, part in enumerate(VIEW_AUG_COLUMNS)})
-            elif name == "orig_hw":
-                cols["orig_h"], cols["orig_w"] = values[:, 0], values[:, 1]
-            elif name == "view":
-                cols.update({part: values[:, j] for j, part in
-                             enumerate(("view_k", "view_top", "view_left", "view_h", "view_w"))})
-            else:
-                cols[name] = values
+                values = np.zeros((0, len(_INDEX_COLUMNS[name])) if name in _INDEX_COLUMNS else 0)
+            cols.update(dict(zip(_INDEX_COLUMNS[name], values.T)) if name in _INDEX_COLUMNS else {name: values})
         df = pd.DataFrame(cols)
         if skips:  # a damaged chunk of the skip records reads as "not skipped" (it is extracted again: `verify`)
             df["skipped"] = self._tolerant("skipped", 0)[0].astype(bool)
@@ -609,7 +568,7 @@ class _Reads:
 
 
 class _Verification:
-    """Whether every done chunk is there and decodes (`verify`), and which chunks a killed writer left behind."""
+    """Whether every done chunk is there and decodes (`verify`)."""
 
     def data_arrays(self) -> list[str]:
         names = [layer_key(k) for k in self.layers] + ["cls", "skipped", "skip_reason"]
@@ -624,24 +583,28 @@ class _Verification:
 
         `quick=True` (extraction reusing a store, `cache.verify: quick`) reads a small part of the store: the
         `done` flags; each done chunk file of an uncompressed array checked by its size (a cut or missing file is
-        found; a changed byte is left to the CRC every reader checks); compressed arrays other than the features
-        (targets, flags: a few % of the store) decoded; and every array of the chunks a killed writer may have left
-        behind (`_left_behind`) decoded. `chunks` is ignored.
+        found; a changed byte is left to the CRC every reader checks); the compressed arrays other than the
+        features (targets, flags: a few % of the store) decoded; and every array of the chunks whose claim file a
+        writer left behind (a claim is removed when its chunk is written) decoded. `chunks` is then ignored.
 
         The report's `damaged_chunks` are the chunks extraction writes again; `damaged_index` the index arrays it
         rewrites."""
-        problems: list[str] = []
         done, bad_flags = self._tolerant("done", 0)
         done_chunks = [c for c in range(self.n_chunks) if done[slice(*self.chunk_range(c))].all()]
-        decode = set(self._left_behind() if quick else done_chunks if chunks is None else chunks)
-        ids = self._ids()
+        claimed = {int(p.name) for p in self.claims_dir.iterdir() if p.name.isdigit()} \
+            if quick and self.claims_dir is not None and self.claims_dir.is_dir() else set()
+        decode = claimed if quick else set(done_chunks if chunks is None else chunks)
+        try:
+            ids = self.group["index/id"][:]
+        except Exception:
+            ids = None
 
         def where(c: int) -> str:
             a, b = self.chunk_range(c)
             return f"samples ({a}, {b})" + (f": {ids[a]} .. {ids[b - 1]}" if ids is not None and b > a else "")
 
+        problems = [f"done: chunk {c} does not decode ({where(c)}): {why}" for c, why in sorted(bad_flags.items())]
         damaged = set(bad_flags)
-        problems += [f"done: chunk {c} does not decode ({where(c)}): {why}" for c, why in sorted(bad_flags.items())]
         for name in self.data_arrays() + ["done"]:
             try:
                 arr = self.array(name)
@@ -656,26 +619,22 @@ class _Verification:
                     damaged.add(c)
         n_done = int(done.sum())
         skipped, bad_skips = self._tolerant("skipped", 0)
-        n_skipped = -1 if bad_skips else int(skipped.sum())  # a damaged chunk of it is reported above
         if self.complete and n_done != self.n:
             problems.append(f"store is marked complete but only {n_done} of {self.n} samples are done")
         damaged_index = self._check_index(problems)
         return {
-            "url": self.url, "n": self.n, "done": n_done, "skipped": n_skipped, "chunks": self.n_chunks,
-            "done_chunks": len(done_chunks), "complete": self.complete, "fingerprint": self.fingerprint,
-            "problems": problems, "ok": not problems and n_done == self.n,
+            "url": self.url, "n": self.n, "done": n_done, "skipped": -1 if bad_skips else int(skipped.sum()),
+            "chunks": self.n_chunks, "done_chunks": len(done_chunks), "complete": self.complete,
+            "fingerprint": self.fingerprint, "problems": problems, "ok": not problems and n_done == self.n,
             "damaged_chunks": sorted(damaged), "damaged_index": damaged_index,
         }
 
-    @staticmethod
-    def _key(arr: zarr.Array, c: int) -> str:
-        return f"{arr.path}/{arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
-
     def _chunk_problem(self, arr: zarr.Array, name: str, c: int, decode: bool, quick: bool, where: str) -> str | None:
         """What is wrong with chunk `c` of `arr`, or None. Zarr reads a missing chunk file as the fill value, so its
-        existence is checked first; `quick` checks an uncompressed file by its size and decodes the small
-        compressed arrays, the features only where `decode`."""
-        key, path = self._key(arr, c), self.chunk_path(name, c)
+        existence is checked first; `quick` without `decode` checks an uncompressed file by its size and a
+        compressed feature file for more than its checksum."""
+        key = f"{arr.path}/{arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
+        path = self.chunk_path(name, c)
         try:
             found = path.stat().st_size if path is not None else (0 if sync(self.group.store.exists(key)) else None)
         except FileNotFoundError:
@@ -684,12 +643,10 @@ class _Verification:
             return f"{name}: chunk {c} (samples {self.chunk_range(c)}) is missing ({key})"
         size = _raw_chunk_bytes(arr)
         features = name.startswith("tokens/") or "/tokens/" in name or name.endswith("cls")
-        if quick and not decode and size is not None and path is not None:
-            return None if found == size else f"{name}: chunk {c} ({where}; file {key}) has {found} bytes where " \
-                                              f"the chunk has {size}"
-        if quick and not decode and features:
-            return None if path is None or found > 4 else f"{name}: chunk {c} ({where}; file {key}) is empty " \
-                                                          f"({found} bytes)"
+        if quick and not decode and path is not None and (size is not None or features):
+            if found == size or (size is None and found > 4):
+                return None
+            return f"{name}: chunk {c} ({where}; file {key}) has {found} bytes where the chunk has {size or 'more'}"
         if not decode and not quick:
             return None
         try:
@@ -699,6 +656,7 @@ class _Verification:
         return None
 
     def _check_index(self, problems: list[str]) -> list[str]:
+        """The index columns that do not decode (the others' problems appended to `problems`)."""
         damaged = []
         for name in INDEX_FIELDS:
             key = f"index/{name}"
@@ -706,42 +664,15 @@ class _Verification:
                 if key not in self.group:
                     if name != "view_aug":  # the one field older stores may lack
                         problems.append(f"{key} is missing")
-                    continue
-                arr = self.group[key]
-                if arr.shape[0] != self.n:
-                    problems.append(f"{key} has {arr.shape[0]} rows, expected {self.n}")
-                    continue
-                if self.n:
-                    arr[:]
+                elif self.group[key].shape[0] != self.n:
+                    problems.append(f"{key} has {self.group[key].shape[0]} rows, expected {self.n}")
+                elif self.n:
+                    self.group[key][:]
             except Exception as err:
                 problems.append(f"{key}: does not decode (samples (0, {self.n}): the whole index column): "
                                 f"{type(err).__name__}: {err}")
                 damaged.append(name)
         return damaged
-
-    def _left_behind(self) -> set[int]:
-        """Chunks a writer may not have finished cleanly: those with a claim file beside the store (a claim is
-        removed when its chunk is written; one that stays belongs to a writer that died, or is writing now) or a
-        Zarr `*.partial` file beside a chunk file."""
-        out: set[int] = set()
-        if self.claims_dir is not None and self.claims_dir.is_dir():
-            out |= {int(p.name) for p in self.claims_dir.iterdir() if p.name.isdigit()}
-        folder = local_path(self.url)
-        if folder is not None:
-            for partial in folder.rglob("*.partial"):
-                # <array>/c/<i>/0/0/0.<hex>.partial, or <array>/c/<i>.<hex>.partial for a 1-D array
-                rel = partial.relative_to(folder).parts
-                if "c" in rel[:-1]:
-                    head = rel[rel.index("c") + 1].split(".")[0]
-                    if head.isdigit():
-                        out.add(int(head))
-        return {c for c in out if 0 <= c < self.n_chunks}
-
-    def _ids(self) -> np.ndarray | None:
-        try:
-            return self.group["index/id"][:] if self.n else None
-        except Exception:
-            return None
 
 
 class FeatureStore(_Creation, _Claims, _Writes, _Reads, _Verification):
