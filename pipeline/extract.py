@@ -34,33 +34,33 @@ log = logging.getLogger(__name__)
 
 
 def worker_plan(cfg: Config) -> WorkerPlan:
-    """The local extraction workers (`pipeline.devices.plan_workers`): `dask.n_workers` (default one per GPU, else
-    one), each on its own GPU where there are several, with `dask.torch_threads` or its share of the usable cores."""
+    """The local extraction workers: `dask.n_workers` (default one per GPU, else one), each with `dask.torch_threads`
+    or its share of the usable cores (Dask sets OMP_NUM_THREADS=1 in its workers)."""
     return plan_workers(cfg.encoder.device, cfg.dask.n_workers, cfg.dask.torch_threads)
 
 
 def torch_threads_per_worker(cfg: Config) -> int:
-    """torch intra-op threads of one extraction worker: `dask.torch_threads`, else the usable cores shared among
-    the workers (Dask sets OMP_NUM_THREADS=1 in its workers, so torch would otherwise use one)."""
     return worker_plan(cfg).threads
 
 
 def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None) -> tuple[FeatureStore, bool]:
-    """The store of this config's split: the existing one with the same fingerprint (finished or resumable), else
-    a new one created from the split's plan (`plan`, when the caller made it already; race-free: two runs creating
-    it at once share one store). Returns (store, reused).
+    """The store of this config's split, and whether it existed: the one with this fingerprint (finished or
+    resumable), else a new one created from the split's plan (race-free: two runs creating it share one store).
 
-    A reused store is checked first (`FeatureStore.verify`, quick unless `cache.verify: full`): a damaged chunk is
-    marked pending again, so extraction writes exactly the damaged chunks; a damaged index column is written again
-    from the plan. Then its samples' files are compared with those it was extracted from (`source_changes`): the
-    chunks of samples whose files changed, or appeared where a sample was skipped, are marked pending too.
-    `store.verified` holds the chunks found sound (`finalize_store` need not decode them again)."""
+    A reused store is checked first (`FeatureStore.verify`, quick unless `cache.verify: full`): its damaged chunks,
+    and those of samples whose files changed (`pipeline.sources`), are marked pending again, so extraction writes
+    exactly those; a damaged index column is written again from the plan. `store.verified`: the chunks found sound
+    (`finalize_store` need not decode them again)."""
     ctx = RunContext.of(ctx)
     store = ctx.reuse_store(split)
     if store is None:
         plan = plan_split(ctx.cfg, split) if plan is None else plan
-        store = create_store(ctx, split, plan)
-        if store.created:
+        spec, url = store_spec(ctx, split, plan), ctx.store_url(split)
+        log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
+        store = FeatureStore.create(url, spec, plan.index)
+        if not store.created:
+            log.info("another process created %s at the same time; extracting its pending chunks together", url)
+        else:
             store.record_sources(file_signatures(plan.index))
         return store, not store.created
     report = store.verify(quick=ctx.cfg.cache.verify == "quick")
@@ -82,19 +82,8 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
     return store, True
 
 
-def create_store(ctx: RunContext, split: str, plan: Plan) -> FeatureStore:
-    """A new, empty store for a planned split, its attributes recording where its bytes come from."""
-    spec = store_spec(ctx, split, plan)
-    url = ctx.store_url(split)
-    log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
-    store = FeatureStore.create(url, spec, plan.index)
-    if not store.created:
-        log.info("another process created %s at the same time; extracting its pending chunks together", url)
-    return store
-
-
 def store_spec(ctx: RunContext, split: str, plan: Plan) -> StoreSpec:
-    """The spec `create_store` creates a planned split's store from (its shapes: `diskspace.estimate_bytes`)."""
+    """What a planned split's store is created with, its attributes recording where its bytes come from."""
     cfg, identity, inputs = ctx.cfg, ctx.encoder_identity, ctx.fingerprint_inputs(split)
     # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
     flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
@@ -146,8 +135,7 @@ def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, 
 
 
 def prepare_stores(ctx: RunContext | Config, splits=SPLITS) -> dict[str, tuple[FeatureStore, bool]]:
-    """`prepare_store` for each split, after checking that what they still need fits on the disk (`space_needed`,
-    `check_space`): nothing is written when it does not."""
+    """`prepare_store` for each split, once what they still need fits on the disk: else nothing is written."""
     ctx = RunContext.of(ctx)
     need, plans = space_needed(ctx, splits)
     for line in need.lines():
@@ -160,9 +148,8 @@ CLAIM_WINDOW = 64  # chunks claimed, and extracted as one pipeline, at a time
 
 
 def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None) -> list[dict]:
-    """`extract_chunks` under each chunk's claim (`FeatureStore.claim_chunk`), so that concurrent runs of one config
-    never write, or redo, each other's chunks. One summary per chunk: `extract_chunk`'s; with `held_by` (nothing
-    written) when a live process holds the chunk; with `already_done` when another run finished it meanwhile."""
+    """`extract_chunks` under each chunk's claim, so that concurrent runs never write, or redo, each other's chunks.
+    One summary per chunk; with `held_by` when a live process holds it, `already_done` when another run did it."""
     store = FeatureStore.open(url, mode="r+")
     results = {}
     for start in range(0, len(chunks), CLAIM_WINDOW):  # a claim is an open file: a bounded number at a time
@@ -186,9 +173,8 @@ TASKS_PER_WORKER = 2  # flow tasks per worker and store: few (each builds a deco
 
 
 def chunk_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
-    """(split, url, chunks) tasks: each store's pending chunks in `TASKS_PER_WORKER` runs per worker, of
-    ceil(chunks / (workers x TASKS_PER_WORKER)) chunks each (KITTI's ~1300 train chunks on 8 GPUs: 16 tasks of 82,
-    not 325 of 4). A task extracts its chunks as one pipeline; a retry redoes only those not yet done."""
+    """(split, url, chunks) tasks: each store's pending chunks in `TASKS_PER_WORKER` runs per worker (KITTI's ~1300
+    train chunks on 8 GPUs: 16 tasks of 82). A task extracts its chunks as one pipeline; a retry only what is left."""
     stores: dict[str, list] = {}
     for split, url, chunk in pending:
         stores.setdefault(url, [split, []])[1].append(chunk)
@@ -200,9 +186,8 @@ def chunk_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tupl
 
 
 def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: float = 1.0) -> list[int]:
-    """Return once every chunk of the store is done: pending chunks are extracted here, chunks that another live
-    process holds are waited for (one whose holder dies meanwhile, its claim dropped by the kernel, is extracted
-    here). Returns the chunks this call extracted."""
+    """Return once every chunk of the store is done: pending chunks extracted here, those another live process
+    holds waited for (or extracted here when it dies). Returns the chunks this call extracted."""
     store = FeatureStore.open(url, mode="r+")
     extracted, polls = [], 0
     while pending := store.pending_chunks():
@@ -231,22 +216,20 @@ def _load_row(store: FeatureStore, row, encoder, layout: str, target_hw):
 
 def decode_workers_for(cfg: Config) -> int:
     """Threads that decode, view, preprocess and make targets for one extraction worker: `encoder.decode_workers`,
-    else the worker's share of the cores. Threads rather than processes: Pillow's decode and resize, numpy's
-    arithmetic and zstd release the GIL, and a process would ship every frame back (BENCHMARKS.md, issue 14)."""
+    else its share of the cores. Threads: Pillow, numpy and zstd release the GIL, and a process would ship every
+    frame back (BENCHMARKS.md)."""
     return cfg.encoder.decode_workers or torch_threads_per_worker(cfg)
 
 
 def _features(rows: int, layers, grid: int, width: int, dtype: torch.dtype, device, flipped: bool) -> list:
-    """A chunk's feature buffers: [(tokens {k: (rows, g, g, C)}, global (rows, C))] of the images, and a second
-    pair for their mirrored images in a store that holds them (views.flip = extract, pixel flip TTA)."""
+    """[(tokens {k: (rows, g, g, C)}, global (rows, C))] of a chunk's images, and of their mirrored images."""
     return [({k: torch.zeros(rows, grid, grid, width, dtype=dtype, device=device) for k in layers},
              torch.zeros(rows, width, dtype=dtype, device=device)) for _ in range(2 if flipped else 1)]
 
 
 def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
-    """`into[positions] = rows`. Consecutive positions (every batch without a skipped sample) are one copy: on the
-    host numpy's copy of the bytes (one thread with the GIL released, where torch would split it over OpenMP
-    threads that spin on the cores the decode pool needs), on a GPU one slice copy."""
+    """`into[positions] = rows`, consecutive positions as one copy: on the host numpy's (one thread, the GIL
+    released, where torch's OpenMP threads would spin on the cores the decode pool needs)."""
     if positions[-1] - positions[0] == len(positions) - 1:
         if into.device.type == "cpu":
             as_bytes = lambda t: t.view(torch.uint8).numpy()
@@ -264,18 +247,12 @@ def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None =
 
 def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None,
                    encoder=None, device_chunks: bool | None = None) -> list[dict]:
-    """Encode and write chunks of a store as one pipeline:
-
-        decode pool (`decode_workers_for`): image decode + view + preprocess + target, in sample order, running
-            up to a chunk and a batch ahead of the encoder
-        encoder: whole batches (`encoder.batch_size`, 'auto': `pipeline.devices.encoder_settings`) from that
-            stream; on CUDA from pinned memory, copied non-blocking, the features gathered on the device and copied
-            back once per chunk (`device_chunks`, default on CUDA: no wait for the GPU per batch)
-        writer thread: a finished chunk is converted, compressed and written (data, then its `done` flags) while
-            the next chunk decodes and encodes; at most one chunk waits to be written.
-
-    `encoder`: the frozen encoder (default `encoder_for(cfg)`), or any callable with its interface (the benchmark's
-    zero-cost stand-in). Returns one {"chunk", "samples", "skipped"} per chunk."""
+    """Encode and write chunks of a store as one pipeline: a decode pool (`decode_workers_for`) running up to a
+    chunk and a batch ahead of the encoder; the encoder on whole batches (`encoder_settings`), on CUDA from pinned
+    memory, its features gathered on the device and copied back once per chunk (`device_chunks`, default on CUDA);
+    a writer thread writing a finished chunk (data, then its `done` flags) while the next one is encoded.
+    `encoder`: default `encoder_for(cfg)`, or a stand-in with its interface. One {"chunk", "samples", "skipped"}
+    per chunk."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
     run = _ChunkEncoder(cfg, FeatureStore.open(url, mode="r+"), chunks,
@@ -302,14 +279,10 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
 
 
 class _ChunkEncoder:
-    """One `extract_chunks` call's state: the samples in order, the decode futures running ahead, the chunk
-    buffers, the batch of pixels staged for the device.
-
-    A chunk is gathered in one of two sets of buffers, used in turn: while the writer thread writes one chunk from
-    one set, the next chunk fills the other (`extract_chunks` waits for a write before it hands the writer the
-    next chunk). Allocated once per call: a fresh page costs the kernel a fault on first touch, and a chunk of
-    seven ViT-B/16 layers is 2.1 MB an image. On CUDA the features are gathered on the device and copied to the
-    host once the chunk is encoded: the host waits for the GPU once a chunk, not once a batch."""
+    """One `extract_chunks` call's state: the samples in order, the decode futures running ahead, the batch of
+    pixels staged for the device, and two sets of chunk buffers used in turn (the writer writes one while the next
+    chunk fills the other), allocated once: a fresh page costs a fault on first touch, and a chunk of seven
+    ViT-B/16 layers is 2.1 MB an image."""
 
     def __init__(self, cfg: Config, store: FeatureStore, chunks: list[int], encoder, device_chunks: bool | None):
         self.cfg, self.store, self.encoder, self.pool = cfg, store, encoder, None
@@ -332,13 +305,11 @@ class _ChunkEncoder:
                      for _ in range(2)]
         on_device = self.cuda if device_chunks is None else device_chunks
         self.gathered = _features(*shape, self.device, store.has_flipped) if on_device else None
-        # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
-        # device needs no pinned copy of its own. Refilled once the device has read it (`copied`).
+        # One batch of pixels, reused, pinned on CUDA; refilled once the device has read it (`copied`).
         self.staged, self.copied = None, None
 
     def chunk(self, c: int):
-        """Decode and encode chunk c into the next set of buffers: (features, depth, skipped, reasons), `features`
-        as `_features` makes them."""
+        """Decode and encode chunk c into the next set of buffers: (features, depth, skipped, reasons)."""
         a, b = self.store.chunk_range(c)
         n = b - a
         skipped, reasons = np.zeros(n, bool), [""] * n
@@ -403,8 +374,8 @@ class _ChunkEncoder:
 
 
 def extract_splits(cfg: Config, splits=SPLITS) -> None:
-    """Render the dataset if needed and extract the given splits in this process, chunk by chunk (no Prefect, no
-    Dask): what tests and benchmarks use. The flow maps `extract_claimed` over runs of chunks on a Dask cluster."""
+    """Render the dataset if needed and extract the splits in this process (no Prefect, no Dask): for tests and
+    benchmarks."""
     synth.ensure(cfg.data)
     for store, _ in prepare_stores(cfg, splits).values():
         finish_store(cfg, store.url)  # under the chunks' claims; waits for chunks another run holds

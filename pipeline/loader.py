@@ -108,12 +108,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _gather(rows_of, pos: np.ndarray, flips: np.ndarray, exact: bool = False, mirrored: bool = False,
             pin: bool = False) -> dict[str, torch.Tensor]:
-    """A host batch {key: (B, ...)} of the samples at `pos`, mirrored where `flips`, with one copy a row:
-    `rows_of(p)` gives (a flat dict of arrays: "tokens/<k>", "global", "depth", "flipped_..."; the row of p in
-    it). A flipped sample's token grids and target are copied reversed along their width (axis 1 of a row), or,
-    `exact`, its features come from the mirrored image's arrays; `mirrored`: those arrays are in the batch too.
-    The copies are numpy's, one thread each with the GIL released: torch's copies of the same rows, which it
-    splits over OpenMP threads, measured 10-100x slower inside the loader's pool threads (BENCHMARKS.md)."""
+    """A host batch {key: (B, ...)} of the samples at `pos`, one copy a row: `rows_of(p)` gives (flat arrays as
+    `CachedBatches._read` makes them, the row of p in them). Where `flips`, token grids and target are copied
+    reversed along their width, or (`exact`) the features taken from the mirrored image's arrays; `mirrored`:
+    those arrays are in the batch too. numpy's copies (one thread each, the GIL released): torch's, split over
+    OpenMP threads, measured 10-100x slower inside the loader's pool threads (BENCHMARKS.md)."""
     first, _ = rows_of(int(pos[0]))
     keys = [k for k in first if mirrored or not k.startswith("flipped_")]
     out = {k: torch.empty((len(pos), *first[k].shape[1:]), dtype=first[k].dtype, pin_memory=pin) for k in keys}
@@ -181,9 +180,8 @@ class CacheMemoryError(StoreError):
 
 
 def check_resident_memory(url: str, need: int, device: torch.device, chunk: int) -> None:
-    """Before a cache of `need` bytes is loaded onto `device` (a chunk at a time, `chunk` bytes): host RAM for it
-    (available now; on CUDA only a chunk and its pinned copy pass through the host) and, on CUDA, the device's free
-    memory. A `CacheMemoryError` with the sizes and the knob."""
+    """Room for a cache of `need` bytes loaded onto `device` a chunk (`chunk` bytes) at a time: in host RAM (on
+    CUDA only a chunk and its pinned copy) and in the GPU's free memory; else a `CacheMemoryError` with the sizes."""
     import psutil
 
     gb = lambda n: f"{n / 1e9:.2f} GB"
@@ -204,11 +202,9 @@ def check_resident_memory(url: str, need: int, device: torch.device, chunk: int)
 # ---- one base for both sources ------------------------------------------------------------------------------
 class Batches(ABC):
     """The batches of one split for the layers one decoder reads: `len(loader)` steps an epoch, `loader.epoch(e)`
-    the batches of epoch e (0-based), in the order and with the flips of `loader.plan(e)`, prefetched in a
-    background thread (`_produce`).
-
-    `train=False` visits samples in split order without flips (validation). `mode` says where the features come
-    from: `cpu` / `cuda` (the cache held resident), `stream` (the cache read chunk by chunk) or `images`."""
+    the batches of epoch e in the order and with the flips of `loader.plan(e)`, made in a background thread.
+    `train=False`: split order, no flips (validation). `mode`: `cpu` / `cuda` (the cache held resident), `stream`
+    (read chunk by chunk) or `images`."""
 
     mode: str
 
@@ -271,26 +267,11 @@ class CachedBatches(Batches):
     """
 
     def __init__(
-        self,
-        store: FeatureStore,
-        layers: Sequence[int],
-        batch_size: int,
-        *,
-        train: bool = True,
-        flip_p: float = 0.5,
-        seed: int = 42,
-        shuffle_window: int = 4,
-        cache_device: str = "auto",
-        device: torch.device | str = "cpu",
-        prefetch: int = 4,
-        memory_budget: int | None = None,
-        memory_share: int = 1,
-        device_share: int = 1,
-        drop_last: bool = False,
-        read_workers: int | None = None,
-        read_ahead: int | None = None,
-        positions: np.ndarray | None = None,
-        mirrored: bool = False,
+        self, store: FeatureStore, layers: Sequence[int], batch_size: int, *, train: bool = True, flip_p: float = 0.5,
+        seed: int = 42, shuffle_window: int = 4, cache_device: str = "auto", device: torch.device | str = "cpu",
+        prefetch: int = 4, memory_budget: int | None = None, memory_share: int = 1, device_share: int = 1,
+        drop_last: bool = False, read_workers: int | None = None, read_ahead: int | None = None,
+        positions: np.ndarray | None = None, mirrored: bool = False,
     ):
         usable = store.usable()
         if positions is not None:
@@ -333,11 +314,9 @@ class CachedBatches(Batches):
         return flat
 
     def _load_all(self, device: torch.device) -> dict:
-        """The whole store (these layers) in tensors on `device`, position p at row p: allocated once, at their
-        full size, and filled chunk by chunk (on CUDA through one pinned chunk), so the memory it takes is the
-        cache's plus a chunk, not twice the cache's as reading every chunk and concatenating them would be.
-        Checked first (`check_resident_memory`): a cache that cannot fit fails with the sizes, not by the kernel's
-        out-of-memory killer."""
+        """The whole store (these layers) in tensors on `device`, position p at row p, allocated once and filled
+        chunk by chunk (on CUDA through one pinned chunk): the cache's memory plus a chunk, not twice the cache's.
+        Checked first (`check_resident_memory`): one that cannot fit fails with the sizes, not by the OOM killer."""
         store, cuda = self.store, device.type == "cuda"
         need = store_bytes(store, self.layers, self.reads_mirrored)
         check_resident_memory(store.url, need, device, -(-need // max(1, store.n_chunks)))
@@ -369,9 +348,8 @@ class CachedBatches(Batches):
         return Batch(features, rows.get("depth"), pos, torch.from_numpy(flips.copy()), mirrored)
 
     def _host_batch(self, rows_of, pos: np.ndarray, flips: np.ndarray):
-        """A batch gathered on the host from `rows_of` (see `_gather`), flipped as it is gathered, then moved to
-        `device`: on CUDA on a side stream, so that the copy overlaps the training step; `epoch` makes the
-        consumer's stream wait for the event returned."""
+        """(a batch gathered and flipped on the host by `_gather`, moved to `device`; on CUDA on a side stream,
+        overlapping the training step, with the event `epoch` makes the consumer's stream wait for)."""
         batch = self._batch(_gather(rows_of, pos, flips, self.exact_flips, self.mirrored,
                                     pin=self.device.type == "cuda"), pos, flips)
         if self._copy_stream is None:
@@ -397,9 +375,8 @@ class CachedBatches(Batches):
                                  mirrored=batch.mirrored if self.mirrored else None), None
 
     def _stream(self, plan: EpochPlan) -> Iterator:
-        """The epoch's chunks, in visiting order, read by `read_workers` threads, up to `read_ahead` chunks beyond
-        those the current batch needs; each batch assembled in the same pool once its chunks are in, handed out in
-        order; a chunk dropped after the last batch that uses it."""
+        """The epoch's chunks read in visiting order by `read_workers` threads, up to `read_ahead` chunks beyond those
+        the current batch needs; each batch assembled in the same pool, handed out in order."""
         cs = self.store.chunk_size
         batches = list(self._batches(plan))
         last_use = {int(c): b for b, (pos, _) in enumerate(batches) for c in np.unique(pos // cs)}
@@ -437,35 +414,17 @@ class CachedBatches(Batches):
 
 # ---- from images (the reference approach) --------------------------------------------------------------------
 class ImageBatches(Batches):
-    """`feature_source: images`: the same batches as `CachedBatches`, computed on every step by decoding the
-    images and running the frozen encoder. Flips happen on the pixels (the reference way).
-
-    `index` is a planned split (`pipeline.planning.plan_split(...).index`): the same samples and views the cache
-    holds, read by the same `pipeline.planning.load_view`, visited in the same order (`chunk_size` only shapes the
-    shuffle, as for the cache)."""
+    """`feature_source: images`: the same batches as `CachedBatches`, the images decoded and the frozen encoder run
+    on every step, flipped on the pixels. `index`: a planned split (`plan_split(...).index`), read by the same
+    `load_view` as extraction (`chunk_size` only shapes the shuffle, as for the cache)."""
 
     mode = "images"
 
     def __init__(
-        self,
-        index: dict,
-        encoder,
-        layers: Sequence[int],
-        batch_size: int,
-        *,
-        split_file: str,
-        layout: str,
-        target_hw: tuple[int, int],
-        chunk_size: int,
-        train: bool = True,
-        flip_p: float = 0.5,
-        seed: int = 42,
-        shuffle_window: int = 4,
-        device: torch.device | str = "cpu",
-        autocast_dtype: torch.dtype | None = None,
-        prefetch: int = 2,
-        workers: int = 2,
-        drop_last: bool = False,
+        self, index: dict, encoder, layers: Sequence[int], batch_size: int, *, split_file: str, layout: str,
+        target_hw: tuple[int, int], chunk_size: int, train: bool = True, flip_p: float = 0.5, seed: int = 42,
+        shuffle_window: int = 4, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+        prefetch: int = 2, workers: int = 2, drop_last: bool = False,
     ):
         super().__init__(len(index["id"]), chunk_size, layers, batch_size, train=train, flip_p=flip_p, seed=seed,
                          shuffle_window=shuffle_window, device=device, prefetch=prefetch, drop_last=drop_last,
@@ -477,8 +436,7 @@ class ImageBatches(Batches):
         self.workers = workers
 
     def _view(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample i's view as uint8 RGB (h, w, 3) and its target (H, W) in metres, exactly as extraction builds
-        them. Pixel augmentation per iteration would go after this."""
+        """Sample i's view as uint8 RGB (h, w, 3) and its target (H, W) in metres, as extraction builds them."""
         from pipeline import datasets
         from pipeline.planning import load_view
 

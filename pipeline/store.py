@@ -122,6 +122,10 @@ class StoreSpec:
     attrs: dict = field(default_factory=dict)
 
 
+def _chunk_key(arr: zarr.Array, c: int) -> str:
+    """Where chunk `c` of `arr` lives, relative to the array's folder."""
+    return arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+
 
 class _Creation:
     """Creating a store (atomically, by rename) and opening one."""
@@ -130,9 +134,8 @@ class _Creation:
 
     @classmethod
     def create(cls, url: str, spec: StoreSpec, index: dict[str, np.ndarray]) -> "FeatureStore":
-        """A new store at `url`. On the local file system it is written into a hidden sibling folder and renamed
-        into place: when another process created the same store meanwhile (two runs of one config), that store is
-        returned (`created` False) and this one discarded; an existing store is never overwritten."""
+        """A new store at `url`, on a local disk written into a hidden sibling folder and renamed into place: when
+        another process created it meanwhile (two runs of one config), that store is returned (`created` False)."""
         folder = local_path(url)
         if folder is None:  # fsspec URLs have no atomic rename: written in place
             store = cls._create(zarr.open_group(url, mode="w"), url, spec, index)
@@ -150,12 +153,18 @@ class _Creation:
             os.rename(tmp, folder)  # atomic; fails when `folder` holds a store (a non-empty folder)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            full = disk_full_error(err, url, "creating the store")
-            if full is not None:
+            if full := disk_full_error(err, url, "creating the store"):
                 raise full from None
             if not folder.is_dir():
                 raise
-            return cls._created_by_another(url, spec)
+            try:  # created by another process meanwhile
+                store = cls.open(url, mode="r+")
+            except StoreError:
+                raise StoreError(f"{url} exists but is not a readable feature store; delete it and run again") from None
+            if store.fingerprint != spec.attrs.get("fingerprint"):
+                raise StoreError(f"{url} already holds a store with fingerprint {store.fingerprint}, not "
+                                 f"{spec.attrs.get('fingerprint')}; delete it or choose another cache.root") from None
+            return store
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -164,22 +173,9 @@ class _Creation:
         return store
 
     @classmethod
-    def _created_by_another(cls, url: str, spec: StoreSpec) -> "FeatureStore":
-        try:
-            store = cls.open(url, mode="r+")
-        except StoreError:
-            raise StoreError(f"{url} exists but is not a readable feature store; delete it and run again") from None
-        if store.fingerprint != spec.attrs.get("fingerprint"):
-            raise StoreError(f"{url} already holds a store with fingerprint {store.fingerprint}, not "
-                             f"{spec.attrs.get('fingerprint')}; delete it or choose another cache.root") from None
-        return store
-
-    @classmethod
     def _create(cls, group: zarr.Group, url: str, spec: StoreSpec, index: dict[str, np.ndarray]) -> "FeatureStore":
-        if "view_aug" not in index:  # no augmentation recorded: every view is un-augmented
-            index = {**index, "view_aug": np.tile(np.asarray(IDENTITY_AUG), (spec.n, 1))}
-        missing = [f for f in INDEX_FIELDS if f not in index]
-        if missing:
+        index = {"view_aug": np.tile(np.asarray(IDENTITY_AUG), (spec.n, 1)), **index}  # default: un-augmented views
+        if missing := [f for f in INDEX_FIELDS if f not in index]:
             raise StoreError(f"index for {url} lacks fields {missing}")
         for name, values in index.items():
             if len(values) != spec.n:
@@ -240,23 +236,24 @@ class _Claims:
 
     @property
     def claims_dir(self) -> Path | None:
-        """Where the chunk claims of this store live: a hidden folder beside it (outside the Zarr hierarchy, so
-        Zarr, the fingerprint and the chunk files never see it); None for a store that is not on a local disk."""
+        """The chunk claims' folder, beside the store (outside its Zarr hierarchy); None off a local disk."""
         folder = local_path(self.url)
         return None if folder is None else folder.with_name(f".{folder.name}.claims")
 
     @contextlib.contextmanager
     def claim_chunk(self, c: int):
-        """Claim chunk `c` for writing (`pipeline.claims`): yields a `Claim` whose `acquired` says whether this
-        caller may write it; a live holder elsewhere keeps it. Files a dead writer of this chunk left half-made
-        (Zarr's `*.partial`) are removed once the claim is held. Not on a local disk: always acquired."""
+        """Claim chunk `c` for writing: yields a `Claim` whose `acquired` says whether this caller may write it (a
+        live holder elsewhere keeps it; off a local disk always acquired). Zarr writes a chunk to `<key>.<hex>.partial`
+        and renames it: what a writer killed between the two left is removed once the claim is held."""
         self.chunk_range(c)
         if self.claims_dir is None:
             yield claims.Claim(Path(self.url), True, {})
             return
         with claims.claimed(self.claims_dir / str(c), f"extracting chunk {c} of {Path(self.url).name}") as claim:
-            if claim.acquired:
-                self._remove_partials(c)
+            for name in self.data_arrays() + ["done"] if claim.acquired else []:
+                path = self.chunk_path(name, c)
+                for partial in path.parent.glob(f"{path.name}.*.partial") if path.parent.is_dir() else []:
+                    partial.unlink(missing_ok=True)
             yield claim
 
     def release_claims(self) -> None:
@@ -267,19 +264,8 @@ class _Claims:
     def chunk_path(self, name: str, c: int) -> Path | None:
         """The file that holds chunk `c` of array `name` (None: not on a local disk)."""
         folder = local_path(self.url)
-        if folder is None:
-            return None
-        arr = self.array(name)
-        return folder / arr.path / arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+        return None if folder is None else folder / self.array(name).path / _chunk_key(self.array(name), c)
 
-    def _remove_partials(self, c: int) -> None:
-        """Zarr writes every chunk to `<key>.<hex>.partial` and renames it over the key; a writer killed between the
-        two leaves the partial file behind, which nothing reads but which is not part of the store."""
-        for name in self.data_arrays() + ["done"]:
-            path = self.chunk_path(name, c)
-            if path is not None and path.parent.is_dir():
-                for partial in path.parent.glob(f"{path.name}.*.partial"):
-                    partial.unlink(missing_ok=True)
 
 
 class _Writes:
@@ -289,8 +275,7 @@ class _Writes:
                     skipped: np.ndarray | None = None, reasons: list[str] | None = None,
                     flipped: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Write one whole chunk: its data first, then its `done` flags, so a kill mid-write leaves it pending.
-        `depth` in metres (stored by `pipeline.datasets.encode_depth`); `flipped`: (tokens, cls) of the mirrored
-        images, for a store created with `flipped=True`."""
+        `depth` in metres; `flipped`: (tokens, cls) of the mirrored images (stores created with `flipped=True`)."""
         a, b = self.chunk_range(c)
         for k in self.layers:
             if tokens[k].shape[0] != b - a:
@@ -322,7 +307,9 @@ class _Writes:
         except Exception as err:
             # Zarr writes each chunk file to a temporary name and renames it, so a full disk leaves the chunk's old
             # files (or none) and its done flags at 0: the chunk stays pending and is written again next run.
-            raise disk_full_error(err, self.url, f"writing chunk {c}") or err
+            if full := disk_full_error(err, self.url, f"writing chunk {c}"):
+                raise full from None
+            raise
 
     def _encode(self, t: torch.Tensor) -> np.ndarray:
         t = t.detach().cpu()
@@ -331,8 +318,8 @@ class _Writes:
         return t.to(torch.float16).numpy()
 
     def reset_chunks(self, chunks: Iterable[int]) -> None:
-        """Mark chunks not done (before they are written again: a kill during the rewrite then leaves them pending),
-        and the store not complete (training refuses it until they are)."""
+        """Mark chunks not done before they are written again (a kill then leaves them pending), and the store
+        not complete."""
         chunks = list(chunks)
         if chunks and self.complete:
             self._set_attr("complete", False)
@@ -347,11 +334,12 @@ class _Writes:
         try:
             self._set_attr("complete", True)
         except Exception as err:
-            raise disk_full_error(err, self.url, "marking the store complete") or err
+            if full := disk_full_error(err, self.url, "marking the store complete"):
+                raise full from None
+            raise
 
     def mark_verified(self, chunks: Iterable[int]) -> None:
-        """Chunks found sound by this process (`pipeline.extract.prepare_store`): `finalize_store` need not decode
-        them again. Held by this object only."""
+        """Chunks this process found sound (`prepare_store`): `finalize_store` need not decode them again."""
         self.verified = frozenset(chunks)
 
     def record_data_roots(self, roots: dict) -> None:
@@ -362,8 +350,7 @@ class _Writes:
         self.attrs[key] = value
 
     def record_sources(self, signatures: dict[str, np.ndarray]) -> None:
-        """Record (or replace) the files' signatures: arrays beside the index, not part of the fingerprint, so a
-        store without them (older) is reused and gets them then."""
+        """Record (or replace) the files' signatures (`sources`), beside the index, outside the fingerprint."""
         for k in SOURCES:
             values = np.asarray(signatures[k], np.int64).reshape(self.n, 2)
             arr = self.group.create_array(f"sources/{k}", shape=values.shape, dtype="int64",
@@ -390,10 +377,6 @@ class _Reads:
             self._arrays[name] = self.group[name].with_config(_WRITE_ALL)
         return self._arrays[name]
 
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.n // self.chunk_size)
-
     def chunk_range(self, c: int) -> tuple[int, int]:
         if not 0 <= c < self.n_chunks:
             raise StoreError(f"chunk {c} out of range 0..{self.n_chunks - 1} in {self.url}")
@@ -402,15 +385,6 @@ class _Reads:
     @property
     def complete(self) -> bool:
         return bool(self.group.attrs.get("complete", False))
-
-    @property
-    def depth_scale(self) -> float:
-        """Stored depth values per metre (training splits only)."""
-        return float(self.array("depth").attrs["scale"])
-
-    @property
-    def target_hw(self) -> tuple[int, int] | None:
-        return tuple(self.array("depth").shape[1:]) if self.has_depth else None
 
     def done_flags(self) -> np.ndarray:
         """1 per finished sample; a chunk of flags that does not decode reads as not done (extracted again)."""
@@ -445,11 +419,10 @@ class _Reads:
 
     def read(self, sel: slice | np.ndarray | Iterable[int], layers: Iterable[int] | None = None,
              depth: bool = True, flipped: bool = False, *, _chunk: int | None = None) -> dict:
-        """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, plus
-        "depth" (B, H, W) float32 metres (0 = invalid) when the store has targets, and "index" (B,) positions.
-        `flipped=True` adds the mirrored images' "flipped_tokens" and "flipped_global" (stores with them only).
-        `sel` is a slice or sorted sample positions. A chunk that does not decode (its CRC-32C or its codec) raises
-        a `StoreError` naming its file."""
+        """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, "depth" (B, H, W)
+        float32 metres (0 = invalid) where the store has targets, "index" (B,) positions; `flipped`: the mirrored
+        images' "flipped_tokens", "flipped_global" too. `sel`: a slice or sorted positions. A chunk that does not
+        decode (its CRC-32C or its codec) raises a `StoreError` naming its file."""
         layers = self.layers if layers is None else tuple(layers)
         unknown = sorted(set(layers) - set(self.layers))
         if unknown:
@@ -485,9 +458,8 @@ class _Reads:
         return self.read(slice(*self.chunk_range(c)), layers, depth, flipped, _chunk=c)
 
     def _select(self, names: list[str], sel, c: int | None) -> list[np.ndarray]:
-        """`sel` of each array in `names`: whole chunk `c` of an uncompressed array on a local disk from its file
-        (`_raw_chunk`), the rest concurrently in Zarr's event loop (one round trip for all). Either way each
-        chunk's CRC-32C is checked as it is read."""
+        """`sel` of each array in `names`: whole chunk `c` of an uncompressed array by `_raw_chunk`, the rest
+        concurrently in Zarr's event loop (one round trip for all), each chunk's CRC-32C checked as it is read."""
         direct = {name: self._raw_chunk(name, c) for name in names} if c is not None else {}
         rest = [name for name in names if direct.get(name) is None]
         arrays = [self.array(name).async_array for name in rest]  # opened here: no sync() inside the loop
@@ -534,8 +506,7 @@ class _Reads:
                           "extraction run again with --verify-cache (cache.verify=full) repairs it")
 
     def index(self, skips: bool = True):
-        """The per-sample index as a pandas DataFrame (one row per stored sample). `skips=False` leaves out the
-        `skipped` and `skip_reason` columns (a file per chunk to read), which extraction does not need."""
+        """The per-sample index as a DataFrame; `skips=False` without `skipped` and `skip_reason` (a file a chunk)."""
         import pandas as pd
 
         cols = {}
@@ -558,9 +529,8 @@ class _Reads:
         return ~self.array("skipped")[:].astype(bool) if self.n else np.zeros(0, bool)
 
     def sources(self) -> dict[str, np.ndarray] | None:
-        """{"image", "depth"}: (N, 2) int64 (size, mtime in ns) of each sample's files when it was extracted
-        (`pipeline.fingerprint.file_signature`); None for a store written before they were recorded (or whose
-        record does not decode: it is then recorded again)."""
+        """{"image", "depth"}: (N, 2) int64 (size, mtime in ns) of each sample's files when it was extracted; None
+        where not recorded (older stores) or damaged: it is then recorded again."""
         try:
             return {k: self.group[f"sources/{k}"][:] for k in SOURCES} if "sources" in self.group else None
         except Exception:
@@ -578,17 +548,11 @@ class _Verification:
 
     def verify(self, chunks: Iterable[int] | None = None, quick: bool = False) -> dict:
         """Check that every done chunk of every data array (and of `done`) exists and decodes (its CRC-32C
-        included), that the index arrays decode, and that the counts match. `chunks`: decode only these of the done
-        chunks (the others are checked for existence only); None: all.
-
-        `quick=True` (extraction reusing a store, `cache.verify: quick`) reads a small part of the store: the
-        `done` flags; each done chunk file of an uncompressed array checked by its size (a cut or missing file is
-        found; a changed byte is left to the CRC every reader checks); the compressed arrays other than the
-        features (targets, flags: a few % of the store) decoded; and every array of the chunks whose claim file a
-        writer left behind (a claim is removed when its chunk is written) decoded. `chunks` is then ignored.
-
-        The report's `damaged_chunks` are the chunks extraction writes again; `damaged_index` the index arrays it
-        rewrites."""
+        included), that the index arrays decode, and that the counts match; `chunks`: decode only these done chunks.
+        `quick` (extraction reusing a store) reads a few % of it: uncompressed chunk files checked by their size (a
+        changed byte is left to the CRC every reader checks), the other arrays than the features decoded, and all
+        of the chunks whose claim a writer left behind (a claim is removed when its chunk is written).
+        `damaged_chunks`: what extraction writes again; `damaged_index`: the index columns it rewrites."""
         done, bad_flags = self._tolerant("done", 0)
         done_chunks = [c for c in range(self.n_chunks) if done[slice(*self.chunk_range(c))].all()]
         claimed = {int(p.name) for p in self.claims_dir.iterdir() if p.name.isdigit()} \
@@ -630,11 +594,9 @@ class _Verification:
         }
 
     def _chunk_problem(self, arr: zarr.Array, name: str, c: int, decode: bool, quick: bool, where: str) -> str | None:
-        """What is wrong with chunk `c` of `arr`, or None. Zarr reads a missing chunk file as the fill value, so its
-        existence is checked first; `quick` without `decode` checks an uncompressed file by its size and a
-        compressed feature file for more than its checksum."""
-        key = f"{arr.path}/{arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
-        path = self.chunk_path(name, c)
+        """What is wrong with chunk `c` of `arr`, or None. Its file's existence first (Zarr reads a missing one as
+        the fill value); `quick`, not `decode`: a feature file by its size (compressed: more than its CRC)."""
+        key, path = f"{arr.path}/{_chunk_key(arr, c)}", self.chunk_path(name, c)
         try:
             found = path.stat().st_size if path is not None else (0 if sync(self.group.store.exists(key)) else None)
         except FileNotFoundError:
@@ -687,7 +649,10 @@ class FeatureStore(_Creation, _Claims, _Writes, _Reads, _Verification):
         self.chunk_size: int = int(self.attrs["chunk_size"])
         self.dtype: str = self.attrs["dtype"]
         self.fingerprint: str | None = self.attrs.get("fingerprint")
+        self.n_chunks = -(-self.n // self.chunk_size)
         self.has_depth: bool = "depth" in group
         self.has_flipped: bool = bool(self.attrs.get("flipped", False))
         self.verified: frozenset[int] = frozenset()  # `mark_verified`
         self._arrays: dict[str, zarr.Array] = {}  # opened once: each `group[name]` reads the array's zarr.json
+        self.target_hw = tuple(self.array("depth").shape[1:]) if self.has_depth else None  # (H, W) of the targets
+        self.depth_scale = float(self.array("depth").attrs["scale"]) if self.has_depth else None  # values a metre
