@@ -213,14 +213,10 @@ class Batches(ABC):
         seed: int, shuffle_window: int, device: torch.device | str, prefetch: int, drop_last: bool,
         target_hw: tuple[int, int] | None, usable: np.ndarray | None = None,
     ):
-        self.n, self.chunk_size = n, chunk_size
+        self.n, self.chunk_size, self.batch_size = n, chunk_size, int(batch_size)
         self.layers = tuple(sorted(int(k) for k in layers))
-        self.batch_size = int(batch_size)
-        self.train = train
-        self.flip_p = flip_p if train else 0.0
-        self.seed, self.shuffle_window = seed, shuffle_window
-        self.device = torch.device(device)
-        self.prefetch, self.drop_last = prefetch, drop_last
+        self.train, self.flip_p, self.seed, self.shuffle_window = train, flip_p if train else 0.0, seed, shuffle_window
+        self.device, self.prefetch, self.drop_last = torch.device(device), prefetch, drop_last
         self.target_hw = None if target_hw is None else tuple(target_hw)
         self.usable = usable  # (n,) bool, False for samples that could not be read; None: all usable
         self.n_usable = n if usable is None else int(usable.sum())
@@ -244,7 +240,7 @@ class Batches(ABC):
 
     @abstractmethod
     def _produce(self, plan: EpochPlan) -> Iterator:
-        """The epoch's batches (or what `epoch` makes them from), in order: run in the prefetch thread."""
+        """The epoch's batches (or what `epoch` makes them from), in order, made in the prefetch thread."""
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         return _prefetched(self._produce(self.plan(epoch)), self.prefetch)
@@ -286,8 +282,7 @@ class CachedBatches(Batches):
                              f"{list(store.layers)} (missing {missing}); add them to cache.layers and extract again")
         # A store extracted with views.flip = extract holds the mirrored images' features: flips use those.
         self.exact_flips = bool(train and self.flip_p > 0 and store.has_flipped)
-        self.mirrored = mirrored
-        self.reads_mirrored = self.exact_flips or mirrored
+        self.mirrored, self.reads_mirrored = mirrored, self.exact_flips or mirrored
         self.mode = resolve_cache_device(cache_device, store_bytes(store, self.layers, self.reads_mirrored),
                                          self.device, memory_budget, memory_share, device_share)
         # Streaming: threads that read whole chunks (Zarr's reads, CRC checks and decompression release the GIL)
@@ -295,9 +290,7 @@ class CachedBatches(Batches):
         self.read_workers = read_workers or usable_cores()
         self.read_ahead = read_ahead if read_ahead is not None else self.read_workers + shuffle_window
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._resident: dict | None = None
-        if self.mode in ("cpu", "cuda"):
-            self._resident = self._load_all(torch.device(self.mode))
+        self._resident = self._load_all(torch.device(self.mode)) if self.mode in ("cpu", "cuda") else None
         log.info("%s: %d samples, layers %s, cache %s", store.url, self.n_usable, list(self.layers), self.mode)
 
     def targets(self, max_samples: int) -> np.ndarray:
@@ -429,11 +422,8 @@ class ImageBatches(Batches):
         super().__init__(len(index["id"]), chunk_size, layers, batch_size, train=train, flip_p=flip_p, seed=seed,
                          shuffle_window=shuffle_window, device=device, prefetch=prefetch, drop_last=drop_last,
                          target_hw=target_hw)
-        self.index = index
-        self.encoder = encoder
+        self.index, self.encoder, self.autocast_dtype, self.workers = index, encoder, autocast_dtype, workers
         self.split_file, self.layout = split_file, layout
-        self.autocast_dtype = autocast_dtype
-        self.workers = workers
 
     def _view(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample i's view as uint8 RGB (h, w, 3) and its target (H, W) in metres, as extraction builds them."""

@@ -186,16 +186,16 @@ class _Creation:
         # n == 0 (every sample skipped) still makes a valid, empty store.
         for prefix in ["", flipped_key("")] if spec.flipped else [""]:
             for k in spec.layers:
-                arr = group.create_array(prefix + layer_key(k), shape=(n, g, g, c), chunks=(cs, g, g, c), **features)
-                arr.attrs["bfloat16_bits"] = spec.dtype == "bfloat16"
+                group.create_array(prefix + layer_key(k), shape=(n, g, g, c), chunks=(cs, g, g, c), **features,
+                                   attributes={"bfloat16_bits": spec.dtype == "bfloat16"})
             group.create_array(prefix + "cls", shape=(n, c), chunks=(cs, c), **features)
         if spec.target_hw is not None:
             h, w = spec.target_hw
             # Sparse targets (LiDAR: ~8 % of pixels valid) compress ~30x and decode in well under a millisecond.
             codec = spec.compressor if spec.compressor != "none" else "zstd"
-            depth = group.create_array("depth", shape=(n, h, w), chunks=(cs, h, w), dtype="uint16", fill_value=0,
-                                       compressors=_compressors(codec, spec.level if codec == spec.compressor else 1))
-            depth.attrs["scale"] = spec.depth_scale
+            group.create_array("depth", shape=(n, h, w), chunks=(cs, h, w), dtype="uint16", fill_value=0,
+                               compressors=_compressors(codec, spec.level if codec == spec.compressor else 1),
+                               attributes={"scale": spec.depth_scale})
         group.create_array("skipped", shape=(n,), dtype="uint8", fill_value=0, chunks=(cs,))
         group.create_array("skip_reason", shape=(n,), dtype=str, chunks=(cs,))
         group.create_array("done", shape=(n,), dtype="uint8", fill_value=0, chunks=(cs,))
@@ -430,26 +430,23 @@ class _Reads:
         if flipped and not self.has_flipped:
             raise StoreError(f"{self.url} holds no mirrored-image features (extracted with views.flip=features)")
         if not isinstance(sel, slice):
-            sel = np.asarray(list(sel) if not isinstance(sel, np.ndarray) else sel, dtype=np.int64)
-        names = {}  # (batch key, layer or None) -> array
-        for prefix in ["", "flipped_"] if flipped else [""]:
-            where = flipped_key("") if prefix else ""
-            names.update({(prefix + "tokens", k): where + layer_key(k) for k in layers})
-            names[(prefix + "global", None)] = where + "cls"
+            sel = np.asarray(sel if isinstance(sel, np.ndarray) else list(sel), dtype=np.int64)
+        names = {("tokens", k): layer_key(k) for k in layers} | {("global", None): "cls"}  # (key, layer) -> array
+        if flipped:
+            names |= {("flipped_" + key, k): flipped_key(name) for (key, k), name in names.items()}
         if depth and self.has_depth:
             names[("depth", None)] = "depth"
-        batch = {"index": np.arange(self.n)[sel], **{key: {} for key, k in names if k is not None}}
+        batch = {"index": np.arange(self.n)[sel]}
         for (key, k), values in zip(names, self._select(list(names.values()), sel, _chunk)):
             if key == "depth":
                 values = torch.from_numpy(decode_depth(values, self.depth_scale))
-            elif self.dtype == "bfloat16":
-                values = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-            else:
-                values = torch.from_numpy(values)
+            else:  # bfloat16, which numpy lacks, stored as its bits
+                values = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16) if self.dtype == "bfloat16" \
+                    else torch.from_numpy(values)
             if k is None:
                 batch[key] = values
             else:
-                batch[key][k] = values
+                batch.setdefault(key, {})[k] = values
         return batch
 
     def read_chunk(self, c: int, layers: Iterable[int] | None = None, depth: bool = True,
@@ -486,9 +483,7 @@ class _Reads:
         if path is None or size is None or arr.metadata.codecs[0].to_dict().get("configuration", {}).get(
                 "endian", "little") != "little" or len(arr.metadata.codecs) != 2:
             return None
-        a, b = self.chunk_range(c)
-        dtype = np.dtype(arr.dtype)
-        buf = np.empty(size, np.uint8)
+        (a, b), dtype, buf = self.chunk_range(c), np.dtype(arr.dtype), np.empty(size, np.uint8)
         try:
             with open(path, "rb", buffering=0) as f:
                 found, got = os.fstat(f.fileno()).st_size, f.readinto(memoryview(buf))
@@ -541,10 +536,9 @@ class _Verification:
     """Whether every done chunk is there and decodes (`verify`)."""
 
     def data_arrays(self) -> list[str]:
-        names = [layer_key(k) for k in self.layers] + ["cls", "skipped", "skip_reason"]
-        if self.has_flipped:
-            names += [flipped_key(layer_key(k)) for k in self.layers] + [flipped_key("cls")]
-        return names + (["depth"] if self.has_depth else [])
+        features = [layer_key(k) for k in self.layers] + ["cls"]
+        return features + ["skipped", "skip_reason"] + [flipped_key(name) for name in features if self.has_flipped] \
+            + (["depth"] if self.has_depth else [])
 
     def verify(self, chunks: Iterable[int] | None = None, quick: bool = False) -> dict:
         """Check that every done chunk of every data array (and of `done`) exists and decodes (its CRC-32C
@@ -597,10 +591,10 @@ class _Verification:
         """What is wrong with chunk `c` of `arr`, or None. Its file's existence first (Zarr reads a missing one as
         the fill value); `quick`, not `decode`: a feature file by its size (compressed: more than its CRC)."""
         key, path = f"{arr.path}/{_chunk_key(arr, c)}", self.chunk_path(name, c)
-        try:
-            found = path.stat().st_size if path is not None else (0 if sync(self.group.store.exists(key)) else None)
-        except FileNotFoundError:
-            found = None
+        if path is not None:
+            found = path.stat().st_size if path.is_file() else None
+        else:
+            found = 0 if sync(self.group.store.exists(key)) else None
         if found is None:
             return f"{name}: chunk {c} (samples {self.chunk_range(c)}) is missing ({key})"
         size = _raw_chunk_bytes(arr)
@@ -641,15 +635,12 @@ class FeatureStore(_Creation, _Claims, _Writes, _Reads, _Verification):
     """One feature store (see the module's text); `FeatureStore.create(url, spec, index)` or `.open(url)`."""
 
     def __init__(self, group: zarr.Group, url: str):
-        self.group = group
-        self.url = url
-        self.attrs = dict(group.attrs)
-        self.n: int = int(self.attrs["n"])
-        self.layers: tuple[int, ...] = tuple(self.attrs["layers"])
-        self.chunk_size: int = int(self.attrs["chunk_size"])
-        self.dtype: str = self.attrs["dtype"]
-        self.fingerprint: str | None = self.attrs.get("fingerprint")
+        self.group, self.url, self.attrs = group, url, dict(group.attrs)
+        self.n, self.chunk_size = int(self.attrs["n"]), int(self.attrs["chunk_size"])
         self.n_chunks = -(-self.n // self.chunk_size)
+        self.layers: tuple[int, ...] = tuple(self.attrs["layers"])
+        self.dtype: str = self.attrs["dtype"]  # float16 or bfloat16
+        self.fingerprint: str | None = self.attrs.get("fingerprint")
         self.has_depth: bool = "depth" in group
         self.has_flipped: bool = bool(self.attrs.get("flipped", False))
         self.verified: frozenset[int] = frozenset()  # `mark_verified`
