@@ -77,8 +77,7 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
         with store.claim_chunk(c) as claim:
             if claim.acquired:  # else another run is writing it again already
                 store.reset_chunks([c])  # and the store is no longer complete: training refuses it until done
-    done = store.done_flags()
-    store.mark_verified(c for c in range(store.n_chunks) if c not in again and done[slice(*store.chunk_range(c))].all())
+    store.mark_verified(set(range(store.n_chunks)) - set(again) - set(store.pending_chunks()))
     return store, True
 
 
@@ -295,8 +294,7 @@ class _ChunkEncoder:
         self.rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
         self.todo = [i for a, b in ranges for i in range(a, b)]  # samples in order
         self.ahead = store.chunk_size + self.bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
-        self.futures: dict[int, object] = {}
-        self.submitted = self.done_samples = 0
+        self.futures, self.submitted, self.done_samples = {}, 0, 0
         # In the stored dtype: each batch is converted once, as it is copied in.
         self.dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
         shape = (store.chunk_size, store.layers, encoder.grid, encoder.width, self.dtype)

@@ -276,8 +276,7 @@ class CachedBatches(Batches):
                          shuffle_window=shuffle_window, device=device, prefetch=prefetch, drop_last=drop_last,
                          target_hw=store.target_hw, usable=usable)
         self.store = store
-        missing = sorted(set(self.layers) - set(store.layers))
-        if missing:
+        if missing := sorted(set(self.layers) - set(store.layers)):
             raise StoreError(f"the decoder reads layers {list(self.layers)}, but {store.url} holds only "
                              f"{list(store.layers)} (missing {missing}); add them to cache.layers and extract again")
         # A store extracted with views.flip = extract holds the mirrored images' features: flips use those.
@@ -329,14 +328,12 @@ class CachedBatches(Batches):
                     data[k][a:b] = t
             if cuda:
                 torch.cuda.current_stream(device).synchronize()
-        return data if data is not None else {}
+        return data or {}
 
     def _batch(self, rows: dict, pos: np.ndarray, flips: np.ndarray) -> Batch:
         """A batch of flat rows (see `_read`); its `mirrored` features where the rows hold them."""
-        mirrored = None
-        if "flipped_global" in rows:
-            mirrored = {"tokens": {k: rows[f"flipped_tokens/{k}"] for k in self.layers},
-                        "global": rows["flipped_global"]}
+        mirrored = {"tokens": {k: rows[f"flipped_tokens/{k}"] for k in self.layers},
+                    "global": rows["flipped_global"]} if "flipped_global" in rows else None
         features = {"tokens": {k: rows[f"tokens/{k}"] for k in self.layers}, "global": rows["global"]}
         return Batch(features, rows.get("depth"), pos, torch.from_numpy(flips.copy()), mirrored)
 

@@ -328,8 +328,7 @@ class _Writes:
             self.array("done")[a:b] = np.zeros(b - a, np.uint8)
 
     def mark_complete(self) -> None:
-        pending = self.pending_chunks()
-        if pending:
+        if pending := self.pending_chunks():
             raise StoreError(f"{self.url}: chunks {pending[:10]} are not done; cannot mark complete")
         try:
             self._set_attr("complete", True)
@@ -424,8 +423,7 @@ class _Reads:
         images' "flipped_tokens", "flipped_global" too. `sel`: a slice or sorted positions. A chunk that does not
         decode (its CRC-32C or its codec) raises a `StoreError` naming its file."""
         layers = self.layers if layers is None else tuple(layers)
-        unknown = sorted(set(layers) - set(self.layers))
-        if unknown:
+        if unknown := sorted(set(layers) - set(self.layers)):
             raise StoreError(f"layers {unknown} are not in {self.url} (it holds {list(self.layers)})")
         if flipped and not self.has_flipped:
             raise StoreError(f"{self.url} holds no mirrored-image features (extracted with views.flip=features)")
