@@ -145,7 +145,7 @@ def _chunk_files(url):
 
 @pytest.mark.parametrize("flip", ["features", "extract"])
 def test_one_pipeline_over_many_chunks_writes_what_chunk_by_chunk_writes(tmp_path, flip):
-    """`extract_chunks` gathers the chunks of one call in two sets of buffers used in turn (`ChunkBuffers`). The
+    """`extract_chunks` gathers the chunks of one call in two sets of buffers used in turn (`_ChunkEncoder`). The
     store it writes is byte-identical, file by file, to one written a chunk per call (fresh buffers each), and a
     sample skipped in a chunk whose buffers held an earlier chunk's features is all zeros."""
     cfg = load_config(write_config(tmp_path, data={"on_error": "skip"}, views={"flip": flip},
