@@ -1,6 +1,6 @@
 """What a split's store holds: the planned samples and views (`plan_split`, from the split file and the image
 headers alone), and how one planned view is made from its files (`load_view`), for extraction and for the images
-source of training (`pipeline.loader.ImageBatches`) alike.
+source of training (`pipeline.image_batches.ImageBatches`) alike.
 """
 
 from __future__ import annotations
