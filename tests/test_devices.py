@@ -139,7 +139,7 @@ def test_training_passes_one_per_gpu(gpus, host):
 def test_a_gpu_memory_budget_is_divided_among_the_trainings_on_it(monkeypatch, demo_cfg):
     from pipeline import train
     from pipeline.layout import RunContext
-    from pipeline.loader import GPU_BUDGET_FRACTION, resolve_cache_device
+    from pipeline.memory import GPU_BUDGET_FRACTION, resolve_cache_device
 
     free = 40 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))

@@ -8,7 +8,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.loader import Batch, CachedBatches, _prefetched, epoch_plan, resolve_cache_device, store_bytes
+from pipeline.loader import Batch, CachedBatches, _prefetched, epoch_plan
+from pipeline.memory import resolve_cache_device, store_bytes
 from pipeline.store import FeatureStore, StoreError, StoreSpec
 
 N, CS, G, C, HW = 23, 4, 14, 8, (6, 10)
