@@ -21,7 +21,7 @@ import torch
 from pipeline import datasets, synth
 from pipeline.config import Config, dump_config
 from pipeline.datasets import DatasetError
-from pipeline.devices import WorkerPlan, encoder_settings, plan_workers
+from pipeline.devices import decode_workers_for, encoder_settings
 from pipeline.diskspace import DiskSpaceError  # noqa: F401  (what prepare_stores raises: callers catch it from here)
 from pipeline.diskspace import SizeEstimate, SpaceNeeded, check_space, estimate_bytes, nearest_existing
 from pipeline.fingerprint import data_roots
@@ -31,16 +31,6 @@ from pipeline.sources import changed_chunks, file_signatures
 from pipeline.store import FeatureStore, StoreError, StoreSpec, local_path
 
 log = logging.getLogger(__name__)
-
-
-def worker_plan(cfg: Config) -> WorkerPlan:
-    """The local extraction workers: `dask.n_workers` (default one per GPU, else one), each with `dask.torch_threads`
-    or its share of the usable cores (Dask sets OMP_NUM_THREADS=1 in its workers)."""
-    return plan_workers(cfg.encoder.device, cfg.dask.n_workers, cfg.dask.torch_threads)
-
-
-def torch_threads_per_worker(cfg: Config) -> int:
-    return worker_plan(cfg).threads
 
 
 def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None) -> tuple[FeatureStore, bool]:
@@ -167,23 +157,6 @@ def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int
     return [results[c] for c in chunks]
 
 
-TASKS_PER_WORKER = 2  # flow tasks per worker and store: few (each builds a decode pool, buffers and claims), but
-# more than one, so that a worker that finishes early takes over part of a slower one's share
-
-
-def chunk_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
-    """(split, url, chunks) tasks: each store's pending chunks in `TASKS_PER_WORKER` runs per worker (KITTI's ~1300
-    train chunks on 8 GPUs: 16 tasks of 82). A task extracts its chunks as one pipeline; a retry only what is left."""
-    stores: dict[str, list] = {}
-    for split, url, chunk in pending:
-        stores.setdefault(url, [split, []])[1].append(chunk)
-    jobs: list[tuple[str, str, list[int]]] = []
-    for url, (split, chunks) in stores.items():
-        per_task = -(-len(chunks) // (max(1, n_workers) * TASKS_PER_WORKER))
-        jobs += [(split, url, chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
-    return jobs
-
-
 def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: float = 1.0) -> list[int]:
     """Return once every chunk of the store is done: pending chunks extracted here, those another live process
     holds waited for (or extracted here when it dies). Returns the chunks this call extracted."""
@@ -211,13 +184,6 @@ def _load_row(store: FeatureStore, row, encoder, layout: str, target_hw):
     sample = datasets.sample_from_row(row._asdict(), store.attrs["split_file"])
     crop, depth = load_view(sample, view_of_row(row), (row.orig_h, row.orig_w), layout, target_hw)
     return encoder.preprocess(crop)[0], depth
-
-
-def decode_workers_for(cfg: Config) -> int:
-    """Threads that decode, view, preprocess and make targets for one extraction worker: `encoder.decode_workers`,
-    else its share of the cores. Threads: Pillow, numpy and zstd release the GIL, and a process would ship every
-    frame back (BENCHMARKS.md)."""
-    return cfg.encoder.decode_workers or torch_threads_per_worker(cfg)
 
 
 def _features(rows: int, layers, grid: int, width: int, dtype: torch.dtype, device, flipped: bool) -> list:

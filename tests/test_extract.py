@@ -222,7 +222,7 @@ def test_sigkill_mid_extraction_then_resume_is_byte_identical(tmp_path, prefect_
 def test_the_flow_hands_each_worker_runs_of_chunks():
     """Tasks of several chunks (so a worker overlaps one chunk's write with the next one's decode), never across
     stores, a few per worker (tests/test_devices.py has their sizes)."""
-    from pipeline.extract import chunk_jobs
+    from pipeline.devices import chunk_jobs
 
     pending = [("train", "a", c) for c in range(10)] + [("val", "b", 0), ("val", "b", 3)]
     jobs = chunk_jobs(pending, n_workers=1)
