@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,16 +18,14 @@ import numpy as np
 import torch
 
 from pipeline import datasets, synth
-from pipeline.config import Config, dump_config
+from pipeline.config import Config
 from pipeline.datasets import DatasetError
 from pipeline.devices import decode_workers_for, encoder_settings
-from pipeline.diskspace import DiskSpaceError  # noqa: F401  (what prepare_stores raises: callers catch it from here)
-from pipeline.diskspace import SizeEstimate, SpaceNeeded, check_space, estimate_bytes, nearest_existing
-from pipeline.fingerprint import data_roots
-from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store, package_versions
-from pipeline.planning import Plan, load_view, plan_split, view_of_row
+from pipeline.diskspace import ensure_space
+from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
+from pipeline.planning import Plan, load_view, plan_split, store_spec, view_of_row
 from pipeline.sources import changed_chunks, file_signatures
-from pipeline.store import FeatureStore, StoreError, StoreSpec, local_path
+from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -71,65 +68,11 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
     return store, True
 
 
-def store_spec(ctx: RunContext, split: str, plan: Plan) -> StoreSpec:
-    """What a planned split's store is created with, its attributes recording where its bytes come from."""
-    cfg, identity, inputs = ctx.cfg, ctx.encoder_identity, ctx.fingerprint_inputs(split)
-    # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
-    flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
-    return StoreSpec(
-        n=len(plan.index["id"]), layers=cfg.cache_layers, grid=identity["grid"], width=identity["width"],
-        dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
-        level=cfg.cache.compression_level, target_hw=plan.target_hw,
-        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
-        attrs={
-            "fingerprint": ctx.fingerprint(split), "fingerprint_inputs": inputs, "split": split,
-            "config": dump_config(cfg), "versions": package_versions(), "format_version": inputs["format_version"],
-            "encoder": identity, "skipped_at_planning": plan.skipped,
-            "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
-            "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
-            "data_roots": data_roots(cfg, split),  # compared on reuse (`source_changes`)
-            "extraction": encoder_settings(cfg.encoder).describe(),  # device, batch, autocast, TF32
-        },
-    )
-
-
-# ---- room on the disk -----------------------------------------------------------------------------------------
-def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, dict[str, Plan]]:
-    """What the splits' stores still need on disk: a new store all of it (from the split's plan, returned for
-    `prepare_store`), a partial one its pending chunks (what is written counts as done), a complete one nothing."""
-    ctx = RunContext.of(ctx)
-    cfg, plans, per_split, total = ctx.cfg, {}, {}, SizeEstimate()
-    for split in splits:
-        try:
-            store = FeatureStore.open(ctx.store_url(split))
-            store = store if store.fingerprint == ctx.fingerprint(split) else None
-        except StoreError:
-            store = None
-        if store is None:
-            plan = plans[split] = plan_split(cfg, split)
-            spec = store_spec(ctx, split, plan)
-            est = estimate_bytes(spec, plan.index)
-            what = f"new: {spec.n} samples in {-(-spec.n // spec.chunk_size)} chunks"
-        elif store.complete:
-            est, what = SizeEstimate(), "complete"
-        else:
-            pending = len(store.pending_chunks())
-            est, what = estimate_bytes(store.spec(), chunks=pending), f"{pending} of {store.n_chunks} chunks to go"
-        per_split[split] = (est, what)
-        total += est
-    folder = local_path(cfg.cache.root)
-    where = None if folder is None else nearest_existing(folder)
-    free = None if where is None else shutil.disk_usage(where).free
-    return SpaceNeeded(cfg.cache.root, where, free, per_split, total), plans
-
-
 def prepare_stores(ctx: RunContext | Config, splits=SPLITS) -> dict[str, tuple[FeatureStore, bool]]:
-    """`prepare_store` for each split, once what they still need fits on the disk: else nothing is written."""
+    """`prepare_store` for each split, once what they still need fits on the disk (`ensure_space`): else nothing
+    is written."""
     ctx = RunContext.of(ctx)
-    need, plans = space_needed(ctx, splits)
-    for line in need.lines():
-        log.info("%s", line)
-    check_space(need, ctx.cfg)
+    plans = ensure_space(ctx, splits)
     return {split: prepare_store(ctx, split, plans.get(split)) for split in splits}
 
 
