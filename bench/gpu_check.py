@@ -329,7 +329,7 @@ def check_predict(cfg, device, tmp: Path) -> dict:
         runs[dev] = (time.perf_counter() - t0, result.n_ok)
     (s, n) = runs[device.type]
     # the float32 depth each device wrote (<stem>_depth.npy)
-    pairs = [(x, tmp / f"predict-cpu" / x.name) for x in sorted((tmp / f"predict-{device.type}").glob("*.npy"))]
+    pairs = [(x, tmp / "predict-cpu" / x.name) for x in sorted((tmp / f"predict-{device.type}").glob("*.npy"))]
     rel = max((float(np.abs(np.load(x) - np.load(y)).max() / max(1e-6, float(np.abs(np.load(y)).max())))
                for x, y in pairs), default=float("nan"))
     out = {"images": n, "images_per_s": round(n / s, 2), "depth_maps_compared": len(pairs), "max_rel_depth_diff": rel}

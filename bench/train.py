@@ -57,8 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/extract.py's N
 from pipeline.config import load_config  # noqa: E402
 from pipeline.devices import encoder_settings, usable_cores  # noqa: E402
 from pipeline.extract import plan_split  # noqa: E402
+from pipeline.image_batches import ImageBatches  # noqa: E402
 from pipeline.layout import RunContext, encoder_for, resolve_device  # noqa: E402
-from pipeline.loader import CachedBatches, ImageBatches  # noqa: E402
+from pipeline.loader import CachedBatches  # noqa: E402
 from pipeline.store import layer_key  # noqa: E402
 from pipeline.train import loss_kwargs_for, make_optimizer, train_step  # noqa: E402
 from spaceclip.decoder import SpaceClipDecoder  # noqa: E402

@@ -237,7 +237,7 @@ def data_check(
     from pipeline.config import load_config
     from pipeline.datasets import check_dataset
     from pipeline.errors import user_errors
-    from pipeline.extract import DiskSpaceError, check_space, space_needed
+    from pipeline.diskspace import DiskSpaceError, check_space, space_needed
 
     cfg = load_config(config, set_ or [], sweep=sweep)
     report = check_dataset(cfg.data, decode=not quick, workers=workers)
@@ -246,7 +246,7 @@ def data_check(
         print("note: data.synth is set, so `spaceclip run` / `extract` would generate this synthetic dataset")
     if not report.ok:
         return 1
-    try:  # what extraction would write, and whether it fits (`pipeline.extract.space_needed`)
+    try:  # what extraction would write, and whether it fits (`pipeline.diskspace.space_needed`)
         need, _ = space_needed(cfg)
         print("\n".join(need.lines()))
         check_space(need, cfg)

@@ -8,7 +8,7 @@ Workers (`pipeline.devices`): on a host with several GPUs one process per GPU, e
 (CUDA_VISIBLE_DEVICES), each with its share of the usable cores; or the workers of an existing scheduler.
 
 A task extracts its chunks as one pipeline (`pipeline.extract.extract_chunks`): the write of one chunk overlaps
-the decode and encoding of the next, which a task of one chunk cannot do. (`chunk_jobs` lives in `pipeline.extract`:
+the decode and encoding of the next, which a task of one chunk cannot do. (`chunk_jobs` lives in `pipeline.devices`:
 a deployment loads this file as a script, and Dask could not unpickle a helper of an unimportable module.)
 
 A grid (pipeline/grid.py) extracts each distinct store once: its points' fingerprints are computed first, the
@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.config import Config, ConfigError
 from pipeline import synth
-from pipeline.devices import WorkerPlan, encoder_settings, local_cluster, plan_on_scheduler, with_encoder_settings
-from pipeline.extract import chunk_jobs, extract_claimed, finish_store, prepare_stores, worker_plan
+from pipeline.devices import (WorkerPlan, chunk_jobs, encoder_settings, local_cluster, plan_on_scheduler,
+                              with_encoder_settings, worker_plan)
+from pipeline.extract import extract_claimed, finish_store, prepare_stores
 from pipeline.grid import check_grid_space, contexts, describe, distinct_stores, points
 from pipeline.layout import SPLITS, RunContext, finalize_store
 
@@ -75,7 +76,7 @@ def dask_runner(cfg: Config, plan: WorkerPlan) -> DaskTaskRunner:
 
 def workers_for(cfg: Config) -> WorkerPlan:
     """The extraction's workers: those of the scheduler at `dask.address` as they report themselves, else the
-    local plan (`pipeline.extract.worker_plan`)."""
+    local plan (`pipeline.devices.worker_plan`)."""
     if cfg.dask.address:
         check_scheduler(cfg.dask.address)
         return plan_on_scheduler(cfg.dask.address, cfg.dask.torch_threads)

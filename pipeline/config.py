@@ -83,7 +83,7 @@ class EncoderConfig(_Model):
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     device: str = Field("auto", pattern=DEVICE_PATTERN)  # auto | cpu | cuda | cuda:N
     # Threads that decode, view and preprocess frames ahead of the encoder in one extraction worker; None: the
-    # worker's share of the cores (`pipeline.extract.decode_workers_for`). Does not change the stored bytes.
+    # worker's share of the cores (`pipeline.devices.decode_workers_for`). Does not change the stored bytes.
     decode_workers: int | None = Field(None, ge=1)
 
 

@@ -6,6 +6,8 @@
                                     how many share one GPU (its memory budget is divided among them)
     local_cluster(plan)             a Dask cluster of those workers, each process with its own environment
     plan_on_scheduler(address)      the same plan for the workers of an existing scheduler, as they report it
+    worker_plan(cfg)                the extraction's local workers; `decode_workers_for`: the decode threads of one
+    chunk_jobs(pending, n_workers)  a flow's tasks: each store's pending chunks in runs, `TASKS_PER_WORKER` a worker
     encoder_settings(encoder)       the extraction's batch size, autocast dtype and TF32, 'auto' resolved
 
 A worker given one GPU sees it as `cuda:0` (CUDA_VISIBLE_DEVICES holds that one entry), so `device: auto` and
@@ -203,6 +205,41 @@ def plan_on_scheduler(address: str, threads: int | None = None) -> WorkerPlan:
     slots = sum(w["nthreads"] for w in seen)
     return WorkerPlan((None,) * slots, threads or fewest, max(per_gpu.values(), default=1),
                       max(per_host.values()))
+
+
+# ---- the extraction's workers and tasks ---------------------------------------------------------------------------
+def worker_plan(cfg: Config) -> WorkerPlan:
+    """The local extraction workers: `dask.n_workers` (default one per GPU, else one), each with `dask.torch_threads`
+    or its share of the usable cores (Dask sets OMP_NUM_THREADS=1 in its workers)."""
+    return plan_workers(cfg.encoder.device, cfg.dask.n_workers, cfg.dask.torch_threads)
+
+
+def torch_threads_per_worker(cfg: Config) -> int:
+    return worker_plan(cfg).threads
+
+
+def decode_workers_for(cfg: Config) -> int:
+    """Threads that decode, view, preprocess and make targets for one extraction worker: `encoder.decode_workers`,
+    else its share of the cores. Threads: Pillow, numpy and zstd release the GIL, and a process would ship every
+    frame back (BENCHMARKS.md)."""
+    return cfg.encoder.decode_workers or torch_threads_per_worker(cfg)
+
+
+TASKS_PER_WORKER = 2  # flow tasks per worker and store: few (each builds a decode pool, buffers and claims), but
+# more than one, so that a worker that finishes early takes over part of a slower one's share
+
+
+def chunk_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
+    """(split, url, chunks) tasks: each store's pending chunks in `TASKS_PER_WORKER` runs per worker (KITTI's ~1300
+    train chunks on 8 GPUs: 16 tasks of 82). A task extracts its chunks as one pipeline; a retry only what is left."""
+    stores: dict[str, list] = {}
+    for split, url, chunk in pending:
+        stores.setdefault(url, [split, []])[1].append(chunk)
+    jobs: list[tuple[str, str, list[int]]] = []
+    for url, (split, chunks) in stores.items():
+        per_task = -(-len(chunks) // (max(1, n_workers) * TASKS_PER_WORKER))
+        jobs += [(split, url, chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
+    return jobs
 
 
 # ---- the extraction's encoder settings ----------------------------------------------------------------------------

@@ -1,20 +1,24 @@
 """Room on the disk: what a feature store takes, from its spec alone, and whether the stores of a run fit.
 
 `estimate_bytes` follows the layout `pipeline.store` creates (one file per chunk and array, whole blocks per file
-and folder); `SpaceNeeded` / `check_space` compare a run's stores with the free space under `cache.root`.
+and folder); `space_needed` / `check_space` compare what a run's stores still need with the free space under
+`cache.root`, and `ensure_space` refuses a run that cannot fit before any store is created.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.store import IDENTITY_AUG, INDEX_FIELDS, SOURCES, StoreError, StoreSpec
+from pipeline.layout import SPLITS, RunContext
+from pipeline.planning import Plan, plan_split, store_spec
+from pipeline.store import IDENTITY_AUG, INDEX_FIELDS, SOURCES, FeatureStore, StoreError, StoreSpec, local_path
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +190,40 @@ def check_space(need: SpaceNeeded, cfg: Config) -> None:
     log.warning("%s (cache.check_space is false: going on)", message)
 
 
+def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, dict[str, Plan]]:
+    """What the splits' stores still need on disk: a new store all of it (from the split's plan, returned for
+    `prepare_store`), a partial one its pending chunks (what is written counts as done), a complete one nothing."""
+    ctx = RunContext.of(ctx)
+    cfg, plans, per_split, total = ctx.cfg, {}, {}, SizeEstimate()
+    for split in splits:
+        try:
+            store = FeatureStore.open(ctx.store_url(split))
+            store = store if store.fingerprint == ctx.fingerprint(split) else None
+        except StoreError:
+            store = None
+        if store is None:
+            plan = plans[split] = plan_split(cfg, split)
+            spec = store_spec(ctx, split, plan)
+            est = estimate_bytes(spec, plan.index)
+            what = f"new: {spec.n} samples in {-(-spec.n // spec.chunk_size)} chunks"
+        elif store.complete:
+            est, what = SizeEstimate(), "complete"
+        else:
+            pending = len(store.pending_chunks())
+            est, what = estimate_bytes(store.spec(), chunks=pending), f"{pending} of {store.n_chunks} chunks to go"
+        per_split[split] = (est, what)
+        total += est
+    folder = local_path(cfg.cache.root)
+    where = None if folder is None else nearest_existing(folder)
+    free = None if where is None else shutil.disk_usage(where).free
+    return SpaceNeeded(cfg.cache.root, where, free, per_split, total), plans
+
+
+def ensure_space(ctx: RunContext | Config, splits=SPLITS) -> dict[str, Plan]:
+    """`space_needed` logged and checked (`check_space`) before any store is created or written; the new splits'
+    plans (for `prepare_store`)."""
+    need, plans = space_needed(ctx, splits)
+    for line in need.lines():
+        log.info("%s", line)
+    check_space(need, RunContext.of(ctx).cfg)
+    return plans

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,48 +18,36 @@ import numpy as np
 import torch
 
 from pipeline import datasets, synth
-from pipeline.config import Config, dump_config
+from pipeline.config import Config
 from pipeline.datasets import DatasetError
-from pipeline.devices import WorkerPlan, encoder_settings, plan_workers
-from pipeline.diskspace import DiskSpaceError  # noqa: F401  (what prepare_stores raises: callers catch it from here)
-from pipeline.diskspace import SizeEstimate, SpaceNeeded, check_space, estimate_bytes, nearest_existing
-from pipeline.fingerprint import data_roots
-from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store, package_versions
-from pipeline.planning import Plan, load_view, plan_split, view_of_row
+from pipeline.devices import decode_workers_for, encoder_settings
+from pipeline.diskspace import ensure_space
+from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
+from pipeline.planning import Plan, load_view, plan_split, store_spec, view_of_row
 from pipeline.sources import changed_chunks, file_signatures
-from pipeline.store import FeatureStore, StoreError, StoreSpec, local_path
+from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
 
-def worker_plan(cfg: Config) -> WorkerPlan:
-    """The local extraction workers (`pipeline.devices.plan_workers`): `dask.n_workers` (default one per GPU, else
-    one), each on its own GPU where there are several, with `dask.torch_threads` or its share of the usable cores."""
-    return plan_workers(cfg.encoder.device, cfg.dask.n_workers, cfg.dask.torch_threads)
-
-
-def torch_threads_per_worker(cfg: Config) -> int:
-    """torch intra-op threads of one extraction worker: `dask.torch_threads`, else the usable cores shared among
-    the workers (Dask sets OMP_NUM_THREADS=1 in its workers, so torch would otherwise use one)."""
-    return worker_plan(cfg).threads
-
-
 def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None) -> tuple[FeatureStore, bool]:
-    """The store of this config's split: the existing one with the same fingerprint (finished or resumable), else
-    a new one created from the split's plan (`plan`, when the caller made it already; race-free: two runs creating
-    it at once share one store). Returns (store, reused).
+    """The store of this config's split, and whether it existed: the one with this fingerprint (finished or
+    resumable), else a new one created from the split's plan (race-free: two runs creating it share one store).
 
-    A reused store is checked first (`FeatureStore.verify`, quick unless `cache.verify: full`): a damaged chunk is
-    marked pending again, so extraction writes exactly the damaged chunks; a damaged index column is written again
-    from the plan. Then its samples' files are compared with those it was extracted from (`source_changes`): the
-    chunks of samples whose files changed, or appeared where a sample was skipped, are marked pending too.
-    `store.verified` holds the chunks found sound (`finalize_store` need not decode them again)."""
+    A reused store is checked first (`FeatureStore.verify`, quick unless `cache.verify: full`): its damaged chunks,
+    and those of samples whose files changed (`pipeline.sources`), are marked pending again, so extraction writes
+    exactly those; a damaged index column is written again from the plan. `store.verified`: the chunks found sound
+    (`finalize_store` need not decode them again)."""
     ctx = RunContext.of(ctx)
     store = ctx.reuse_store(split)
     if store is None:
         plan = plan_split(ctx.cfg, split) if plan is None else plan
-        store = create_store(ctx, split, plan)
-        if store.created:
+        spec, url = store_spec(ctx, split, plan), ctx.store_url(split)
+        log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
+        store = FeatureStore.create(url, spec, plan.index)
+        if not store.created:
+            log.info("another process created %s at the same time; extracting its pending chunks together", url)
+        else:
             store.record_sources(file_signatures(plan.index))
         return store, not store.created
     report = store.verify(quick=ctx.cfg.cache.verify == "quick")
@@ -77,82 +64,15 @@ def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None
         with store.claim_chunk(c) as claim:
             if claim.acquired:  # else another run is writing it again already
                 store.reset_chunks([c])  # and the store is no longer complete: training refuses it until done
-    done = store.done_flags()
-    store.mark_verified(c for c in range(store.n_chunks) if c not in again and done[slice(*store.chunk_range(c))].all())
+    store.mark_verified(set(range(store.n_chunks)) - set(again) - set(store.pending_chunks()))
     return store, True
 
 
-def create_store(ctx: RunContext, split: str, plan: Plan) -> FeatureStore:
-    """A new, empty store for a planned split, its attributes recording where its bytes come from."""
-    spec = store_spec(ctx, split, plan)
-    url = ctx.store_url(split)
-    log.info("creating feature store %s: %d samples in %d chunks", url, spec.n, -(-spec.n // spec.chunk_size))
-    store = FeatureStore.create(url, spec, plan.index)
-    if not store.created:
-        log.info("another process created %s at the same time; extracting its pending chunks together", url)
-    return store
-
-
-def store_spec(ctx: RunContext, split: str, plan: Plan) -> StoreSpec:
-    """The spec `create_store` creates a planned split's store from (its shapes: `diskspace.estimate_bytes`)."""
-    cfg, identity, inputs = ctx.cfg, ctx.encoder_identity, ctx.fingerprint_inputs(split)
-    # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
-    flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
-    return StoreSpec(
-        n=len(plan.index["id"]), layers=cfg.cache_layers, grid=identity["grid"], width=identity["width"],
-        dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
-        level=cfg.cache.compression_level, target_hw=plan.target_hw,
-        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
-        attrs={
-            "fingerprint": ctx.fingerprint(split), "fingerprint_inputs": inputs, "split": split,
-            "config": dump_config(cfg), "versions": package_versions(), "format_version": inputs["format_version"],
-            "encoder": identity, "skipped_at_planning": plan.skipped,
-            "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
-            "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
-            "data_roots": data_roots(cfg, split),  # compared on reuse (`source_changes`)
-            "extraction": encoder_settings(cfg.encoder).describe(),  # device, batch, autocast, TF32
-        },
-    )
-
-
-# ---- room on the disk -----------------------------------------------------------------------------------------
-def space_needed(ctx: RunContext | Config, splits=SPLITS) -> tuple[SpaceNeeded, dict[str, Plan]]:
-    """What the splits' stores still need on disk: a new store all of it (from the split's plan, returned for
-    `prepare_store`), a partial one its pending chunks (what is written counts as done), a complete one nothing."""
-    ctx = RunContext.of(ctx)
-    cfg, plans, per_split, total = ctx.cfg, {}, {}, SizeEstimate()
-    for split in splits:
-        try:
-            store = FeatureStore.open(ctx.store_url(split))
-            store = store if store.fingerprint == ctx.fingerprint(split) else None
-        except StoreError:
-            store = None
-        if store is None:
-            plan = plans[split] = plan_split(cfg, split)
-            spec = store_spec(ctx, split, plan)
-            est = estimate_bytes(spec, plan.index)
-            what = f"new: {spec.n} samples in {-(-spec.n // spec.chunk_size)} chunks"
-        elif store.complete:
-            est, what = SizeEstimate(), "complete"
-        else:
-            pending = len(store.pending_chunks())
-            est, what = estimate_bytes(store.spec(), chunks=pending), f"{pending} of {store.n_chunks} chunks to go"
-        per_split[split] = (est, what)
-        total += est
-    folder = local_path(cfg.cache.root)
-    where = None if folder is None else nearest_existing(folder)
-    free = None if where is None else shutil.disk_usage(where).free
-    return SpaceNeeded(cfg.cache.root, where, free, per_split, total), plans
-
-
 def prepare_stores(ctx: RunContext | Config, splits=SPLITS) -> dict[str, tuple[FeatureStore, bool]]:
-    """`prepare_store` for each split, after checking that what they still need fits on the disk (`space_needed`,
-    `check_space`): nothing is written when it does not."""
+    """`prepare_store` for each split, once what they still need fits on the disk (`ensure_space`): else nothing
+    is written."""
     ctx = RunContext.of(ctx)
-    need, plans = space_needed(ctx, splits)
-    for line in need.lines():
-        log.info("%s", line)
-    check_space(need, ctx.cfg)
+    plans = ensure_space(ctx, splits)
     return {split: prepare_store(ctx, split, plans.get(split)) for split in splits}
 
 
@@ -160,9 +80,8 @@ CLAIM_WINDOW = 64  # chunks claimed, and extracted as one pipeline, at a time
 
 
 def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None) -> list[dict]:
-    """`extract_chunks` under each chunk's claim (`FeatureStore.claim_chunk`), so that concurrent runs of one config
-    never write, or redo, each other's chunks. One summary per chunk: `extract_chunk`'s; with `held_by` (nothing
-    written) when a live process holds the chunk; with `already_done` when another run finished it meanwhile."""
+    """`extract_chunks` under each chunk's claim, so that concurrent runs never write, or redo, each other's chunks.
+    One summary per chunk; with `held_by` when a live process holds it, `already_done` when another run did it."""
     store = FeatureStore.open(url, mode="r+")
     results = {}
     for start in range(0, len(chunks), CLAIM_WINDOW):  # a claim is an open file: a bounded number at a time
@@ -181,28 +100,9 @@ def extract_claimed(cfg: Config, url: str, chunks: list[int], torch_threads: int
     return [results[c] for c in chunks]
 
 
-TASKS_PER_WORKER = 2  # flow tasks per worker and store: few (each builds a decode pool, buffers and claims), but
-# more than one, so that a worker that finishes early takes over part of a slower one's share
-
-
-def chunk_jobs(pending: list[tuple[str, str, int]], n_workers: int) -> list[tuple[str, str, list[int]]]:
-    """(split, url, chunks) tasks: each store's pending chunks in `TASKS_PER_WORKER` runs per worker, of
-    ceil(chunks / (workers x TASKS_PER_WORKER)) chunks each (KITTI's ~1300 train chunks on 8 GPUs: 16 tasks of 82,
-    not 325 of 4). A task extracts its chunks as one pipeline; a retry redoes only those not yet done."""
-    stores: dict[str, list] = {}
-    for split, url, chunk in pending:
-        stores.setdefault(url, [split, []])[1].append(chunk)
-    jobs: list[tuple[str, str, list[int]]] = []
-    for url, (split, chunks) in stores.items():
-        per_task = -(-len(chunks) // (max(1, n_workers) * TASKS_PER_WORKER))
-        jobs += [(split, url, chunks[i:i + per_task]) for i in range(0, len(chunks), per_task)]
-    return jobs
-
-
 def finish_store(cfg: Config, url: str, torch_threads: int | None = None, poll: float = 1.0) -> list[int]:
-    """Return once every chunk of the store is done: pending chunks are extracted here, chunks that another live
-    process holds are waited for (one whose holder dies meanwhile, its claim dropped by the kernel, is extracted
-    here). Returns the chunks this call extracted."""
+    """Return once every chunk of the store is done: pending chunks extracted here, those another live process
+    holds waited for (or extracted here when it dies). Returns the chunks this call extracted."""
     store = FeatureStore.open(url, mode="r+")
     extracted, polls = [], 0
     while pending := store.pending_chunks():
@@ -229,54 +129,15 @@ def _load_row(store: FeatureStore, row, encoder, layout: str, target_hw):
     return encoder.preprocess(crop)[0], depth
 
 
-def decode_workers_for(cfg: Config) -> int:
-    """Threads that decode, view, preprocess and make targets for one extraction worker: `encoder.decode_workers`,
-    else the worker's share of the cores. Threads rather than processes: Pillow's decode and resize, numpy's
-    arithmetic and zstd release the GIL, and a process would ship every frame back (BENCHMARKS.md, issue 14)."""
-    return cfg.encoder.decode_workers or torch_threads_per_worker(cfg)
-
-
-class ChunkBuffers:
-    """The buffers one chunk's features and targets are gathered in, two sets used in turn: while the writer thread
-    writes one chunk from one set, the next chunk fills the other, and a set is taken again only after its write
-    has finished (`extract_chunks` waits for the previous write before it hands the writer the next chunk).
-    Allocated once per call: a fresh page costs the kernel a fault on first touch, and a chunk of seven ViT-B/16
-    layers is 2.1 MB an image."""
-
-    def __init__(self, rows: int, layers, grid: int, width: int, dtype: torch.dtype, target_hw, flipped: bool):
-        def one_set():
-            features = lambda: ({k: torch.zeros(rows, grid, grid, width, dtype=dtype) for k in layers},
-                                torch.zeros(rows, width, dtype=dtype))  # (n, G, G, C) per layer, (n, C)
-            # views.flip = extract / pixel flip TTA: the mirrored image of every view too
-            tokens, cls = features()
-            depth = np.zeros((rows, *target_hw), np.float32) if target_hw else None
-            return tokens, cls, features() if flipped else None, depth
-
-        self.sets = [one_set(), one_set()]
-        self.turn = 1
-
-    def take(self, n: int):
-        """(tokens, cls, flipped, depth) for the next chunk's first `n` rows: views into the next set."""
-        self.turn ^= 1
-        tokens, cls, mirrored, depth = self.sets[self.turn]
-        return ({k: t[:n] for k, t in tokens.items()}, cls[:n],
-                None if mirrored is None else ({k: t[:n] for k, t in mirrored[0].items()}, mirrored[1][:n]),
-                None if depth is None else depth[:n])
-
-    def zero_rows(self, rows: np.ndarray) -> None:
-        """Zeros in `rows` of the set last taken, in every buffer (a skipped sample's rows)."""
-        tokens, cls, mirrored, depth = self.sets[self.turn]
-        at = torch.from_numpy(rows)
-        for t in [*tokens.values(), cls, *([*mirrored[0].values(), mirrored[1]] if mirrored else [])]:
-            t[at] = 0
-        if depth is not None:
-            depth[rows] = 0
+def _features(rows: int, layers, grid: int, width: int, dtype: torch.dtype, device, flipped: bool) -> list:
+    """[(tokens {k: (rows, g, g, C)}, global (rows, C))] of a chunk's images, and of their mirrored images."""
+    return [({k: torch.zeros(rows, grid, grid, width, dtype=dtype, device=device) for k in layers},
+             torch.zeros(rows, width, dtype=dtype, device=device)) for _ in range(2 if flipped else 1)]
 
 
 def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> None:
-    """`into[positions] = rows`. Consecutive positions (every batch without a skipped sample) are one copy: on the
-    host numpy's copy of the bytes (one thread with the GIL released, where torch would split it over OpenMP
-    threads that spin on the cores the decode pool needs), on a GPU one slice copy."""
+    """`into[positions] = rows`, consecutive positions as one copy: on the host numpy's (one thread, the GIL
+    released, where torch's OpenMP threads would spin on the cores the decode pool needs)."""
     if positions[-1] - positions[0] == len(positions) - 1:
         if into.device.type == "cpu":
             as_bytes = lambda t: t.view(torch.uint8).numpy()
@@ -287,125 +148,87 @@ def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> N
         into[torch.tensor(positions, device=into.device)] = rows
 
 
-class DeviceChunk:
-    """One chunk's features gathered where the encoder runs, copied to the host buffers once the chunk is encoded:
-    the host waits for the GPU once a chunk, not once a batch, and the encoder's next batches queue meanwhile."""
-
-    def __init__(self, rows: int, layers, grid: int, width: int, dtype: torch.dtype, device, flipped: bool):
-        def one():
-            return ({k: torch.empty(rows, grid, grid, width, dtype=dtype, device=device) for k in layers},
-                    torch.empty(rows, width, dtype=dtype, device=device))
-
-        self.plain, self.mirrored = one(), one() if flipped else None
-
-    def copy_to(self, tokens: dict, cls: torch.Tensor, flipped) -> None:
-        n = cls.shape[0]
-        for (src_tokens, src_cls), (dst_tokens, dst_cls) in [(self.plain, (tokens, cls))] + (
-                [(self.mirrored, flipped)] if flipped is not None else []):
-            for k, t in dst_tokens.items():
-                t.copy_(src_tokens[k][:n])  # to pageable host memory: waits for the encoder's queued work
-            dst_cls.copy_(src_cls[:n])
-
-
 def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None, encoder=None) -> dict:
     """Encode and write one chunk of a store."""
     return extract_chunks(cfg, url, [chunk], torch_threads, encoder)[0]
 
 
-@contextlib.contextmanager
-def _tf32(on: bool):
-    """fp32 matmuls and convolutions as TF32 (what autocast leaves in fp32, or a float32 run); restored after."""
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    if on:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None,
                    encoder=None, device_chunks: bool | None = None) -> list[dict]:
-    """Encode and write chunks of a store as one pipeline:
-
-        decode pool (`decode_workers_for`): image decode + view + preprocess + target, in sample order, running
-            up to a chunk and a batch ahead of the encoder
-        encoder: whole batches (`encoder.batch_size`, 'auto': `pipeline.devices.encoder_settings`) from that
-            stream; on CUDA from pinned memory, copied non-blocking, the features gathered on the device and copied
-            back once per chunk (`device_chunks`, default on CUDA: no wait for the GPU per batch)
-        writer thread: a finished chunk is converted, compressed and written (data, then its `done` flags) while
-            the next chunk decodes and encodes; at most one chunk waits to be written.
-
-    `encoder`: the frozen encoder (default `encoder_for(cfg)`), or any callable with its interface (the benchmark's
-    zero-cost stand-in). Returns one {"chunk", "samples", "skipped"} per chunk."""
+    """Encode and write chunks of a store as one pipeline: a decode pool (`decode_workers_for`) running up to a
+    chunk and a batch ahead of the encoder; the encoder on whole batches (`encoder_settings`), on CUDA from pinned
+    memory, its features gathered on the device and copied back once per chunk (`device_chunks`, default on CUDA);
+    a writer thread writing a finished chunk (data, then its `done` flags) while the next one is encoded.
+    `encoder`: default `encoder_for(cfg)`, or a stand-in with its interface. One {"chunk", "samples", "skipped"}
+    per chunk."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
     run = _ChunkEncoder(cfg, FeatureStore.open(url, mode="r+"), chunks,
                         encoder_for(cfg) if encoder is None else encoder, device_chunks)
-    results = []
-    with _tf32(run.cuda and run.settings.tf32), \
-            ThreadPoolExecutor(max_workers=decode_workers_for(cfg), thread_name_prefix="decode") as pool, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="write") as writer:
-        run.pool, writing = pool, None
-        for chunk in chunks:
-            tokens, cls, flipped, depth, skipped, reasons = run.chunk(chunk)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if run.cuda and run.settings.tf32:  # what autocast leaves in fp32 as TF32; restored after
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    results, writing = [], None
+    try:
+        with ThreadPoolExecutor(decode_workers_for(cfg), thread_name_prefix="decode") as run.pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+            for chunk in chunks:
+                features, depth, skipped, reasons = run.chunk(chunk)
+                if writing is not None:
+                    writing.result()  # one chunk in flight: the previous write (and any error it raised) first
+                writing = writer.submit(run.store.write_chunk, chunk, *features[0], depth, skipped, reasons,
+                                        flipped=features[1] if len(features) > 1 else None)
+                results.append({"chunk": chunk, "samples": len(skipped), "skipped": int(skipped.sum())})
             if writing is not None:
-                writing.result()  # one chunk in flight: the previous write (and any error it raised) first
-            writing = writer.submit(run.store.write_chunk, chunk, tokens, cls, depth, skipped, reasons,
-                                    flipped=flipped)
-            results.append({"chunk": chunk, "samples": len(skipped), "skipped": int(skipped.sum())})
-        if writing is not None:
-            writing.result()
+                writing.result()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return results
 
 
 class _ChunkEncoder:
-    """One `extract_chunks` call's state: the samples in order, the decode futures running ahead, the chunk
-    buffers, the batch of pixels staged for the device."""
+    """One `extract_chunks` call's state: the samples in order, the decode futures running ahead, the batch of
+    pixels staged for the device, and two sets of chunk buffers used in turn (the writer writes one while the next
+    chunk fills the other), allocated once: a fresh page costs a fault on first touch, and a chunk of seven
+    ViT-B/16 layers is 2.1 MB an image."""
 
     def __init__(self, cfg: Config, store: FeatureStore, chunks: list[int], encoder, device_chunks: bool | None):
-        self.cfg, self.store, self.encoder = cfg, store, encoder
+        self.cfg, self.store, self.encoder, self.pool = cfg, store, encoder, None
         self.device = next(encoder.model.parameters()).device if hasattr(encoder, "model") else torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         self.settings = encoder_settings(cfg.encoder)
         self.bs = self.settings.batch_size
-        self.target_hw = store.target_hw
-        # The chunk's buffers are in the stored dtype: each batch is converted once, as it is copied in.
-        self.dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
         index = store.index(skips=False)  # the paths and views of the chunks' samples
         ranges = [store.chunk_range(c) for c in chunks]
         self.rows = {i: row for a, b in ranges for i, row in zip(range(a, b), index.iloc[a:b].itertuples())}
         self.todo = [i for a, b in ranges for i in range(a, b)]  # samples in order
         self.ahead = store.chunk_size + self.bs + decode_workers_for(cfg)  # samples decoded ahead of the encoder
-        self.futures: dict[int, object] = {}
-        self.submitted = self.done_samples = 0
-        self.pool = None
+        self.futures, self.submitted, self.done_samples = {}, 0, 0
+        # In the stored dtype: each batch is converted once, as it is copied in.
+        self.dtype = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16
         shape = (store.chunk_size, store.layers, encoder.grid, encoder.width, self.dtype)
-        self.buffers = ChunkBuffers(*shape, self.target_hw, store.has_flipped)  # two sets, allocated once
+        self.sets = [(_features(*shape, "cpu", store.has_flipped),
+                      np.zeros((store.chunk_size, *store.target_hw), np.float32) if store.has_depth else None)
+                     for _ in range(2)]
         on_device = self.cuda if device_chunks is None else device_chunks
-        self.gathered = DeviceChunk(*shape, self.device, store.has_flipped) if on_device else None
-        # One batch of pixels, reused: no fresh memory per batch, and on CUDA pinned already, so that the copy to the
-        # device needs no pinned copy of its own. Refilled once the device has read it (`copied`).
+        self.gathered = _features(*shape, self.device, store.has_flipped) if on_device else None
+        # One batch of pixels, reused, pinned on CUDA; refilled once the device has read it (`copied`).
         self.staged, self.copied = None, None
 
-    def load(self, upto: int) -> None:
-        """Submit the decode of the samples up to position `upto` of `todo`."""
-        for i in self.todo[self.submitted:min(upto, len(self.todo))]:
-            self.futures[i] = self.pool.submit(_load_row, self.store, self.rows[i], self.encoder, self.cfg.data.layout,
-                                               self.target_hw)
-        self.submitted = max(self.submitted, min(upto, len(self.todo)))
-
     def chunk(self, c: int):
-        """Decode and encode chunk c into the next set of buffers: (tokens, cls, flipped, depth, skipped, reasons)."""
+        """Decode and encode chunk c into the next set of buffers: (features, depth, skipped, reasons)."""
         a, b = self.store.chunk_range(c)
         n = b - a
         skipped, reasons = np.zeros(n, bool), [""] * n
-        # The set the write before last used (that write has finished: `extract_chunks` waits for it).
-        tokens, cls, flipped, depth = self.buffers.take(n)
-        into = ((self.gathered.plain[0], self.gathered.plain[1], self.gathered.mirrored) if self.gathered
-                else (tokens, cls, flipped))
+        self.sets.reverse()  # the set the write before last used (finished: `extract_chunks` waited for it)
+        features = [({k: t[:n] for k, t in tokens.items()}, cls[:n]) for tokens, cls in self.sets[0][0]]
+        depth = None if self.sets[0][1] is None else self.sets[0][1][:n]
         for start in range(0, n, self.bs):
-            self.load(self.done_samples + start + self.bs + self.ahead)
+            upto = min(self.done_samples + start + self.bs + self.ahead, len(self.todo))
+            for i in self.todo[self.submitted:upto]:
+                self.futures[i] = self.pool.submit(_load_row, self.store, self.rows[i], self.encoder,
+                                                   self.cfg.data.layout, self.store.target_hw)
+            self.submitted = max(self.submitted, upto)
             pixels, positions = [], []
             for i in range(start, min(start + self.bs, n)):
                 try:
@@ -421,17 +244,23 @@ class _ChunkEncoder:
                 if depth is not None:
                     depth[i] = d
             if positions:
-                self.encode_batch(pixels, positions, into)
-        if self.gathered:
-            self.gathered.copy_to(tokens, cls, flipped)  # the chunk's one wait for the device
+                self.encode_batch(pixels, positions, self.gathered or features)
+        for (src_tokens, src_cls), (tokens, cls) in zip(self.gathered or [], features):
+            for k, t in tokens.items():
+                t.copy_(src_tokens[k][:n])  # to pageable host memory: the chunk's one wait for the device
+            cls.copy_(src_cls[:n])
         if skipped.any():  # a skipped sample's rows are zeros, not what the buffer held from an earlier chunk
-            self.buffers.zero_rows(np.flatnonzero(skipped))
+            at = torch.from_numpy(np.flatnonzero(skipped))
+            for t in [t for tokens, cls in features for t in (*tokens.values(), cls)]:
+                t[at] = 0
+            if depth is not None:
+                depth[skipped] = 0
         self.done_samples += n
-        return tokens, cls, flipped, depth, skipped, reasons
+        return features, depth, skipped, reasons
 
-    def encode_batch(self, batch: list[torch.Tensor], positions: list[int], into) -> None:
+    def encode_batch(self, batch: list[torch.Tensor], positions: list[int], into: list) -> None:
         """One batch of preprocessed images through the encoder (and mirrored, for stores with mirrored
-        features), its features put at `positions` of the chunk's buffers `into` (tokens, cls, flipped)."""
+        features), its features put at `positions` of the chunk's buffers `into` (as `_features` makes them)."""
         if self.staged is None or self.staged.shape[1:] != batch[0].shape:
             self.staged = torch.empty((self.bs, *batch[0].shape), pin_memory=self.cuda)
         if self.copied is not None:
@@ -443,18 +272,17 @@ class _ChunkEncoder:
         if self.cuda:
             self.copied = torch.cuda.Event()
             self.copied.record(torch.cuda.current_stream(self.device))
-        tokens, cls, flipped = into
         # Mirroring the preprocessed pixels = preprocessing the mirrored view (the squash is symmetric).
-        for view, (to_tokens, to_cls) in [(pixels, (tokens, cls))] + ([(pixels.flip(-1), flipped)] if flipped else []):
+        for view, (tokens, cls) in zip([pixels, pixels.flip(-1)] if len(into) > 1 else [pixels], into):
             feats = self.encoder(view, self.store.layers, autocast_dtype=self.settings.autocast)
             for k in self.store.layers:
-                _put_rows(to_tokens[k], positions, feats["tokens"][k].to(self.dtype))
-            _put_rows(to_cls, positions, feats["global"].to(self.dtype))
+                _put_rows(tokens[k], positions, feats["tokens"][k].to(self.dtype))
+            _put_rows(cls, positions, feats["global"].to(self.dtype))
 
 
 def extract_splits(cfg: Config, splits=SPLITS) -> None:
-    """Render the dataset if needed and extract the given splits in this process, chunk by chunk (no Prefect, no
-    Dask): what tests and benchmarks use. The flow maps `extract_claimed` over runs of chunks on a Dask cluster."""
+    """Render the dataset if needed and extract the splits in this process (no Prefect, no Dask): for tests and
+    benchmarks."""
     synth.ensure(cfg.data)
     for store, _ in prepare_stores(cfg, splits).values():
         finish_store(cfg, store.url)  # under the chunks' claims; waits for chunks another run holds

@@ -237,11 +237,10 @@ def distinct_stores(ctxs: list, splits) -> dict[str, tuple[str, int]]:
 
 
 def check_grid_space(ctxs: list, splits) -> list[str]:
-    """The disk estimate of every store the grid still has to write (`pipeline.extract.space_needed`, each
+    """The disk estimate of every store the grid still has to write (`pipeline.diskspace.space_needed`, each
     distinct store once), checked against the free space of each cache root (`check_space`) before anything is
     extracted. Returns the estimate's lines."""
-    from pipeline.extract import SpaceNeeded, check_space, space_needed
-    from pipeline.diskspace import SizeEstimate
+    from pipeline.diskspace import SizeEstimate, SpaceNeeded, check_space, space_needed
 
     stores = distinct_stores(ctxs, splits)
     by_root: dict[str, SpaceNeeded] = {}

@@ -1,6 +1,6 @@
 """What a split's store holds: the planned samples and views (`plan_split`, from the split file and the image
-headers alone), and how one planned view is made from its files (`load_view`), for extraction and for the images
-source of training (`pipeline.loader.ImageBatches`) alike.
+headers alone) and what its store is created with (`store_spec`), and how one planned view is made from its files
+(`load_view`), for extraction and for the images source of training (`pipeline.image_batches.ImageBatches`) alike.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import numpy as np
 from PIL import Image
 
 from pipeline import datasets
-from pipeline.config import Config
+from pipeline.config import Config, dump_config
+from pipeline.devices import encoder_settings
 from pipeline.datasets import DatasetError, Sample, View
-from pipeline.layout import SPLITS
-from pipeline.store import StoreError
+from pipeline.fingerprint import data_roots
+from pipeline.layout import SPLITS, RunContext, package_versions
+from pipeline.store import StoreError, StoreSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,28 @@ def plan_split(cfg: Config, split: str) -> Plan:
             )
         target_hw = tuple(target_hw) if target_hw else (next(iter(sizes)) if sizes else (1, 1))
     return Plan(split, index, target_hw, skipped)
+
+
+def store_spec(ctx: RunContext, split: str, plan: Plan) -> StoreSpec:
+    """What a planned split's store is created with, its attributes recording where its bytes come from."""
+    cfg, identity, inputs = ctx.cfg, ctx.encoder_identity, ctx.fingerprint_inputs(split)
+    # The mirrored images' features: for training flips (views.flip = extract) or pixel-space flip TTA on test.
+    flipped = (split == "train" and cfg.views.flip == "extract") or (split == "test" and cfg.pixel_flip_tta)
+    return StoreSpec(
+        n=len(plan.index["id"]), layers=cfg.cache_layers, grid=identity["grid"], width=identity["width"],
+        dtype=cfg.cache.dtype, chunk_size=cfg.cache.chunk_size, compressor=cfg.cache.compressor,
+        level=cfg.cache.compression_level, target_hw=plan.target_hw,
+        depth_scale=datasets.DEPTH_SCALE[cfg.data.layout], flipped=flipped,
+        attrs={
+            "fingerprint": ctx.fingerprint(split), "fingerprint_inputs": inputs, "split": split,
+            "config": dump_config(cfg), "versions": package_versions(), "format_version": inputs["format_version"],
+            "encoder": identity, "skipped_at_planning": plan.skipped,
+            "split_file": cfg.data.test_split if split == "test" else cfg.data.train_split,
+            "depth_range": list(cfg.data.depth_range), "layout": cfg.data.layout,
+            "data_roots": data_roots(cfg, split),  # compared on reuse (`source_changes`)
+            "extraction": encoder_settings(cfg.encoder).describe(),  # device, batch, autocast, TF32
+        },
+    )
 
 
 def _image_size(s: Sample) -> tuple[int, int]:

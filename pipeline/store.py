@@ -1,27 +1,19 @@
 """The Zarr v3 feature store: one store per (dataset, split, fingerprint), read and written through zarr-python.
 
-Layout (N samples, g x g token grid, C channels):
-
     tokens/L{k}   (N, g, g, C)  float16, or bfloat16 kept as its uint16 bits (attr `bfloat16_bits`)
     cls           (N, C)        pooled global vector (the encoder's pooler_output), same dtype
     flipped/...   the same two for each view's mirrored image (stores created with `flipped=True`)
     depth         (N, H, W)     uint16 training target, metres x attr `scale`, 0 = invalid (training splits only)
-    skipped       (N,)          uint8, 1 where the sample could not be read (`on_error: skip`)
-    skip_reason   (N,)          str
+    skipped, skip_reason (N,)   1 and why, where the sample could not be read (`on_error: skip`)
     done          (N,)          uint8, written *after* the chunk's data: a chunk is finished iff all its flags are 1
-    index/*       per-sample id, paths, focal, original size, view (k, top, left, h, w), group, line, and
-                  view_aug (angle, gamma, brightness, gain R, G, B): every view's parameters, enough to recompute it
+    index/*       per-sample id, paths, focal, original size, view (k, top, left, h, w), group, line, view_aug
     sources/*     (N, 2) size and mtime of each sample's image and depth file when it was extracted
 
-Every data array is chunked along N only, with the same chunk length, so one writer owns whole chunks (Zarr does
-no locking: two writers touching one chunk corrupt it). A chunk is the unit of work of extraction, of reading (the
-loader reads whole chunks) and of ownership: a writer claims a chunk first (`claim_chunk`, a lock file in
-`.<name>.claims/` beside the store, outside the Zarr hierarchy; `pipeline/claims.py`). Every data chunk ends in
-Zarr's `crc32c` codec, so a changed byte fails the read that meets it, and `verify`. A store is created in a
-hidden sibling folder and renamed into place, so two creators of one store never see half of the other's.
-
-`FeatureStore` is assembled from one part per concern: `_Creation`, `_Claims`, `_Writes`, `_Reads`,
-`_Verification`.
+Every data array is chunked along N only, with one chunk length: a chunk is the unit of extraction, of reading and
+of ownership (Zarr does no locking: a writer claims a chunk first, `claim_chunk`, `pipeline/claims.py`). Every
+data chunk ends in Zarr's `crc32c` codec, so a changed byte fails the read that meets it, and `verify`. A store is
+created in a hidden sibling folder and renamed into place, so two creators never see half of the other's.
+`FeatureStore` has one part per concern: `_Creation`, `_Claims`, `_Writes`, `_Reads`, `_Verification`.
 """
 
 from __future__ import annotations
@@ -40,6 +32,7 @@ from typing import Iterable
 
 import crc32c
 import numpy as np
+import psutil
 import torch
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
@@ -55,6 +48,8 @@ INDEX_FIELDS = ("id", "image_path", "depth_path", "focal", "orig_hw", "view", "g
 # the identity (0, 1, 1, 1, 1, 1) for a view without any. Stores written before it existed read as the identity.
 VIEW_AUG_COLUMNS = ("view_angle", "view_gamma", "view_brightness", "view_gain_r", "view_gain_g", "view_gain_b")
 IDENTITY_AUG = (0.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+_INDEX_COLUMNS = {"orig_hw": ("orig_h", "orig_w"), "view": ("view_k", "view_top", "view_left", "view_h", "view_w"),
+                  "view_aug": VIEW_AUG_COLUMNS}  # the index arrays read as several DataFrame columns
 SOURCES = ("image", "depth")
 # Zarr skips writing a chunk equal to the fill value unless told otherwise; `verify` relies on every done chunk's
 # file existing, so every write goes through arrays opened with this.
@@ -92,8 +87,8 @@ def disk_full_error(err: BaseException, url: str, doing: str) -> DiskFullError |
 
 
 def _compressors(name: str, level: int) -> list:
-    """The bytes-to-bytes codecs of a data array: the compressor, then a CRC-32C of the chunk (4 bytes, checked by
-    Zarr on every read), so that a changed byte is found by `verify` and by every reader, not only a truncation."""
+    """The bytes-to-bytes codecs of a data array: the compressor, then a CRC-32C of the chunk (checked by Zarr on
+    every read), so that a changed byte is found by `verify` and by every reader, not only a truncation."""
     if name == "none":
         return [Crc32cCodec()]
     if name == "zstd":
@@ -127,6 +122,11 @@ class StoreSpec:
     attrs: dict = field(default_factory=dict)
 
 
+def _chunk_key(arr: zarr.Array, c: int) -> str:
+    """Where chunk `c` of `arr` lives, relative to the array's folder."""
+    return arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+
+
 class _Creation:
     """Creating a store (atomically, by rename) and opening one."""
 
@@ -134,9 +134,8 @@ class _Creation:
 
     @classmethod
     def create(cls, url: str, spec: StoreSpec, index: dict[str, np.ndarray]) -> "FeatureStore":
-        """A new store at `url`. On the local file system it is written into a hidden sibling folder and renamed
-        into place: when another process created the same store meanwhile (two runs of one config), that store is
-        returned (`created` False) and this one discarded; an existing store is never overwritten."""
+        """A new store at `url`, on a local disk written into a hidden sibling folder and renamed into place: when
+        another process created it meanwhile (two runs of one config), that store is returned (`created` False)."""
         folder = local_path(url)
         if folder is None:  # fsspec URLs have no atomic rename: written in place
             store = cls._create(zarr.open_group(url, mode="w"), url, spec, index)
@@ -147,19 +146,25 @@ class _Creation:
         folder.parent.mkdir(parents=True, exist_ok=True)
         for left in folder.parent.glob(f".{glob.escape(folder.name)}.creating-{glob.escape(host)}-*"):
             pid = left.name.rsplit("-", 2)[-2]  # a creator of this host killed before its rename
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
                 shutil.rmtree(left, ignore_errors=True)
         try:
             cls._create(zarr.open_group(str(tmp), mode="w"), str(tmp), spec, index)
             os.rename(tmp, folder)  # atomic; fails when `folder` holds a store (a non-empty folder)
         except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            full = disk_full_error(err, url, "creating the store")
-            if full is not None:
+            if full := disk_full_error(err, url, "creating the store"):
                 raise full from None
             if not folder.is_dir():
                 raise
-            return cls._created_by_another(url, spec)
+            try:  # created by another process meanwhile
+                store = cls.open(url, mode="r+")
+            except StoreError:
+                raise StoreError(f"{url} exists but is not a readable feature store; delete it and run again") from None
+            if store.fingerprint != spec.attrs.get("fingerprint"):
+                raise StoreError(f"{url} already holds a store with fingerprint {store.fingerprint}, not "
+                                 f"{spec.attrs.get('fingerprint')}; delete it or choose another cache.root") from None
+            return store
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -168,22 +173,9 @@ class _Creation:
         return store
 
     @classmethod
-    def _created_by_another(cls, url: str, spec: StoreSpec) -> "FeatureStore":
-        try:
-            store = cls.open(url, mode="r+")
-        except StoreError:
-            raise StoreError(f"{url} exists but is not a readable feature store; delete it and run again") from None
-        if store.fingerprint != spec.attrs.get("fingerprint"):
-            raise StoreError(f"{url} already holds a store with fingerprint {store.fingerprint}, not "
-                             f"{spec.attrs.get('fingerprint')}; delete it or choose another cache.root") from None
-        return store
-
-    @classmethod
     def _create(cls, group: zarr.Group, url: str, spec: StoreSpec, index: dict[str, np.ndarray]) -> "FeatureStore":
-        if "view_aug" not in index:  # no augmentation recorded: every view is un-augmented
-            index = {**index, "view_aug": np.tile(np.asarray(IDENTITY_AUG), (spec.n, 1))}
-        missing = [f for f in INDEX_FIELDS if f not in index]
-        if missing:
+        index = {"view_aug": np.tile(np.asarray(IDENTITY_AUG), (spec.n, 1)), **index}  # default: un-augmented views
+        if missing := [f for f in INDEX_FIELDS if f not in index]:
             raise StoreError(f"index for {url} lacks fields {missing}")
         for name, values in index.items():
             if len(values) != spec.n:
@@ -194,16 +186,16 @@ class _Creation:
         # n == 0 (every sample skipped) still makes a valid, empty store.
         for prefix in ["", flipped_key("")] if spec.flipped else [""]:
             for k in spec.layers:
-                arr = group.create_array(prefix + layer_key(k), shape=(n, g, g, c), chunks=(cs, g, g, c), **features)
-                arr.attrs["bfloat16_bits"] = spec.dtype == "bfloat16"
+                group.create_array(prefix + layer_key(k), shape=(n, g, g, c), chunks=(cs, g, g, c), **features,
+                                   attributes={"bfloat16_bits": spec.dtype == "bfloat16"})
             group.create_array(prefix + "cls", shape=(n, c), chunks=(cs, c), **features)
         if spec.target_hw is not None:
             h, w = spec.target_hw
             # Sparse targets (LiDAR: ~8 % of pixels valid) compress ~30x and decode in well under a millisecond.
             codec = spec.compressor if spec.compressor != "none" else "zstd"
-            depth = group.create_array("depth", shape=(n, h, w), chunks=(cs, h, w), dtype="uint16", fill_value=0,
-                                       compressors=_compressors(codec, spec.level if codec == spec.compressor else 1))
-            depth.attrs["scale"] = spec.depth_scale
+            group.create_array("depth", shape=(n, h, w), chunks=(cs, h, w), dtype="uint16", fill_value=0,
+                               compressors=_compressors(codec, spec.level if codec == spec.compressor else 1),
+                               attributes={"scale": spec.depth_scale})
         group.create_array("skipped", shape=(n,), dtype="uint8", fill_value=0, chunks=(cs,))
         group.create_array("skip_reason", shape=(n,), dtype=str, chunks=(cs,))
         group.create_array("done", shape=(n,), dtype="uint8", fill_value=0, chunks=(cs,))
@@ -232,21 +224,11 @@ class _Creation:
         return cls(group, url)
 
     def spec(self) -> StoreSpec:
-        """The shapes this store was created with (for `estimate_bytes` of its pending chunks)."""
+        """The shapes this store was created with (`estimate_bytes` of its pending chunks)."""
         raw = _raw_chunk_bytes(self.array(layer_key(self.layers[0]))) is not None
         return StoreSpec(n=self.n, layers=self.layers, grid=int(self.attrs["grid"]), width=int(self.attrs["width"]),
                          dtype=self.dtype, chunk_size=self.chunk_size, compressor="none" if raw else "zstd",
                          target_hw=self.target_hw, flipped=self.has_flipped)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class _Claims:
@@ -254,23 +236,24 @@ class _Claims:
 
     @property
     def claims_dir(self) -> Path | None:
-        """Where the chunk claims of this store live: a hidden folder beside it (outside the Zarr hierarchy, so
-        Zarr, the fingerprint and the chunk files never see it); None for a store that is not on a local disk."""
+        """The chunk claims' folder, beside the store (outside its Zarr hierarchy); None off a local disk."""
         folder = local_path(self.url)
         return None if folder is None else folder.with_name(f".{folder.name}.claims")
 
     @contextlib.contextmanager
     def claim_chunk(self, c: int):
-        """Claim chunk `c` for writing (`pipeline.claims`): yields a `Claim` whose `acquired` says whether this
-        caller may write it; a live holder elsewhere keeps it. Files a dead writer of this chunk left half-made
-        (Zarr's `*.partial`) are removed once the claim is held. Not on a local disk: always acquired."""
+        """Claim chunk `c` for writing: yields a `Claim` whose `acquired` says whether this caller may write it (a
+        live holder elsewhere keeps it; off a local disk always acquired). Zarr writes a chunk to `<key>.<hex>.partial`
+        and renames it: what a writer killed between the two left is removed once the claim is held."""
         self.chunk_range(c)
         if self.claims_dir is None:
             yield claims.Claim(Path(self.url), True, {})
             return
         with claims.claimed(self.claims_dir / str(c), f"extracting chunk {c} of {Path(self.url).name}") as claim:
-            if claim.acquired:
-                self._remove_partials(c)
+            for name in self.data_arrays() + ["done"] if claim.acquired else []:
+                path = self.chunk_path(name, c)
+                for partial in path.parent.glob(f"{path.name}.*.partial") if path.parent.is_dir() else []:
+                    partial.unlink(missing_ok=True)
             yield claim
 
     def release_claims(self) -> None:
@@ -281,19 +264,8 @@ class _Claims:
     def chunk_path(self, name: str, c: int) -> Path | None:
         """The file that holds chunk `c` of array `name` (None: not on a local disk)."""
         folder = local_path(self.url)
-        if folder is None:
-            return None
-        arr = self.array(name)
-        return folder / arr.path / arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+        return None if folder is None else folder / self.array(name).path / _chunk_key(self.array(name), c)
 
-    def _remove_partials(self, c: int) -> None:
-        """Zarr writes every chunk to `<key>.<hex>.partial` and renames it over the key; a writer killed between the
-        two leaves the partial file behind, which nothing reads but which is not part of the store."""
-        for name in self.data_arrays() + ["done"]:
-            path = self.chunk_path(name, c)
-            if path is not None and path.parent.is_dir():
-                for partial in path.parent.glob(f"{path.name}.*.partial"):
-                    partial.unlink(missing_ok=True)
 
 
 class _Writes:
@@ -303,8 +275,7 @@ class _Writes:
                     skipped: np.ndarray | None = None, reasons: list[str] | None = None,
                     flipped: tuple[dict[int, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Write one whole chunk: its data first, then its `done` flags, so a kill mid-write leaves it pending.
-        `depth` in metres (stored by `pipeline.datasets.encode_depth`); `flipped`: (tokens, cls) of the mirrored
-        images, for a store created with `flipped=True`."""
+        `depth` in metres; `flipped`: (tokens, cls) of the mirrored images (stores created with `flipped=True`)."""
         a, b = self.chunk_range(c)
         for k in self.layers:
             if tokens[k].shape[0] != b - a:
@@ -314,11 +285,10 @@ class _Writes:
         if self.has_flipped != (flipped is not None):
             raise StoreError(f"chunk {c}: {self.url} " + ("stores mirrored-image features but none were given"
                                                            if self.has_flipped else "stores no mirrored features"))
-        writes = {layer_key(k): lambda k=k: self._encode(tokens[k]) for k in self.layers}
-        writes["cls"] = lambda: self._encode(cls)
+        features = {layer_key(k): tokens[k] for k in self.layers} | {"cls": cls}
         if flipped is not None:
-            writes.update({flipped_key(layer_key(k)): lambda k=k: self._encode(flipped[0][k]) for k in self.layers})
-            writes[flipped_key("cls")] = lambda: self._encode(flipped[1])
+            features |= {flipped_key(layer_key(k)): flipped[0][k] for k in self.layers} | {flipped_key("cls"): flipped[1]}
+        writes = {name: lambda t=t: self._encode(t) for name, t in features.items()}
         if self.has_depth:
             writes["depth"] = lambda: encode_depth(depth, self.depth_scale)
         writes["skipped"] = lambda: np.zeros(b - a, np.uint8) if skipped is None else skipped.astype(np.uint8)
@@ -337,8 +307,7 @@ class _Writes:
         except Exception as err:
             # Zarr writes each chunk file to a temporary name and renames it, so a full disk leaves the chunk's old
             # files (or none) and its done flags at 0: the chunk stays pending and is written again next run.
-            full = disk_full_error(err, self.url, f"writing chunk {c}")
-            if full is not None:
+            if full := disk_full_error(err, self.url, f"writing chunk {c}"):
                 raise full from None
             raise
 
@@ -349,8 +318,8 @@ class _Writes:
         return t.to(torch.float16).numpy()
 
     def reset_chunks(self, chunks: Iterable[int]) -> None:
-        """Mark chunks not done (before they are written again: a kill during the rewrite then leaves them pending),
-        and the store not complete (training refuses it until they are)."""
+        """Mark chunks not done before they are written again (a kill then leaves them pending), and the store
+        not complete."""
         chunks = list(chunks)
         if chunks and self.complete:
             self._set_attr("complete", False)
@@ -359,20 +328,17 @@ class _Writes:
             self.array("done")[a:b] = np.zeros(b - a, np.uint8)
 
     def mark_complete(self) -> None:
-        pending = self.pending_chunks()
-        if pending:
+        if pending := self.pending_chunks():
             raise StoreError(f"{self.url}: chunks {pending[:10]} are not done; cannot mark complete")
         try:
             self._set_attr("complete", True)
         except Exception as err:
-            full = disk_full_error(err, self.url, "marking the store complete")
-            if full is not None:
+            if full := disk_full_error(err, self.url, "marking the store complete"):
                 raise full from None
             raise
 
     def mark_verified(self, chunks: Iterable[int]) -> None:
-        """Chunks found sound by this process (`pipeline.extract.prepare_store`): `finalize_store` need not decode
-        them again. Held by this object only."""
+        """Chunks this process found sound (`prepare_store`): `finalize_store` need not decode them again."""
         self.verified = frozenset(chunks)
 
     def record_data_roots(self, roots: dict) -> None:
@@ -383,8 +349,7 @@ class _Writes:
         self.attrs[key] = value
 
     def record_sources(self, signatures: dict[str, np.ndarray]) -> None:
-        """Record (or replace) the files' signatures: arrays beside the index, not part of the fingerprint, so a
-        store without them (older) is reused and gets them then."""
+        """Record (or replace) the files' signatures (`sources`), beside the index, outside the fingerprint."""
         for k in SOURCES:
             values = np.asarray(signatures[k], np.int64).reshape(self.n, 2)
             arr = self.group.create_array(f"sources/{k}", shape=values.shape, dtype="int64",
@@ -393,8 +358,7 @@ class _Writes:
                 arr[...] = values
 
     def rewrite_index(self, index: dict[str, np.ndarray], names: Iterable[str]) -> None:
-        """Write the index columns `names` again from a fresh plan of the same split (repair of a damaged column);
-        the plan must have this store's rows."""
+        """Write the index columns `names` again from a fresh plan of the same split (repair of a damaged column)."""
         for name in names:
             values = np.asarray(index[name])
             if len(values) != self.n:
@@ -407,16 +371,10 @@ class _Reads:
     """Batches of samples, the done flags, the index and the source records."""
 
     def array(self, name: str) -> zarr.Array:
-        """The store's array `name`, opened once per `FeatureStore` (its metadata does not change); it writes
-        every chunk, even one equal to the fill value."""
-        arr = self._arrays.get(name)
-        if arr is None:
-            arr = self._arrays[name] = self.group[name].with_config(_WRITE_ALL)
-        return arr
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.n // self.chunk_size)
+        """The store's array `name`, opened once (its metadata does not change), writing every chunk."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name].with_config(_WRITE_ALL)
+        return self._arrays[name]
 
     def chunk_range(self, c: int) -> tuple[int, int]:
         if not 0 <= c < self.n_chunks:
@@ -427,25 +385,14 @@ class _Reads:
     def complete(self) -> bool:
         return bool(self.group.attrs.get("complete", False))
 
-    @property
-    def depth_scale(self) -> float:
-        """Stored depth values per metre (training splits only)."""
-        return float(self.array("depth").attrs["scale"])
-
-    @property
-    def target_hw(self) -> tuple[int, int] | None:
-        return tuple(self.array("depth").shape[1:]) if self.has_depth else None
-
     def done_flags(self) -> np.ndarray:
-        """1 per finished sample. A chunk of `done` whose file does not decode counts as not done (its chunk is then
-        extracted again), so one damaged flag file never makes the whole store unreadable."""
+        """1 per finished sample; a chunk of flags that does not decode reads as not done (extracted again)."""
         return self._tolerant("done", 0)[0]
 
     def chunk_done(self, c: int) -> bool:
-        """Whether chunk `c` is finished (its one `done` file read; a damaged one reads as not finished)."""
         try:
             return bool(self.array("done")[slice(*self.chunk_range(c))].all())
-        except Exception:
+        except Exception:  # a damaged flag file: not finished
             return False
 
     def pending_chunks(self) -> list[int]:
@@ -455,11 +402,9 @@ class _Reads:
     def _tolerant(self, name: str, fill) -> tuple[np.ndarray, dict[int, str]]:
         """A per-sample array written chunk by chunk, whole; a chunk that does not decode reads as `fill`.
         Returns (values, {chunk: why it does not decode})."""
-        arr = self.array(name)
-        if not self.n:
-            return np.zeros(0, arr.dtype if fill == 0 else object), {}
+        arr, dtype = self.array(name), self.array(name).dtype if fill == 0 else object
         try:
-            return arr[:], {}
+            return (arr[:] if self.n else np.zeros(0, dtype)), {}
         except Exception:
             parts, bad = [], {}
             for c in range(self.n_chunks):
@@ -468,60 +413,49 @@ class _Reads:
                     parts.append(arr[a:b])
                 except Exception as err:
                     bad[c] = f"{type(err).__name__}: {err}"
-                    parts.append(np.full(b - a, fill, dtype=arr.dtype if fill == 0 else object))
+                    parts.append(np.full(b - a, fill, dtype=dtype))
             return np.concatenate(parts), bad
 
     def read(self, sel: slice | np.ndarray | Iterable[int], layers: Iterable[int] | None = None,
-             depth: bool = True, flipped: bool = False) -> dict:
-        """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, plus
-        "depth" (B, H, W) float32 metres (0 = invalid) when the store has targets, and "index" (B,) positions.
-        `flipped=True` adds the mirrored images' "flipped_tokens" and "flipped_global" (stores with them only).
-        `sel` is a slice (fastest: whole chunks) or sorted sample positions. A chunk that does not decode (its
-        CRC-32C or its codec) raises a `StoreError` naming its file."""
+             depth: bool = True, flipped: bool = False, *, _chunk: int | None = None) -> dict:
+        """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, "depth" (B, H, W)
+        float32 metres (0 = invalid) where the store has targets, "index" (B,) positions; `flipped`: the mirrored
+        images' "flipped_tokens", "flipped_global" too. `sel`: a slice or sorted positions. A chunk that does not
+        decode (its CRC-32C or its codec) raises a `StoreError` naming its file."""
         layers = self.layers if layers is None else tuple(layers)
-        unknown = sorted(set(layers) - set(self.layers))
-        if unknown:
+        if unknown := sorted(set(layers) - set(self.layers)):
             raise StoreError(f"layers {unknown} are not in {self.url} (it holds {list(self.layers)})")
         if flipped and not self.has_flipped:
             raise StoreError(f"{self.url} holds no mirrored-image features (extracted with views.flip=features)")
         if not isinstance(sel, slice):
-            sel = np.asarray(list(sel) if not isinstance(sel, np.ndarray) else sel, dtype=np.int64)
-        names = {}  # (batch key, layer or None) -> array
-        for prefix in ["", "flipped_"] if flipped else [""]:
-            where = flipped_key("") if prefix else ""
-            names.update({(prefix + "tokens", k): where + layer_key(k) for k in layers})
-            names[(prefix + "global", None)] = where + "cls"
+            sel = np.asarray(sel if isinstance(sel, np.ndarray) else list(sel), dtype=np.int64)
+        names = {("tokens", k): layer_key(k) for k in layers} | {("global", None): "cls"}  # (key, layer) -> array
+        if flipped:
+            names |= {("flipped_" + key, k): flipped_key(name) for (key, k), name in names.items()}
         if depth and self.has_depth:
             names[("depth", None)] = "depth"
-        batch = {"index": np.arange(self.n)[sel], **{key: {} for key, k in names if k is not None}}
-        for (key, k), values in zip(names, self._select(list(names.values()), sel)):
+        batch = {"index": np.arange(self.n)[sel]}
+        for (key, k), values in zip(names, self._select(list(names.values()), sel, _chunk)):
             if key == "depth":
-                batch[key] = torch.from_numpy(decode_depth(values, self.depth_scale))
-            elif self.dtype == "bfloat16":
-                values = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-            else:
-                values = torch.from_numpy(values)
-            if k is None and key != "depth":
+                values = torch.from_numpy(decode_depth(values, self.depth_scale))
+            else:  # bfloat16, which numpy lacks, stored as its bits
+                values = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16) if self.dtype == "bfloat16" \
+                    else torch.from_numpy(values)
+            if k is None:
                 batch[key] = values
-            elif k is not None:
-                batch[key][k] = values
+            else:
+                batch.setdefault(key, {})[k] = values
         return batch
 
     def read_chunk(self, c: int, layers: Iterable[int] | None = None, depth: bool = True,
                    flipped: bool = False) -> dict:
-        """`read` of one whole chunk."""
-        return self.read(slice(*self.chunk_range(c)), layers, depth, flipped)
+        """`read` of one whole chunk: the streaming loader's read, uncompressed arrays by `_raw_chunk`."""
+        return self.read(slice(*self.chunk_range(c)), layers, depth, flipped, _chunk=c)
 
-    def _select(self, names: list[str], sel) -> list[np.ndarray]:
-        """`sel` of each array in `names`. A whole chunk of an uncompressed array on a local disk is read from its
-        file here (`_raw_chunk`); the rest concurrently in Zarr's event loop (one round trip for all). Either way
-        each chunk's CRC-32C is checked as it is read."""
-        c, rows = -1, 0
-        if isinstance(sel, slice) and (sel.start or 0) % self.chunk_size == 0 and sel.step in (None, 1):
-            c, rows = (sel.start or 0) // self.chunk_size, (sel.stop or self.n) - (sel.start or 0)
-        start = c * self.chunk_size
-        whole = 0 <= c < self.n_chunks and (start, start + rows) == self.chunk_range(c)
-        direct = {name: self._raw_chunk(name, c, rows) for name in names if whole}
+    def _select(self, names: list[str], sel, c: int | None) -> list[np.ndarray]:
+        """`sel` of each array in `names`: whole chunk `c` of an uncompressed array by `_raw_chunk`, the rest
+        concurrently in Zarr's event loop (one round trip for all), each chunk's CRC-32C checked as it is read."""
+        direct = {name: self._raw_chunk(name, c) for name in names} if c is not None else {}
         rest = [name for name in names if direct.get(name) is None]
         arrays = [self.array(name).async_array for name in rest]  # opened here: no sync() inside the loop
 
@@ -537,28 +471,27 @@ class _Reads:
                 raise self._damaged(name, first // self.chunk_size, values)
         return [np.ascontiguousarray(read[name]) if direct.get(name) is None else direct[name] for name in names]
 
-    def _raw_chunk(self, name: str, c: int, rows: int) -> np.ndarray | None:
-        """The first `rows` rows of chunk `c` of an uncompressed array (bytes + crc32c) read straight from its file
-        into the array returned, its CRC-32C checked with the `crc32c` package: the bytes Zarr reads, in one
-        buffer instead of Zarr's two. Kept because it doubles the streaming loader's per-thread read rate where
-        fresh memory is dear (handoff/datapath.md); None (Zarr reads it) for anything else."""
+    def _raw_chunk(self, name: str, c: int) -> np.ndarray | None:
+        """Chunk `c` of an uncompressed array (bytes + crc32c) read straight from its file into the array returned,
+        its CRC-32C checked with the `crc32c` package: the bytes Zarr reads, in one buffer instead of Zarr's two.
+        Kept because it doubles the streaming loader's per-thread read rate where fresh memory is dear
+        (docs/design.md); None (Zarr reads it) for anything else."""
         arr, path = self.array(name), self.chunk_path(name, c)
         size = _raw_chunk_bytes(arr)
         if path is None or size is None or arr.metadata.codecs[0].to_dict().get("configuration", {}).get(
                 "endian", "little") != "little" or len(arr.metadata.codecs) != 2:
             return None
-        dtype = np.dtype(arr.dtype)
-        buf = np.empty(size, np.uint8)
+        (a, b), dtype, buf = self.chunk_range(c), np.dtype(arr.dtype), np.empty(size, np.uint8)
         try:
             with open(path, "rb", buffering=0) as f:
                 found, got = os.fstat(f.fileno()).st_size, f.readinto(memoryview(buf))
         except FileNotFoundError:  # never written: Zarr's fill value
-            return np.full((rows, *arr.shape[1:]), arr.metadata.fill_value, dtype)
+            return np.full((b - a, *arr.shape[1:]), arr.metadata.fill_value, dtype)
         if found != size or got != size:
             raise self._damaged(name, c, ValueError(f"{found} bytes where the chunk has {size}"))
         if crc32c.crc32c(buf[:-4]) != int(np.frombuffer(buf[-4:], "<u4")[0]):
             raise self._damaged(name, c, ValueError("its CRC-32C does not match: the file was changed or cut"))
-        return buf[:-4].view(dtype).reshape(arr.chunks)[:rows]
+        return buf[:-4].view(dtype).reshape(arr.chunks)[:b - a]
 
     def _damaged(self, name: str, c: int, err: BaseException) -> StoreError:
         return StoreError(f"{self.chunk_path(name, c) or self.url}: chunk {c} of {name} does not decode "
@@ -566,9 +499,7 @@ class _Reads:
                           "extraction run again with --verify-cache (cache.verify=full) repairs it")
 
     def index(self, skips: bool = True):
-        """The per-sample index as a pandas DataFrame (one row per stored sample). `skips=False` leaves out the
-        `skipped` and `skip_reason` columns, which are written chunk by chunk (a file per chunk to read) and which
-        an extraction task, reading the index for the paths and views of its chunks, does not need."""
+        """The per-sample index as a DataFrame; `skips=False` without `skipped` and `skip_reason` (a file a chunk)."""
         import pandas as pd
 
         cols = {}
@@ -578,16 +509,8 @@ class _Reads:
             elif self.n:
                 values = self.array(f"index/{name}")[:]
             else:
-                values = np.zeros((0, *{"orig_hw": (2,), "view": (5,), "view_aug": (6,)}.get(name, ())))
-            if name == "view_aug":
-                cols.update({part: values[:, j] for j, part in enumerate(VIEW_AUG_COLUMNS)})
-            elif name == "orig_hw":
-                cols["orig_h"], cols["orig_w"] = values[:, 0], values[:, 1]
-            elif name == "view":
-                cols.update({part: values[:, j] for j, part in
-                             enumerate(("view_k", "view_top", "view_left", "view_h", "view_w"))})
-            else:
-                cols[name] = values
+                values = np.zeros((0, len(_INDEX_COLUMNS[name])) if name in _INDEX_COLUMNS else 0)
+            cols.update(dict(zip(_INDEX_COLUMNS[name], values.T)) if name in _INDEX_COLUMNS else {name: values})
         df = pd.DataFrame(cols)
         if skips:  # a damaged chunk of the skip records reads as "not skipped" (it is extracted again: `verify`)
             df["skipped"] = self._tolerant("skipped", 0)[0].astype(bool)
@@ -599,9 +522,8 @@ class _Reads:
         return ~self.array("skipped")[:].astype(bool) if self.n else np.zeros(0, bool)
 
     def sources(self) -> dict[str, np.ndarray] | None:
-        """{"image", "depth"}: (N, 2) int64 (size, mtime in ns) of each sample's files when it was extracted
-        (`pipeline.fingerprint.file_signature`); None for a store written before they were recorded (or whose
-        record does not decode: it is then recorded again)."""
+        """{"image", "depth"}: (N, 2) int64 (size, mtime in ns) of each sample's files when it was extracted; None
+        where not recorded (older stores) or damaged: it is then recorded again."""
         try:
             return {k: self.group[f"sources/{k}"][:] for k in SOURCES} if "sources" in self.group else None
         except Exception:
@@ -609,39 +531,36 @@ class _Reads:
 
 
 class _Verification:
-    """Whether every done chunk is there and decodes (`verify`), and which chunks a killed writer left behind."""
+    """Whether every done chunk is there and decodes (`verify`)."""
 
     def data_arrays(self) -> list[str]:
-        names = [layer_key(k) for k in self.layers] + ["cls", "skipped", "skip_reason"]
-        if self.has_flipped:
-            names += [flipped_key(layer_key(k)) for k in self.layers] + [flipped_key("cls")]
-        return names + (["depth"] if self.has_depth else [])
+        features = [layer_key(k) for k in self.layers] + ["cls"]
+        return features + ["skipped", "skip_reason"] + [flipped_key(name) for name in features if self.has_flipped] \
+            + (["depth"] if self.has_depth else [])
 
     def verify(self, chunks: Iterable[int] | None = None, quick: bool = False) -> dict:
         """Check that every done chunk of every data array (and of `done`) exists and decodes (its CRC-32C
-        included), that the index arrays decode, and that the counts match. `chunks`: decode only these of the done
-        chunks (the others are checked for existence only); None: all.
-
-        `quick=True` (extraction reusing a store, `cache.verify: quick`) reads a small part of the store: the
-        `done` flags; each done chunk file of an uncompressed array checked by its size (a cut or missing file is
-        found; a changed byte is left to the CRC every reader checks); compressed arrays other than the features
-        (targets, flags: a few % of the store) decoded; and every array of the chunks a killed writer may have left
-        behind (`_left_behind`) decoded. `chunks` is ignored.
-
-        The report's `damaged_chunks` are the chunks extraction writes again; `damaged_index` the index arrays it
-        rewrites."""
-        problems: list[str] = []
+        included), that the index arrays decode, and that the counts match; `chunks`: decode only these done chunks.
+        `quick` (extraction reusing a store) reads a few % of it: uncompressed chunk files checked by their size (a
+        changed byte is left to the CRC every reader checks), the other arrays than the features decoded, and all
+        of the chunks whose claim a writer left behind (a claim is removed when its chunk is written).
+        `damaged_chunks`: what extraction writes again; `damaged_index`: the index columns it rewrites."""
         done, bad_flags = self._tolerant("done", 0)
         done_chunks = [c for c in range(self.n_chunks) if done[slice(*self.chunk_range(c))].all()]
-        decode = set(self._left_behind() if quick else done_chunks if chunks is None else chunks)
-        ids = self._ids()
+        claimed = {int(p.name) for p in self.claims_dir.iterdir() if p.name.isdigit()} \
+            if quick and self.claims_dir is not None and self.claims_dir.is_dir() else set()
+        decode = claimed if quick else set(done_chunks if chunks is None else chunks)
+        try:
+            ids = self.group["index/id"][:]
+        except Exception:
+            ids = None
 
         def where(c: int) -> str:
             a, b = self.chunk_range(c)
             return f"samples ({a}, {b})" + (f": {ids[a]} .. {ids[b - 1]}" if ids is not None and b > a else "")
 
+        problems = [f"done: chunk {c} does not decode ({where(c)}): {why}" for c, why in sorted(bad_flags.items())]
         damaged = set(bad_flags)
-        problems += [f"done: chunk {c} does not decode ({where(c)}): {why}" for c, why in sorted(bad_flags.items())]
         for name in self.data_arrays() + ["done"]:
             try:
                 arr = self.array(name)
@@ -656,40 +575,32 @@ class _Verification:
                     damaged.add(c)
         n_done = int(done.sum())
         skipped, bad_skips = self._tolerant("skipped", 0)
-        n_skipped = -1 if bad_skips else int(skipped.sum())  # a damaged chunk of it is reported above
         if self.complete and n_done != self.n:
             problems.append(f"store is marked complete but only {n_done} of {self.n} samples are done")
         damaged_index = self._check_index(problems)
         return {
-            "url": self.url, "n": self.n, "done": n_done, "skipped": n_skipped, "chunks": self.n_chunks,
-            "done_chunks": len(done_chunks), "complete": self.complete, "fingerprint": self.fingerprint,
-            "problems": problems, "ok": not problems and n_done == self.n,
+            "url": self.url, "n": self.n, "done": n_done, "skipped": -1 if bad_skips else int(skipped.sum()),
+            "chunks": self.n_chunks, "done_chunks": len(done_chunks), "complete": self.complete,
+            "fingerprint": self.fingerprint, "problems": problems, "ok": not problems and n_done == self.n,
             "damaged_chunks": sorted(damaged), "damaged_index": damaged_index,
         }
 
-    @staticmethod
-    def _key(arr: zarr.Array, c: int) -> str:
-        return f"{arr.path}/{arr.metadata.chunk_key_encoding.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))}"
-
     def _chunk_problem(self, arr: zarr.Array, name: str, c: int, decode: bool, quick: bool, where: str) -> str | None:
-        """What is wrong with chunk `c` of `arr`, or None. Zarr reads a missing chunk file as the fill value, so its
-        existence is checked first; `quick` checks an uncompressed file by its size and decodes the small
-        compressed arrays, the features only where `decode`."""
-        key, path = self._key(arr, c), self.chunk_path(name, c)
-        try:
-            found = path.stat().st_size if path is not None else (0 if sync(self.group.store.exists(key)) else None)
-        except FileNotFoundError:
-            found = None
+        """What is wrong with chunk `c` of `arr`, or None. Its file's existence first (Zarr reads a missing one as
+        the fill value); `quick`, not `decode`: a feature file by its size (compressed: more than its CRC)."""
+        key, path = f"{arr.path}/{_chunk_key(arr, c)}", self.chunk_path(name, c)
+        if path is not None:
+            found = path.stat().st_size if path.is_file() else None
+        else:
+            found = 0 if sync(self.group.store.exists(key)) else None
         if found is None:
             return f"{name}: chunk {c} (samples {self.chunk_range(c)}) is missing ({key})"
         size = _raw_chunk_bytes(arr)
         features = name.startswith("tokens/") or "/tokens/" in name or name.endswith("cls")
-        if quick and not decode and size is not None and path is not None:
-            return None if found == size else f"{name}: chunk {c} ({where}; file {key}) has {found} bytes where " \
-                                              f"the chunk has {size}"
-        if quick and not decode and features:
-            return None if path is None or found > 4 else f"{name}: chunk {c} ({where}; file {key}) is empty " \
-                                                          f"({found} bytes)"
+        if quick and not decode and path is not None and (size is not None or features):
+            if found == size or (size is None and found > 4):
+                return None
+            return f"{name}: chunk {c} ({where}; file {key}) has {found} bytes where the chunk has {size or 'more'}"
         if not decode and not quick:
             return None
         try:
@@ -699,6 +610,7 @@ class _Verification:
         return None
 
     def _check_index(self, problems: list[str]) -> list[str]:
+        """The index columns that do not decode (the others' problems appended to `problems`)."""
         damaged = []
         for name in INDEX_FIELDS:
             key = f"index/{name}"
@@ -706,57 +618,30 @@ class _Verification:
                 if key not in self.group:
                     if name != "view_aug":  # the one field older stores may lack
                         problems.append(f"{key} is missing")
-                    continue
-                arr = self.group[key]
-                if arr.shape[0] != self.n:
-                    problems.append(f"{key} has {arr.shape[0]} rows, expected {self.n}")
-                    continue
-                if self.n:
-                    arr[:]
+                elif self.group[key].shape[0] != self.n:
+                    problems.append(f"{key} has {self.group[key].shape[0]} rows, expected {self.n}")
+                elif self.n:
+                    self.group[key][:]
             except Exception as err:
                 problems.append(f"{key}: does not decode (samples (0, {self.n}): the whole index column): "
                                 f"{type(err).__name__}: {err}")
                 damaged.append(name)
         return damaged
 
-    def _left_behind(self) -> set[int]:
-        """Chunks a writer may not have finished cleanly: those with a claim file beside the store (a claim is
-        removed when its chunk is written; one that stays belongs to a writer that died, or is writing now) or a
-        Zarr `*.partial` file beside a chunk file."""
-        out: set[int] = set()
-        if self.claims_dir is not None and self.claims_dir.is_dir():
-            out |= {int(p.name) for p in self.claims_dir.iterdir() if p.name.isdigit()}
-        folder = local_path(self.url)
-        if folder is not None:
-            for partial in folder.rglob("*.partial"):
-                # <array>/c/<i>/0/0/0.<hex>.partial, or <array>/c/<i>.<hex>.partial for a 1-D array
-                rel = partial.relative_to(folder).parts
-                if "c" in rel[:-1]:
-                    head = rel[rel.index("c") + 1].split(".")[0]
-                    if head.isdigit():
-                        out.add(int(head))
-        return {c for c in out if 0 <= c < self.n_chunks}
-
-    def _ids(self) -> np.ndarray | None:
-        try:
-            return self.group["index/id"][:] if self.n else None
-        except Exception:
-            return None
-
 
 class FeatureStore(_Creation, _Claims, _Writes, _Reads, _Verification):
     """One feature store (see the module's text); `FeatureStore.create(url, spec, index)` or `.open(url)`."""
 
     def __init__(self, group: zarr.Group, url: str):
-        self.group = group
-        self.url = url
-        self.attrs = dict(group.attrs)
-        self.n: int = int(self.attrs["n"])
+        self.group, self.url, self.attrs = group, url, dict(group.attrs)
+        self.n, self.chunk_size = int(self.attrs["n"]), int(self.attrs["chunk_size"])
+        self.n_chunks = -(-self.n // self.chunk_size)
         self.layers: tuple[int, ...] = tuple(self.attrs["layers"])
-        self.chunk_size: int = int(self.attrs["chunk_size"])
-        self.dtype: str = self.attrs["dtype"]
+        self.dtype: str = self.attrs["dtype"]  # float16 or bfloat16
         self.fingerprint: str | None = self.attrs.get("fingerprint")
         self.has_depth: bool = "depth" in group
         self.has_flipped: bool = bool(self.attrs.get("flipped", False))
         self.verified: frozenset[int] = frozenset()  # `mark_verified`
         self._arrays: dict[str, zarr.Array] = {}  # opened once: each `group[name]` reads the array's zarr.json
+        self.target_hw = tuple(self.array("depth").shape[1:]) if self.has_depth else None  # (H, W) of the targets
+        self.depth_scale = float(self.array("depth").attrs["scale"]) if self.has_depth else None  # values a metre

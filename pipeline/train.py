@@ -48,8 +48,9 @@ from tqdm.auto import tqdm
 from pipeline.config import Config, TrainConfig, dump_config
 from pipeline.devices import encoder_settings, usable_cores, visible_gpus
 from pipeline.extract import plan_split
+from pipeline.image_batches import ImageBatches
 from pipeline.layout import RunContext, RunError, locked_run_dirs, replaced_atomically, resolve_device
-from pipeline.loader import Batch, Batches, CachedBatches, ImageBatches
+from pipeline.loader import Batch, Batches, CachedBatches
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.losses import depth_loss
 from spaceclip.metrics import METRIC_KEYS, compute_metrics, mean_metrics

@@ -69,7 +69,7 @@ def test_cores_are_the_affinity_capped_by_the_cgroup_quota(host, tmp_path):
 
 def test_every_thread_count_comes_from_the_usable_cores(host, gpus, tmp_path):
     """Extraction workers, training passes, streaming readers: the 3 cores of the affinity, not the host's 64."""
-    from pipeline.extract import decode_workers_for, torch_threads_per_worker
+    from pipeline.devices import decode_workers_for, torch_threads_per_worker
     from pipeline.train import parallel_plan
 
     host(3)
@@ -139,7 +139,7 @@ def test_training_passes_one_per_gpu(gpus, host):
 def test_a_gpu_memory_budget_is_divided_among_the_trainings_on_it(monkeypatch, demo_cfg):
     from pipeline import train
     from pipeline.layout import RunContext
-    from pipeline.loader import GPU_BUDGET_FRACTION, resolve_cache_device
+    from pipeline.memory import GPU_BUDGET_FRACTION, resolve_cache_device
 
     free = 40 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
@@ -222,7 +222,7 @@ def test_the_store_says_what_ran(demo_cfg):
 
 def test_tasks_are_a_few_runs_of_chunks_per_worker():
     """Few, large tasks (each builds a decode pool and its buffers): two per worker and store."""
-    from pipeline.extract import TASKS_PER_WORKER, chunk_jobs
+    from pipeline.devices import TASKS_PER_WORKER, chunk_jobs
 
     kitti = [("train", "t", c) for c in range(1304)] + [("val", "v", c) for c in range(145)]
     shards = chunk_jobs(kitti, n_workers=8)

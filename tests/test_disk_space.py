@@ -13,9 +13,9 @@ import yaml
 from flows.cli import main as cli
 from pipeline import synth
 from pipeline.config import config_from_dict, dump_config, load_config
-from pipeline.extract import DiskSpaceError, extract_chunk, extract_splits, prepare_store, space_needed
+from pipeline.diskspace import BLOCK, DiskSpaceError, estimate_bytes, space_needed
+from pipeline.extract import extract_chunk, extract_splits, prepare_store
 from pipeline.layout import RunContext
-from pipeline.diskspace import BLOCK, estimate_bytes
 from pipeline.store import FeatureStore
 from tests.test_extract import write_config
 
@@ -103,9 +103,9 @@ def test_no_room_is_refused_before_anything_is_written_with_the_numbers_and_the_
         asked.append(Path(path))
         return Usage(10**12, 10**12, need.total.low // 100)
 
-    import pipeline.extract as extract_module
+    import pipeline.diskspace
 
-    monkeypatch.setattr(extract_module.shutil, "disk_usage", usage)
+    monkeypatch.setattr(pipeline.diskspace.shutil, "disk_usage", usage)
     with pytest.raises(DiskSpaceError) as err:
         extract_splits(cfg)
     message = str(err.value)
@@ -154,9 +154,9 @@ def test_data_check_prints_the_estimate_and_fails_when_it_cannot_fit(cfg, tmp_pa
     out = capsys.readouterr().out
     assert "cache train:" in out and "to write (new:" in out and "free on" in out, out
 
-    import pipeline.extract as extract_module
+    import pipeline.diskspace
 
-    monkeypatch.setattr(extract_module.shutil, "disk_usage", lambda p: Usage(1, 1, 4096))
+    monkeypatch.setattr(pipeline.diskspace.shutil, "disk_usage", lambda p: Usage(1, 1, 4096))
     assert cli(["data", "check", "--config", str(path), "--quick"]) == 1
     out = capsys.readouterr().out
     assert "not enough disk space for the feature cache" in out and "0.00 MB free" in out

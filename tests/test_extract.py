@@ -145,7 +145,7 @@ def _chunk_files(url):
 
 @pytest.mark.parametrize("flip", ["features", "extract"])
 def test_one_pipeline_over_many_chunks_writes_what_chunk_by_chunk_writes(tmp_path, flip):
-    """`extract_chunks` gathers the chunks of one call in two sets of buffers used in turn (`ChunkBuffers`). The
+    """`extract_chunks` gathers the chunks of one call in two sets of buffers used in turn (`_ChunkEncoder`). The
     store it writes is byte-identical, file by file, to one written a chunk per call (fresh buffers each), and a
     sample skipped in a chunk whose buffers held an earlier chunk's features is all zeros."""
     cfg = load_config(write_config(tmp_path, data={"on_error": "skip"}, views={"flip": flip},
@@ -222,7 +222,7 @@ def test_sigkill_mid_extraction_then_resume_is_byte_identical(tmp_path, prefect_
 def test_the_flow_hands_each_worker_runs_of_chunks():
     """Tasks of several chunks (so a worker overlaps one chunk's write with the next one's decode), never across
     stores, a few per worker (tests/test_devices.py has their sizes)."""
-    from pipeline.extract import chunk_jobs
+    from pipeline.devices import chunk_jobs
 
     pending = [("train", "a", c) for c in range(10)] + [("val", "b", 0), ("val", "b", 3)]
     jobs = chunk_jobs(pending, n_workers=1)

@@ -114,7 +114,7 @@ def test_bad_axes_fail_at_load_and_on_the_command_line(capsys, flow_calls):
 
 
 def test_a_bad_point_or_a_full_disk_stops_the_grid_before_anything_is_written(fast_cfg, tmp_path, monkeypatch):
-    from pipeline import extract
+    from pipeline import diskspace
     from pipeline.grid import contexts, distinct_stores, extract_grid
 
     root = tmp_path / "cache"
@@ -127,9 +127,9 @@ def test_a_bad_point_or_a_full_disk_stops_the_grid_before_anything_is_written(fa
     ctxs = contexts(points(cfg))
     stores = distinct_stores(ctxs, ["train", "val", "test"])
     assert len(stores) == 6  # two encoder inputs x three splits; train.lr shares them
-    need = sum(extract.space_needed(ctxs[i], [split])[0].total.low for split, i in stores.values())
-    monkeypatch.setattr(extract.shutil, "disk_usage", lambda p: type("U", (), {"free": need - 1})())
-    with pytest.raises(extract.DiskSpaceError, match="not enough disk space") as err:
+    need = sum(diskspace.space_needed(ctxs[i], [split])[0].total.low for split, i in stores.values())
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda p: type("U", (), {"free": need - 1})())
+    with pytest.raises(diskspace.DiskSpaceError, match="not enough disk space") as err:
         extract_grid(cfg)
     assert f"{need / 1e6:.2f} MB" in str(err.value) or f"{need / 1e9:.2f} GB" in str(err.value)
     assert not root.exists()

@@ -8,7 +8,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.loader import Batch, CachedBatches, _prefetched, epoch_plan, resolve_cache_device, store_bytes
+from pipeline.loader import Batch, CachedBatches, _prefetched, epoch_plan
+from pipeline.memory import resolve_cache_device, store_bytes
 from pipeline.store import FeatureStore, StoreError, StoreSpec
 
 N, CS, G, C, HW = 23, 4, 14, 8, (6, 10)
@@ -127,26 +128,29 @@ def test_missing_layer_and_cache_device_choice(store):
 
 
 def test_prefetch_reraises_and_stops_early():
-    def failing(put):
-        put(1)
+    def failing():
+        yield 1
         raise OSError("disk gone")
 
     with pytest.raises(OSError, match="disk gone"):
-        list(_prefetched(failing, 2))
+        list(_prefetched(failing(), 2))
     produced = []
     stopped = threading.Event()
 
-    def endless(put):
-        i = 0
-        while put(i):
-            produced.append(i)
-            i += 1
-        stopped.set()
+    def endless():
+        try:
+            i = 0
+            while True:
+                produced.append(i)
+                yield i
+                i += 1
+        finally:
+            stopped.set()
 
-    for item in _prefetched(endless, 2):
+    for item in _prefetched(endless(), 2):
         if item == 3:
             break
-    assert stopped.wait(5)  # the producer noticed the consumer left
+    assert stopped.wait(5) and len(produced) <= 3 + 2 + 1  # the producer was closed, at most `depth` ahead
 
 
 def test_exact_flips_take_the_mirrored_images_features(tmp_path):

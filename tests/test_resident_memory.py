@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pipeline import loader
-from pipeline.loader import CacheMemoryError, CachedBatches, check_resident_memory, store_bytes
+from pipeline.loader import CachedBatches
+from pipeline.memory import CacheMemoryError, check_resident_memory, store_bytes
 from pipeline.store import FeatureStore, StoreSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from pipeline.config import config_from_dict, dump_config
 from pipeline.extract import plan_split
+from pipeline.image_batches import ImageBatches
 from pipeline.layout import RunError, encoder_for
-from pipeline.loader import CachedBatches, ImageBatches
+from pipeline.loader import CachedBatches
 from pipeline.store import StoreError
 from pipeline.train import (HISTORY_COLUMNS, STATE_NAME, check_cache, learning_rates, load_state, read_history,
                             train_variant, validate)
