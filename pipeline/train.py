@@ -392,9 +392,9 @@ def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch:
     `taken` is False where the batch was skipped (a non-finite loss or gradient, or no valid target pixel), and
     then weights, BatchNorm statistics, AdamW's moments and step count and the EMA are exactly as they were. With
     `make_optimizer`'s fused AdamW (a GPU) the decision stays on the device, so a step queues its kernels without
-    waiting for the ones before it (a host read would: two a step here, and eleven in the losses before they were masked sums);
-    read the results when the numbers are needed (`_train`: once an epoch). With any other optimiser (a CPU, where
-    nothing waits) the skip flag is read on the host. bf16 autocast on CUDA; the loss itself in float32."""
+    waiting for the ones before it (a host read would: two a step here, and eleven in the losses before they were
+    masked sums); read the results when the numbers are needed (`_train`: once an epoch). With any other optimiser
+    (a CPU, where nothing waits) the skip flag is read on the host. bf16 autocast on CUDA; the loss itself in float32."""
     gt = batch.depth[:, None]  # (B, 1, H, W)
     # The train-mode forward moves BatchNorm's running statistics before the skip is known (a NaN feature would
     # leave them NaN for every later validation): kept here and put back where the step is skipped.
