@@ -240,10 +240,13 @@ def training_curves(
         ax.xaxis.get_major_locator().set_params(integer=True)
     ax_val.set_ylabel("AbsRel ↓")
     ax_loss.set_ylabel("loss")
-    ax_val.legend(fontsize=9, frameon=False)
+    # One legend below both panels: inside, it sat on the curves.
+    handles, labels = ax_val.get_legend_handles_labels()
     fig.suptitle((title or "Training curves") + spread, fontsize=12 if not several else 10)
     fig.tight_layout()
-    return save_figure(fig, out_path, tight=False)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
+               fontsize=9, frameon=False)
+    return save_figure(fig, out_path, tight=True)
 
 
 def read_histories(evaluation: Evaluation) -> dict[str, dict[int, pd.DataFrame]]:

@@ -76,6 +76,28 @@ def test_figures_of_a_real_evaluation(demo_cfg, tmp_path):
         training_curves({}, tmp_path / "none.png")
 
 
+def test_training_curves_legend_sits_below_the_panels(tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), save(fig, *a, **k))[1])
+    epochs = np.arange(1, 7)
+    histories = {v: {seed: pd.DataFrame({"epoch": epochs, "val_abs_rel": 0.5 / epochs + 0.01 * seed,
+                                         "train_loss": 3.0 / epochs}) for seed in (1, 2, 3)}
+                 for v in ("baseline", "film", "structural", "full")}
+    training_curves(histories, tmp_path / "curves.png")
+    (fig,) = drawn
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [f"{v} (mean of 3 seeds)" for v in histories]
+    assert all(legend.y1 <= ax.get_tightbbox(renderer).y0 for ax in fig.axes)  # under the axes, their labels too
+
+
 def flat(batch):
     """20 m everywhere: a second run, worse on the near frames than on the far ones."""
     return torch.full((len(batch.index), 16, 16), 20.0, dtype=torch.float64)
