@@ -179,11 +179,11 @@ def depth_colorbar(fig, axes, lo: float, hi: float, cmap: str, label: str) -> No
     fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01, aspect=35).set_label(label, fontsize=9)
 
 
-def save_figure(fig, out_path: str | Path, tight: bool = True) -> Path:
+def save_figure(fig, out_path: str | Path) -> Path:
     """Write `fig` as a PNG at `out_path` (folders made as needed) and close it."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI, bbox_inches="tight" if tight else None, facecolor="white")
+    fig.savefig(out, dpi=DPI, bbox_inches="tight", facecolor="white")
     plt.close(fig)
     return out
 
@@ -246,7 +246,7 @@ def training_curves(
     fig.tight_layout()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
                fontsize=9, frameon=False)
-    return save_figure(fig, out_path, tight=True)
+    return save_figure(fig, out_path)
 
 
 def read_histories(evaluation: Evaluation) -> dict[str, dict[int, pd.DataFrame]]:
