@@ -394,13 +394,13 @@ def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch:
     `make_optimizer`'s fused AdamW (a GPU) the decision stays on the device, so a step queues its kernels without
     waiting for the ones before it (a host read would: two a step here, and eleven in the losses before they were
     masked sums); read the results when the numbers are needed (`_train`: once an epoch). With any other optimiser
-    (a CPU, where nothing waits) the skip flag is read on the host. bf16 autocast on CUDA; the loss itself in float32."""
+    (a CPU, where nothing waits) the skip flag is read on the host. bf16 autocast on CUDA; the loss itself in
+    float32."""
     gt = batch.depth[:, None]  # (B, 1, H, W)
-    # The train-mode forward moves BatchNorm's running statistics before the skip is known (a NaN feature would
-    # leave them NaN for every later validation): kept here and put back where the step is skipped.
-    stats = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-    kept = [b.clone() for b in stats]
+    # The train-mode forward moves the model's buffers (BatchNorm's running statistics) before the skip is known (a
+    # NaN feature would leave them NaN for every later validation): kept here and put back where the step is skipped.
+    buffers = list(model.buffers())
+    kept = [b.clone() for b in buffers]
     with torch.autocast(gt.device.type, dtype=torch.bfloat16, enabled=gt.device.type == "cuda"):
         outputs = model(batch.features, out_size=tuple(gt.shape[-2:]))
     loss, parts = depth_loss(outputs, gt, **loss_kwargs)
@@ -408,7 +408,7 @@ def train_step(model: SpaceClipDecoder, optimizer: torch.optim.Optimizer, batch:
     loss.backward()  # a non-finite loss gives non-finite gradients; the step is skipped below
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # no host read (error_if_nonfinite off)
     taken = torch.isfinite(loss.detach()) & (parts["valid_pixels"] > 0) & torch.isfinite(grad_norm)
-    for b, before in zip(stats, kept):
+    for b, before in zip(buffers, kept):
         b.copy_(torch.where(taken, b, before))
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = (~taken).float()  # read by the fused kernel on the device
