@@ -145,3 +145,48 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield prefect.settings.PREFECT_API_URL.value()
+
+
+# ---- synthetic datasets rendered once a session ---------------------------------------------------------------
+@pytest.fixture(scope="session", autouse=True)
+def render_each_dataset_once(tmp_path_factory):
+    """`synthesize_to` (what `synth.ensure` and `synth.synthesize` call) renders each (layout, train, test, seed)
+    once a session into a cache folder and copies its files where a test asks: ray casting ~65 ms a frame was a
+    seventh of the fast tier's time, the same few datasets rendered again by many tests. Copies, not links: some tests
+    damage the files they are given. The generator's own tests (`tests/test_synth.py`) render for real
+    (`real_rendering`); its output is byte-deterministic for a seed (`test_same_seed_same_bytes`)."""
+    import shutil
+
+    from pipeline.synth import write
+
+    real, cache = write.synthesize_to, tmp_path_factory.mktemp("rendered")
+
+    def copy_of_render(layout, *, image_root, depth_root, train_split, test_split, train, test, seed, workers=None):
+        src = cache / f"{layout}-{train}-{test}-{seed}"
+        if not (src / "done").exists():
+            real(layout, image_root=src / "images", depth_root=src / "depth", train_split=src / "train.txt",
+                 test_split=src / "test.txt", train=train, test=test, seed=seed, workers=workers)
+            (src / "done").touch()
+        shutil.copytree(src / "images", image_root, dirs_exist_ok=True)
+        shutil.copytree(src / "depth", depth_root, dirs_exist_ok=True)
+        for got, want in ((src / "train.txt", train_split), (src / "test.txt", test_split),
+                          (src / write.STAMP_NAME, Path(train_split).parent / write.STAMP_NAME)):
+            write._write_text_atomic(Path(want), got.read_text())  # split files last: they mark a complete dataset
+        return {"image_root": Path(image_root), "depth_root": Path(depth_root), "train_split": Path(train_split),
+                "test_split": Path(test_split)}
+
+    copy_of_render.real = real
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(write, "synthesize_to", copy_of_render)
+        mp.setattr("pipeline.synth.synthesize_to", copy_of_render)
+        yield
+
+
+@pytest.fixture
+def real_rendering(monkeypatch):
+    """The generator itself, not the session's copies (for the tests of the generator)."""
+    from pipeline.synth import write
+
+    real = getattr(write.synthesize_to, "real", write.synthesize_to)
+    monkeypatch.setattr(write, "synthesize_to", real)
+    monkeypatch.setattr("pipeline.synth.synthesize_to", real)

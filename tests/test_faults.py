@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -310,14 +311,22 @@ DAMAGEABLE = ["tokens/L0", "tokens/L3", "cls", "depth", "flipped/tokens/L3", "fl
               "done"]
 
 
+@pytest.fixture(scope="module")
+def complete_store(tmp_path_factory) -> Path:
+    """A small complete store with the mirrored arrays, written once for the module; each test damages a copy."""
+    url = tmp_path_factory.mktemp("complete") / "s.zarr"
+    _write_all(FeatureStore.create(str(url), _spec(flipped=True), _index()))
+    return url
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage"])
 @pytest.mark.parametrize("name", DAMAGEABLE + ["index/id", "index/focal", "index/view"])
-def test_verify_names_the_array_the_chunk_and_its_samples(tmp_path, name, how, capsys):
+def test_verify_names_the_array_the_chunk_and_its_samples(tmp_path, name, how, capsys, complete_store):
     from flows.cli import main as cli
 
     url = str(tmp_path / "s.zarr")
-    store = FeatureStore.create(url, _spec(flipped=True), _index())
-    _write_all(store)
+    shutil.copytree(complete_store, url)
+    store = FeatureStore.open(url)
     c = 0 if name.startswith("index/") else 3
     path = store.chunk_path(name, c)
     data = path.read_bytes()

@@ -13,6 +13,8 @@ from pipeline import synth
 from pipeline.config import DataConfig
 from pipeline.datasets import load_depth, load_image, read_split
 
+pytestmark = pytest.mark.usefixtures("real_rendering")  # the generator itself, not the session's copies of it
+
 
 def _tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
