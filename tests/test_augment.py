@@ -86,6 +86,7 @@ def color_reference(crop: np.ndarray, gamma, brightness, gains) -> np.ndarray:
 
 
 # ---- the views -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_views_carry_seeded_angles_and_colours_and_augmentation_does_not_move_crops(aug_cfg):
     views_cfg = aug_cfg.views.model_copy(update={"views_per_image": 4})
     views = datasets.make_views("drive_x/0001", (375, 1242), views_cfg, "kitti", train=True)

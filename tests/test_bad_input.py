@@ -84,6 +84,7 @@ noise = st.lists(st.sampled_from(["", "   ", "\t", "# comment", "  # indented co
 @given(frames=frame_lines, gaps=st.lists(noise, min_size=13, max_size=13),
        endings=st.lists(st.sampled_from(["\n", "\r\n"]), min_size=64, max_size=64), bom=st.booleans(),
        final_newline=st.booleans())
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_split_file_parser_properties(frames, gaps, endings, bom, final_newline):
     lines: list[str] = []
     expected = []  # (id, image rel, depth rel | None, focal, line number)

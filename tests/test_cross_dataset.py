@@ -41,6 +41,7 @@ def nyu_set(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_diagonal_is_the_ordinary_evaluation_and_nyu_is_scored_with_its_protocol(demo_cfg, nyu_set, tmp_path):
     evaluation = evaluate_run(demo_cfg, predictors={"ramp": ramp})
     table = cross_dataset(demo_cfg, evaluation, test_sets=[str(nyu_set)], predictors={"ramp": ramp})

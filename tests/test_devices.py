@@ -162,6 +162,7 @@ def test_a_gpu_memory_budget_is_divided_among_the_trainings_on_it(monkeypatch, d
     assert seen.value.args[0]["device_share"] == 3
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_a_local_cluster_gives_each_worker_its_own_gpu():
     """The cluster the flows start: one process per planned worker, each with its own CUDA_VISIBLE_DEVICES."""
     from distributed import Client

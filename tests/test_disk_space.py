@@ -76,6 +76,7 @@ def elsewhere(cfg, tmp_path, *overrides):
     return config_from_dict(dump_config(cfg), overrides=[f"cache.root={tmp_path / 'cache'}", *overrides])
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_a_partial_store_counts_only_its_pending_chunks(cfg, tmp_path):
     cfg = elsewhere(cfg, tmp_path, "cache.chunk_size=2", "cache.layers=[0,12]")
     store, _ = prepare_store(cfg, "train")
@@ -92,6 +93,7 @@ def test_a_partial_store_counts_only_its_pending_chunks(cfg, tmp_path):
     assert est.parts["features"] == ((store.n_chunks - 1) * per_chunk,) * 2
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_no_room_is_refused_before_anything_is_written_with_the_numbers_and_the_knobs(cfg, tmp_path, monkeypatch):
     """Free space a hundredth of what the stores need (monkeypatched): refused with one message naming the bytes,
     the free space and the knobs; the cache root holds nothing (today's code wrote chunk files until ENOSPC)."""

@@ -143,6 +143,7 @@ def _chunk_files(url):
             and p.name != "zarr.json"}
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 @pytest.mark.parametrize("flip", ["features", "extract"])
 def test_one_pipeline_over_many_chunks_writes_what_chunk_by_chunk_writes(tmp_path, flip):
     """`extract_chunks` gathers the chunks of one call in two sets of buffers used in turn (`_ChunkEncoder`). The

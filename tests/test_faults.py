@@ -356,6 +356,7 @@ def extracted(tmp_path_factory):
     return cfg, stores, {split: store_files(s.url) for split, s in stores.items()}
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_extraction_rewrites_exactly_the_damaged_chunks(extracted, monkeypatch):
     cfg, stores, clean = extracted
     train = stores["train"]

@@ -56,6 +56,7 @@ def ramp(batch):
     return cols.expand(len(batch.index), 16, 16).clone()
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_figures_of_a_real_evaluation(demo_cfg, tmp_path):
     evaluation = evaluate_run(demo_cfg, predictors={"ramp": ramp})
     assert evaluation.samples, "the evaluation keeps a few qualitative examples"
@@ -103,6 +104,7 @@ def flat(batch):
     return torch.full((len(batch.index), 16, 16), 20.0, dtype=torch.float64)
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_failure_cases_are_each_runs_best_and_worst_frames(demo_cfg, tmp_path):
     from pipeline.evaluate import predict_examples
     from pipeline.figures import extreme_frames, relative_error, write_failure_cases

@@ -113,6 +113,7 @@ def test_bad_axes_fail_at_load_and_on_the_command_line(capsys, flow_calls):
     assert flow_calls == []
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_a_bad_point_or_a_full_disk_stops_the_grid_before_anything_is_written(fast_cfg, tmp_path, monkeypatch):
     from pipeline import diskspace
     from pipeline.grid import contexts, distinct_stores, extract_grid
@@ -172,6 +173,7 @@ def test_each_store_is_extracted_once_whatever_the_grid(fast_cfg, tmp_path, monk
 
 
 # ---- a point's run is the run of its config alone -----------------------------------------------------------------
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_a_grid_points_run_is_bit_identical_to_its_config_trained_alone(fast_cfg, tmp_path):
     from pipeline.train import train_variants
 
@@ -221,6 +223,7 @@ def interval(a: pd.DataFrame, b: pd.DataFrame) -> tuple[float, float, float]:
     return diff, diff - half, diff + half
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_grid_table_summary_and_figure(tmp_path):
     from pipeline.grid_figures import write_grid_figure
     from pipeline.tables import grid_stats, write_grid_tables
@@ -261,6 +264,7 @@ def test_grid_table_summary_and_figure(tmp_path):
     assert write_grid_figure(grid_stats(two), ["encoder.name", "train.lr"], tmp_path / "two").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_grid_figure_joins_points_only_along_a_numeric_axis(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 

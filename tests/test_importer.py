@@ -120,6 +120,7 @@ def test_imported_decoder_gives_the_source_weights_outputs(tmp_path, encoder, va
     assert config["encoder"]["name"] == "tiny-clip"
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_ema_weights_are_imported_when_present_and_raw_on_request(tmp_path, encoder):
     raw, ema = small_decoder("full", seed=1), small_decoder("full", seed=2)
     path = tmp_path / "last_checkpoint.pt"
@@ -228,6 +229,7 @@ def test_cli_import_then_predict(tmp_path, encoder, capsys):
     assert np.load(tmp_path / "d" / "frame_depth.npy").shape == (32, 48)
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_evaluate_scores_an_imported_checkpoint_like_its_source_weights(demo_cfg, tmp_path):
     from pipeline.config import config_from_dict, dump_config
     from pipeline.evaluate import decoder_predictor, evaluate_run

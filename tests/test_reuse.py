@@ -45,6 +45,7 @@ def complete(tmp_path_factory):
     return ctx, FeatureStore.open(ctx.store_url("train"))
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts the bytes read in /proc/self/io")
 def test_reusing_a_complete_store_reads_a_small_fraction_of_it(complete):
     ctx, store = complete
@@ -71,6 +72,7 @@ def test_reusing_a_complete_store_reads_a_small_fraction_of_it(complete):
           f"{full} B full")
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_a_changed_byte_is_left_to_the_readers_and_found_and_repaired_by_the_full_check(tmp_path):
     """The quick check looks at file sizes: a changed byte passes it, then the first reader fails on the chunk's
     CRC naming the file and the way to repair; `cache.verify=full` (--verify-cache) finds and rewrites the chunk,
@@ -102,6 +104,7 @@ def _setup_skip(tmp_path):
     return cfg
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_a_skipped_samples_file_that_arrives_is_extracted_and_nothing_else_is_touched(tmp_path, caplog):
     """on_error=skip with a depth map missing: the sample is stored as skipped. The file arrives; the next run says
     so, extracts that sample's chunk again (it is no longer skipped, its features those of a run that had the file
@@ -144,6 +147,7 @@ def test_a_skipped_samples_file_that_arrives_is_extracted_and_nothing_else_is_to
     assert store_files(url) == after
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_a_changed_file_is_said_and_its_chunk_extracted_again(tmp_path, caplog):
     cfg = _setup_skip(tmp_path)
     extract_splits(cfg, ("train",))
@@ -160,6 +164,7 @@ def test_a_changed_file_is_said_and_its_chunk_extracted_again(tmp_path, caplog):
     assert store_files(url) == {**before, **{k: v for k, v in store_files(url).items() if k.startswith("sources/")}}
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_another_data_root_is_refused_naming_it_or_kept_on_request(tmp_path, caplog):
     cfg = _setup_skip(tmp_path)
     extract_splits(cfg, ("train",))

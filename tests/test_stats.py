@@ -81,6 +81,7 @@ def two_level_bootstrap_significant(rng, per_image: pd.DataFrame, reps: int = 10
     return bool(low > 0 or high < 0)
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_identical_variants_are_significant_at_the_stated_rate_and_a_two_level_bootstrap_is_not():
     rng = np.random.default_rng(2024)
     draws = 200

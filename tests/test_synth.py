@@ -128,6 +128,7 @@ def test_nyu_layout_ranges_and_decoding(tmp_path):
         assert np.abs(depth - gt).max() <= 0.5 / 1000 + 1e-6  # uint16 / 1000 quantisation
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 @pytest.mark.parametrize("layout", ["kitti", "nyu"])
 def test_same_seed_same_bytes(tmp_path, layout):
     synth.synthesize(layout, tmp_path / "a", train=2, test=2, seed=5)

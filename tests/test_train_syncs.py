@@ -111,6 +111,7 @@ def assert_same_state(a, b):
             assert torch.equal(sa[key].float(), sb[key].float()), key
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_train_step_is_the_old_step_bit_for_bit_skips_included(device):
     # The optimiser `make_optimizer` picks for the device (for "cuda" the fused AdamW, run here on the CPU) in both

@@ -110,6 +110,7 @@ def one_drive_config(root: Path) -> Path:
     return small_config(root, synth=None, train_split=str(split))
 
 
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
 def test_a_train_split_of_one_drive_has_an_empty_validation_store_that_loads(tmp_path, caplog):
     """Validation is carved by whole drives: with one drive there is none. That is no error (training keeps the
     last epoch, as with data.val_fraction 0), but the empty store must load in memory (cache_device cpu) instead
