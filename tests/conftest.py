@@ -19,6 +19,17 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 
+# The files that take longest, longest first (`--dist loadfile` gives each file to one of the two test processes as
+# they free up): the Prefect-server tests alone are ~5 min, and started last they would run alone at the end.
+LONGEST_FIRST = ("test_serve.py", "test_faults.py", "test_learning.py", "test_gpu_check.py", "test_export.py",
+                 "test_train.py", "test_extract.py", "test_seeds.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 def tiny_demo_config(root: Path) -> dict:
     """The demo setting shrunk for tests: 24 + 8 synthetic KITTI frames, tiny-clip, small crops and targets,
     everything rooted in `root`."""
@@ -130,7 +141,7 @@ def fast_cfg(demo_cfg, tmp_path_factory):
     root = tmp_path_factory.mktemp("fast")
     cfg = derive(demo_cfg, "name=tiny-demo-64px", "sweep=fast", "encoder.name=tiny-clip-64",
                  f"train.out_dir={root / 'runs'}", "train.lr=1e-2", "train.schedule=cosine_warmup",
-                 "train.batch_size=4", "train.num_threads=2", *TEST_DECODER)
+                 "train.batch_size=4", "train.num_threads=1", *TEST_DECODER)
     build_caches(cfg)
     return cfg
 

@@ -110,7 +110,7 @@ def test_pretrained_encoder_beats_a_random_one_on_held_out_frames(demo_cfg, tmp_
                      "encoder.image_size=112", f"cache.root={root / 'cache'}", f"train.out_dir={root / 'runs'}",
                      "views.mode=full", "views.views_per_image=1", "decoder.channels=[64,32,16,16]",
                      "train.epochs=8", "train.lr=1e-2", "train.schedule=cosine_warmup", "train.batch_size=4",
-                     "train.bn_recompute=4", "train.num_threads=2")
+                     "train.bn_recompute=4", "train.num_threads=1")
         build_caches(cfg, splits=("train", "val"))
         result = train_variant(cfg, "baseline", resume=False)
         scores[name] = result.history[-1]["val_abs_rel"]
