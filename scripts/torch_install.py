@@ -95,8 +95,8 @@ def check(p: Plan, platform: str, torch_version: str | None, dists: list[str]) -
         return f"setup: torch {torch_version} (CPU build), no CUDA packages"
     line = f"setup: torch {torch_version} (CUDA build), {len(cuda)} CUDA packages"
     if p.choice == "index":
-        line += (f"; no NVIDIA GPU is visible, so these several GB are unused: `rm -r .venv && "
-                 f"SPACECLIP_TORCH=cpu bash scripts/setup.sh` installs the CPU build instead")
+        line += ("; no NVIDIA GPU is visible, so these several GB are unused: `rm -r .venv && "
+                 "SPACECLIP_TORCH=cpu bash scripts/setup.sh` installs the CPU build instead")
     return line
 
 

@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny demo dataset with its feature caches built once per session, and a Prefect harness."""
 
+import contextlib
 import os
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 # The suite never needs the network, and both settings are read when their libraries are imported: set them
 # before anything imports huggingface_hub or Prefect, so that the README's plain `pytest` behaves as `.ci/run` does
@@ -156,6 +159,68 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield prefect.settings.PREFECT_API_URL.value()
+
+
+# ---- helpers shared by several test modules --------------------------------------------------------------------
+def write_config(tmp: Path, **sections) -> Path:
+    """A tiny KITTI-layout config rooted in `tmp` (synthetic data, tiny-clip, small chunks)."""
+    data = tmp / "data"
+    cfg = {
+        "data": {
+            "layout": "kitti", "image_root": str(data / "raw"), "depth_root": str(data / "gt"),
+            "train_split": str(data / "splits/eigen_train_files_with_gt.txt"),
+            "test_split": str(data / "splits/eigen_test_files_with_gt.txt"),
+            "val_fraction": 0.25, "synth": {"train": 12, "test": 6, "seed": 3},
+        },
+        "encoder": {"name": "tiny-clip", "batch_size": 3},
+        "views": {"crop_size": [176, 352], "views_per_image": 1},
+        "cache": {"root": str(tmp / "cache"), "chunk_size": 4, "layers": [0, 2, 12]},
+        "dask": {"processes": False},
+    }
+    for key, value in sections.items():
+        cfg[key].update(value)
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def store_files(url) -> dict[str, bytes]:
+    """Every file of a store but its metadata (zarr.json holds the creation time of nothing, but the run's config
+    and versions), by relative path."""
+    root = Path(url)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "zarr.json"}
+
+
+def keep_main_env(monkeypatch) -> None:
+    """main() sets Prefect/Dask defaults in os.environ: undo them after the test."""
+    for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "DASK_LOGGING__DISTRIBUTED"):
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:  # setenv records that it was unset, so main()'s value is removed afterwards
+            monkeypatch.setenv(key, "")
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def flow_calls(monkeypatch):
+    """The flows as stand-ins: each call's keyword arguments, in order."""
+    import flows.cli
+
+    calls = []
+
+    def record(**kw):
+        calls.append(kw)
+        return {}
+
+    monkeypatch.setattr(flows.cli, "prefect_api", contextlib.nullcontext)
+    monkeypatch.setattr(flows.cli, "print_results", lambda paths: None)
+    for module, name in (("flows.extract", "extract_features"), ("flows.train", "train_decoders"),
+                         ("flows.evaluate", "evaluate"), ("flows.paper_table", "paper_table")):
+        monkeypatch.setitem(sys.modules, module, SimpleNamespace(**{name: record}))
+    keep_main_env(monkeypatch)
+    return calls
 
 
 # ---- synthetic datasets rendered once a session ---------------------------------------------------------------

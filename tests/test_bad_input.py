@@ -52,7 +52,7 @@ def test_focal_that_is_not_a_positive_finite_number_is_refused(tmp_path, focal):
 def test_two_fields_are_named_with_file_and_line(tmp_path):
     split = tmp_path / "split.txt"
     split.write_text(f"\n{KITTI_IMAGE.format(drive=1, frame=1)} 721.5\n")
-    with pytest.raises(DatasetError, match=rf"expected '<image> <depth\|None> <focal>'.*\(line 2 of .*split\.txt\)"):
+    with pytest.raises(DatasetError, match=r"expected '<image> <depth\|None> <focal>'.*\(line 2 of .*split\.txt\)"):
         parse_split_file(split, tmp_path, tmp_path, "kitti")
 
 

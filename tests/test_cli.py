@@ -3,16 +3,11 @@ codes. The flows are replaced by stand-ins that record what the command passes t
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from types import SimpleNamespace
-
-import pytest
 import typer
 
 import flows.cli
 from flows.cli import main
-from tests.test_user_errors import keep_main_env
+from tests.conftest import keep_main_env
 
 
 def commands(group, prefix=()):
@@ -21,24 +16,6 @@ def commands(group, prefix=()):
             yield from commands(cmd, (*prefix, name))
         else:
             yield (*prefix, name), cmd
-
-
-@pytest.fixture
-def flow_calls(monkeypatch):
-    """The flows as stand-ins: each call's keyword arguments, in order."""
-    calls = []
-
-    def record(**kw):
-        calls.append(kw)
-        return {}
-
-    monkeypatch.setattr(flows.cli, "prefect_api", contextlib.nullcontext)
-    monkeypatch.setattr(flows.cli, "print_results", lambda paths: None)
-    for module, name in (("flows.extract", "extract_features"), ("flows.train", "train_decoders"),
-                         ("flows.evaluate", "evaluate"), ("flows.paper_table", "paper_table")):
-        monkeypatch.setitem(sys.modules, module, SimpleNamespace(**{name: record}))
-    keep_main_env(monkeypatch)
-    return calls
 
 
 def test_every_command_and_option_is_documented(capsys, monkeypatch):

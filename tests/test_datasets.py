@@ -76,7 +76,7 @@ def test_leading_slash_comments_and_blank_lines(kitti, tmp_path):
 def test_malformed_line_names_file_and_line(tmp_path, bad):
     split = tmp_path / "split.txt"
     split.write_text(f"x/y_sync/image_02/data/0000000001.png None 721.5\n\n{bad}\n")
-    with pytest.raises(DatasetError, match=rf"line 3 of .*split\.txt"):
+    with pytest.raises(DatasetError, match=r"line 3 of .*split\.txt"):
         parse_split_file(split, tmp_path, tmp_path, "kitti")
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline import devices, synth
 from pipeline.config import ConfigError, EncoderConfig, TrainConfig, config_from_dict, dump_config, load_config

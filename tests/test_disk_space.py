@@ -17,7 +17,7 @@ from pipeline.diskspace import BLOCK, DiskSpaceError, estimate_bytes, space_need
 from pipeline.extract import extract_chunk, extract_splits, prepare_store
 from pipeline.layout import RunContext
 from pipeline.store import FeatureStore
-from tests.test_extract import write_config
+from tests.conftest import write_config
 
 Usage = namedtuple("Usage", "total used free")
 

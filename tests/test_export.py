@@ -1,7 +1,6 @@
 """ONNX export: onnxruntime equals PyTorch within 1e-4 relative, full model and decoder-only, dynamic batch, at an
 input side other than the encoder's own (its position embeddings interpolated in the graph)."""
 
-import os
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from pipeline.export import DecoderGraph, export_onnx
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.encoder import FrozenEncoder
 from spaceclip.model import SpaceClip
+from tests.conftest import keep_main_env
 
 RTOL = 1e-4
 SIDE = 112  # tiny-clip's own side is 224
@@ -71,9 +71,7 @@ def test_decoder_only_onnx_via_cli_matches_pytorch(checkpoint, tmp_path, monkeyp
     out = tmp_path / "decoder.onnx"
     from flows.cli import main
 
-    for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "DASK_LOGGING__DISTRIBUTED"):
-        monkeypatch.setenv(key, os.environ.get(key, ""))  # main() sets defaults; restore them after the test
+    keep_main_env(monkeypatch)
     rc = main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--decoder-only"])
     printed = capsys.readouterr().out
     assert rc == 0, printed

@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from PIL import Image
 
 from pipeline import datasets, synth
 from pipeline.config import load_config
@@ -19,30 +17,9 @@ from pipeline.datasets import DatasetError
 from pipeline.extract import extract_chunk, extract_chunks, plan_split, prepare_store
 from pipeline.layout import RunContext, encoder_for, finalize_store
 from pipeline.store import FeatureStore, StoreError
+from tests.conftest import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_config(tmp: Path, **sections) -> Path:
-    """A tiny KITTI-layout config rooted in `tmp` (synthetic data, tiny-clip, small chunks)."""
-    data = tmp / "data"
-    cfg = {
-        "data": {
-            "layout": "kitti", "image_root": str(data / "raw"), "depth_root": str(data / "gt"),
-            "train_split": str(data / "splits/eigen_train_files_with_gt.txt"),
-            "test_split": str(data / "splits/eigen_test_files_with_gt.txt"),
-            "val_fraction": 0.25, "synth": {"train": 12, "test": 6, "seed": 3},
-        },
-        "encoder": {"name": "tiny-clip", "batch_size": 3},
-        "views": {"crop_size": [176, 352], "views_per_image": 1},
-        "cache": {"root": str(tmp / "cache"), "chunk_size": 4, "layers": [0, 2, 12]},
-        "dask": {"processes": False},
-    }
-    for key, value in sections.items():
-        cfg[key].update(value)
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def extract_all(cfg, split):

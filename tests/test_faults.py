@@ -29,20 +29,12 @@ import zarr
 from pipeline import claims, synth
 from pipeline.config import load_config
 from pipeline.errors import DiskFullError
-from pipeline.extract import extract_splits, finish_store, prepare_store
+from pipeline.extract import extract_splits, prepare_store
 from pipeline.layout import RunError, finalize_store, locked_run_dirs, replaced_atomically
 from pipeline.store import FeatureStore, StoreError, StoreSpec
-from tests.test_extract import write_config
+from tests.conftest import store_files, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def store_files(url) -> dict[str, bytes]:
-    """Every file of a store but its metadata (zarr.json holds the creation time of nothing, but the run's config
-    and versions), by relative path."""
-    root = Path(url)
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "zarr.json"}
 
 
 def holder_process(path: Path, what: str) -> subprocess.Popen:

@@ -14,7 +14,6 @@ import pytest
 import yaml
 from scipy import stats as sps
 
-from tests.test_cli import flow_calls  # noqa: F401 (a fixture: the flows as stand-ins)
 
 from pipeline.config import ConfigError, config_from_dict, dump_config, load_config
 from pipeline.evaluate import Evaluation

@@ -1,14 +1,13 @@
 """The cached-batch loader: chunk-aligned shuffling, feature-space flips, cache residency, prefetch."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from pipeline.loader import Batch, CachedBatches, _prefetched, epoch_plan
+from pipeline.loader import CachedBatches, _prefetched, epoch_plan
 from pipeline.memory import resolve_cache_device, store_bytes
 from pipeline.store import FeatureStore, StoreError, StoreSpec
 

@@ -1,8 +1,6 @@
 """SpaceClip (encoder + decoder checkpoint), the shared-backbone call, and `spaceclip predict` on a folder."""
 
 import json
-import os
-import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from PIL import Image
 from spaceclip.decoder import SpaceClipDecoder
 from spaceclip.encoder import FrozenEncoder
 from spaceclip.model import EncoderMismatchError, SpaceClip
+from tests.conftest import keep_main_env
 
 CHANNELS = (32, 16, 16, 8)  # a small decoder over tiny-clip's 64-wide tokens: fast on 2 CPU cores
 
@@ -155,9 +154,7 @@ def test_decoder_graph_is_the_decoder_with_positional_inputs(model):
 def run_cli(argv, monkeypatch):
     from flows.cli import main
 
-    for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "DASK_LOGGING__DISTRIBUTED"):
-        monkeypatch.setenv(key, os.environ.get(key, ""))  # main() sets defaults; restore them after the test
+    keep_main_env(monkeypatch)
     return main(argv)
 
 

@@ -18,8 +18,7 @@ from pipeline.extract import extract_splits, prepare_store
 from pipeline.layout import RunContext
 from pipeline.loader import CachedBatches
 from pipeline.store import FeatureStore, StoreError
-from tests.test_extract import write_config
-from tests.test_faults import store_files
+from tests.conftest import store_files, write_config
 
 
 def read_bytes() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_demo_config
+from tests.conftest import keep_main_env, tiny_demo_config
 
 BAD_SIZE = "encoder 'tiny-clip': image_size 168 is not a multiple of its patch size 16"
 
@@ -23,19 +23,6 @@ def small_config(root: Path, **data) -> Path:
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
-
-
-def keep_main_env(monkeypatch) -> None:
-    """main() sets Prefect/Dask defaults in os.environ: undo them after the test."""
-    import os
-
-    for key in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_LOGGING_EXTRA_LOGGERS",
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "DASK_LOGGING__DISTRIBUTED"):
-        if key in os.environ:
-            monkeypatch.setenv(key, os.environ[key])
-        else:  # setenv records that it was unset, so main()'s value is removed afterwards
-            monkeypatch.setenv(key, "")
-            monkeypatch.delenv(key)
 
 
 # ---- an encoder that cannot load, inside a flow ------------------------------------------------------------------
