@@ -23,7 +23,7 @@ import yaml  # noqa: E402
 
 
 # The files that take longest, longest first (`--dist loadfile` gives each file to one of the two test processes as
-# they free up): the Prefect-server tests alone are ~5 min, and started last they would run alone at the end.
+# they free up): the Prefect-server tests take the longest, and started last they would run alone at the end.
 LONGEST_FIRST = ("test_serve.py", "test_faults.py", "test_learning.py", "test_gpu_check.py", "test_export.py",
                  "test_train.py", "test_extract.py", "test_seeds.py", "test_evaluate.py")
 
@@ -227,9 +227,9 @@ def flow_calls(monkeypatch):
 @pytest.fixture(scope="session", autouse=True)
 def render_each_dataset_once(tmp_path_factory):
     """`synthesize_to` (what `synth.ensure` and `synth.synthesize` call) renders each (layout, train, test, seed)
-    once a session into a cache folder and copies its files where a test asks: ray casting ~65 ms a frame was a
-    seventh of the fast tier's time, the same few datasets rendered again by many tests. Copies, not links: some tests
-    damage the files they are given. The generator's own tests (`tests/test_synth.py`) render for real
+    once a session into a cache folder and copies its files where a test asks: many tests ask for the same few
+    datasets, and ray casting them was the costliest part of their set-up (BENCHMARKS.md). Copies, not links: some
+    tests damage the files they are given. The generator's own tests (`tests/test_synth.py`) render for real
     (`real_rendering`); its output is byte-deterministic for a seed (`test_same_seed_same_bytes`)."""
     import shutil
 
