@@ -33,6 +33,14 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
+def synth_kitti_data(root: Path, train: int, test: int, seed: int, val_fraction: float) -> dict:
+    """The `data:` section of a synthetic KITTI-layout dataset rooted in `root` (rendered on first use)."""
+    return {"layout": "kitti", "image_root": str(root / "raw"), "depth_root": str(root / "gt"),
+            "train_split": str(root / "splits/eigen_train_files_with_gt.txt"),
+            "test_split": str(root / "splits/eigen_test_files_with_gt.txt"),
+            "val_fraction": val_fraction, "synth": {"train": train, "test": test, "seed": seed}}
+
+
 def tiny_demo_config(root: Path) -> dict:
     """The demo setting shrunk for tests: 24 + 8 synthetic KITTI frames, tiny-clip, small crops and targets,
     everything rooted in `root`."""
@@ -40,12 +48,7 @@ def tiny_demo_config(root: Path) -> dict:
     return {
         "name": "tiny-demo",
         "sweep": "test",
-        "data": {
-            "layout": "kitti", "image_root": str(data / "raw"), "depth_root": str(data / "gt"),
-            "train_split": str(data / "splits/eigen_train_files_with_gt.txt"),
-            "test_split": str(data / "splits/eigen_test_files_with_gt.txt"),
-            "val_fraction": 0.2, "synth": {"train": 24, "test": 8, "seed": 0},
-        },
+        "data": synth_kitti_data(data, train=24, test=8, seed=0, val_fraction=0.2),
         "encoder": {"name": "tiny-clip", "batch_size": 8},
         "views": {"crop_size": [176, 352], "views_per_image": 2},
         "cache": {"root": str(root / "cache"), "chunk_size": 8, "target_size": [44, 88]},
@@ -166,12 +169,7 @@ def write_config(tmp: Path, **sections) -> Path:
     """A tiny KITTI-layout config rooted in `tmp` (synthetic data, tiny-clip, small chunks)."""
     data = tmp / "data"
     cfg = {
-        "data": {
-            "layout": "kitti", "image_root": str(data / "raw"), "depth_root": str(data / "gt"),
-            "train_split": str(data / "splits/eigen_train_files_with_gt.txt"),
-            "test_split": str(data / "splits/eigen_test_files_with_gt.txt"),
-            "val_fraction": 0.25, "synth": {"train": 12, "test": 6, "seed": 3},
-        },
+        "data": synth_kitti_data(data, train=12, test=6, seed=3, val_fraction=0.25),
         "encoder": {"name": "tiny-clip", "batch_size": 3},
         "views": {"crop_size": [176, 352], "views_per_image": 1},
         "cache": {"root": str(tmp / "cache"), "chunk_size": 4, "layers": [0, 2, 12]},
