@@ -9,6 +9,8 @@
     worker_plan(cfg)                the extraction's local workers; `decode_workers_for`: the decode threads of one
     chunk_jobs(pending, n_workers)  a flow's tasks: each store's pending chunks in runs, `TASKS_PER_WORKER` a worker
     encoder_settings(encoder)       the extraction's batch size, autocast dtype and TF32, 'auto' resolved
+    reuse_freed_memory()            glibc's allocator told to keep freed memory for the next tensor (Dask's workers
+                                    are started to hand it back at once)
 
 A worker given one GPU sees it as `cuda:0` (CUDA_VISIBLE_DEVICES holds that one entry), so `device: auto` and
 `device: cuda` mean "my GPU" in every worker. `device: cuda:N` pins every worker to GPU N instead.
@@ -16,6 +18,8 @@ A worker given one GPU sees it as `cuda:0` (CUDA_VISIBLE_DEVICES holds that one 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import math
@@ -32,6 +36,34 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")  # "0::/the/process/cgroup" (v2)
+
+
+# ---- memory -------------------------------------------------------------------------------------------------------
+# glibc mallopt parameters (malloc.h) and the values set by `reuse_freed_memory`.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20  # blocks up to this come from the heap: the largest value every 64-bit glibc accepts
+TRIM_THRESHOLD = 1 << 30  # free memory at the top of the heap kept for reuse up to this
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Make glibc keep the memory a tensor frees for the next one, in this process, from now on; False where the C
+    library is not glibc. A Dask nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which hands freed
+    memory back to the kernel at once and (a documented side effect) fixes glibc's mmap threshold at 128 KiB, so
+    every activation over 128 KiB is a fresh mapping whose pages fault in again on first touch. A demo decoder step
+    in such a process: 152,000 page faults and 0.70-0.84 s; after this, 425-575 faults and 0.48-0.49 s
+    (BENCHMARKS.md, "glibc in Dask's workers"). What is kept is bounded by the process's peak: nothing grows."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl, macOS: no such knobs, or other meanings
+        return False
+    ok = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    if not ok:
+        log.debug("glibc refused mallopt(%d, %d) / (%d, %d)", M_MMAP_THRESHOLD, MMAP_THRESHOLD, M_TRIM_THRESHOLD,
+                  TRIM_THRESHOLD)
+    return ok
 
 
 # ---- cores --------------------------------------------------------------------------------------------------------

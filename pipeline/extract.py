@@ -20,7 +20,7 @@ import torch
 from pipeline import datasets, synth
 from pipeline.config import Config
 from pipeline.datasets import DatasetError
-from pipeline.devices import decode_workers_for, encoder_settings
+from pipeline.devices import decode_workers_for, encoder_settings, reuse_freed_memory
 from pipeline.diskspace import ensure_space
 from pipeline.layout import SPLITS, RunContext, encoder_for, finalize_store
 from pipeline.planning import Plan, load_view, plan_split, store_spec, view_of_row
@@ -163,6 +163,7 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
     per chunk."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    reuse_freed_memory()  # every chunk's images, features and encoded bytes from freed memory, not new pages
     run = _ChunkEncoder(cfg, FeatureStore.open(url, mode="r+"), chunks,
                         encoder_for(cfg) if encoder is None else encoder, device_chunks)
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

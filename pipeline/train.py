@@ -46,7 +46,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, TrainConfig, dump_config
-from pipeline.devices import encoder_settings, usable_cores, visible_gpus
+from pipeline.devices import encoder_settings, reuse_freed_memory, usable_cores, visible_gpus
 from pipeline.extract import plan_split
 from pipeline.image_batches import ImageBatches
 from pipeline.layout import RunContext, RunError, locked_run_dirs, replaced_atomically, resolve_device
@@ -629,6 +629,7 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
     cfg, tc = ctx.cfg, ctx.cfg.train
     cuda = device.type == "cuda"
     depth_range = cfg.data.depth_range
+    reuse_freed_memory()  # a decoder step allocates its activations afresh: from freed memory, not new pages
     # The pass reads the union of the variants' layers once; each variant is handed the layers it reads.
     layers = sorted(set().union(*(cfg.decoder.layers_of(o.variant) for o in opened)))
     sources = build_sources(ctx, layers, device)

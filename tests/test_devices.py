@@ -283,3 +283,37 @@ def test_the_extraction_flow_starts_one_worker_per_gpu(gpus, host):
     threads = dask_runner(config_from_dict({"dask": {"processes": False}}), plan)
     assert threads.cluster_kwargs["processes"] is False and threads.cluster_kwargs["n_workers"] == 2
     assert workers_for(config_from_dict({"encoder": {"device": "cpu"}})) == WorkerPlan((None,), 16, 1, 1)
+
+
+# ---- glibc's allocator in a worker --------------------------------------------------------------------------------
+FAULTS = """
+import resource, sys
+import numpy as np
+from pipeline.devices import reuse_freed_memory
+if sys.argv[1] == "reuse":
+    assert reuse_freed_memory()
+np.ones(1 << 18).sum()  # 2 MiB (under numpy's 4 MiB for huge pages), once, so that both runs start alike
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    np.ones(1 << 18).sum()  # a 2 MiB activation, freed after use
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.slow  # end to end (over ~0.75 s): the whole suite runs it, the fast tier does not
+@pytest.mark.skipif(not devices.reuse_freed_memory(), reason="not glibc")
+def test_freed_memory_is_reused_in_a_process_started_as_dask_starts_its_workers():
+    """Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536: there each 2 MiB array is a fresh mapping,
+    512 page faults a time; after `reuse_freed_memory` the same memory is used again without any."""
+    import subprocess
+    import sys
+
+    import dask
+    import distributed  # noqa: F401  (its defaults: the nanny's environment)
+
+    env = {**os.environ, **{k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}}
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    faults = {how: int(subprocess.run([sys.executable, "-c", FAULTS, how], env=env, check=True, text=True,
+                                      capture_output=True).stdout) for how in ("as-started", "reuse")}
+    assert faults["as-started"] >= 50 * 512 * 0.9, faults  # every array's pages faulted in again
+    assert faults["reuse"] < 50 * 512 * 0.05, faults
