@@ -13,7 +13,7 @@ What each number is:
                (the CPU's fused kernel has no FLOP formula in torch).
   latency      wall time of one call at batch 1 (mean, p50, p95 over the repeats, after warm-up; CUDA synchronised),
                for the encoder alone (pixels -> token grids and pooled vector), the decoder alone (features ->
-               depth at its native 16g x 16g) and both in turn. Image decoding and preprocessing are not included.
+               depth at its native size, 16g x 16g for four stages) and both in turn. Image decoding and preprocessing are not included.
   throughput   images per second at batch `eval.efficiency_batch`, same three parts
   peak memory  both parts at batch 1 and at the larger batch, weights + input + every intermediate tensor alive at
                once. CUDA: `torch.cuda.max_memory_allocated` after a reset (as the authors), less the allocations
@@ -245,7 +245,7 @@ def measure_efficiency(
             peak = {b: peak_memory(lambda: both(b), device, enc_weights + dec_weights + [pixels[b]])
                     for b in (1, batch)}
         row = {"variant": name, "encoder": encoder.name, "device": where, "image_size": size,
-               "grid": encoder.grid, "depth_size": 16 * encoder.grid, "encoder_dtype": dtype_name,
+               "grid": encoder.grid, "depth_size": decoder.upscale * encoder.grid, "encoder_dtype": dtype_name,
                **parameter_counts(encoder.model, decoder),
                "gflops_encoder": enc_flops / 1e9, "gflops_decoder": dec_flops / 1e9,
                "gflops_total": (enc_flops + dec_flops) / 1e9}
@@ -319,8 +319,8 @@ def efficiency_markdown(table: pd.DataFrame) -> str:
     notes = sorted(set(table["memory_measure"].dropna()))
     lines += ["", "FLOPs: per image at batch 1, `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add of "
               "matmuls, convolutions and attention; norms, activations and resizes not counted). Latency: wall time "
-              "of one call after warm-up (CUDA synchronised), pixels in, tokens or depth out (the decoder's native "
-              "16g x 16g); image decoding and preprocessing not included. Encoder at its extraction dtype, "
+              "of one call after warm-up (CUDA synchronised), pixels in, tokens or depth out (at the decoder's native "
+              "size, `depth_size`); image decoding and preprocessing not included. Encoder at its extraction dtype, "
               "decoder float32.",
               "Peak memory: " + "; ".join(notes) + ".",
               f"Published rows: {AUTHORS_SOURCE}."]

@@ -176,12 +176,12 @@ def export_onnx(
 
 def metadata(model: SpaceClip, decoder_only: bool, input_names: list[str]) -> dict[str, str]:
     enc = model.encoder
-    s = enc.image_size
+    s, side = enc.image_size, model.decoder.upscale * enc.grid
     return {
         "spaceclip.kind": "decoder" if decoder_only else "full",
         "spaceclip.inputs": ", ".join(input_names),
         "spaceclip.layers": json.dumps(list(model.decoder.layers)),
-        "spaceclip.output": f"{OUTPUT_NAME}: (B, 1, {16 * enc.grid}, {16 * enc.grid}) metric depth in metres; "
+        "spaceclip.output": f"{OUTPUT_NAME}: (B, 1, {side}, {side}) metric depth in metres; "
         "resize bilinearly to the image size",
         "spaceclip.preprocess": f"RGB, bicubic resize to {s}x{s} (aspect not kept), /255, mean "
         f"{list(enc.backbone.mean)}, std {list(enc.backbone.std)}",

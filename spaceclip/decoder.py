@@ -271,6 +271,11 @@ class SpaceClipDecoder(nn.Module):
         return next(name for name, flags in VARIANTS.items() if flags == (self.use_film, self.use_structural))
 
     @property
+    def upscale(self) -> int:
+        """Native depth size / token grid: x2 per stage, 16 for the paper's four (224 x 224 from a 14 x 14 grid)."""
+        return 2 ** len(self.channels)
+
+    @property
     def layers(self) -> tuple[int, ...]:
         """Hidden-state indices this variant reads: the cache only needs to serve these."""
         used = set(self.semantic_layers) | (set(self.structural_layers) if self.use_structural else set())

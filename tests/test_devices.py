@@ -200,7 +200,8 @@ def test_the_cpu_demo_keeps_its_fingerprint_and_a_gpu_changes_it(gpus, monkeypat
     monkeypatch.setattr(fp, "file_sha256", lambda path: "0" * 64)
     identity = {"name": "dinov2-small-imgfocus", "revision": None, "weights_sha256": "1" * 64, "width": 384,
                 "grid": 12, "image_size": 168, "mean": [0.5] * 3, "std": [0.25] * 3}
-    cfg = load_config("demo")
+    # The demo's decoder of 0a0ead0 (four stages, layers [0, 1, 2, 3, 6, 9, 12]): the stores those fingerprints name.
+    cfg = load_config("demo", ["decoder.channels=[64,32,16,8]", "decoder.semantic_layers=[12,9,6,3]"])
     assert cfg.encoder.dtype == "auto"
     of = lambda cfg: {s: fp.fingerprint(fp.fingerprint_inputs(cfg, s, identity)) for s in DEMO_FINGERPRINTS_0A0EAD0}
     gpus(0)
