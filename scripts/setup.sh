@@ -11,3 +11,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q $args
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,onnx]"
 .venv/bin/python scripts/torch_install.py check
+# The project's Prefect database (.prefect/, where `spaceclip` keeps its flow runs) made now rather than by the
+# first command: its migrations take ~9 s of 2 cores. Skipped, with the reason, if it fails: the first command
+# then migrates it itself.
+PREFECT_HOME="$PWD/.prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false \
+  .venv/bin/prefect server database upgrade -y > /dev/null \
+  || echo "setup: the Prefect database was not created now; the first spaceclip command creates it"
