@@ -309,8 +309,11 @@ def test_freed_memory_is_reused_in_a_process_started_as_dask_starts_its_workers(
     import subprocess
     import sys
 
+    import importlib
+
     import dask
-    import distributed  # noqa: F401  (its defaults: the nanny's environment)
+
+    importlib.import_module("distributed")  # its config defaults: the nanny's environment
 
     env = {**os.environ, **{k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}}
     assert env["MALLOC_TRIM_THRESHOLD_"] == "65536"
