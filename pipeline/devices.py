@@ -51,8 +51,8 @@ def reuse_freed_memory() -> bool:
     library is not glibc. A Dask nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536, which hands freed
     memory back to the kernel at once and (a documented side effect) fixes glibc's mmap threshold at 128 KiB, so
     every activation over 128 KiB is a fresh mapping whose pages fault in again on first touch. A demo decoder step
-    in such a process: 152,000 page faults and 0.70-0.84 s; after this, 425-575 faults and 0.48-0.49 s
-    (BENCHMARKS.md, "glibc in Dask's workers"). What is kept is bounded by the process's peak: nothing grows."""
+    in such a process: 152,000 page faults and 0.68-0.87 s; after this, 425-575 faults and 0.48-0.49 s
+    (BENCHMARKS.md, "The demo in 6 minutes"). What is kept is bounded by the process's peak: nothing grows."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:

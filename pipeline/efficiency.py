@@ -13,7 +13,8 @@ What each number is:
                (the CPU's fused kernel has no FLOP formula in torch).
   latency      wall time of one call at batch 1 (mean, p50, p95 over the repeats, after warm-up; CUDA synchronised),
                for the encoder alone (pixels -> token grids and pooled vector), the decoder alone (features ->
-               depth at its native size, 16g x 16g for four stages) and both in turn. Image decoding and preprocessing are not included.
+               depth at its native size, 16g x 16g for four stages) and both in turn. Image decoding and
+               preprocessing are not included.
   throughput   images per second at batch `eval.efficiency_batch`, same three parts
   peak memory  both parts at batch 1 and at the larger batch, weights + input + every intermediate tensor alive at
                once. CUDA: `torch.cuda.max_memory_allocated` after a reset (as the authors), less the allocations
