@@ -20,6 +20,7 @@ runs/<sweep>/<point>/<variant>[/seed-<s>]/, spread over the same workers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
@@ -61,9 +62,10 @@ def train_pass_task(ctx: RunContext, runs: list[tuple[str, int]], resume: bool, 
     name = lambda v: f"{point}/{run_label(tc, v, seed)}" if point else run_label(tc, v, seed)  # noqa: E731
 
     def log_epoch(variant: str, row: dict) -> None:
-        logger.info("%s epoch %d: train loss %.4f, val AbsRel %.4f, RMSE %.3f, d1 %.3f, lr %.2e, %.1f s, "
-                    "%.1f img/s, %d skipped", variant, row["epoch"], row["train_loss"], row["val_abs_rel"],
-                    row["val_rmse"], row["val_d1"], row["lr"], row["seconds"], row["images_per_s"],
+        scored = (f"val AbsRel {row['val_abs_rel']:.4f}, RMSE {row['val_rmse']:.3f}, d1 {row['val_d1']:.3f}"
+                  if math.isfinite(row["val_abs_rel"]) else "not validated")
+        logger.info("%s epoch %d: train loss %.4f, %s, lr %.2e, %.1f s, %.1f img/s, %d skipped", variant,
+                    row["epoch"], row["train_loss"], scored, row["lr"], row["seconds"], row["images_per_s"],
                     row["skipped_batches"])
 
     results = train_variants(ctx, variants, seed=seed, resume=resume, progress=progress,

@@ -214,6 +214,10 @@ class TrainConfig(_Model):
     # Training batches over which BatchNorm statistics are recomputed before each validation (0: off, as the
     # reference: the running averages of training are kept). See pipeline/train.py recompute_bn.
     bn_recompute: int = Field(0, ge=0)
+    # The first epoch validated (1: every epoch). Earlier epochs save last/ and the resume state, not best/, and
+    # their history rows have no validation metrics; the last epoch is always validated. Under a short cosine
+    # schedule the first epochs are never the best, and validation (with `bn_recompute`) is ~15 % of a CPU epoch.
+    validate_from: int = Field(1, ge=1)
     flip_p: float = Field(0.5, ge=0.0, le=1.0)
     silog_weight: float = 0.5
     ssim_weight: float = 0.5

@@ -205,7 +205,7 @@ def training_curves(
     chosen = {v: (e if isinstance(e, dict) else {None: e}) for v, e in (selected or {}).items()}
     colors = variant_colors(list(runs))
     several = any(len(r) > 1 for r in runs.values())
-    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), dpi=DPI)
+    fig, (ax_val, ax_loss) = plt.subplots(1, 2, figsize=(11, 4), dpi=DPI, sharex=True)  # validation may start late
     for variant, by_seed in runs.items():
         color = colors[variant]
         n = len(by_seed)
@@ -231,6 +231,11 @@ def training_curves(
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(FuncFormatter(  # label the 2s and 5s of each decade
                 lambda v, _: f"{v:g}" if round(v / 10 ** np.floor(np.log10(v))) in (2, 5) else ""))
+    every = pd.concat([h for r in runs.values() for h in r.values()])
+    scored = every.loc[every["val_abs_rel"].notna(), "epoch"]
+    if len(scored) and scored.min() > every["epoch"].min():  # train.validate_from: say why the panel starts late
+        ax_val.text(0.03, 0.5, f"not validated\nbefore epoch {scored.min()}\n(train.validate_from)",
+                    transform=ax_val.transAxes, fontsize=9, color="0.4", va="center")
     spread = "; line = mean over seeds, band = min-max, thin = each seed" if several else ""
     ax_val.set_title(f"validation AbsRel (★ = evaluated checkpoint{', per seed' if several else ''})", fontsize=10)
     ax_loss.set_title("training loss (0.5 SILog + 0.5 SSIM + aux)", fontsize=10)

@@ -671,7 +671,12 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
         wait_s = max(time.perf_counter() - t0 - sum(r.busy_s for r in active), 0.0) / len(active)
 
         t1 = time.perf_counter()
-        candidates, scores = _validate_epoch(tc, active, sources, epoch, depth_range, cuda)
+        validated = epoch + 1 >= tc.validate_from or epoch + 1 == tc.epochs
+        if validated:
+            candidates, scores = _validate_epoch(tc, active, sources, epoch, depth_range, cuda)
+        else:  # `train.validate_from`: the weights validation would have taken, without scores
+            candidates = [(r, r.model, "raw") if r.ema is None else (r, r.ema.module, "ema") for r in active]
+            scores = [dict.fromkeys(VAL_KEYS, math.nan) for _ in candidates]
         val_s = (time.perf_counter() - t1) / len(active)
 
         for r in active:
@@ -686,10 +691,11 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
                    "val_seconds": val_s, "images_per_s": r.images / train_s if train_s > 0 else 0.0,
                    "skipped_batches": r.skipped}
             r.history.append(row)
-            _save_epoch(r, epoch, eval_model, weights, metrics, cuda)
-            log.info("%s epoch %d/%d: train loss %.4f, val AbsRel %.4f RMSE %.3f d1 %.3f, lr %.2e, %.1f s, "
-                     "%.1f img/s, %d skipped%s%s", r.variant, epoch + 1, tc.epochs, row["train_loss"],
-                     metrics["abs_rel"], metrics["rmse"], metrics["d1"], r.lr, row["seconds"], row["images_per_s"],
+            _save_epoch(r, epoch, eval_model, weights, metrics, cuda, validated)
+            scored = (f"val AbsRel {metrics['abs_rel']:.4f} RMSE {metrics['rmse']:.3f} d1 {metrics['d1']:.3f}"
+                      if validated else f"not validated (train.validate_from {tc.validate_from})")
+            log.info("%s epoch %d/%d: train loss %.4f, %s, lr %.2e, %.1f s, %.1f img/s, %d skipped%s%s", r.variant,
+                     epoch + 1, tc.epochs, row["train_loss"], scored, r.lr, row["seconds"], row["images_per_s"],
                      r.skipped, f", {weights} weights" if r.ema is not None else "",
                      " (best)" if r.best_epoch == epoch + 1 else "")
             if on_epoch is not None:
@@ -717,13 +723,15 @@ def _validate_epoch(tc: TrainConfig, active: list, sources: Sources, epoch: int,
     return candidates, validate_many([m for _, m, _ in candidates], sources.val, depth_range, autocast=cuda)
 
 
-def _save_epoch(r: _Run, epoch: int, eval_model, weights: str, metrics: dict, cuda: bool) -> None:
-    """Files, in an order that a kill at any point resumes from: checkpoints, history, then the state."""
+def _save_epoch(r: _Run, epoch: int, eval_model, weights: str, metrics: dict, cuda: bool,
+                validated: bool = True) -> None:
+    """Files, in an order that a kill at any point resumes from: checkpoints, history, then the state. An epoch not
+    validated (`train.validate_from`) leaves best/ as it is."""
     extra = {**r.ckpt_extra, "epoch": epoch + 1, "val_metric": {"name": "abs_rel", "value": metrics["abs_rel"]},
              "val_metrics": metrics, "weights": weights}
     save_checkpoint(eval_model, r.out / "last", extra)
     abs_rel = metrics["abs_rel"]
-    if not math.isfinite(abs_rel) or abs_rel < r.best_abs_rel:  # no validation pixels: best follows last
+    if validated and (not math.isfinite(abs_rel) or abs_rel < r.best_abs_rel):  # no val pixels: best follows last
         r.best_abs_rel, r.best_epoch = (abs_rel if math.isfinite(abs_rel) else r.best_abs_rel), epoch + 1
         save_checkpoint(eval_model, r.out / "best", extra)
     write_history(r.out / HISTORY_NAME, r.history)

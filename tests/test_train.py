@@ -158,6 +158,24 @@ def test_resume_after_kill_continues_from_the_saved_epoch(fast_cfg, caplog):
         train_variant(derive(cfg, "views.seed=7"), "baseline", resume=True)
 
 
+@pytest.mark.slow
+def test_epochs_before_validate_from_train_the_same_weights_and_leave_best_alone(fast_cfg):
+    """`train.validate_from`: the skipped validations change no weight (without `bn_recompute` a validation draws
+    nothing from the run's random stream), their history rows have no scores, and best/ is the last epoch's."""
+    every = train_variant(derive(fast_cfg, "sweep=val-every", "train.epochs=2"), "baseline", resume=False)
+    late = train_variant(derive(fast_cfg, "sweep=val-late", "train.epochs=2", "train.validate_from=5"), "baseline",
+                         resume=False)
+    a, b = read_history(every.run_dir / "history.csv"), read_history(late.run_dir / "history.csv")
+    assert math.isfinite(a[0]["val_abs_rel"]) and math.isnan(b[0]["val_abs_rel"]) and math.isnan(b[0]["val_d1"])
+    assert b[1]["val_abs_rel"] == a[1]["val_abs_rel"]  # the last epoch is validated whatever validate_from says
+    assert [r["train_loss"] for r in b] == [r["train_loss"] for r in a]
+    assert late.best_epoch == 2 and late.best_abs_rel == a[1]["val_abs_rel"]
+    for name in ("last", "best"):
+        assert (late.run_dir / name / "model.safetensors").read_bytes() == (
+            every.run_dir / "last" / "model.safetensors").read_bytes()
+    assert SpaceClipDecoder.load_config(late.run_dir / "best")["epoch"] == 2
+
+
 def test_train_state_is_loaded_without_unpickling_objects(tmp_path):
     path = tmp_path / STATE_NAME
     torch.save({"epoch": 1, "sneaky": Path("/etc/passwd")}, path)  # an object, not a tensor or a plain value
