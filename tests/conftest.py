@@ -153,16 +153,78 @@ def fast_cfg(demo_cfg, tmp_path_factory):
     return cfg
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    """A throwaway Prefect server + database for tests that run flows (started only when a test asks). Yields its
-    API URL: a test's `spaceclip` subprocesses given it as PREFECT_API_URL run against this server instead of
-    starting a temporary one each (~15 s apiece on 2 cores)."""
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
+PROJECT_DB = Path(__file__).resolve().parents[1] / ".prefect" / "prefect.db"  # made by scripts/setup.sh
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield prefect.settings.PREFECT_API_URL.value()
+
+def _empty_database(db: Path) -> bool:
+    """`db` holds Prefect's tables and no flow, flow run or deployment (as `scripts/setup.sh` leaves it)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return all(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+                       for table in ("flow", "flow_run", "deployment"))
+    except sqlite3.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def prefect_db(tmp_path_factory) -> Path:
+    """An empty Prefect database at the installed Prefect's schema, copied into each test server's home
+    (`seed_home`): a server started on a fresh home first runs every migration, 14 s of CPU on 2 cores against 7 s
+    on a migrated copy (BENCHMARKS.md). The one setup made if nothing ran on it yet, else one made once for the
+    session (its test processes share it)."""
+    if PROJECT_DB.is_file() and _empty_database(PROJECT_DB):
+        return PROJECT_DB
+    import subprocess
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every xdist worker of the session
+    home = shared / "prefect-db"
+    with FileLock(str(shared / "prefect-db.lock")):
+        if not (home / "prefect.db").is_file():
+            env = {**os.environ, "PREFECT_HOME": str(home)}
+            env.pop("PREFECT_API_URL", None)
+            subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
+                           check=True, capture_output=True, timeout=300)
+    return home / "prefect.db"
+
+
+def seed_home(home: Path, db: Path) -> Path:
+    """`home` (a PREFECT_HOME) holding a copy of the migrated, empty database `db`."""
+    import shutil
+
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(db, home / "prefect.db")
+    return home
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory, prefect_db):
+    """A throwaway Prefect server + database for tests that run flows (started only when a test asks), as
+    `prefect.testing.utilities.prefect_test_harness` starts one, on a copy of `prefect_db`. Yields its API URL: a
+    test's `spaceclip` subprocesses given it as PREFECT_API_URL run against this server instead of starting a
+    temporary one each (~15 s apiece on 2 cores)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.server.database.dependencies import temporary_database_interface
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    from flows.serve import free_port
+
+    db = seed_home(tmp_path_factory.mktemp("prefect-harness"), prefect_db) / "prefect.db"
+    with temporary_database_interface(), temporary_settings(
+            {PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
+        server = SubprocessASGIServer(port=free_port())
+        server.start(timeout=60)
+        try:
+            with temporary_settings({PREFECT_API_URL: server.api_url}):
+                yield server.api_url
+                from prefect.logging.handlers import APILogWorker
+
+                APILogWorker.drain_all(timeout=5)  # the last log lines, before the server goes away
+        finally:
+            server.stop()
 
 
 # ---- helpers shared by several test modules --------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pipeline.errors import DiskFullError
 from pipeline.extract import extract_splits, prepare_store
 from pipeline.layout import RunError, finalize_store, locked_run_dirs, replaced_atomically
 from pipeline.store import FeatureStore, StoreError, StoreSpec
-from tests.conftest import store_files, write_config
+from tests.conftest import seed_home, store_files, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -267,14 +267,14 @@ def test_two_extraction_processes_of_one_config_share_the_chunks(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_spaceclip_extract_commands_at_once(tmp_path):
+def test_two_spaceclip_extract_commands_at_once(tmp_path, prefect_db):
     """The issue's own reproduction: two `spaceclip extract` of one config started together both exit 0, and the
     store is a single run's, byte for byte."""
     cfg_path = write_config(tmp_path, cache={"chunk_size": 2})
     cfg = load_config(cfg_path)
     synth.ensure(cfg.data)
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PREFECT_HOME=str(seed_home(tmp_path / "prefect", prefect_db)),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1")
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "flows.cli", "extract", "--config", str(cfg_path), "--splits", "train,val"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

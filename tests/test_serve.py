@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from flows.serve import FLOWS, free_port, start_server, stop_process
-from tests.conftest import TEST_DECODER
+from tests.conftest import TEST_DECODER, seed_home
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -254,12 +254,12 @@ def test_server_ui_api_url_follows_the_port(monkeypatch, tmp_path):
 
 # ---- a server the tests start themselves: the work-pool path, then a restarting server ----------------------------
 @pytest.fixture(scope="module")
-def own_server(tmp_path_factory):
+def own_server(tmp_path_factory, prefect_db):
     """A `prefect server start` in the test's own hands (what `spaceclip serve` would start), shared by the work-pool
     test and the restart test after it: one server start fewer (5 s saved, measured). The restart test replaces `proc`
     with the server it starts again on the same port and database and, as its last user, stops it (no idle server left
     running beside the served tests); the teardown stops whatever is still running and checks the port is free."""
-    port, home = free_port(), tmp_path_factory.mktemp("own-server") / "prefect-home"
+    port, home = free_port(), seed_home(tmp_path_factory.mktemp("own-server") / "prefect-home", prefect_db)
     proc, api = start_server(port, home)
     ns = SimpleNamespace(proc=proc, port=port, home=home, api=api)
     try:
@@ -456,11 +456,11 @@ def test_the_server_restarting_during_a_run_does_not_corrupt_the_store(tmp_path,
 
 # ---- served deployments: one `spaceclip serve` for the three tests below ---------------------------------------
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, prefect_db):
     """One `spaceclip serve --port` (it starts its own Prefect server), shared by the served-deployment tests below
     in the order they are written; the last of them stops it with Ctrl-C. Yields once every deployment answers."""
     root = tmp_path_factory.mktemp("served")
-    port, home, log = free_port(), root / "prefect-home", root / "serve.log"
+    port, home, log = free_port(), seed_home(root / "prefect-home", prefect_db), root / "serve.log"
     start = time.monotonic()
     # Started with SIGINT ignored, as a `cmd &` job of a non-interactive shell (and a test runner started that way,
     # and all its children) starts: Ctrl-C must still stop serve.
