@@ -575,7 +575,9 @@ def protocol_of(cfg: Config, store: FeatureStore, encoder: dict, crop: str, coun
         "alignment": resolve_alignment(cfg), "gt_resolution": cfg.eval.gt_resolution,
         "resize": ("bilinear, to the native ground-truth resolution" if cfg.eval.gt_resolution == "native" else
                    f"GT nearest-neighbour to {cfg.eval.gt_resolution}, prediction bilinear to it"),
-        "checkpoint": cfg.eval.checkpoint, "selection": SELECTION[cfg.eval.checkpoint],
+        "checkpoint": cfg.eval.checkpoint, "selection": SELECTION[cfg.eval.checkpoint] + (
+            f", among epochs {cfg.train.validate_from}-{cfg.train.epochs} (train.validate_from)"
+            if cfg.eval.checkpoint == "best" and 1 < cfg.train.validate_from < cfg.train.epochs else ""),
         "encoder": encoder["name"],
         "encoder_input": f"{encoder['image_size']} px, {encoder['grid']}x{encoder['grid']} grid",
         "training": training_summary(cfg), "test_cache": store.url, "test_fingerprint": store.fingerprint,

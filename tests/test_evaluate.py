@@ -109,7 +109,8 @@ def test_gt_times_1_1_gives_the_hand_derived_metrics_and_none_lines_are_counted(
 
 
 def test_median_scaling_rescales_to_the_gt_median(demo_cfg):
-    cfg = derive(demo_cfg, "data.max_depth=100", "eval.batch_size=1", "eval.median_scaling=true")
+    cfg = derive(demo_cfg, "data.max_depth=100", "eval.batch_size=1", "eval.median_scaling=true",
+                 "train.epochs=4", "train.validate_from=3")
     ev = evaluate_run(cfg, predictors={"scaled": scaled_gt(cfg, 1.1), "constant": constant(31 / 3)})
     per = ev.per_image.set_index(["variant", "id"])
     for image_id, gt in gt_by_id(cfg).items():
@@ -120,6 +121,11 @@ def test_median_scaling_rescales_to_the_gt_median(demo_cfg):
         row = per.loc[("constant", image_id)]  # a constant becomes median(g) everywhere
         assert row.abs_rel == pytest.approx(np.mean(np.abs(g - np.median(g)) / g), rel=1e-9)
     assert ev.protocol["median_scaling"] is True
+    # checkpoints chosen among the validated epochs only: the protocol says which
+    from pipeline.tables import protocol_line
+
+    assert ev.protocol["selection"].endswith(", among epochs 3-4 (train.validate_from)")
+    assert "among epochs 3-4" in protocol_line(ev.protocol)
 
 
 def test_flip_tta_averages_the_flipped_back_prediction_in_feature_space(demo_cfg):

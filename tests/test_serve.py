@@ -9,10 +9,12 @@ shell would ignore SIGINT).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -484,7 +486,10 @@ def served(tmp_path_factory, prefect_db):
 def test_serve_registers_every_deployment_and_runs_them(served, tmp_path):
     text = served.log.read_text()
     assert f"Prefect UI:     http://127.0.0.1:{served.port}" in text and f"export PREFECT_API_URL={served.api}" in text
-    assert (served.home / "prefect.db").exists() and (served.home / "server.log").exists()  # the given PREFECT_HOME
+    # the given PREFECT_HOME: its server's log, and its database (seeded empty) now holds the deployments
+    assert (served.home / "server.log").exists()
+    with contextlib.closing(sqlite3.connect(served.home / "prefect.db")) as con:
+        assert con.execute("SELECT count(*) FROM deployment").fetchone()[0] >= 4
     # The UI served on this port calls the API on this port (not Prefect's default 4200).
     assert ui_settings(served.port)["api_url"] == served.api
     run_env = served.env
