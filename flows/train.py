@@ -20,7 +20,6 @@ runs/<sweep>/<point>/<variant>[/seed-<s>]/, spread over the same workers.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
@@ -34,8 +33,8 @@ from flows.parameters import check_scheduler, fail_run_on_user_error, run_config
 from pipeline.devices import local_cluster, plan_on_scheduler, plan_workers
 from pipeline.layout import RunContext
 from pipeline.grid import contexts, describe, points, run_key
-from pipeline.train import (HISTORY_NAME, check_cache, parallel_plan, pass_plan, read_history, run_label, seed_runs,
-                            train_variants)
+from pipeline.train import (HISTORY_NAME, check_cache, parallel_plan, pass_plan, read_history, run_label,
+                            scores_text, seed_runs, train_variants)
 
 
 def pass_name(tc, runs: list[tuple[str, int]], point: str = "") -> str:
@@ -62,10 +61,8 @@ def train_pass_task(ctx: RunContext, runs: list[tuple[str, int]], resume: bool, 
     name = lambda v: f"{point}/{run_label(tc, v, seed)}" if point else run_label(tc, v, seed)  # noqa: E731
 
     def log_epoch(variant: str, row: dict) -> None:
-        scored = (f"val AbsRel {row['val_abs_rel']:.4f}, RMSE {row['val_rmse']:.3f}, d1 {row['val_d1']:.3f}"
-                  if math.isfinite(row["val_abs_rel"]) else "not validated")
         logger.info("%s epoch %d: train loss %.4f, %s, lr %.2e, %.1f s, %.1f img/s, %d skipped", variant,
-                    row["epoch"], row["train_loss"], scored, row["lr"], row["seconds"], row["images_per_s"],
+                    row["epoch"], row["train_loss"], scores_text(row), row["lr"], row["seconds"], row["images_per_s"],
                     row["skipped_batches"])
 
     results = train_variants(ctx, variants, seed=seed, resume=resume, progress=progress,

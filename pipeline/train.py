@@ -675,7 +675,7 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
         if validated:
             candidates, scores = _validate_epoch(tc, active, sources, epoch, depth_range, cuda)
         else:  # `train.validate_from`: the weights validation would have taken, without scores
-            candidates = [(r, r.model, "raw") if r.ema is None else (r, r.ema.module, "ema") for r in active]
+            candidates = [_validated_weights(r) for r in active]
             scores = [dict.fromkeys(VAL_KEYS, math.nan) for _ in candidates]
         val_s = (time.perf_counter() - t1) / len(active)
 
@@ -692,8 +692,7 @@ def _train(ctx: RunContext, opened: list[OpenRun], device, progress, on_epoch) -
                    "skipped_batches": r.skipped}
             r.history.append(row)
             _save_epoch(r, epoch, eval_model, weights, metrics, cuda, validated)
-            scored = (f"val AbsRel {metrics['abs_rel']:.4f} RMSE {metrics['rmse']:.3f} d1 {metrics['d1']:.3f}"
-                      if validated else f"not validated (train.validate_from {tc.validate_from})")
+            scored = scores_text(row) + ("" if validated else f" (train.validate_from {tc.validate_from})")
             log.info("%s epoch %d/%d: train loss %.4f, %s, lr %.2e, %.1f s, %.1f img/s, %d skipped%s%s", r.variant,
                      epoch + 1, tc.epochs, row["train_loss"], scored, r.lr, row["seconds"], row["images_per_s"],
                      r.skipped, f", {weights} weights" if r.ema is not None else "",
@@ -717,14 +716,27 @@ def _validate_epoch(tc: TrainConfig, active: list, sources: Sources, epoch: int,
                     recompute_bn(m, bn_batches)
     candidates = []
     for r in active:
-        candidates.append((r, r.model, "raw") if r.ema is None else (r, r.ema.module, "ema"))
+        candidates.append(_validated_weights(r))
         if r.ema is not None and tc.ema_select == "better":
             candidates.append((r, r.model, "raw"))
     return candidates, validate_many([m for _, m, _ in candidates], sources.val, depth_range, autocast=cuda)
 
 
+def _validated_weights(r: _Run) -> tuple:
+    """(run, model, weights) validated and kept each epoch: the EMA weights where the run keeps an EMA."""
+    return (r, r.model, "raw") if r.ema is None else (r, r.ema.module, "ema")
+
+
+def scores_text(row: dict) -> str:
+    """A history row's validation scores for a log line, or that it has none (an epoch not validated, or a
+    validation split without valid pixels)."""
+    if not math.isfinite(row["val_abs_rel"]):
+        return "no validation scores"
+    return f"val AbsRel {row['val_abs_rel']:.4f}, RMSE {row['val_rmse']:.3f}, d1 {row['val_d1']:.3f}"
+
+
 def _save_epoch(r: _Run, epoch: int, eval_model, weights: str, metrics: dict, cuda: bool,
-                validated: bool = True) -> None:
+                validated: bool) -> None:
     """Files, in an order that a kill at any point resumes from: checkpoints, history, then the state. An epoch not
     validated (`train.validate_from`) leaves best/ as it is."""
     extra = {**r.ckpt_extra, "epoch": epoch + 1, "val_metric": {"name": "abs_rel", "value": metrics["abs_rel"]},

@@ -306,10 +306,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_memory_is_reused_in_a_process_started_as_dask_starts_its_workers():
     """Dask's nannies start workers with MALLOC_TRIM_THRESHOLD_=65536: there each 2 MiB array is a fresh mapping,
     512 page faults a time; after `reuse_freed_memory` the same memory is used again without any."""
+    import importlib
     import subprocess
     import sys
-
-    import importlib
 
     import dask
 
