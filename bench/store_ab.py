@@ -10,7 +10,9 @@ venv, and uses only the API both trees share:
   over a training store of `--images` synthetic KITTI frames (batch 16, no decoder), best of two epochs; the store
   is built once per tree by that tree's pipeline with the zero-cost stand-in encoder (`bench/extract.py`).
 - `extract_images_per_s`: `extract_chunks` with the stand-in encoder into a fresh store of the same frames: decode,
-  view, preprocess, conversion and the store's writes (the data path of extraction).
+  view, preprocess, conversion and the store's writes (the data path of extraction). Measured a third time as
+  `new_zarr_writes`: this tree with every feature chunk written by Zarr (`FeatureStore._put_raw` off), the
+  library's figure beside the kept write's.
 
 Rounds alternate the trees (rotated each round), so that load from other processes hits both alike; the median
 of the rounds is reported per tree, and `new_over_base` their ratio.
@@ -39,9 +41,14 @@ def _tree_imports(tree: Path):
     return bench_train
 
 
-def measure(tree: Path, what: str, images: int, threads: int, workdir: Path) -> dict:
+def measure(tree: Path, what: str, images: int, threads: int, workdir: Path, zarr_writes: bool = False) -> dict:
     bench_train = _tree_imports(tree)
     import torch
+
+    if zarr_writes:
+        from pipeline.store import FeatureStore
+
+        FeatureStore._put_raw = lambda *args: False
 
     from pipeline.config import load_config
     from pipeline.layout import RunContext
@@ -83,9 +90,9 @@ def measure(tree: Path, what: str, images: int, threads: int, workdir: Path) -> 
         shutil.rmtree(cfg.cache.root, ignore_errors=True)
 
 
-def child(tree: Path, what: str, args, workdir: Path) -> dict:
+def child(tree: Path, what: str, args, workdir: Path, zarr_writes: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--tree", str(tree), "--images", str(args.images),
-           "--threads", str(args.threads), "--workdir", str(workdir)]
+           "--threads", str(args.threads), "--workdir", str(workdir)] + (["--zarr-writes"] if zarr_writes else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
     if out.returncode:
@@ -102,9 +109,11 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "spaceclip-store-ab"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
+    ap.add_argument("--zarr-writes", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(measure(Path(args.tree), args.child, args.images, args.threads, Path(args.workdir))))
+        print(json.dumps(measure(Path(args.tree), args.child, args.images, args.threads, Path(args.workdir),
+                                 args.zarr_writes)))
         return
     if not args.base:
         ap.error("--base is required")
@@ -116,16 +125,20 @@ def main() -> None:
         child(tree, "build", args, work[name])
     results: dict[str, dict[str, list]] = {name: {"stream_samples_per_s": [], "extract_images_per_s": []}
                                            for name in trees}
-    names = list(trees)
+    results["new_zarr_writes"] = {"extract_images_per_s": []}
+    names = list(results)
     for r in range(args.rounds):
-        for name in names[r % 2:] + names[:r % 2]:
-            for what in ("stream", "extract"):
-                for key, value in child(trees[name], what, args, work[name]).items():
+        for name in names[r % 3:] + names[:r % 3]:
+            tree = trees.get(name, HERE)
+            for what in ("stream", "extract") if name in trees else ("extract",):
+                for key, value in child(tree, what, args, work.get(name, work["new"]), name not in trees).items():
                     results[name][key].append(value)
     median = {name: {k: statistics.median(v) for k, v in res.items()} for name, res in results.items()}
     print(json.dumps({
         "median": median,
         "new_over_base": {k: round(median["new"][k] / median["base"][k], 3) for k in median["new"]},
+        "zarr_writes_over_base": round(median["new_zarr_writes"]["extract_images_per_s"]
+                                       / median["base"]["extract_images_per_s"], 3),
         "rounds": results, "images": args.images, "threads": args.threads, "cpu_count": os.cpu_count(),
         "trees": {k: str(v) for k, v in trees.items()},
         "load_avg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import synth  # noqa: E402
 from pipeline.config import config_from_dict  # noqa: E402
 from pipeline.evaluate import evaluate_run  # noqa: E402
-from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store  # noqa: E402
+from pipeline.extract import encoder_for, extract_chunks, finalize_store, prepare_store  # noqa: E402
 from pipeline.train import train_variant  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def extract(cfg, split: str) -> tuple[float, Path, int]:
     t0 = time.perf_counter()
     store, _ = prepare_store(cfg, split)
     for c in store.pending_chunks():
-        extract_chunk(cfg, store.url, c, torch_threads=cfg.train.num_threads)
+        extract_chunks(cfg, store.url, [c], torch_threads=cfg.train.num_threads)
     finalize_store(store.url)
     return time.perf_counter() - t0, Path(store.url), store.n
 

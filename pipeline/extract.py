@@ -1,10 +1,9 @@
 """Stage 1: run the frozen encoder once over a split and write its features into a feature store.
 
 `plan_split` (`pipeline/planning.py`) decides a split's samples and views; `prepare_store` reuses the store of
-this config's fingerprint (repairing what `verify` and `pipeline/sources.py` find) or creates it from the plan.
-`extract_chunks` fills chunks as one pipeline; `extract_claimed` runs it under the chunks' claims, and the Prefect
-flow maps it over runs of chunks on Dask workers. A chunk's `done` flags are written after its data, so a run
-killed at any moment resumes with exactly the chunks that are missing.
+this config's fingerprint (repairing what `verify` and `pipeline/sources.py` find) or creates it. `extract_chunks`
+fills chunks as one pipeline, `extract_claimed` under the chunks' claims (the Prefect flow maps it over runs of
+chunks on Dask workers). A chunk's `done` flags follow its data: a killed run resumes with the missing chunks.
 """
 
 from __future__ import annotations
@@ -33,11 +32,9 @@ log = logging.getLogger(__name__)
 def prepare_store(ctx: RunContext | Config, split: str, plan: Plan | None = None) -> tuple[FeatureStore, bool]:
     """The store of this config's split, and whether it existed: the one with this fingerprint (finished or
     resumable), else a new one created from the split's plan (race-free: two runs creating it share one store).
-
-    A reused store is checked first (`FeatureStore.verify`, quick unless `cache.verify: full`): its damaged chunks,
-    and those of samples whose files changed (`pipeline.sources`), are marked pending again, so extraction writes
-    exactly those; a damaged index column is written again from the plan. `store.verified`: the chunks found sound
-    (`finalize_store` need not decode them again)."""
+    A reused store is checked first (`verify`, quick unless `cache.verify: full`): its damaged chunks and those of
+    samples whose files changed (`pipeline.sources`) are marked pending again, a damaged index column is written
+    again from the plan, and the chunks found sound are marked verified (`finalize_store` skips them)."""
     ctx = RunContext.of(ctx)
     store = ctx.reuse_store(split)
     if store is None:
@@ -148,19 +145,13 @@ def _put_rows(into: torch.Tensor, positions: list[int], rows: torch.Tensor) -> N
         into[torch.tensor(positions, device=into.device)] = rows
 
 
-def extract_chunk(cfg: Config, url: str, chunk: int, torch_threads: int | None = None, encoder=None) -> dict:
-    """Encode and write one chunk of a store."""
-    return extract_chunks(cfg, url, [chunk], torch_threads, encoder)[0]
-
-
 def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int | None = None,
                    encoder=None, device_chunks: bool | None = None) -> list[dict]:
     """Encode and write chunks of a store as one pipeline: a decode pool (`decode_workers_for`) running up to a
     chunk and a batch ahead of the encoder; the encoder on whole batches (`encoder_settings`), on CUDA from pinned
     memory, its features gathered on the device and copied back once per chunk (`device_chunks`, default on CUDA);
-    a writer thread writing a finished chunk (data, then its `done` flags) while the next one is encoded.
-    `encoder`: default `encoder_for(cfg)`, or a stand-in with its interface. One {"chunk", "samples", "skipped"}
-    per chunk."""
+    a writer thread writing a finished chunk (data, then its `done` flags) while the next one is encoded. `encoder`:
+    default `encoder_for(cfg)`, or a stand-in with its interface. One {"chunk", "samples", "skipped"} a chunk."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
     reuse_freed_memory()  # every chunk's images, features and encoded bytes from freed memory, not new pages
@@ -190,8 +181,7 @@ def extract_chunks(cfg: Config, url: str, chunks: list[int], torch_threads: int 
 class _ChunkEncoder:
     """One `extract_chunks` call's state: the samples in order, the decode futures running ahead, the batch of
     pixels staged for the device, and two sets of chunk buffers used in turn (the writer writes one while the next
-    chunk fills the other), allocated once: a fresh page costs a fault on first touch, and a chunk of seven
-    ViT-B/16 layers is 2.1 MB an image."""
+    chunk fills the other), allocated once (a fresh page costs a fault on first touch)."""
 
     def __init__(self, cfg: Config, store: FeatureStore, chunks: list[int], encoder, device_chunks: bool | None):
         self.cfg, self.store, self.encoder, self.pool = cfg, store, encoder, None

@@ -1,7 +1,6 @@
 """Batches for decoder training from the feature cache: a feature store -> `Batch`es of the layers one decoder
-reads, the cache held resident in RAM or on the GPU (`train.cache_device`) or streamed (whole chunks read by a pool
-of threads a few chunks ahead, gathered into batches, copied to the GPU on a side stream). The images reference
-path (`pipeline.image_batches.ImageBatches`) shares `Batches` and `epoch_plan`.
+reads, the cache resident in RAM or on the GPU (`train.cache_device`) or streamed (whole chunks read by a pool of
+threads a few chunks ahead, copied to the GPU on a side stream). `pipeline.image_batches` shares `Batches`.
 
 For a seed every source visits the same samples in the same order with the same flips. Shuffling is chunk-aligned
 (whole chunks in a random order, then samples shuffled within `shuffle_window` consecutive chunks), so reads stay
@@ -106,8 +105,8 @@ def _gather(rows_of, pos: np.ndarray, flips: np.ndarray, exact: bool = False, mi
     """A host batch {key: (B, ...)} of the samples at `pos`, one copy a row: `rows_of(p)` gives (flat arrays as
     `CachedBatches._read` makes them, the row of p in them). Where `flips`, token grids and target are copied
     reversed along their width, or (`exact`) the features taken from the mirrored image's arrays; `mirrored`:
-    those arrays are in the batch too. numpy's copies (one thread each, the GIL released): torch's, split over
-    OpenMP threads, measured 10-100x slower inside the loader's pool threads (BENCHMARKS.md)."""
+    those arrays are in the batch too. numpy's copies: torch's, over OpenMP threads, are 10-100x slower in the
+    loader's pool threads (BENCHMARKS.md)."""
     first, _ = rows_of(int(pos[0]))
     keys = [k for k in first if mirrored or not k.startswith("flipped_")]
     out = {k: torch.empty((len(pos), *first[k].shape[1:]), dtype=first[k].dtype, pin_memory=pin) for k in keys}
@@ -197,8 +196,7 @@ class CachedBatches(Batches):
 
     Batches arrive on `device`; tokens keep the store's dtype (float16/bfloat16) and the decoder casts them.
     `positions`: visit only these samples (evaluation: the test frames with ground truth); `mirrored=True` adds
-    the mirrored images' features to every batch (`Batch.mirrored`, pixel flip TTA; stores with them only).
-    """
+    the mirrored images' features to every batch (`Batch.mirrored`, pixel flip TTA; stores with them only)."""
 
     def __init__(
         self, store: FeatureStore, layers: Sequence[int], batch_size: int, *, train: bool = True, flip_p: float = 0.5,

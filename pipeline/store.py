@@ -9,21 +9,24 @@
     index/*       per-sample id, paths, focal, original size, view (k, top, left, h, w), group, line, view_aug
     sources/*     (N, 2) size and mtime of each sample's image and depth file when it was extracted
 
-Every data array is chunked along N only, with one chunk length: a chunk is the unit of extraction, of reading and
-of ownership (Zarr does no locking: a writer claims a chunk first, `claim_chunk`, `pipeline/claims.py`). Every
-data chunk ends in Zarr's `crc32c` codec, so a changed byte fails the read that meets it, and `verify`. A store is
-created in a hidden sibling folder and renamed into place, so two creators never see half of the other's.
-`FeatureStore` has one part per concern: `_Creation`, `_Claims`, `_Writes`, `_Reads`, `_Verification`.
+Every data array is chunked along N only, with one chunk length: the unit of extraction, of reading and of
+ownership (a writer claims a chunk first: `claim_chunk`). Every data chunk ends in Zarr's `crc32c` codec, checked
+by every read and by `verify`. A store is created in a hidden sibling folder and renamed into place. One part per
+concern: `_Creation`, `_Claims`, `_Writes`, `_Reads`, `_Verification`; one hand-written read and write of the
+uncompressed feature chunks (`_raw_chunk`, `_put_raw`), each kept for a measured figure (docs/design.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import glob
+import mmap
 import os
 import shutil
 import socket
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -98,12 +101,18 @@ def _compressors(name: str, level: int) -> list:
     raise StoreError(f"unknown compressor {name!r}; choose none, zstd or blosc-zstd")
 
 
-def _raw_chunk_bytes(arr: zarr.Array) -> int | None:
-    """The size of every chunk file of an uncompressed array (its values + the 4-byte CRC); None when compressed."""
+def _raw_layout(arr: zarr.Array) -> int | None:
+    """The size of every chunk file of an array stored as its little-endian values then their CRC-32C (what
+    `_raw_chunk` reads and `_put_raw` writes); None for another layout (Zarr reads and writes it)."""
     codecs = arr.metadata.codecs
-    if any(not isinstance(c, Crc32cCodec) for c in codecs[1:]):
+    if len(codecs) != 2 or not isinstance(codecs[1], Crc32cCodec) or codecs[0].to_dict().get(
+            "configuration", {}).get("endian", "little") != "little":
         return None
-    return int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4 * (len(codecs) - 1)
+    return int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4
+
+
+_PAGE = 4096
+_aligned = threading.local()  # each writing thread's page-aligned buffer (`_put_raw`), grown as needed
 
 
 @dataclass
@@ -225,7 +234,7 @@ class _Creation:
 
     def spec(self) -> StoreSpec:
         """The shapes this store was created with (`estimate_bytes` of its pending chunks)."""
-        raw = _raw_chunk_bytes(self.array(layer_key(self.layers[0]))) is not None
+        raw = _raw_layout(self.array(layer_key(self.layers[0]))) is not None
         return StoreSpec(n=self.n, layers=self.layers, grid=int(self.attrs["grid"]), width=int(self.attrs["width"]),
                          dtype=self.dtype, chunk_size=self.chunk_size, compressor="none" if raw else "zstd",
                          target_hw=self.target_hw, flipped=self.has_flipped)
@@ -267,7 +276,6 @@ class _Claims:
         return None if folder is None else folder / self.array(name).path / _chunk_key(self.array(name), c)
 
 
-
 class _Writes:
     """Chunks (data first, then their `done` flags), the completion mark and the records beside the index."""
 
@@ -277,14 +285,12 @@ class _Writes:
         """Write one whole chunk: its data first, then its `done` flags, so a kill mid-write leaves it pending.
         `depth` in metres; `flipped`: (tokens, cls) of the mirrored images (stores created with `flipped=True`)."""
         a, b = self.chunk_range(c)
-        for k in self.layers:
-            if tokens[k].shape[0] != b - a:
-                raise StoreError(f"chunk {c}: layer {k} has {tokens[k].shape[0]} rows, expected {b - a}")
+        if bad := [k for k in self.layers if tokens[k].shape[0] != b - a]:
+            raise StoreError(f"chunk {c}: layer {bad[0]} has {tokens[bad[0]].shape[0]} rows, expected {b - a}")
         if self.has_depth and depth is None:
             raise StoreError(f"chunk {c}: {self.url} stores training targets but none were given")
         if self.has_flipped != (flipped is not None):
-            raise StoreError(f"chunk {c}: {self.url} " + ("stores mirrored-image features but none were given"
-                                                           if self.has_flipped else "stores no mirrored features"))
+            raise StoreError(f"chunk {c}: {self.url} stores {'' if self.has_flipped else 'no '}mirrored-image features")
         features = {layer_key(k): tokens[k] for k in self.layers} | {"cls": cls}
         if flipped is not None:
             features |= {flipped_key(layer_key(k)): flipped[0][k] for k in self.layers} | {flipped_key("cls"): flipped[1]}
@@ -295,21 +301,55 @@ class _Writes:
         writes["skip_reason"] = lambda: np.array(reasons if reasons is not None else [""] * (b - a), dtype=str)
 
         def put(name: str) -> None:
-            self.array(name)[a:b] = writes[name]()
+            values = writes[name]()
+            if name not in features or not self._put_raw(name, c, values):
+                self.array(name)[a:b] = values
 
         try:
-            # The arrays are independent files: converted, compressed and written concurrently (numpy, torch and
-            # the codecs release the GIL), so the write of a chunk is not bound to one core.
+            # independent files, converted, compressed and written concurrently (numpy, torch, the codecs, I/O)
             with ThreadPoolExecutor(max_workers=min(len(writes), usable_cores())) as pool:
                 for future in [pool.submit(put, name) for name in writes]:
                     future.result()
             self.array("done")[a:b] = np.ones(b - a, np.uint8)
         except Exception as err:
-            # Zarr writes each chunk file to a temporary name and renames it, so a full disk leaves the chunk's old
-            # files (or none) and its done flags at 0: the chunk stays pending and is written again next run.
+            # every chunk file is written to a temporary name and renamed: a full disk leaves the chunk pending
             if full := disk_full_error(err, self.url, f"writing chunk {c}"):
                 raise full from None
             raise
+
+    def _put_raw(self, name: str, c: int, values: np.ndarray) -> bool:
+        """Chunk `c` written as Zarr writes it (the values, fill past the array's end, their CRC-32C; to a temporary
+        name, then renamed), but with O_DIRECT from a page-aligned buffer: kept because through Zarr extraction ran
+        at 0.85x (docs/design.md). False (Zarr writes it) for another layout, off a local disk, or without O_DIRECT."""
+        arr, path = self.array(name), self.chunk_path(name, c)
+        if path is None or (size := _raw_layout(arr)) is None or not hasattr(os, "O_DIRECT"):
+            return False
+        padded = -(-size // _PAGE) * _PAGE
+        if len(buf := getattr(_aligned, "buf", b"")) < padded:
+            buf = _aligned.buf = mmap.mmap(-1, padded)  # page-aligned
+        data = np.frombuffer(buf, np.uint8, count=size)
+        chunk = data[:-4].view(np.dtype(arr.dtype)).reshape(arr.chunks)
+        chunk[:len(values)], chunk[len(values):] = values, arr.metadata.fill_value
+        data[-4:] = np.frombuffer(np.uint32(crc32c.crc32c(data[:-4])).astype("<u4").tobytes(), np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+        except OSError as err:
+            if err.errno == errno.EINVAL:  # a file system without O_DIRECT
+                return False
+            raise
+        try:
+            if os.write(fd, memoryview(buf)[:padded]) != padded:  # short: the disk filled meanwhile
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+            os.ftruncate(fd, size)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return True
 
     def _encode(self, t: torch.Tensor) -> np.ndarray:
         t = t.detach().cpu()
@@ -418,10 +458,9 @@ class _Reads:
 
     def read(self, sel: slice | np.ndarray | Iterable[int], layers: Iterable[int] | None = None,
              depth: bool = True, flipped: bool = False, *, _chunk: int | None = None) -> dict:
-        """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} in the stored float dtype, "depth" (B, H, W)
-        float32 metres (0 = invalid) where the store has targets, "index" (B,) positions; `flipped`: the mirrored
-        images' "flipped_tokens", "flipped_global" too. `sel`: a slice or sorted positions. A chunk that does not
-        decode (its CRC-32C or its codec) raises a `StoreError` naming its file."""
+        """A batch: {"tokens": {k: (B, g, g, C)}, "global": (B, C)} (stored dtype), "depth" (B, H, W) float32
+        metres (0 = invalid) where the store has targets, "index" (B,) positions; `flipped`: "flipped_tokens" and
+        "flipped_global" too. `sel`: a slice or sorted positions. A chunk that does not decode: `StoreError`."""
         layers = self.layers if layers is None else tuple(layers)
         if unknown := sorted(set(layers) - set(self.layers)):
             raise StoreError(f"layers {unknown} are not in {self.url} (it holds {list(self.layers)})")
@@ -472,14 +511,11 @@ class _Reads:
         return [np.ascontiguousarray(read[name]) if direct.get(name) is None else direct[name] for name in names]
 
     def _raw_chunk(self, name: str, c: int) -> np.ndarray | None:
-        """Chunk `c` of an uncompressed array (bytes + crc32c) read straight from its file into the array returned,
-        its CRC-32C checked with the `crc32c` package: the bytes Zarr reads, in one buffer instead of Zarr's two.
-        Kept because it doubles the streaming loader's per-thread read rate where fresh memory is dear
-        (docs/design.md); None (Zarr reads it) for anything else."""
+        """Chunk `c` of an uncompressed array read straight from its file into the array returned, its CRC-32C
+        checked: the bytes Zarr reads, in one buffer instead of two. Kept: it doubles the streaming loader's
+        per-thread read rate where fresh memory is dear (docs/design.md). None (Zarr reads it) for another layout."""
         arr, path = self.array(name), self.chunk_path(name, c)
-        size = _raw_chunk_bytes(arr)
-        if path is None or size is None or arr.metadata.codecs[0].to_dict().get("configuration", {}).get(
-                "endian", "little") != "little" or len(arr.metadata.codecs) != 2:
+        if path is None or (size := _raw_layout(arr)) is None:
             return None
         (a, b), dtype, buf = self.chunk_range(c), np.dtype(arr.dtype), np.empty(size, np.uint8)
         try:
@@ -539,11 +575,10 @@ class _Verification:
             + (["depth"] if self.has_depth else [])
 
     def verify(self, chunks: Iterable[int] | None = None, quick: bool = False) -> dict:
-        """Check that every done chunk of every data array (and of `done`) exists and decodes (its CRC-32C
-        included), that the index arrays decode, and that the counts match; `chunks`: decode only these done chunks.
-        `quick` (extraction reusing a store) reads a few % of it: uncompressed chunk files checked by their size (a
-        changed byte is left to the CRC every reader checks), the other arrays than the features decoded, and all
-        of the chunks whose claim a writer left behind (a claim is removed when its chunk is written).
+        """Check that every done chunk of every data array (and of `done`) exists and decodes (CRC-32C included),
+        that the index arrays decode and the counts match; `chunks`: decode only these done chunks. `quick`
+        (extraction reusing a store): uncompressed feature files checked by their size (a changed byte is left to
+        the CRC every read checks), the other arrays decoded, and chunks whose claim a writer left behind too.
         `damaged_chunks`: what extraction writes again; `damaged_index`: the index columns it rewrites."""
         done, bad_flags = self._tolerant("done", 0)
         done_chunks = [c for c in range(self.n_chunks) if done[slice(*self.chunk_range(c))].all()]
@@ -595,7 +630,7 @@ class _Verification:
             found = 0 if sync(self.group.store.exists(key)) else None
         if found is None:
             return f"{name}: chunk {c} (samples {self.chunk_range(c)}) is missing ({key})"
-        size = _raw_chunk_bytes(arr)
+        size = _raw_layout(arr)
         features = name.startswith("tokens/") or "/tokens/" in name or name.endswith("cls")
         if quick and not decode and path is not None and (size is not None or features):
             if found == size or (size is None and found > 4):

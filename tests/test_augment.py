@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline import datasets, extract, synth
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.evaluate import evaluate_run
-from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store
+from pipeline.extract import encoder_for, extract_chunks, finalize_store, prepare_store
 from pipeline.fingerprint import fingerprint, fingerprint_inputs
 from pipeline.store import FeatureStore
 from pipeline.tables import protocol_line
@@ -42,7 +42,7 @@ def small_config(tmp: Path, **views) -> dict:
 def extract_split(cfg, split):
     store, _ = prepare_store(cfg, split)
     for c in store.pending_chunks():
-        extract_chunk(cfg, store.url, c)
+        extract_chunks(cfg, store.url, [c])
     finalize_store(store.url)
     return FeatureStore.open(store.url)
 

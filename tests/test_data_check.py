@@ -16,7 +16,7 @@ from PIL import Image
 from flows.cli import main
 from pipeline import datasets, synth
 from pipeline.config import load_config
-from pipeline.extract import encoder_for, extract_chunk, finalize_store, prepare_store
+from pipeline.extract import encoder_for, extract_chunks, finalize_store, prepare_store
 from pipeline.store import FeatureStore
 
 
@@ -78,7 +78,7 @@ def test_nyu_bts_layout_test_split_reads_and_extracts_from_the_test_roots(tree):
     synth.ensure(cfg.data)
     store, _ = prepare_store(cfg, "test")
     for chunk in store.pending_chunks():
-        extract_chunk(cfg, store.url, chunk)
+        extract_chunks(cfg, store.url, [chunk])
     finalize_store(store.url)
     store = FeatureStore.open(store.url)
     rows = store.index()

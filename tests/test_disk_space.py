@@ -14,7 +14,7 @@ from flows.cli import main as cli
 from pipeline import synth
 from pipeline.config import config_from_dict, dump_config, load_config
 from pipeline.diskspace import BLOCK, DiskSpaceError, estimate_bytes, space_needed
-from pipeline.extract import extract_chunk, extract_splits, prepare_store
+from pipeline.extract import extract_chunks, extract_splits, prepare_store
 from pipeline.layout import RunContext
 from pipeline.store import FeatureStore
 from tests.conftest import write_config
@@ -80,7 +80,7 @@ def elsewhere(cfg, tmp_path, *overrides):
 def test_a_partial_store_counts_only_its_pending_chunks(cfg, tmp_path):
     cfg = elsewhere(cfg, tmp_path, "cache.chunk_size=2", "cache.layers=[0,12]")
     store, _ = prepare_store(cfg, "train")
-    extract_chunk(cfg, store.url, 0)
+    extract_chunks(cfg, store.url, [0])
     need, plans = space_needed(cfg, ("train",))
     est, what = need.splits["train"]
     assert plans == {} and what == f"{store.n_chunks - 1} of {store.n_chunks} chunks to go"

@@ -14,7 +14,7 @@ import torch
 from pipeline import datasets, synth
 from pipeline.config import load_config
 from pipeline.datasets import DatasetError
-from pipeline.extract import extract_chunk, extract_chunks, plan_split, prepare_store
+from pipeline.extract import extract_chunks, plan_split, prepare_store
 from pipeline.layout import RunContext, encoder_for, finalize_store
 from pipeline.store import FeatureStore, StoreError
 from tests.conftest import write_config
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def extract_all(cfg, split):
     store, reused = prepare_store(cfg, split)
     for c in store.pending_chunks():
-        extract_chunk(cfg, store.url, c)
+        extract_chunks(cfg, store.url, [c])
     finalize_store(store.url)
     return FeatureStore.open(store.url), reused
 
@@ -140,7 +140,7 @@ def test_one_pipeline_over_many_chunks_writes_what_chunk_by_chunk_writes(tmp_pat
             extract_chunks(cfg, store.url, store.pending_chunks())
         else:
             for c in store.pending_chunks():
-                extract_chunk(cfg, store.url, c)
+                extract_chunks(cfg, store.url, [c])
         urls.append(store.url)
     assert store.n_chunks >= 5
     assert _chunk_files(urls[0]) == _chunk_files(urls[1])

@@ -406,16 +406,20 @@ def test_a_damaged_checkpoint_or_training_state_is_refused_by_path(tmp_path, cap
 
 
 # ---- a full disk (simulated) --------------------------------------------------------------------------------------
-def test_a_full_disk_while_writing_chunks_keeps_nothing_half_written_and_resumes(tmp_path, monkeypatch):
-    """ENOSPC from the file system after a few chunk files (simulated: Zarr's own writer raises it): one line naming
-    the store and what to do; the chunk stays pending, no partial file stays; the next run finishes it and the
-    bytes equal a run that never failed."""
+@pytest.mark.parametrize("kept_write", [True, False], ids=["features-by-O_DIRECT", "all-by-zarr"])
+def test_a_full_disk_while_writing_chunks_keeps_nothing_half_written_and_resumes(tmp_path, monkeypatch, kept_write):
+    """ENOSPC from the file system after a few chunk files (simulated: Zarr's own writer, and the store's O_DIRECT
+    write of feature chunks, raise it after writing part of the file): one line naming the store and what to do;
+    the chunk stays pending, no partial file stays; the next run finishes it and the bytes equal a run that never
+    failed."""
     import zarr.storage._local as local
 
-    reference = FeatureStore.create(str(tmp_path / "ref.zarr"), _spec(flipped=True), _index())
+    import pipeline.store as store_module
+
+    reference = FeatureStore.create(str(tmp_path / "ref.zarr"), _spec(n=20, cs=4, flipped=True), _index(20))
     _write_all(reference)
-    store = FeatureStore.create(str(tmp_path / "s.zarr"), _spec(flipped=True), _index())
-    real_open, opened = Path.open, []
+    store = FeatureStore.create(str(tmp_path / "s.zarr"), _spec(n=20, cs=4, flipped=True), _index(20))
+    real_open, real_os_write, opened = Path.open, os.write, []
 
     def full_after_ten(self, mode="r", *args, **kwargs):
         if "w" in mode and self.name.endswith(".partial"):
@@ -427,7 +431,18 @@ def test_a_full_disk_while_writing_chunks_keeps_nothing_half_written_and_resumes
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(self, mode, *args, **kwargs)
 
+    def short_after_ten(fd, data):  # a direct write that stops where the disk filled
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            opened.append(fd)
+            if len(opened) > 10:
+                return real_os_write(fd, memoryview(data)[:4096])
+        return real_os_write(fd, data)
+
     monkeypatch.setattr(local.Path, "open", full_after_ten)
+    if kept_write:
+        monkeypatch.setattr(store_module.os, "write", short_after_ten)
+    else:
+        monkeypatch.setattr(FeatureStore, "_put_raw", lambda *a: False)
     with pytest.raises(DiskFullError) as err:
         _write_all(store)
     message = str(err.value)

@@ -1,5 +1,6 @@
 """The Zarr feature store on its own: layout, dtypes, chunk ownership, verification."""
 
+import errno
 import json
 import os
 
@@ -121,6 +122,43 @@ def test_open_errors_name_the_path(tmp_path):
         FeatureStore.open(str(tmp_path / "missing.zarr"))
     with pytest.raises(StoreError, match="layers \\[3\\] are not in"):
         _filled(str(tmp_path / "s.zarr"))[0].read(slice(0, 2), layers=[3])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_the_kept_feature_write_gives_the_bytes_zarr_writes(tmp_path, monkeypatch, dtype):
+    """`_put_raw` (O_DIRECT from an aligned buffer) writes every uncompressed feature chunk, the short last one
+    included, byte for byte as Zarr's own writer does; where the file system refuses O_DIRECT (EINVAL), Zarr
+    writes them, the same bytes again."""
+    import pipeline.store as store_module
+    from tests.conftest import store_files
+
+    real_put, real_open, written = FeatureStore._put_raw, os.open, []
+
+    def counted(self, name, c, values):
+        ok = real_put(self, name, c, values)
+        written.extend([(name, c)] if ok else [])
+        return ok
+
+    monkeypatch.setattr(FeatureStore, "_put_raw", counted)
+    ours = _filled(str(tmp_path / "raw.zarr"), dtype, n=10, cs=4)[0]
+    assert sorted(written) == sorted((name, c) for name in ("tokens/L0", "tokens/L12", "cls") for c in range(3))
+    monkeypatch.setattr(FeatureStore, "_put_raw", lambda *a: False)
+    zarrs_own = _filled(str(tmp_path / "zarr.zarr"), dtype, n=10, cs=4)[0]
+    monkeypatch.setattr(FeatureStore, "_put_raw", counted)
+    written.clear()
+
+    def no_direct(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.os, "open", no_direct)
+    refused = _filled(str(tmp_path / "refused.zarr"), dtype, n=10, cs=4)[0]
+    monkeypatch.undo()
+    assert written == []  # every feature chunk fell back to Zarr
+    assert store_files(ours.url) == store_files(zarrs_own.url) == store_files(refused.url)
+    assert (tmp_path / "raw.zarr/tokens/L12/c/2/0/0/0").stat().st_size == 4 * 14 * 14 * 8 * 2 + 4
+    assert not list(tmp_path.rglob("*.partial")) and ours.verify()["ok"]
 
 
 @pytest.mark.parametrize("compressor, dtype", [("none", "bfloat16"), ("zstd", "float16"), ("blosc-zstd", "float16")])
