@@ -739,8 +739,9 @@ def _save_epoch(r: _Run, epoch: int, eval_model, weights: str, metrics: dict, cu
                 validated: bool) -> None:
     """Files, in an order that a kill at any point resumes from: checkpoints, history, then the state. An epoch not
     validated (`train.validate_from`) leaves best/ as it is."""
-    extra = {**r.ckpt_extra, "epoch": epoch + 1, "val_metric": {"name": "abs_rel", "value": metrics["abs_rel"]},
-             "val_metrics": metrics, "weights": weights}
+    scores = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}  # JSON
+    extra = {**r.ckpt_extra, "epoch": epoch + 1, "val_metric": {"name": "abs_rel", "value": scores["abs_rel"]},
+             "val_metrics": scores, "weights": weights}
     save_checkpoint(eval_model, r.out / "last", extra)
     abs_rel = metrics["abs_rel"]
     if validated and (not math.isfinite(abs_rel) or abs_rel < r.best_abs_rel):  # no val pixels: best follows last

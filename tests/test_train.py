@@ -1,5 +1,6 @@
 """Decoder training from the cache: learnability, checkpoints, resume, the fingerprint guard, the flow and CLI."""
 
+import json
 import logging
 import math
 import pickle
@@ -159,9 +160,19 @@ def test_resume_after_kill_continues_from_the_saved_epoch(fast_cfg, caplog):
 
 
 @pytest.mark.slow
-def test_epochs_before_validate_from_train_the_same_weights_and_leave_best_alone(fast_cfg):
+def test_epochs_before_validate_from_train_the_same_weights_and_leave_best_alone(fast_cfg, monkeypatch):
     """`train.validate_from`: the skipped validations change no weight (without `bn_recompute` a validation draws
-    nothing from the run's random stream), their history rows have no scores, and best/ is the last epoch's."""
+    nothing from the run's random stream), their history rows have no scores (and their checkpoints' config.json
+    nulls, strict JSON), and best/ is the last epoch's."""
+    import pipeline.train as train_module
+
+    real_save, saved = train_module.save_checkpoint, []
+
+    def strict(model, directory, extra):
+        real_save(model, directory, extra)
+        saved.append(json.loads((directory / "config.json").read_text(), parse_constant=lambda c: 1 / 0))
+
+    monkeypatch.setattr(train_module, "save_checkpoint", strict)
     every = train_variant(derive(fast_cfg, "sweep=val-every", "train.epochs=2"), "baseline", resume=False)
     late = train_variant(derive(fast_cfg, "sweep=val-late", "train.epochs=2", "train.validate_from=5"), "baseline",
                          resume=False)
@@ -174,6 +185,7 @@ def test_epochs_before_validate_from_train_the_same_weights_and_leave_best_alone
         assert (late.run_dir / name / "model.safetensors").read_bytes() == (
             every.run_dir / "last" / "model.safetensors").read_bytes()
     assert SpaceClipDecoder.load_config(late.run_dir / "best")["epoch"] == 2
+    assert [(c["epoch"], c["val_metric"]["value"] is None) for c in saved[-3:]] == [(1, True), (2, False), (2, False)]
 
 
 def test_train_state_is_loaded_without_unpickling_objects(tmp_path):
