@@ -290,7 +290,8 @@ class _Writes:
             raise StoreError(f"chunk {c}: {self.url} stores {'' if self.has_flipped else 'no '}mirrored-image features")
         features = {layer_key(k): tokens[k] for k in self.layers} | {"cls": cls}
         if flipped is not None:
-            features |= {flipped_key(layer_key(k)): flipped[0][k] for k in self.layers} | {flipped_key("cls"): flipped[1]}
+            features |= {flipped_key(layer_key(k)): flipped[0][k] for k in self.layers}
+            features[flipped_key("cls")] = flipped[1]
         writes = {name: lambda t=t: self._encode(t) for name, t in features.items()}
         if self.has_depth:
             writes["depth"] = lambda: encode_depth(depth, self.depth_scale)
@@ -317,25 +318,27 @@ class _Writes:
     def _put_raw(self, name: str, c: int, values: np.ndarray) -> bool:
         """Chunk `c` written as Zarr writes it (the values, fill past the array's end, their CRC-32C; to a temporary
         name, then renamed), but with O_DIRECT from a page-aligned buffer: kept because extraction's data path ran at
-        0.78-0.85x of the base through Zarr, 0.89-0.96x so (docs/design.md). False (Zarr writes it) for another layout, off a local disk, or without O_DIRECT."""
+        0.78-0.85x of the base through Zarr, 0.89-0.96x so (docs/design.md). False (Zarr writes it) for another
+        layout, off a local disk, or where O_DIRECT is refused."""
         arr, path = self.array(name), self.chunk_path(name, c)
         if path is None or (size := _raw_layout(arr)) is None or not hasattr(os, "O_DIRECT"):
             return False
-        padded = -(-size // _PAGE) * _PAGE
-        block = np.empty(padded + _PAGE, np.uint8)  # from freed memory in extraction (`reuse_freed_memory`)
-        data = (buf := block[-block.ctypes.data % _PAGE:][:padded])[:size]  # page-aligned
-        chunk = data[:-4].view(np.dtype(arr.dtype)).reshape(arr.chunks)
-        chunk[:len(values)], chunk[len(values):] = values, arr.metadata.fill_value
-        data[-4:] = np.frombuffer(np.uint32(crc32c.crc32c(data[:-4])).astype("<u4").tobytes(), np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-        try:
+        try:  # before the buffer is filled: where O_DIRECT is refused, Zarr does that work
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
         except OSError as err:
-            if err.errno == errno.EINVAL:  # a file system without O_DIRECT
+            if err.errno == errno.EINVAL:  # a file system without O_DIRECT: Linux has created the file already
+                tmp.unlink(missing_ok=True)
                 return False
             raise
         try:
+            padded = -(-size // _PAGE) * _PAGE
+            block = np.empty(padded + _PAGE, np.uint8)  # from freed memory in extraction (`reuse_freed_memory`)
+            data = (buf := block[-block.ctypes.data % _PAGE:][:padded])[:size]  # page-aligned
+            chunk = data[:-4].view(np.dtype(arr.dtype)).reshape(arr.chunks)
+            chunk[:len(values)], chunk[len(values):] = values, arr.metadata.fill_value
+            data[-4:] = np.frombuffer(np.uint32(crc32c.crc32c(data[:-4])).astype("<u4").tobytes(), np.uint8)
             if os.write(fd, memoryview(buf)[:padded]) != padded:  # short: the disk filled meanwhile
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
             os.ftruncate(fd, size)
