@@ -296,19 +296,32 @@ def render_each_dataset_once(tmp_path_factory):
     once a session into a cache folder and copies its files where a test asks: many tests ask for the same few
     datasets, and ray casting them was the costliest part of their set-up (BENCHMARKS.md). Copies, not links: some
     tests damage the files they are given. The generator's own tests (`tests/test_synth.py`) render for real
-    (`real_rendering`); its output is byte-deterministic for a seed (`test_same_seed_same_bytes`)."""
+    (`real_rendering`); its output is byte-deterministic for a seed (`test_same_seed_same_bytes`).
+
+    Under pytest-xdist the cache folder is the run's, shared by its test processes (the folder above each one's
+    base temp), and a file lock per dataset makes one process render it while another that wants it waits: the
+    demo's 24 + 8 frames are then rendered once a run, not once a process."""
     import shutil
+
+    from filelock import FileLock
 
     from pipeline.synth import write
 
-    real, cache = write.synthesize_to, tmp_path_factory.mktemp("rendered")
+    real = write.synthesize_to
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "rendered"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("rendered")
 
     def copy_of_render(layout, *, image_root, depth_root, train_split, test_split, train, test, seed, workers=None):
         src = cache / f"{layout}-{train}-{test}-{seed}"
-        if not (src / "done").exists():
-            real(layout, image_root=src / "images", depth_root=src / "depth", train_split=src / "train.txt",
-                 test_split=src / "test.txt", train=train, test=test, seed=seed, workers=workers)
-            (src / "done").touch()
+        with FileLock(f"{src}.lock"):
+            if not (src / "done").exists():
+                shutil.rmtree(src, ignore_errors=True)  # what a process that failed mid-render left
+                real(layout, image_root=src / "images", depth_root=src / "depth", train_split=src / "train.txt",
+                     test_split=src / "test.txt", train=train, test=test, seed=seed, workers=workers)
+                (src / "done").touch()
         shutil.copytree(src / "images", image_root, dirs_exist_ok=True)
         shutil.copytree(src / "depth", depth_root, dirs_exist_ok=True)
         for got, want in ((src / "train.txt", train_split), (src / "test.txt", test_split),

@@ -291,22 +291,24 @@ def test_film_hidden_width_is_read_from_the_keys_or_refused(tmp_path, encoder):
 
 # ---- EMA over the frozen encoder (issue 27, item 3) -------------------------------------------------------------
 def authors_ema(state: dict, steps: int, decay: float) -> dict:
-    """Their train.py ExponentialMovingAverage, verbatim arithmetic: the shadow starts as a clone of state_dict()
-    and every update runs over every floating-point entry, the frozen clip_vision_model included. The model does
-    not change here (as the frozen encoder does not), so `x` is the same tensor at every step."""
+    """Their train.py ExponentialMovingAverage: the shadow starts as a clone of state_dict() and every update runs
+    over every floating-point entry, the frozen clip_vision_model included. The model does not change here (as the
+    frozen encoder does not), so `x` is the same tensor at every step. The same float operations run on one flat
+    tensor per dtype instead of one per entry (bit-identical: elementwise `mul_` and `add_` do not care how the
+    values are grouped), 400 calls instead of 80,000."""
     shadow = {name: tensor.detach().clone() for name, tensor in state.items()}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 40 k small ops: 0.6 s on one thread, 8 s with threads fighting over 2 cores
-    try:
-        with torch.no_grad():
+    groups: dict[torch.dtype, list[str]] = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            groups.setdefault(tensor.dtype, []).append(name)
+    with torch.no_grad():
+        for names in groups.values():
+            x = torch.cat([state[name].detach().reshape(-1) for name in names])
+            average = x.clone()
             for _ in range(steps):
-                for name, tensor in state.items():
-                    if tensor.is_floating_point():
-                        shadow[name].mul_(decay).add_(tensor.detach(), alpha=1.0 - decay)
-                    else:
-                        shadow[name] = tensor.detach().clone()
-    finally:
-        torch.set_num_threads(threads)
+                average.mul_(decay).add_(x, alpha=1.0 - decay)
+            for name, part in zip(names, average.split([state[name].numel() for name in names])):
+                shadow[name] = part.view_as(state[name]).clone()
     return shadow
 
 
