@@ -649,13 +649,14 @@ class _Verification:
         for name in INDEX_FIELDS:
             key = f"index/{name}"
             try:
-                if key not in self.group:
-                    if name != "view_aug":  # the one field older stores may lack
-                        problems.append(f"{key} is missing")
-                elif self.group[key].shape[0] != self.n:
-                    problems.append(f"{key} has {self.group[key].shape[0]} rows, expected {self.n}")
+                arr = self.array(key)  # KeyError: no such array
+                if arr.shape[0] != self.n:
+                    problems.append(f"{key} has {arr.shape[0]} rows, expected {self.n}")
                 elif self.n:
-                    self.group[key][:]
+                    arr[:]
+            except KeyError:
+                if name != "view_aug":  # the one field older stores may lack
+                    problems.append(f"{key} is missing")
             except Exception as err:
                 problems.append(f"{key}: does not decode (samples (0, {self.n}): the whole index column): "
                                 f"{type(err).__name__}: {err}")

@@ -43,15 +43,16 @@ def test_stage_resolutions_and_channels():
 
 
 def test_layers_property_and_variant_flags():
-    assert SpaceClipDecoder("baseline", width=W).layers == (3, 6, 9, 12)
-    assert SpaceClipDecoder("film", width=W).layers == (3, 6, 9, 12)
-    assert SpaceClipDecoder("structural", width=W).layers == (0, 1, 2, 3, 6, 9, 12)
-    assert SpaceClipDecoder("full", width=W).layers == (0, 1, 2, 3, 6, 9, 12)
-    m = SpaceClipDecoder("full", width=W, film=False)
-    assert (m.use_film, m.use_structural, m.variant) == (False, True, "structural")
-    assert SpaceClipDecoder("baseline", width=W, structural=True, film=True).variant == "full"
-    with pytest.raises(ValueError, match="baseline.*film.*structural.*full"):
-        SpaceClipDecoder("dual", width=W)
+    with torch.device("meta"):  # the models are built, never run: no weights are made or initialised
+        assert SpaceClipDecoder("baseline", width=W).layers == (3, 6, 9, 12)
+        assert SpaceClipDecoder("film", width=W).layers == (3, 6, 9, 12)
+        assert SpaceClipDecoder("structural", width=W).layers == (0, 1, 2, 3, 6, 9, 12)
+        assert SpaceClipDecoder("full", width=W).layers == (0, 1, 2, 3, 6, 9, 12)
+        m = SpaceClipDecoder("full", width=W, film=False)
+        assert (m.use_film, m.use_structural, m.variant) == (False, True, "structural")
+        assert SpaceClipDecoder("baseline", width=W, structural=True, film=True).variant == "full"
+        with pytest.raises(ValueError, match="baseline.*film.*structural.*full"):
+            SpaceClipDecoder("dual", width=W)
 
 
 def test_reads_only_its_layers_accepts_extras_and_half_precision():
@@ -123,7 +124,8 @@ def film_params(width, hidden=256, n=4):
 
 @pytest.mark.parametrize("width", [W, 768])
 def test_parameter_counts(width):
-    counts = {v: SpaceClipDecoder(v, width=width).count_parameters() for v in VARIANTS}
+    with torch.device("meta"):  # counted, never run: no weights are made or initialised
+        counts = {v: SpaceClipDecoder(v, width=width).count_parameters() for v in VARIANTS}
     base = counts["baseline"]
     assert counts["film"] - base == film_params(width)
     assert counts["structural"] - base == structural_pathway_params(width)
