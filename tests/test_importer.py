@@ -295,7 +295,7 @@ def authors_ema(state: dict, steps: int, decay: float) -> dict:
     over every floating-point entry, the frozen clip_vision_model included. The model does not change here (as the
     frozen encoder does not), so `x` is the same tensor at every step. The same float operations run on one flat
     tensor per dtype instead of one per entry: 400 calls instead of 80,000, with the same bits as the per-entry loop
-    (compared entry by entry with `torch.equal`, BENCHMARKS.md)."""
+    (`test_the_flat_ema_is_their_loop`)."""
     shadow = {name: tensor.detach().clone() for name, tensor in state.items()}
     groups: dict[torch.dtype, list[str]] = {}
     for name, tensor in state.items():
@@ -310,6 +310,19 @@ def authors_ema(state: dict, steps: int, decay: float) -> dict:
             for name, part in zip(names, average.split([state[name].numel() for name in names])):
                 shadow[name] = part.view_as(state[name]).clone()
     return shadow
+
+
+def test_the_flat_ema_is_their_loop(encoder):
+    """`authors_ema` gives the bits of their per-entry loop (written out here, three updates)."""
+    state = authors_state(small_decoder("full", seed=3), encoder)
+    shadow = {name: tensor.clone() for name, tensor in state.items()}
+    for _ in range(3):
+        for name, tensor in state.items():
+            if tensor.is_floating_point():
+                shadow[name].mul_(0.996).add_(tensor, alpha=1.0 - 0.996)
+    flat = authors_ema(state, 3, 0.996)
+    assert flat.keys() == shadow.keys() and all(torch.equal(flat[k], shadow[k]) for k in shadow)
+    assert any(not torch.equal(flat[k], state[k]) for k in state)  # the updates did change values
 
 
 def test_an_ema_selected_checkpoint_imports_and_another_encoder_is_refused(tmp_path, encoder, capsys):
