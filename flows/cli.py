@@ -39,6 +39,17 @@ for _name, _sub in (("data", data_app), ("cache", cache_app), ("export", export_
     app.add_typer(_sub, name=_name)
 
 
+def _version_option(value: bool) -> None:
+    if value:
+        raise typer.Exit(print_version(False))
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version_option, is_eager=True,
+                                                   help="print the version and exit")] = False) -> None:
+    """`spaceclip --version`, as `spaceclip version`."""
+
+
 def command(group: typer.Typer, name: str | None = None):
     """Register `fn` with its docstring's first paragraph as its line in the command list (click would cut it)."""
     return lambda fn: group.command(name, short_help=" ".join(fn.__doc__.split("\n\n")[0].split()))(fn)

@@ -58,3 +58,15 @@ def test_version_reports_matching_and_differing_pins(tmp_path, capsys):
 def test_version_without_a_lock_says_so(tmp_path, capsys):
     out = version_output(capsys, tmp_path / "missing.txt")
     assert out[-1] == f"tested versions: no lock file at {tmp_path / 'missing.txt'} (an installed copy, not a checkout)"
+
+
+def test_dash_dash_version_is_the_version_command(capsys, monkeypatch):
+    from flows.cli import main
+    from tests.conftest import keep_main_env
+
+    keep_main_env(monkeypatch)
+    assert main(["version"]) == 0
+    want = capsys.readouterr().out
+    assert want == f"spaceclip {md.version('spaceclip-pipeline')}\n"
+    assert main(["--version"]) == 0 and capsys.readouterr().out == want
+    assert main(["--version", "extract", "--help"]) == 0 and capsys.readouterr().out == want  # eager: nothing else
